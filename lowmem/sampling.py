@@ -1,0 +1,148 @@
+"""Token sampling: temperature, top-k and nucleus (top-p), as pure JAX functions.
+
+The semantics follow the release's reference runner (SPEC.md section 3):
+logits are divided by the temperature, then a nucleus filter sorts them
+ascending, takes the softmax, finds the threshold index
+``argmax(cumsum >= 1 - p)`` and keeps every logit ``>=`` the logit at that
+index (so ties at the threshold are kept); the others are set to ``-1e10``
+(the reference's value for tokens it rules out), and a token is drawn with
+``jax.random.categorical``.
+
+Additions of ours, off by default so the defaults reproduce the reference:
+
+- ``top_k`` (0 = off) keeps the k largest logits, ties at the k-th value kept,
+  and is applied before the nucleus filter.
+- temperature 0 means greedy (argmax). It is selected with ``jnp.where``, so
+  it does not recompile.
+- When ``1 - p`` exceeds the float32 total of the sorted probabilities (p
+  below about 1e-7), no index satisfies ``cumsum >= 1 - p``; the reference's
+  ``argmax`` then returns 0 and keeps *every* token. We keep only the largest
+  logit(s) instead, which is what a vanishing p means.
+
+Temperature, top_p and top_k are traced values (Python scalars, 0-d arrays or
+per-row arrays of shape (B,)), so changing them between calls of a jitted
+caller does not recompile; only the logits' shape and the argument dtypes are
+part of the compiled signature. ``SamplingParams.as_args`` gives them fixed
+dtypes for that reason.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# The reference runner's logit for tokens it rules out (not -inf, so a row
+# never becomes all -inf and the softmax stays finite).
+DISALLOWED_LOGIT = -1e10
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """User-facing sampling settings, validated once on construction.
+
+    ``greedy=True`` or ``temperature == 0`` both mean argmax decoding. The
+    defaults (temperature 1, top_p 1, top_k 0) sample from the full softmax.
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    greedy: bool = False
+
+    def __post_init__(self):
+        problems = []
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
+                and self.temperature >= 0):
+            problems.append(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            problems.append(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not (isinstance(self.top_k, (int, np.integer)) and not isinstance(self.top_k, bool)
+                and self.top_k >= 0):
+            problems.append(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if not isinstance(self.greedy, bool):
+            problems.append(f"greedy must be a bool, got {self.greedy!r}")
+        if problems:
+            raise ValueError("invalid SamplingParams: " + "; ".join(problems))
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.greedy or self.temperature == 0
+
+    def as_args(self) -> tuple[np.float32, np.float32, np.int32]:
+        """(temperature, top_p, top_k) with fixed dtypes for ``sample``.
+
+        Fixed dtypes keep a jitted caller on one compiled version whatever the
+        values (a Python int temperature would otherwise trace differently
+        from a float one). Greedy maps to temperature 0.
+        """
+        temperature = 0.0 if self.is_greedy else self.temperature
+        return np.float32(temperature), np.float32(self.top_p), np.int32(self.top_k)
+
+
+def _per_row(value, batch: int, dtype) -> jax.Array:
+    """A scalar or (B,) setting as a (B, 1) column that broadcasts over the vocab."""
+    value = jnp.asarray(value, dtype)
+    if value.ndim > 1:
+        raise ValueError(f"sampling settings must be scalars or shape ({batch},), got {value.shape}")
+    return jnp.broadcast_to(jnp.reshape(value, (-1, 1)), (batch, 1))  # (B, 1)
+
+
+def _top_k_mask(logits: jax.Array, top_k: jax.Array) -> jax.Array:
+    """True for the k largest logits per row (ties at the k-th kept); all True when k == 0."""
+    vocab = logits.shape[-1]
+    descending = -jnp.sort(-logits, axis=-1)  # (B, V)
+    kth_index = jnp.clip(top_k - 1, 0, vocab - 1)  # (B, 1)
+    kth_value = jnp.take_along_axis(descending, kth_index, axis=-1)  # (B, 1)
+    return (top_k <= 0) | (logits >= kth_value)  # (B, V)
+
+
+def _top_p_mask(logits: jax.Array, top_p: jax.Array) -> jax.Array:
+    """The reference nucleus filter's keep-mask: logits >= the threshold logit."""
+    ascending = jnp.sort(logits, axis=-1)  # (B, V)
+    cumulative = jnp.cumsum(jax.nn.softmax(ascending, axis=-1), axis=-1)  # (B, V)
+    reached = cumulative >= 1 - top_p  # (B, V)
+    # Reference: argmax(reached). If nothing is reached (p ~ 0 in float32), keep the max only.
+    threshold_index = jnp.where(jnp.any(reached, axis=-1, keepdims=True),
+                                jnp.argmax(reached, axis=-1, keepdims=True),
+                                logits.shape[-1] - 1)  # (B, 1)
+    threshold = jnp.take_along_axis(ascending, threshold_index, axis=-1)  # (B, 1)
+    return logits >= threshold  # (B, V)
+
+
+def filter_logits(logits: jax.Array, temperature, top_p, top_k) -> jax.Array:
+    """Temperature-scaled logits with filtered-out tokens set to ``DISALLOWED_LOGIT``.
+
+    logits: float32 (B, V). temperature/top_p/top_k: scalars or (B,) arrays.
+    ``softmax`` of the result is exactly the distribution ``sample`` draws
+    from. Rows with temperature 0 keep only their largest logit(s), unscaled
+    (a point mass on the argmax, up to ties), so the result stays finite.
+    """
+    logits = jnp.asarray(logits, jnp.float32)
+    if logits.ndim != 2:
+        raise ValueError(f"filter_logits: expected logits of shape (B, V), got {logits.shape}")
+    batch = logits.shape[0]
+    temperature = _per_row(temperature, batch, jnp.float32)  # (B, 1)
+    top_p = _per_row(top_p, batch, jnp.float32)  # (B, 1)
+    top_k = _per_row(top_k, batch, jnp.int32)  # (B, 1)
+    greedy = temperature <= 0  # (B, 1)
+    scaled = logits / jnp.where(greedy, 1.0, temperature)  # (B, V)
+    top_k = jnp.where(greedy, 1, top_k)  # (B, 1): greedy keeps the max (and its ties)
+    scaled = jnp.where(_top_k_mask(scaled, top_k), scaled, DISALLOWED_LOGIT)  # (B, V)
+    return jnp.where(_top_p_mask(scaled, top_p), scaled, DISALLOWED_LOGIT)  # (B, V)
+
+
+def sample(logits: jax.Array, key: jax.Array, temperature, top_p, top_k) -> jax.Array:
+    """Draw one token id per row: int32 (B,). Jit-friendly, nothing static but shapes.
+
+    logits: float32 (B, V); key: one PRNG key for the whole batch (typed or
+    raw). Rows whose temperature is 0 return ``argmax(logits)`` (first index
+    on ties); the choice is a ``jnp.where``, so it costs no recompilation.
+    """
+    logits = jnp.asarray(logits, jnp.float32)
+    filtered = filter_logits(logits, temperature, top_p, top_k)  # (B, V)
+    drawn = jax.random.categorical(key, filtered, axis=-1)  # (B,)
+    greedy = _per_row(temperature, logits.shape[0], jnp.float32)[:, 0] <= 0  # (B,)
+    return jnp.where(greedy, jnp.argmax(logits, axis=-1), drawn).astype(jnp.int32)  # (B,)

@@ -1,0 +1,356 @@
+"""The packed model directory: layout, manifest, zero-copy views, verification.
+
+One description drives both sides: ``tensor_layout(cfg, settings)`` derives,
+from ``quant.spec.checkpoint_specs``, every tensor's file, byte offset, shape
+and dtype. The quantizer writes bytes at those places; the runtime maps the
+same places as ``numpy.memmap`` views. The manifest records the settings and
+the table (with checksums), and opening a directory checks the table against
+the derived layout, so nothing is ever inferred from file names.
+
+Files in a model directory:
+  manifest.json              magic, version, config, settings, tensor table
+  global.bin                 embeddings (bf16) and the final norm
+  layer_LL.resident.bin      attention (int8 + bf16 scales, or bf16), norms, router
+  layer_LL.experts.bin       num_experts blocks; block e holds expert e's gate, up
+                             and down values and scales contiguously, aligned to
+                             ALIGN, so fetching an expert is one read of one range
+  tokenizer.model            optional, copied from the release
+"""
+from __future__ import annotations
+
+import json
+import os
+import zlib
+from dataclasses import asdict, dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from lowmem.config import GrokConfig
+from quant.qweight import BF16, QWeight
+from quant.spec import ATTENTION_ROLES, EXPERT_ROLES, WeightSpec, checkpoint_specs
+
+FORMAT_MAGIC = "lowmem-grok1-packed"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+ALIGN = 4096       # file-level alignment: expert blocks and resident tensors
+PART_ALIGN = 256   # alignment of the parts inside an expert block
+DTYPES = {"int8": np.dtype(np.int8), "uint8": np.dtype(np.uint8),
+          "bfloat16": BF16, "float32": np.dtype(np.float32)}
+
+
+class PackedFormatError(ValueError):
+    """A model directory is missing, incomplete or does not match its manifest."""
+
+
+def _round_up(n: int, align: int) -> int:
+    return -(-n // align) * align
+
+
+@dataclass(frozen=True)
+class QuantSettings:
+    """How the experts (and attention) are stored. Recorded in the manifest."""
+    bits: int = 8                 # expert bits: 8 (release values) or 4
+    group_size: int | None = None  # int4: input rows per scale; None = per output channel
+    attention: str = "int8"        # 'int8' as released, or 'bf16'
+
+    def __post_init__(self):
+        if self.bits not in (4, 8):
+            raise ValueError(f"bits must be 8 or 4, got {self.bits}")
+        if self.bits == 8 and self.group_size is not None:
+            raise ValueError("--group-size applies to --bits 4 only (int8 keeps the release scales)")
+        if self.group_size is not None and (self.group_size < 2 or self.group_size % 2):
+            raise ValueError(f"group size must be an even number >= 2, got {self.group_size}")
+        if self.attention not in ("int8", "bf16"):
+            raise ValueError(f"attention must be 'int8' or 'bf16', got {self.attention!r}")
+
+    def expert_group_size(self, spec: WeightSpec) -> int:
+        """Rows per scale for one expert matrix (K = spec.shape[-2])."""
+        k = spec.shape[-2]
+        if self.bits == 8:
+            return k // spec.row_blocks
+        group = self.group_size or k
+        if k % group:
+            raise ValueError(f"group size {group} does not divide {spec.name} input width {k}")
+        return group
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One stored array: where it lives and what it is."""
+    name: str                 # release path, with [e] and .values/.scales suffixes
+    file: str
+    offset: int
+    shape: tuple[int, ...]
+    dtype: str
+    role: str
+    layer: int | None = None
+    expert: int | None = None
+    part: str = "data"        # 'values', 'scales' or 'data'
+    bits: int | None = None
+    group_size: int | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * DTYPES[self.dtype].itemsize
+
+
+def _quantized_parts(spec: WeightSpec, bits: int, group: int, shape=None):
+    k, n = (shape or spec.shape)[-2:]
+    vshape, vdtype = ((k // 2, n), "uint8") if bits == 4 else ((k, n), "int8")
+    return [("values", vshape, vdtype), ("scales", (k // group, n), "bfloat16")]
+
+
+class _FileBuilder:
+    """Appends aligned entries to one file."""
+
+    def __init__(self, file: str, align: int):
+        self.file, self.align, self.size, self.entries = file, align, 0, []
+
+    def add(self, **kw) -> TensorEntry:
+        entry = TensorEntry(file=self.file, offset=self.size, **kw)
+        self.entries.append(entry)
+        self.size = _round_up(self.size + entry.nbytes, self.align)
+        return entry
+
+
+def expert_file(layer: int) -> str:
+    return f"layer_{layer:02d}.experts.bin"
+
+
+def resident_file(layer: int) -> str:
+    return f"layer_{layer:02d}.resident.bin"
+
+
+def expert_block_layout(cfg: GrokConfig, settings: QuantSettings) -> tuple[list[TensorEntry], int]:
+    """The parts of one expert block (offsets relative to the block) and its size."""
+    specs = {s.role: s for s in checkpoint_specs(cfg)[2:14]}
+    block = _FileBuilder("", PART_ALIGN)
+    for role in EXPERT_ROLES:
+        spec = specs[role]
+        group = settings.expert_group_size(spec)
+        for part, shape, dtype in _quantized_parts(spec, settings.bits, group):
+            block.add(name=f"{role}.{part}", shape=shape, dtype=dtype, role=role, part=part,
+                      bits=settings.bits, group_size=group)
+    return block.entries, _round_up(block.size, ALIGN)
+
+
+def _layer_entries(cfg: GrokConfig, settings: QuantSettings, layer: int,
+                   specs: list[WeightSpec]) -> list[TensorEntry]:
+    res = _FileBuilder(resident_file(layer), ALIGN)
+    for spec in specs:
+        if spec.per_expert:
+            continue
+        if spec.role in ATTENTION_ROLES and settings.attention == "int8":
+            group = spec.shape[-2] // spec.row_blocks
+            for part, shape, dtype in _quantized_parts(spec, 8, group):
+                res.add(name=f"{spec.name}.{part}", shape=shape, dtype=dtype, role=spec.role,
+                        layer=layer, part=part, bits=8, group_size=group)
+        else:
+            dtype = "bfloat16" if spec.role in ATTENTION_ROLES else "float32"
+            res.add(name=spec.name, shape=spec.shape, dtype=dtype, role=spec.role, layer=layer)
+    parts, block_nbytes = expert_block_layout(cfg, settings)
+    experts = []
+    for e in range(cfg.num_experts):
+        for p in parts:
+            name = f"transformer/decoder_layer_{layer}/{p.name.split('.')[0]}[{e}].{p.part}"
+            experts.append(TensorEntry(**{**asdict(p), "name": name, "file": expert_file(layer),
+                                          "offset": e * block_nbytes + p.offset,
+                                          "layer": layer, "expert": e, "shape": p.shape}))
+    return res.entries + experts
+
+
+def tensor_layout(cfg: GrokConfig, settings: QuantSettings) -> list[TensorEntry]:
+    """Every tensor of a packed model, in write order (global, then layers in file order)."""
+    specs = checkpoint_specs(cfg)
+    glob = _FileBuilder("global.bin", ALIGN)
+    glob.add(name=specs[0].name, shape=specs[0].shape, dtype="bfloat16", role="embed")
+    glob.add(name=specs[1].name, shape=specs[1].shape, dtype="float32", role="final_norm")
+    entries = list(glob.entries)
+    by_layer: dict[int, list[WeightSpec]] = {}
+    for spec in specs[2:]:
+        by_layer.setdefault(spec.layer, []).append(spec)
+    for layer, layer_specs in by_layer.items():  # file order: 0, 1, 10, 11, ...
+        entries += _layer_entries(cfg, settings, layer, layer_specs)
+    return entries
+
+
+def file_sizes(entries: list[TensorEntry]) -> dict[str, int]:
+    """Each file's size: the end of its last entry, rounded up to ALIGN."""
+    sizes: dict[str, int] = {}
+    for e in entries:
+        sizes[e.file] = max(sizes.get(e.file, 0), _round_up(e.offset + e.nbytes, ALIGN))
+    return sizes
+
+
+def checksum(buf) -> int:
+    """CRC32 of an array's bytes (as stored)."""
+    return zlib.crc32(memoryview(np.ascontiguousarray(buf)).cast("B"))
+
+
+def entry_to_json(entry: TensorEntry, crc: int | None) -> dict:
+    d = asdict(entry)
+    d["shape"] = list(entry.shape)
+    d["nbytes"] = entry.nbytes
+    d["crc32"] = crc
+    return d
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def make_manifest(cfg: GrokConfig, settings: QuantSettings, table: list[dict],
+                  extra: dict | None = None) -> dict:
+    """The manifest dict; ``table`` is entry_to_json(...) for every tensor_layout entry."""
+    _, block_nbytes = expert_block_layout(cfg, settings)
+    return {"magic": FORMAT_MAGIC, "format_version": FORMAT_VERSION,
+            "config": json.loads(cfg.to_json()), "quant": asdict(settings),
+            "expert_block_nbytes": block_nbytes, "tensors": table, **(extra or {})}
+
+
+@dataclass(frozen=True)
+class ExpertBlock:
+    """One expert's contiguous byte range and its three matrices as views."""
+    layer: int
+    expert: int
+    path: Path
+    offset: int
+    nbytes: int
+    raw: np.ndarray          # uint8 (nbytes,) view of the block
+    gate: QWeight            # (D, F)
+    up: QWeight              # (D, F)
+    down: QWeight            # (F, D)
+
+
+def expert_weights(buf: np.ndarray, parts: list[TensorEntry]) -> dict[str, QWeight]:
+    """QWeight views (gate, up, down) into any uint8 buffer holding one expert block."""
+    arrays = {}
+    for p in parts:
+        arrays[(p.role, p.part)] = (buf[p.offset:p.offset + p.nbytes]
+                                    .view(DTYPES[p.dtype]).reshape(p.shape))
+    groups = {p.role: (p.bits, p.group_size) for p in parts}
+    return {role: QWeight(arrays[(role, "values")], arrays[(role, "scales")], *groups[role])
+            for role in EXPERT_ROLES}
+
+
+def _check_manifest(model_dir: Path, manifest: dict) -> tuple[GrokConfig, QuantSettings]:
+    path = model_dir / MANIFEST
+    if manifest.get("magic") != FORMAT_MAGIC:
+        raise PackedFormatError(f"{path}: expected magic {FORMAT_MAGIC!r}, "
+                                f"found {manifest.get('magic')!r}")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise PackedFormatError(f"{path}: expected format_version {FORMAT_VERSION}, "
+                                f"found {manifest.get('format_version')!r}")
+    try:
+        cfg = GrokConfig.from_dict(manifest["config"])
+        settings = QuantSettings(**manifest["quant"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise PackedFormatError(f"{path}: bad config or quant settings ({e})") from None
+    return cfg, settings
+
+
+def _check_table(model_dir: Path, table: list[dict], layout: list[TensorEntry]) -> None:
+    path = model_dir / MANIFEST
+    if len(table) != len(layout):
+        raise PackedFormatError(f"{path}: expected {len(layout)} tensors for this config, "
+                                f"found {len(table)}")
+    for row, entry in zip(table, layout):
+        want = entry_to_json(entry, row.get("crc32"))
+        if row != want:
+            diff = sorted(k for k in want if row.get(k) != want[k])
+            raise PackedFormatError(f"{path}: tensor {entry.name}: fields {diff} differ from "
+                                    f"the layout (expected {[want[k] for k in diff]}, "
+                                    f"found {[row.get(k) for k in diff]})")
+
+
+class PackedModel:
+    """A packed model directory, opened read-only with zero-copy views."""
+
+    def __init__(self, model_dir: Path, manifest: dict):
+        self.model_dir = model_dir
+        self.manifest = manifest
+        self.cfg, self.settings = _check_manifest(model_dir, manifest)
+        self.entries = tensor_layout(self.cfg, self.settings)
+        _check_table(model_dir, manifest["tensors"], self.entries)
+        self.expert_parts, self.expert_block_nbytes = expert_block_layout(self.cfg, self.settings)
+        for name, size in file_sizes(self.entries).items():
+            found = (model_dir / name).stat().st_size if (model_dir / name).is_file() else None
+            if found is None or found < size:
+                raise PackedFormatError(f"{model_dir / name}: expected a file of {size} bytes, "
+                                        f"found {'no file' if found is None else found}")
+        self._maps: dict[str, np.memmap] = {}
+        self._by_name = {e.name: e for e in self.entries}
+
+    @classmethod
+    def open(cls, model_dir: str | os.PathLike) -> "PackedModel":
+        model_dir = Path(model_dir)
+        path = model_dir / MANIFEST
+        if not path.is_file():
+            raise PackedFormatError(f"{path}: not a packed model directory (no {MANIFEST})")
+        try:
+            manifest = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise PackedFormatError(f"{path}: expected JSON, found unreadable text ({e})") from None
+        return cls(model_dir, manifest)
+
+    @property
+    def tokenizer_path(self) -> Path | None:
+        path = self.model_dir / "tokenizer.model"
+        return path if path.is_file() else None
+
+    def _map(self, file: str) -> np.memmap:
+        if file not in self._maps:
+            self._maps[file] = np.memmap(self.model_dir / file, np.uint8, mode="r")
+        return self._maps[file]
+
+    def view(self, entry: TensorEntry) -> np.ndarray:
+        """Zero-copy view of one stored tensor."""
+        buf = self._map(entry.file)[entry.offset:entry.offset + entry.nbytes]
+        return buf.view(DTYPES[entry.dtype]).reshape(entry.shape)
+
+    def _weight(self, name: str):
+        if name in self._by_name:
+            return self.view(self._by_name[name])
+        values, scales = self._by_name[name + ".values"], self._by_name[name + ".scales"]
+        return QWeight(self.view(values), self.view(scales), values.bits, values.group_size)
+
+    def embed(self) -> np.ndarray:
+        return self._weight(checkpoint_specs(self.cfg)[0].name)  # bf16 (V, D)
+
+    def final_norm(self) -> np.ndarray:
+        return self._weight(checkpoint_specs(self.cfg)[1].name)  # f32 (D,)
+
+    @cached_property
+    def _layer_specs(self) -> dict[int, list[WeightSpec]]:
+        out: dict[int, list[WeightSpec]] = {}
+        for s in checkpoint_specs(self.cfg)[2:]:
+            out.setdefault(s.layer, []).append(s)
+        return out
+
+    def layer(self, layer: int) -> dict[str, np.ndarray | QWeight]:
+        """Resident weights of one layer by role (q/k/v/o, norms, router)."""
+        return {s.role: self._weight(s.name) for s in self._layer_specs[layer] if not s.per_expert}
+
+    def expert(self, layer: int, expert: int) -> ExpertBlock:
+        file = expert_file(layer)
+        offset = expert * self.expert_block_nbytes
+        raw = self._map(file)[offset:offset + self.expert_block_nbytes]
+        w = expert_weights(raw, self.expert_parts)
+        return ExpertBlock(layer, expert, self.model_dir / file, offset, self.expert_block_nbytes,
+                           raw, w["gate"], w["up"], w["down"])
+
+
+def verify_model(model_dir: str | os.PathLike) -> list[str]:
+    """Re-check every tensor's checksum; returns problems (empty when all good)."""
+    model = PackedModel.open(model_dir)
+    problems = []
+    for row, entry in zip(model.manifest["tensors"], model.entries):
+        crc = checksum(model.view(entry))
+        if crc != row["crc32"]:
+            problems.append(f"{model.model_dir / entry.file}: tensor {entry.name} at offset "
+                            f"{entry.offset}: expected crc32 {row['crc32']}, found {crc}")
+    return problems

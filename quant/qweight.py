@@ -1,0 +1,80 @@
+"""The one quantized-weight type: integer values, scales, bits, group size.
+
+A weight is stored (K, N) = (in_features, out_features), ``y = x @ W``.
+Scales have shape (K // group_size, N): one scale per group of ``group_size``
+consecutive input rows and per output column. That single layout covers
+per-channel scales (group_size = K), the release's 8-row-block scales
+(group_size = K // 8) and group-wise int4 (group_size = 32, 64, 128, ...).
+
+int4 values are packed two per byte along K: byte [i, n] holds row 2i in its
+low nibble and row 2i+1 in its high nibble, both two's complement in [-8, 7].
+(``jnp.int4`` would take a whole byte per value on CPU, so we pack ourselves.)
+Scales are bf16, as in the release; quantization is symmetric (no zero point).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import ml_dtypes
+import numpy as np
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+
+
+@dataclass(frozen=True)
+class QWeight:
+    values: np.ndarray  # int8 (K, N) for bits=8; uint8 (K // 2, N) for bits=4
+    scales: np.ndarray  # bf16 (K // group_size, N)
+    bits: int
+    group_size: int
+
+    def __post_init__(self):
+        k, n = self.shape
+        if self.bits not in (4, 8):
+            raise ValueError(f"bits must be 4 or 8, got {self.bits}")
+        if self.group_size <= 0 or k % self.group_size:
+            raise ValueError(f"group_size {self.group_size} does not divide K={k}")
+        if self.scales.shape[-2:] != (k // self.group_size, n):
+            raise ValueError(f"scales shape {self.scales.shape} != {(k // self.group_size, n)}")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        rows, n = self.values.shape[-2:]
+        return (rows * 2 if self.bits == 4 else rows), n
+
+    @property
+    def nbytes(self) -> int:
+        return self.values.nbytes + self.scales.nbytes
+
+
+def pack_int4(q: np.ndarray) -> np.ndarray:
+    """int8 values in [-8, 7] of shape (..., K, N) -> uint8 (..., K // 2, N)."""
+    if q.shape[-2] % 2:
+        raise ValueError(f"int4 packing needs an even number of rows, got {q.shape[-2]}")
+    u = q.astype(np.uint8) & 0x0F
+    return u[..., 0::2, :] | (u[..., 1::2, :] << 4)
+
+
+def unpack_int4(packed: np.ndarray) -> np.ndarray:
+    """uint8 (..., K // 2, N) -> int8 (..., K, N), sign-extending each nibble."""
+    p = packed.view(np.int8)
+    lo = (p << 4) >> 4
+    hi = p >> 4
+    out = np.empty(packed.shape[:-2] + (packed.shape[-2] * 2, packed.shape[-1]), np.int8)
+    out[..., 0::2, :] = lo
+    out[..., 1::2, :] = hi
+    return out
+
+
+def int_values(w: QWeight) -> np.ndarray:
+    """The integer values as int8 (K, N), unpacking int4."""
+    return unpack_int4(w.values) if w.bits == 4 else np.asarray(w.values)
+
+
+def dequantize(w: QWeight) -> np.ndarray:
+    """fp32 (K, N): the reference meaning of a QWeight (slow, plain numpy)."""
+    q = int_values(w).astype(np.float32)
+    k, n = w.shape
+    groups = k // w.group_size
+    s = np.asarray(w.scales).astype(np.float32)
+    return (q.reshape(groups, w.group_size, n) * s[:, None, :]).reshape(k, n)
