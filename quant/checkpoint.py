@@ -108,7 +108,10 @@ def check_tensor(path: Path, spec: WeightSpec, obj) -> None:
 def read_tensor(ckpt_dir: str | os.PathLike, spec: WeightSpec):
     """Load and validate the file that holds ``spec``."""
     path = Path(ckpt_dir) / spec.filename
-    obj = load_tensor_file(path)
+    try:
+        obj = load_tensor_file(path)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}; expected {spec.name}") from None
     check_tensor(path, spec, obj)
     return obj
 
