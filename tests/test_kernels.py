@@ -1,0 +1,298 @@
+"""lowmem.kernels against plain numpy float64 references built from
+quant.qweight.dequantize (the independent meaning of a QWeight).
+
+Tolerance: the kernels accumulate in fp32. Each output is a K-term dot product
+summed in a fixed blocked order (4 rows pairwise, then into a running sum, per
+row chunk), so its rounding error is at most about (K/4 + 8) * 2^-24 times
+sum_k |x_k w_kn|, i.e. about 5e-6 for the K <= 512 used here. We assert
+|y - y_ref| <= TOL * (|x| @ |W|) elementwise with TOL = 1e-5: twice that bound,
+and 100x below what a layout bug (a swapped nibble, a wrong scale row or an
+unrounded bf16 intermediate) produces.
+"""
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import pytest
+from numba import njit
+
+from lowmem import kernels
+from quant.qweight import QWeight, dequantize, pack_int4
+
+BF16 = ml_dtypes.bfloat16
+TOL = 1e-5
+K, N = 256, 333  # N odd and not a multiple of any block width
+
+
+def _qweight(rng, k, n, bits, group):
+    """Random QWeight over the full integer range, bf16 scales of both signs."""
+    lo, hi = (-8, 8) if bits == 4 else (-128, 128)
+    q = rng.integers(lo, hi, (k, n), dtype=np.int8)
+    scales = (rng.standard_normal((k // group, n)) * 0.02).astype(BF16)
+    return QWeight(pack_int4(q) if bits == 4 else q, scales, bits, group)
+
+
+def _dense(w):
+    """float64 (K, N) meaning of any weight kernels accept."""
+    return dequantize(w).astype(np.float64) if isinstance(w, QWeight) else w.astype(np.float64)
+
+
+def _assert_matmul_close(y, x, w):
+    x64 = np.atleast_2d(x).astype(np.float64)
+    ref = x64 @ _dense(w)
+    bound = TOL * (np.abs(x64) @ np.abs(_dense(w))) + 1e-30
+    y2 = np.atleast_2d(y)
+    assert y2.dtype == np.float32 and y2.shape == ref.shape
+    worst = np.max(np.abs(y2 - ref) / bound)
+    assert worst <= 1.0, f"error {worst:.2f}x the tolerance"
+
+
+# ---------------------------------------------------------------------------- bf16
+
+def _bf16_test_bits():
+    rng = np.random.default_rng(1)
+    bits = rng.integers(0, 1 << 32, 200_000, dtype=np.uint64).astype(np.uint32)
+    ties = (bits[:4000] & 0xFFFF0000) | 0x8000  # exactly halfway, even and odd
+    special = np.array([0, 0x80000000, 0x7F800000, 0xFF800000, 0x7F800001, 0xFFC00001,
+                        0x7F7FFFFF, 0x7F7F8000, 0x7F7F7FFF, 0x00000001, 0x00008000,
+                        0x00018000, 0x807FFFFF, 0x3F808000, 0x3F818000, 0xBF808000,
+                        0x4B7FFFFF], np.uint32)
+    return np.concatenate([bits, ties, special])
+
+
+def test_round_bf16_bit_exact_vs_ml_dtypes():
+    bits = _bf16_test_bits()
+    f = bits.view(np.float32)
+    with np.errstate(invalid="ignore"):
+        ref = f.astype(BF16).astype(np.float32).view(np.uint32)
+    assert np.array_equal(kernels.round_bf16(f).view(np.uint32), ref)
+    two_d = kernels.round_bf16(f[:700].reshape(100, 7))  # any shape, shape kept
+    assert two_d.shape == (100, 7)
+    assert np.array_equal(two_d.view(np.uint32), ref[:700].reshape(100, 7))
+
+
+@njit
+def _round_loop(a):
+    out = np.empty_like(a)
+    for i in range(a.size):
+        out[i] = kernels.round_bf16_scalar(a[i])
+    return out
+
+
+def test_round_bf16_scalar_in_numba_bit_exact():
+    f = _bf16_test_bits().view(np.float32)
+    with np.errstate(invalid="ignore"):
+        ref = f.astype(BF16).astype(np.float32).view(np.uint32)
+    assert np.array_equal(_round_loop(f).view(np.uint32), ref)
+
+
+def test_gelu_tanh_matches_jax():
+    """Same formula as jax.nn.gelu(approximate=True); XLA's own fp32 tanh
+    differs from libm's by up to ~4e-7 absolute where 1 + tanh cancels
+    (x around -4), hence atol 1e-6. exact-erf gelu would differ by ~1e-3."""
+    jax = pytest.importorskip("jax")
+    v = np.linspace(-9, 9, 5001, dtype=np.float32)
+    ref = np.asarray(jax.nn.gelu(v, approximate=True))
+    ours = np.array([kernels.gelu_tanh(np.float32(a)) for a in v[::25]], np.float32)
+    np.testing.assert_allclose(ours, ref[::25], rtol=2e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------- matmul
+
+QUANT_CASES = [(8, K), (8, K // 8), (8, 32), (4, K), (4, K // 8), (4, 32), (4, 64)]
+SPLITS = [{}, {"col_block": 64, "k_chunk": 40}]  # default plan; ragged blocks + chunks across groups
+
+
+@pytest.mark.parametrize("bits,group", QUANT_CASES)
+@pytest.mark.parametrize("t", [1, 5])
+@pytest.mark.parametrize("split", SPLITS)
+def test_matmul_qweight(bits, group, t, split):
+    rng = np.random.default_rng(bits * 1000 + group + t)
+    w = _qweight(rng, K, N, bits, group)
+    x = rng.standard_normal((t, K)).astype(np.float32)
+    _assert_matmul_close(kernels.matmul(x, w, **split), x, w)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, BF16])
+@pytest.mark.parametrize("t", [1, 5])
+def test_matmul_float_weights(dtype, t):
+    rng = np.random.default_rng(7)
+    w = rng.standard_normal((K, N)).astype(dtype)
+    x = rng.standard_normal((t, K)).astype(np.float32)
+    _assert_matmul_close(kernels.matmul(x, w), x, w)
+    _assert_matmul_close(kernels.matmul(x, w, col_block=48, k_chunk=16), x, w)
+
+
+@pytest.mark.parametrize("bits,group,k", [(8, 6, 258), (8, 66, 66), (4, 6, 258), (4, 2, 10)])
+def test_matmul_group_remainders(bits, group, k):
+    """Groups that are not a multiple of 4 rows take the remainder paths."""
+    rng = np.random.default_rng(group)
+    w = _qweight(rng, k, 37, bits, group)
+    for t in (1, 3):
+        x = rng.standard_normal((t, k)).astype(np.float32)
+        _assert_matmul_close(kernels.matmul(x, w), x, w)
+        _assert_matmul_close(kernels.matmul(x, w, col_block=16, k_chunk=8), x, w)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_matmul_many_tokens(bits):
+    """T > the token block and K > the row tile: the prefill tiling paths."""
+    rng = np.random.default_rng(11)
+    w = _qweight(rng, 512, 101, bits, 64)
+    x = rng.standard_normal((11, 512)).astype(np.float32)
+    _assert_matmul_close(kernels.matmul(x, w), x, w)
+
+
+def test_matmul_vector_and_errors():
+    rng = np.random.default_rng(3)
+    w = _qweight(rng, K, N, 8, K)
+    x = rng.standard_normal(K).astype(np.float32)
+    y = kernels.matmul(x, w)
+    assert y.shape == (N,)
+    np.testing.assert_array_equal(y, kernels.matmul(x[None], w)[0])
+    frozen = x.copy()
+    frozen.setflags(write=False)  # as jax hands buffers to callbacks
+    np.testing.assert_array_equal(kernels.matmul(frozen.astype(np.float64), w), y)
+    np.testing.assert_array_equal(kernels.matmul(frozen, w), y)
+    with pytest.raises(ValueError, match="K=256"):
+        kernels.matmul(np.ones((2, K + 1), np.float32), w)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        kernels.matmul(x[:N], np.ones((K, N), np.float32).T)
+    with pytest.raises(TypeError, match="QWeight or a 2-D float32/bfloat16"):
+        kernels.matmul(x, np.ones((K, N), np.float64))
+    with pytest.raises(ValueError, match="even group_size"):
+        kernels.matmul(np.ones(6, np.float32), QWeight(np.zeros((3, 4), np.uint8),
+                                                       np.ones((2, 4), BF16), 4, 3))
+    with pytest.raises(ValueError, match="int8"):
+        kernels.matmul(x, QWeight(w.values.view(np.uint8), w.scales, 8, K))
+    with pytest.raises(ValueError, match="multiple of 8"):
+        kernels.matmul(x, w, k_chunk=12)
+
+
+# ---------------------------------------------------------------------------- memmap
+
+def _memmap(tmp_path, name, arr, offset=0):
+    """A read-only np.memmap of arr's bytes written at `offset` in a file."""
+    path = tmp_path / f"{name}.bin"
+    with open(path, "wb") as f:
+        f.write(b"\0" * offset)
+        f.write(np.ascontiguousarray(arr).tobytes())
+    return np.memmap(path, dtype=arr.dtype, mode="r", offset=offset, shape=arr.shape)
+
+
+@pytest.mark.parametrize("bits,group", [(8, K // 8), (4, 64)])
+def test_matmul_on_memmap_equals_in_memory(tmp_path, bits, group):
+    """Weights read in place from a file: one expert of an (E, K, N) mapping."""
+    rng = np.random.default_rng(5)
+    experts = [_qweight(rng, K, N, bits, group) for _ in range(3)]
+    values = _memmap(tmp_path, "v", np.stack([e.values for e in experts]), offset=64)
+    scales = _memmap(tmp_path, "s", np.stack([e.scales for e in experts]))
+    mapped = QWeight(values[1], scales[1], bits, group)
+    assert not mapped.values.flags.writeable  # really the read-only mapping
+    for t in (1, 5):
+        x = rng.standard_normal((t, K)).astype(np.float32)
+        np.testing.assert_array_equal(kernels.matmul(x, mapped), kernels.matmul(x, experts[1]))
+        _assert_matmul_close(kernels.matmul(x, mapped), x, experts[1])
+
+
+def test_matmul_bf16_memmap(tmp_path):
+    rng = np.random.default_rng(6)
+    w = rng.standard_normal((K, N)).astype(BF16)
+    x = rng.standard_normal((2, K)).astype(np.float32)
+    np.testing.assert_array_equal(kernels.matmul(x, _memmap(tmp_path, "w", w)),
+                                  kernels.matmul(x, w))
+
+
+# ---------------------------------------------------------------------------- matmul_nt
+
+@pytest.mark.parametrize("dtype", [BF16, np.float32])
+@pytest.mark.parametrize("t", [1, 5])
+def test_matmul_nt(tmp_path, dtype, t):
+    rng = np.random.default_rng(9)
+    e = rng.standard_normal((103, 64)).astype(dtype)  # (V, D), V odd
+    x = rng.standard_normal((t, 64)).astype(np.float32)
+    y = kernels.matmul_nt(x, e)
+    _assert_matmul_close(y, x, np.ascontiguousarray(e.T))
+    np.testing.assert_array_equal(kernels.matmul_nt(x, _memmap(tmp_path, "e", e)), y)
+    assert kernels.matmul_nt(x[0], e).shape == (103,)
+    with pytest.raises(ValueError, match="K=64"):
+        kernels.matmul_nt(np.ones((1, 65), np.float32), e)
+
+
+# ---------------------------------------------------------------------------- expert_ffn
+
+def _gelu64(v):
+    return 0.5 * v * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (v + 0.044715 * v ** 3)))
+
+
+def _ffn_reference(x, gate, up, down, rounding):
+    """float64 GeGLU; gate/up outputs rounded to bf16 through ml_dtypes if rounding."""
+    x64 = x.astype(np.float64)
+    h, u = x64 @ _dense(gate), x64 @ _dense(up)
+    if rounding:
+        h = h.astype(np.float32).astype(BF16).astype(np.float64)
+        u = u.astype(np.float32).astype(BF16).astype(np.float64)
+    act = _gelu64(h) * u
+    return act @ _dense(down), np.abs(act) @ np.abs(_dense(down))
+
+
+def _exact_expert(rng, d, f, bits):
+    """Weights whose projections of x are exact in fp32 (integer values times
+    power-of-two scales), so bf16 rounding of gate/up is fully determined and
+    the reference can be compared tightly."""
+    def w(k, n, group):
+        lo, hi = (-8, 8) if bits == 4 else (-128, 128)
+        q = rng.integers(lo, hi, (k, n), dtype=np.int8)
+        scales = (2.0 ** rng.integers(-8, -5, (k // group, n))).astype(BF16)
+        return QWeight(pack_int4(q) if bits == 4 else q, scales, bits, group)
+    return w(d, f, d), w(d, f, 32), w(f, d, f // 8)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("t", [1, 5])
+def test_expert_ffn_bf16_mode_exact_inputs(bits, t):
+    rng = np.random.default_rng(bits + t)
+    d, f = 64, 256
+    gate, up, down = _exact_expert(rng, d, f, bits)
+    x = (rng.integers(-16, 17, (t, d)) / 8.0).astype(np.float32)  # bf16-valued
+    ref, scale = _ffn_reference(x, gate, up, down, rounding=True)
+    ref_fp32, _ = _ffn_reference(x, gate, up, down, rounding=False)
+    # the test can tell the modes apart: skipping the rounding moves it far more
+    assert np.max(np.abs(ref_fp32 - ref) / scale) > 100 * TOL
+    y = kernels.expert_ffn(x, gate, up, down)
+    assert y.shape == (t, d) and y.dtype == np.float32
+    assert np.max(np.abs(y - ref) / scale) <= TOL
+    y32 = kernels.expert_ffn(x, gate, up, down, round_bf16=False)
+    assert np.max(np.abs(y32 - ref_fp32) / scale) <= TOL
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4g64", "bf16"])
+def test_expert_ffn_fp32_mode_random(kind):
+    """Realistic magnitudes (gate/up rms ~1.5) through the fp32 mode; an erf
+    gelu or a missing factor would be 10x-1000x over the tolerance."""
+    rng = np.random.default_rng(21)
+    d, f = 64, 256
+    if kind == "bf16":
+        gate, up, down = (rng.standard_normal(s).astype(BF16) * np.float32(1.5 / 8)
+                          for s in ((d, f), (d, f), (f, d)))
+    else:
+        bits, group = (8, d) if kind == "int8" else (4, 64)
+        gate, up = (_qweight(rng, d, f, bits, group) for _ in range(2))
+        down = _qweight(rng, f, d, bits, 64 if bits == 4 else f // 8)
+    x = rng.standard_normal((3, d)).astype(np.float32)
+    ref, scale = _ffn_reference(x, gate, up, down, rounding=False)
+    y = kernels.expert_ffn(x, gate, up, down, round_bf16=False)
+    # 4x TOL: errors of the first matmuls pass through gelu (slope <= 1.13)
+    # and the product before the second matmul adds its own
+    assert np.max(np.abs(y - ref) / scale) <= 4 * TOL
+    np.testing.assert_array_equal(kernels.expert_ffn(x[1], gate, up, down, round_bf16=False),
+                                  kernels.expert_ffn(x[1:2], gate, up, down, round_bf16=False)[0])
+
+
+def test_expert_ffn_shape_errors():
+    rng = np.random.default_rng(0)
+    gate, up, down = (_qweight(rng, *s, 8, s[0]) for s in ((64, 256), (64, 256), (256, 64)))
+    with pytest.raises(ValueError, match="down"):
+        kernels.expert_ffn(np.ones(64, np.float32), gate, up, gate)
+    with pytest.raises(ValueError, match="K=64"):
+        kernels.expert_ffn(np.ones(65, np.float32), gate, up, down)

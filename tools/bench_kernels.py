@@ -1,0 +1,172 @@
+"""Benchmark lowmem.kernels at Grok-1 sizes against a memory-bandwidth floor.
+
+Every case is timed side by side with the fastest honest read of the same
+bytes (a numba parallel sum of the buffers as uint64, or numpy's single-thread
+sum, whichever is faster on this machine), interleaved repeat by repeat so a
+noisy neighbour slows both alike. Reported: medians in ms, effective GB/s of
+weight bytes, and the ratio to the floor (1.00 = at memory bandwidth).
+
+    python tools/bench_kernels.py                 # everything, T = 1 and 8
+    python tools/bench_kernels.py --cases int8-gate logits --tokens 1
+    python tools/bench_kernels.py --mmap /tmp/bench   # weights as np.memmap files
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import ml_dtypes
+import numba
+import numpy as np
+from numba import njit, prange
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from lowmem import kernels  # noqa: E402
+from quant.qweight import QWeight  # noqa: E402
+
+D, F, V = 6144, 32768, 131072
+
+
+@njit(parallel=True, cache=True)
+def _parallel_sum(a):
+    """Sum of a uint64 buffer in 64 parallel chunks: a pure read of its bytes."""
+    n = a.size
+    chunk = (n + 63) // 64
+    parts = np.zeros(64, np.uint64)
+    for b in prange(64):
+        s = np.uint64(0)
+        for i in range(b * chunk, min(n, (b + 1) * chunk)):
+            s += a[i]
+        parts[b] = s
+    return parts.sum()
+
+
+def _words(a: np.ndarray) -> np.ndarray:
+    """The bytes of a buffer as uint64 words (the tail that does not fill one is dropped)."""
+    flat = np.asarray(a).reshape(-1).view(np.uint8)
+    return flat[: flat.size // 8 * 8].view(np.uint64)
+
+
+def _read_floor(buffers) -> float:
+    """One read of all buffers: the faster of the two readers for each buffer."""
+    t = 0.0
+    for w in buffers:
+        t0 = time.perf_counter()
+        _parallel_sum(w)
+        t1 = time.perf_counter()
+        w.sum()
+        t2 = time.perf_counter()
+        t += min(t1 - t0, t2 - t1)
+    return t
+
+
+def _store(arr: np.ndarray, mmap_dir: Path | None, name: str) -> np.ndarray:
+    """The array itself, or a read-only np.memmap of it written under mmap_dir."""
+    if mmap_dir is None:
+        return arr
+    path = mmap_dir / f"{name}.bin"
+    arr.reshape(-1).view(np.uint8).tofile(path)
+    return np.memmap(path, dtype=arr.dtype, mode="r", shape=arr.shape)
+
+
+def _qweight(rng, k, n, bits, group, mmap_dir, name) -> QWeight:
+    """Random int8 or packed-int4 weight with bf16 scales (values do not matter for speed)."""
+    raw = rng.integers(0, 256, (k // 2 if bits == 4 else k, n), dtype=np.uint8)
+    values = raw if bits == 4 else raw.view(np.int8)
+    scales = (rng.random((k // group, n), dtype=np.float32) * 1e-3).astype(ml_dtypes.bfloat16)
+    return QWeight(_store(values, mmap_dir, name), _store(scales, mmap_dir, name + "_s"), bits, group)
+
+
+def _bf16_table(rng, rows, cols, mmap_dir, name) -> np.ndarray:
+    """Random bf16 values in +-[1, 2) (cheap to make at 1.6 GB)."""
+    bits = rng.integers(0, 1 << 16, (rows, cols), dtype=np.uint16)
+    bits = (bits & 0x807F) | 0x3F80
+    return _store(bits.view(ml_dtypes.bfloat16), mmap_dir, name)
+
+
+def _buffers(*weights):
+    """Every byte buffer a kernel reads (values and scales), as uint64 words."""
+    out = []
+    for w in weights:
+        out += [_words(w.values), _words(w.scales)] if isinstance(w, QWeight) else [_words(w)]
+    return out
+
+
+# name -> (kernel, input width, weights as (rows, cols, bits, group) or "bf16")
+CASES = {
+    "int8-gate": ("matmul", D, [(D, F, 8, D)]),          # per-channel scales, as released
+    "int8-down": ("matmul", F, [(F, D, 8, F // 8)]),     # the release's 8 row blocks
+    "int4g64-gate": ("matmul", D, [(D, F, 4, 64)]),
+    "int4g64-down": ("matmul", F, [(F, D, 4, 64)]),
+    "bf16-gate": ("matmul", D, [(D, F, "bf16", None)]),
+    "logits": ("matmul_nt", D, [(V, D, "bf16", None)]),  # tied embeddings, x @ e.T
+    "ffn-int8": ("expert_ffn", D, [(D, F, 8, D), (D, F, 8, D), (F, D, 8, F // 8)]),
+    "ffn-int4g64": ("expert_ffn", D, [(D, F, 4, 64), (D, F, 4, 64), (F, D, 4, 64)]),
+}
+
+
+def _build(name, rng, mmap_dir):
+    """(fn(x) running the case's kernel, input width, weights read)."""
+    kernel, width, specs = CASES[name]
+    weights = []
+    for i, (rows, cols, bits, group) in enumerate(specs):
+        tag = f"{name}-{i}"
+        weights.append(_bf16_table(rng, rows, cols, mmap_dir, tag) if bits == "bf16"
+                       else _qweight(rng, rows, cols, bits, group, mmap_dir, tag))
+    fn = getattr(kernels, kernel)
+    return (lambda x: fn(x, *weights)), width, weights
+
+
+def _median_pair(fn, buffers, repeats):
+    """Median kernel time and median floor time, measured alternately."""
+    fn()  # compile (or load from cache) and fault the pages in
+    k_times, f_times = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        k_times.append(time.perf_counter() - t0)
+        f_times.append(_read_floor(buffers))
+    return float(np.median(k_times)), float(np.median(f_times))
+
+
+ALL = list(CASES)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cases", nargs="+", choices=ALL, default=ALL)
+    ap.add_argument("--tokens", nargs="+", type=int, default=[1, 8], help="T values")
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=None, help="numba threads (default: all)")
+    ap.add_argument("--mmap", type=Path, default=None, metavar="DIR",
+                    help="write weights to files in DIR (left there, ~3 GB for all cases) "
+                         "and pass them as read-only np.memmap")
+    args = ap.parse_args(argv)
+    if args.threads:
+        numba.set_num_threads(args.threads)
+    if args.mmap:
+        args.mmap.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    _parallel_sum(np.zeros(8, np.uint64))
+    print(f"# numba {numba.__version__}, {numba.get_num_threads()} threads, "
+          f"{os.cpu_count()} cpus, {'memmap' if args.mmap else 'in-memory'} weights")
+    print(f"{'case':14s} {'T':>3s} {'MB':>7s} {'floor ms':>9s} {'floor GB/s':>10s} "
+          f"{'kernel ms':>9s} {'GB/s':>6s} {'ratio':>6s}")
+    for name in args.cases:
+        fn, width, weights = _build(name, rng, args.mmap)
+        buffers = _buffers(*weights)
+        nbytes = sum(b.nbytes for b in buffers)
+        for t in args.tokens:
+            x = rng.standard_normal((t, width)).astype(np.float32)
+            k_s, f_s = _median_pair(lambda: fn(x), buffers, args.repeats)
+            print(f"{name:14s} {t:3d} {nbytes / 1e6:7.1f} {f_s * 1e3:9.2f} {nbytes / f_s / 1e9:10.2f} "
+                  f"{k_s * 1e3:9.2f} {nbytes / k_s / 1e9:6.2f} {k_s / f_s:6.2f}", flush=True)
+        del fn, weights, buffers
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
