@@ -1,0 +1,109 @@
+"""ExpertCache: LRU order, pins, prefetch accounting, exact counters."""
+import threading
+
+import numpy as np
+import pytest
+
+from lowmem.experts import ExpertCache
+
+
+class FakeFetch:
+    """Records fetched keys; optionally blocks until released (an in-flight transfer)."""
+
+    def __init__(self, block: bool = False):
+        self.fetched = []
+        self.gate = threading.Event()
+        if not block:
+            self.gate.set()
+
+    def __call__(self, key):
+        self.fetched.append(key)
+        self.gate.wait(5)
+        return f"block{key}"
+
+
+def _lru_simulation(requests, slots):
+    """Independent LRU model: (hits, misses, evictions) for a list of key groups."""
+    order, hits, misses, evictions = [], 0, 0, 0
+    for key in requests:
+        if key in order:
+            hits += 1
+            order.remove(key)
+        else:
+            misses += 1
+            if len(order) == slots:
+                order.pop(0)
+                evictions += 1
+        order.append(key)
+    return hits, misses, evictions
+
+
+def _run(cache, steps):
+    for keys in steps:
+        cache.acquire(keys)
+        assert [cache.get(k) for k in keys] == [f"block{k}" for k in keys]
+        cache.release(keys)
+
+
+def test_needed_keeps_first_use_order():
+    routed = np.array([[3, 1], [1, 5], [3, 5]])
+    assert ExpertCache.needed(7, routed) == [(7, 3), (7, 1), (7, 5)]
+
+
+@pytest.mark.parametrize("slots", [2, 3, 5, 8])
+def test_counters_match_an_lru_model_on_a_constructed_routing(slots):
+    rng = np.random.default_rng(slots)
+    steps = []
+    for _ in range(40):
+        for layer in range(3):
+            experts = rng.choice(8, size=2, replace=False)
+            steps.append([(layer, int(e)) for e in experts])
+    fetch = FakeFetch()
+    cache = ExpertCache(fetch, block_nbytes=1000, capacity=slots)
+    _run(cache, steps)
+    hits, misses, evictions = _lru_simulation([k for s in steps for k in s], slots)
+    st = cache.stats
+    assert (st.requests, st.hits, st.misses, st.evictions) == (80 * 3, hits, misses, evictions)
+    assert st.bytes_moved == misses * 1000 and len(fetch.fetched) == misses
+    assert st.prefetches == st.prefetch_hits == 0
+
+
+def test_lru_evicts_least_recently_used():
+    cache = ExpertCache(FakeFetch(), block_nbytes=1, capacity=2)
+    _run(cache, [[(0, 1)], [(0, 2)], [(0, 1)], [(0, 3)]])   # 2 is older than 1 -> evicted
+    assert sorted(cache.keys()) == [(0, 1), (0, 3)]
+
+
+def test_prefetch_hits_and_drops():
+    cache = ExpertCache(FakeFetch(), block_nbytes=10, capacity=3)
+    cache.prefetch([(1, 4), (1, 5)])
+    _run(cache, [[(1, 4), (1, 6)]])        # 4 was prefetched (hit), 6 is a miss
+    st = cache.stats
+    assert (st.prefetches, st.prefetch_hits, st.hits, st.misses) == (2, 1, 1, 1)
+    assert st.bytes_moved == 30
+    cache.acquire([(2, 0), (2, 1), (2, 2)])  # all slots pinned: nothing can be evicted
+    cache.prefetch([(3, 0)])
+    assert cache.stats.prefetch_dropped == 1 and (3, 0) not in cache
+    cache.release([(2, 0), (2, 1), (2, 2)])
+
+
+def test_pinned_entries_are_never_evicted():
+    cache = ExpertCache(FakeFetch(), block_nbytes=1, capacity=2)
+    cache.acquire([(0, 0)])
+    _run(cache, [[(0, 1)], [(0, 2)], [(0, 3)]])   # only the unpinned slot turns over
+    assert (0, 0) in cache
+    cache.release([(0, 0)])
+    with pytest.raises(ValueError, match="3 experts requested at once, cache holds 2"):
+        cache.acquire([(0, 0), (0, 1), (0, 2)])
+
+
+def test_in_flight_prefetch_is_waited_for_not_refetched():
+    fetch = FakeFetch(block=True)
+    cache = ExpertCache(fetch, block_nbytes=1, capacity=2, workers=1)
+    cache.prefetch([(0, 7)])
+    cache.acquire([(0, 7)])
+    threading.Timer(0.05, fetch.gate.set).start()
+    assert cache.get((0, 7)) == "block(0, 7)"
+    assert fetch.fetched == [(0, 7)] and cache.stats.hits == 1 and cache.stats.wait_s > 0
+    cache.release([(0, 7)])
+    cache.close()

@@ -1,0 +1,88 @@
+"""Text streaming, the Python API and the generate CLI (demo preset, real tokenizer)."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import lowmem
+from lowmem.config import preset
+from lowmem.generation import Tokenizer, stream_text
+from quant.packed import QuantSettings
+from quant.quantize import quantize_checkpoint
+from quant.synthetic import write_checkpoint
+
+TOKENIZER = Path(__file__).resolve().parents[1].parent / "shared" / "grok1" / "tokenizer.model"
+pytestmark = pytest.mark.skipif(not TOKENIZER.is_file(), reason=f"no tokenizer at {TOKENIZER}")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer(TOKENIZER)
+
+
+@pytest.fixture(scope="module")
+def demo_model(tmp_path_factory):
+    """The demo preset (real vocabulary) with 2 layers, int4 g64, with the tokenizer."""
+    root = tmp_path_factory.mktemp("demo")
+    cfg = preset("demo", num_layers=2)
+    write_checkpoint(cfg, root / "ckpt")
+    quantize_checkpoint(root / "ckpt", root / "model", cfg, QuantSettings(4, 64), tokenizer=TOKENIZER)
+    return root / "model"
+
+
+def test_stream_text_keeps_the_leading_space(tok):
+    prompt = tok.encode("The answer is")
+    cont = tok.encode("The answer is forty two")[len(prompt):]
+    assert "".join(stream_text(tok, iter(cont), context=prompt)) == " forty two"
+
+
+def test_stream_text_stops_at_a_stop_string_and_stops_pulling(tok):
+    ids = tok.encode("alpha beta gamma delta")
+    pulled = []
+
+    def tokens():
+        for t in ids:
+            pulled.append(t)
+            yield t
+    out = "".join(stream_text(tok, tokens(), stops=(" gam",)))
+    assert out == "alpha beta"
+    assert len(pulled) < len(ids)          # generation ended early
+
+
+def test_stream_text_multibyte_characters_are_never_split(tok):
+    ids = tok.encode("naïve 日本語 ✓")
+    pieces = list(stream_text(tok, iter(ids)))
+    assert "".join(pieces) == "naïve 日本語 ✓"
+    assert all("\ufffd" not in p for p in pieces)
+
+
+def test_api_generate_is_seeded_and_stops_at_max_tokens(demo_model):
+    rt = lowmem.load(demo_model)
+    a = list(rt.generate("Hello world", max_new_tokens=6, temperature=1.0, seed=3))
+    b = list(rt.generate("Hello world", max_new_tokens=6, temperature=1.0, seed=3))
+    c = list(rt.generate("Hello world", max_new_tokens=6, temperature=0.0))
+    assert a == b and len(a) == 6 and len(c) == 6
+    assert all(0 <= t < rt.engine.cfg.vocab_size for t in a)
+
+
+def test_cli_generates_from_a_model_dir(demo_model):
+    cmd = [sys.executable, "-m", "lowmem.generate", "--model", str(demo_model), "--prompt",
+           "The answer to life", "--max-new-tokens", "5", "--ignore-eos"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("The answer to life") and len(out.stdout) > len("The answer to life\n")
+
+
+def test_cli_bad_model_dir_is_one_line_error(tmp_path):
+    cmd = [sys.executable, "-m", "lowmem.generate", "--model", str(tmp_path)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 2
+    assert out.stderr.strip().count("\n") == 0 and "manifest.json" in out.stderr
+
+
+def test_cli_too_small_cache_budget(demo_model):
+    cmd = [sys.executable, "-m", "lowmem.generate", "--model", str(demo_model), "--backend",
+           "device", "--expert-cache-gb", "0.0001"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 2 and "raise --expert-cache-gb" in out.stderr
