@@ -83,8 +83,8 @@ class Engine:
         self.routing_trace: list[tuple[int, np.ndarray]] = []
         self._place_resident()
         self._build_functions()
+        self.state = self.new_state()          # before sizing the cache: the KV cache counts
         self.experts = self._make_experts()
-        self.state = self.new_state()
 
     # --- set-up -----------------------------------------------------------
     def _place_resident(self) -> None:

@@ -186,7 +186,7 @@ def file_sizes(entries: list[TensorEntry]) -> dict[str, int]:
 
 def checksum(buf) -> int:
     """CRC32 of an array's bytes (as stored)."""
-    return zlib.crc32(memoryview(np.ascontiguousarray(buf)).cast("B"))
+    return zlib.crc32(np.ascontiguousarray(buf).reshape(-1).view(np.uint8))
 
 
 def entry_to_json(entry: TensorEntry, crc: int | None) -> dict:
@@ -248,6 +248,7 @@ def _check_manifest(model_dir: Path, manifest: dict) -> tuple[GrokConfig, QuantS
     try:
         cfg = GrokConfig.from_dict(manifest["config"])
         settings = QuantSettings(**manifest["quant"])
+        expert_block_layout(cfg, settings)  # group sizes must divide this config's widths
     except (KeyError, TypeError, ValueError) as e:
         raise PackedFormatError(f"{path}: bad config or quant settings ({e})") from None
     return cfg, settings
