@@ -1,0 +1,144 @@
+"""The memory planner: exact agreement with what the engine places and moves, and
+Grok-1's figures from SPEC.md section 6."""
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from lowmem import plan as PL
+from lowmem.api import load
+from lowmem.config import preset
+from lowmem.profile import placed_resident_bytes, run_profile
+from quant.packed import PackedModel, QuantSettings
+from quant.quantize import quantize_checkpoint
+
+GIB = 1 << 30
+
+
+@pytest.fixture(scope="module")
+def int4_dir(tiny_cfg, tiny_ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("plan") / "int4"
+    quantize_checkpoint(tiny_ckpt, out, tiny_cfg, QuantSettings(4, 32, attention="bf16"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def profiled(int4_dir):
+    """A device-backend engine on CPU with a 3.5-block budget, after a profiling run."""
+    block = PackedModel.open(int4_dir).expert_block_nbytes
+    budget_gb = 3.5 * block / GIB
+    rt = load(int4_dir, backend="device", expert_cache_gb=budget_gb, context=100,
+              prefetch=False, profile=True)
+    report = run_profile(rt.engine, [7, 8, 9, 10, 11, 12], 5, warmup_tokens=1)
+    return rt.engine, report, budget_gb
+
+
+def test_plan_agrees_with_the_engine_exactly(profiled):
+    engine, report, budget_gb = profiled
+    plan = PL.make_plan(engine.cfg, engine.model.settings, device_memory=0, context=100,
+                        expert_cache_bytes=int(budget_gb * GIB))
+    assert plan.resident_total == placed_resident_bytes(engine)
+    assert plan.cache_slots == engine.experts.cache.capacity == 3
+    kv = sum(int(x.nbytes) for x in jax.tree_util.tree_leaves(engine.state.caches))
+    assert plan.kv_cache == kv == report["memory"]["kv_cache_bytes"]
+    t = report["traffic"]
+    assert t["misses"] > 0 and t["prefetches"] == 0
+    assert plan.expert_block_nbytes == t["bytes_moved"] // t["misses"]
+    for rec in report["tokens"]:
+        assert rec["bytes_moved"] == rec["misses"] * plan.expert_block_nbytes
+
+
+def test_derived_budget_gives_the_engines_slots(profiled):
+    engine, _, _ = profiled
+    cfg, settings = engine.cfg, engine.model.settings
+    base = PL.make_plan(cfg, settings, device_memory=0, context=100, headroom=0)
+    block = base.expert_block_nbytes
+    memory = base.resident_total + base.kv_cache + 1000 + 5 * block + block // 2
+    plan = PL.make_plan(cfg, settings, memory, context=100, headroom=1000)
+    assert plan.cache_slots == 5 and plan.fits
+    assert plan.device_used == base.resident_total + base.kv_cache + 5 * block
+    tight = PL.make_plan(cfg, settings, memory - 4 * block, context=100, headroom=1000)
+    assert tight.cache_slots == 1 and not tight.fits
+
+
+def test_resident_kinds_are_the_layout_bytes(tiny_cfg):
+    settings = QuantSettings(8)
+    kinds = PL.resident_bytes_by_kind(tiny_cfg, settings)
+    d, v, layers = tiny_cfg.emb_size, tiny_cfg.vocab_size, tiny_cfg.num_layers
+    assert kinds["embedding"] == v * d * 2                               # bf16
+    assert kinds["router"] == layers * d * tiny_cfg.num_experts * 4      # fp32
+    assert kinds["norms"] == (4 * layers + 1) * d * 4
+    q, kv = tiny_cfg.q_width, tiny_cfg.kv_width
+    values = layers * (d * q + 2 * d * kv + q * d)                       # int8 q, k, v, o
+    scales = layers * 2 * (q + 2 * kv + tiny_cfg.scale_row_blocks * d)   # bf16
+    assert kinds["attention"] == values + scales
+
+
+@pytest.mark.parametrize("bits, slots, floor", [(8, 113, 1.55), (4, 226, 0.77)])
+def test_grok1_matches_spec_section_6(bits, slots, floor):
+    plan = PL.make_plan(preset("grok-1"), QuantSettings(bits), PL.parse_size("80GB"),
+                        context=8192, link_gbps=50.0)
+    assert plan.resident_params == pytest.approx(6.45e9, rel=0.01)        # "about 6.4B"
+    assert plan.resident["attention"] + plan.resident["embedding"] == pytest.approx(
+        7.25e9, rel=0.01)                                                 # int8 attn + bf16 emb
+    assert plan.kv_cache == 64 * 8192 * 8 * 128 * 2 * 2                   # 2.1 GB
+    assert plan.cache_slots == slots                                      # "roughly 100 / 200"
+    zero_hit = plan.decode[0]
+    assert zero_hit.hit_rate == 0.0
+    assert zero_hit.seconds_per_token == pytest.approx(floor, rel=0.01)
+    assert zero_hit.bytes_per_token == 64 * 2 * plan.expert_block_nbytes
+    assert plan.host_expert_bytes == 512 * plan.expert_block_nbytes
+
+
+def test_decode_estimate_scales_with_misses():
+    cfg = preset("grok-1")
+    full = PL.decode_estimate(cfg, 1000, 0.0, 1.0)
+    half = PL.decode_estimate(cfg, 1000, 0.5, 1.0)
+    assert full.bytes_per_token == 64 * 2 * 1000 and half.bytes_per_token == 64 * 1000
+    assert half.seconds_per_token == pytest.approx(full.seconds_per_token / 2)
+    with_compute = PL.decode_estimate(cfg, 1000, 0.0, 1.0, device_read=2e9, device_gbps=2.0)
+    assert with_compute.compute_s == pytest.approx(1.0)
+    assert PL.distinct_experts(cfg, 1) == 2
+    assert PL.distinct_experts(cfg, 4) == pytest.approx(8 * (1 - 0.75 ** 4))
+
+
+def test_parse_size():
+    assert PL.parse_size("80GB") == 80 * 10**9
+    assert PL.parse_size("80GiB") == 80 * 2**30
+    assert PL.parse_size("1.5 gb") == 1_500_000_000
+    assert PL.parse_size("512MB") == 512 * 10**6
+    assert PL.parse_size("7") == 7 * 10**9
+    for bad in ("abc", "80XB", "", "-3GB"):
+        with pytest.raises(PL.PlanError, match="expected a size like 80GB"):
+            PL.parse_size(bad, "--device-memory")
+
+
+def test_cli_bad_input_is_one_line_and_exit_2():
+    proc = subprocess.run([sys.executable, "-m", "lowmem.plan", "--device-memory", "abc"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0
+    assert proc.stderr.startswith("error: --device-memory: expected a size like 80GB")
+    assert proc.stdout == ""
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--bits", "5"], "bits must be 8 or 4"),
+    (["--hit-rate", "1.5"], "hit rate must be in [0, 1]"),
+    (["--context", "x"], "--context: expected a whole number"),
+    (["--link-gbps", "0"], "link bandwidth must be > 0"),
+])
+def test_cli_rejects_bad_settings(capsys, argv, message):
+    assert PL.main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.strip().count("\n") == 0
+
+
+def test_cli_prints_plan_for_a_model_dir(int4_dir, capsys):
+    assert PL.main(["--model", str(int4_dir), "--device-memory", "3GiB", "--context", "100"]) == 0
+    out = capsys.readouterr().out
+    assert "int4 experts (group 32), bf16 attention" in out and "fits: yes" in out
+    assert PL.main(["--json", "--bits", "8"]) == 0
+    import json
+    assert json.loads(capsys.readouterr().out)["cache_slots"] == 113

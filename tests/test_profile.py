@@ -1,0 +1,179 @@
+"""The profiling command and the cache-policy simulators.
+
+A profiling run on the tiny model must produce every reported field, account
+for each step's wall time with its sections, and count expert bytes exactly:
+with as many cache slots as a step needs (top-2) and prefetch off, no request
+can hit (keys are (layer, expert), and each layer's two experts evict the
+previous layer's), so every decode token moves layers * 2 blocks.
+"""
+import json
+import random
+
+import pytest
+
+from lowmem import profile as P
+from quant.packed import PackedModel, QuantSettings
+from quant.quantize import quantize_checkpoint
+
+GIB = 1 << 30
+
+
+@pytest.fixture(scope="module")
+def int8_dir(tiny_cfg, tiny_ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("profile") / "int8"
+    quantize_checkpoint(tiny_ckpt, out, tiny_cfg, QuantSettings(8))
+    return out
+
+
+def _profile(model_dir, tmp_path, *extra):
+    out = tmp_path / "report.json"
+    rc = P.main(["--model", str(model_dir), "--prompt-ids", "5,17,99,3,250", "--max-new-tokens",
+                 "5", "--warmup-tokens", "1", "--out", str(out), *extra])
+    assert rc == 0
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def device_report(int8_dir, tmp_path_factory):
+    block = PackedModel.open(int8_dir).expert_block_nbytes
+    gb = 2.5 * block / GIB                                   # 2 slots: exactly one step's need
+    return _profile(int8_dir, tmp_path_factory.mktemp("rep"), "--backend", "device",
+                    "--expert-cache-gb", repr(gb), "--no-prefetch", "--overhead-check", "1")
+
+
+def test_report_has_every_field(device_report):
+    r = device_report
+    for key in ("copy_bandwidth", "prefill", "decode", "tokens", "traffic", "memory", "overhead"):
+        assert r[key] is not None, key
+    for phase in ("prefill", "decode"):
+        assert set(r[phase]["sections"]) == set(P.SECTIONS)
+        for dist in (r[phase]["wall_s"], *r[phase]["sections"].values()):
+            assert set(dist) >= {"mean", "median", "p90", "p99"}
+        assert r[phase]["tokens_per_s"] > 0
+    assert r["prefill"]["tokens"] == 5 and r["decode"]["steps"] == 4
+    t = r["traffic"]
+    for key in ("hit_rate", "prefetch_hit_rate", "experts_moved_per_token",
+                "bytes_moved_per_token", "effective_transfer_gbps", "copy_gbps", "transfer_s"):
+        assert key in t, key
+    assert t["effective_transfer_gbps"] > 0 and r["copy_bandwidth"]["gbps"] > 0
+    m = r["memory"]
+    for key in ("peak_rss", "rss", "expert_mapped_rss", "resident_mapped_rss", "other_rss",
+                "resident_weight_bytes", "kv_cache_bytes"):
+        assert isinstance(m[key], int), key
+    assert m["rss"] == m["expert_mapped_rss"] + m["resident_mapped_rss"] + m["other_rss"]
+    assert m["expert_mapped_rss"] > 0                        # the experts' pages were touched
+    assert m["device"]["bytes_in_use"] is None and "memory_stats" in m["device"]["reason"]
+    o = r["overhead"]
+    assert o["tokens_per_s_profile_on"] > 0 and o["tokens_per_s_profile_off"] > 0
+
+
+def test_sections_account_for_each_step(device_report):
+    for rec in device_report["tokens"]:
+        accounted = sum(rec["sections"].values())
+        assert abs(accounted - rec["wall_s"]) <= 0.1 * rec["wall_s"] + 2e-3, rec
+        assert all(v >= 0 for v in rec["sections"].values()), rec
+
+
+def test_bytes_moved_match_counters(device_report, tiny_cfg):
+    t = device_report["traffic"]
+    block = t["expert_block_nbytes"]
+    assert t["hits"] == 0 and t["prefetches"] == 0 and t["prefetch_hit_rate"] is None
+    assert t["bytes_moved"] == t["misses"] * block
+    for rec in device_report["tokens"]:
+        assert rec["bytes_moved"] == rec["misses"] * block
+    per_token = tiny_cfg.num_layers * tiny_cfg.num_selected_experts
+    moved = t["experts_moved_per_token"]
+    assert moved["min"] == moved["max"] == per_token
+    assert t["bytes_moved_per_token"]["mean"] == per_token * block
+
+
+def test_host_backend_report(int8_dir, tmp_path, tiny_cfg):
+    r = _profile(int8_dir, tmp_path, "--backend", "host")
+    t = r["traffic"]
+    assert t["effective_transfer_gbps"] is None and "nothing is transferred" in t["transfer_note"]
+    per_token = tiny_cfg.num_layers * tiny_cfg.num_selected_experts
+    assert t["experts_moved_per_token"]["mean"] == per_token
+    assert t["bytes_moved_per_token"]["mean"] == per_token * t["expert_block_nbytes"]
+    assert all(rec["sections"]["transfer_wait"] == 0.0 for rec in r["tokens"])
+    assert r["overhead"] is None
+
+
+def test_bad_inputs_exit_2(int8_dir, capsys):
+    assert P.main(["--model", str(int8_dir), "--prompt-ids", "5,x"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--prompt-ids" in err
+    assert P.main(["--model", str(int8_dir), "--prompt-ids", "5", "--max-new-tokens", "1"]) == 2
+    assert "max_new_tokens must be >= 2" in capsys.readouterr().err
+
+
+# --- cache policies ---------------------------------------------------------------------
+
+def test_lru_and_belady_on_hand_computed_trace():
+    trace = list("ABCABDABCD")
+    # LRU, 3 slots: A B C miss; A B hit; D evicts C; A B hit; C evicts D; D evicts A.
+    assert P.lru_hits(trace, 3) == 4
+    # Belady: D evicts C (next use farthest); C evicts A or B (never used again); D hits.
+    assert P.belady_hits(trace, 3) == 5
+    cyclic = [1, 2, 3] * 3
+    assert P.lru_hits(cyclic, 2) == 0                      # LRU's worst case
+    # Belady, 2 slots: 1 2 m, 3 m (evict 2), 1 h, 2 m (evict 1), 3 h, 1 m (evict 3 or 2) ...
+    assert P.belady_hits(cyclic, 2) == 3
+
+
+def test_everything_fits_means_only_compulsory_misses():
+    trace = [(0, 1), (0, 2), (1, 5), (0, 1), (1, 5), (0, 2)]
+    assert P.lru_hits(trace, 3) == P.belady_hits(trace, 3) == len(trace) - 3
+    with pytest.raises(ValueError):
+        P.lru_hits(trace, 0)
+
+
+def _optimal_hits(trace, slots):
+    """Exhaustive search over every eviction choice: the true offline optimum."""
+    best = 0
+
+    def go(i, cache, hits):
+        nonlocal best
+        if i == len(trace):
+            best = max(best, hits)
+            return
+        key = trace[i]
+        if key in cache:
+            go(i + 1, cache, hits + 1)
+        elif len(cache) < slots:
+            go(i + 1, cache | {key}, hits)
+        else:
+            for victim in cache:
+                go(i + 1, (cache - {victim}) | {key}, hits)
+    go(0, frozenset(), 0)
+    return best
+
+
+def test_belady_is_optimal_and_never_worse_than_lru():
+    rng = random.Random(0)
+    for _ in range(30):
+        trace = [rng.randrange(5) for _ in range(11)]
+        for slots in (1, 2, 3):
+            best = _optimal_hits(trace, slots)
+            assert P.belady_hits(trace, slots) == best, (trace, slots)
+            assert P.lru_hits(trace, slots) <= best
+
+
+def test_trace_keys_follow_engine_order():
+    import numpy as np
+    routing = [(0, np.array([[3, 1], [1, 4]])), (1, np.array([[2, 2]]))]
+    assert P.trace_keys(routing) == [(0, 3), (0, 1), (0, 4), (1, 2)]
+    assert P.trace_keys([]) == []
+
+
+def test_lru_simulation_replays_the_engines_cache(int8_dir):
+    """The engine's cache (prefetch off) is LRU over trace_keys: same hit count."""
+    from lowmem.api import load
+    from lowmem.generation import prompt_logits
+    block = PackedModel.open(int8_dir).expert_block_nbytes
+    rt = load(int8_dir, backend="device", prefetch=False, record_routing=True,
+              expert_cache_gb=5.5 * block / GIB, prefill_buckets=(4,))
+    prompt_logits(rt.engine, [5, 17, 99, 3, 250, 42, 7, 300, 11, 12, 13, 400, 77])
+    trace = P.trace_keys(rt.engine.routing_trace)
+    stats = rt.engine.expert_stats
+    assert len(trace) == stats.requests == 13 * 2 * 2
+    assert P.lru_hits(trace, 5) == stats.hits

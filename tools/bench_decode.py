@@ -1,0 +1,235 @@
+"""Host-backend decode at Grok-1 width against a memory-bandwidth floor.
+
+Builds (once, cached under --workdir) a synthetic Grok-1-width checkpoint with
+a few layers and its packed int8 and int4 models, then decodes on the host
+backend (numba kernels reading the mapped files) and reports tokens/s and the
+achieved GB/s of the weight bytes one decode step must read:
+
+  resident attention (q, k, v, o values and scales, every layer)
+  + 2 routed experts per layer (their gate, up and down values and scales)
+  + the output embedding (131072 x 6144 bf16, read for the logits)
+
+next to two floors measured in the same run, interleaved with the decode
+repeats so a noisy neighbour slows both alike: a numba parallel read of the
+same bytes as mapped (the token's attention, two experts per layer, the
+embedding), and of an anonymous buffer of the same size. Target: >= 70%.
+
+Before timing, every expert block is read once through the model's own
+mappings, so the run measures memory, not page faults or the disk.
+
+    python tools/bench_decode.py                       # 2 layers, int8 and int4
+    python tools/bench_decode.py --layers 1 --bits 8   # less disk (~7 GB) and time
+    python tools/bench_decode.py --model DIR           # an existing packed model
+
+Disk: the checkpoint is ~3.2 GB + 5 GB per layer, the int8 model ~1.6 GB +
+4.9 GB per layer, int4 ~1.6 GB + 2.5 GB per layer; the checkpoint is deleted
+once both models exist unless --keep-checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from numba import njit, prange
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from lowmem.config import preset  # noqa: E402
+from quant.packed import MANIFEST, PackedModel, QuantSettings, file_sizes, tensor_layout  # noqa: E402
+from quant.spec import ATTENTION_ROLES, checkpoint_specs  # noqa: E402
+
+GB = 1e9
+
+
+@njit(parallel=True, cache=True)
+def _parallel_sum(a):
+    """Sum of a uint64 buffer in 64 parallel chunks: a pure read of its bytes."""
+    n = a.size
+    chunk = (n + 63) // 64
+    parts = np.zeros(64, np.uint64)
+    for b in prange(64):
+        s = np.uint64(0)
+        for i in range(b * chunk, min(n, (b + 1) * chunk)):
+            s += a[i]
+        parts[b] = s
+    return parts.sum()
+
+
+def words(a: np.ndarray) -> np.ndarray:
+    """A buffer's bytes as uint64 words (a tail shorter than a word is dropped)."""
+    flat = np.asarray(a).reshape(-1).view(np.uint8)
+    return flat[: flat.size // 8 * 8].view(np.uint64)
+
+
+def read_seconds(buffers: list[np.ndarray]) -> float:
+    start = time.perf_counter()
+    for w in buffers:
+        _parallel_sum(w)
+    return time.perf_counter() - start
+
+
+# --- building the models ------------------------------------------------------------
+
+def checkpoint_bytes(cfg) -> int:
+    """Bytes of the release-format files write_checkpoint produces (payload only)."""
+    total = 0
+    for s in checkpoint_specs(cfg):
+        n = int(np.prod(s.shape))
+        total += n + 2 * int(np.prod(s.scale_shape)) if s.quantized else 4 * n
+    return total
+
+
+def check_disk(workdir: Path, need: int, what: str) -> None:
+    free = shutil.disk_usage(workdir).free
+    if free < need * 1.05:
+        raise SystemExit(f"error: {workdir}: need {need / GB:.1f} GB free for {what}, found "
+                         f"{free / GB:.1f} GB (use --layers 1, fewer --bits, or another --workdir)")
+
+
+def build_models(args) -> list[Path]:
+    """The packed models for --bits (reused when present); writes the checkpoint if needed."""
+    from quant.quantize import quantize_checkpoint
+    from quant.synthetic import write_checkpoint
+    cfg = preset("grok-1", num_layers=args.layers)
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    outs = {b: workdir / f"grok1-L{args.layers}-int{b}" for b in args.bits}
+    todo = [b for b, d in outs.items() if not (d / MANIFEST).is_file()]
+    if not todo:
+        return list(outs.values())
+    ckpt = Path(args.ckpt) if args.ckpt else workdir / f"ckpt-grok1-L{args.layers}"
+    wrote = False
+    if not (ckpt / checkpoint_specs(cfg)[-1].filename).is_file():
+        packed = sum(sum(file_sizes(tensor_layout(cfg, QuantSettings(b))).values()) for b in todo)
+        check_disk(workdir, checkpoint_bytes(cfg) + packed, "the checkpoint and models")
+        print(f"writing a synthetic Grok-1-width checkpoint ({args.layers} layers) to {ckpt} ...",
+              flush=True)
+        t = time.perf_counter()
+        write_checkpoint(preset("grok-1"), ckpt, seed=0, num_layers=args.layers)
+        print(f"  {time.perf_counter() - t:.0f} s", flush=True)
+        wrote = True
+    for b in todo:
+        size = sum(file_sizes(tensor_layout(cfg, QuantSettings(b))).values())
+        check_disk(workdir, size, f"the int{b} model")
+        print(f"quantizing to {outs[b]} ...", flush=True)
+        t = time.perf_counter()
+        quantize_checkpoint(ckpt, outs[b], cfg, QuantSettings(b), resume=True)
+        print(f"  {time.perf_counter() - t:.0f} s", flush=True)
+    if wrote and not args.keep_checkpoint:
+        shutil.rmtree(ckpt)
+    return list(outs.values())
+
+
+# --- measuring ----------------------------------------------------------------------
+
+def touched_buffers(model: PackedModel) -> dict[str, list[np.ndarray]]:
+    """The mapped bytes one decode step reads, by kind (two experts per layer)."""
+    out: dict[str, list[np.ndarray]] = {"attention": [], "experts": [], "embedding": []}
+    for e in model.entries:
+        if e.expert is None and e.role in ATTENTION_ROLES:
+            out["attention"].append(model.view(e))
+    for layer in range(model.cfg.num_layers):
+        for expert in (0, 1):
+            block = model.expert(layer, expert)
+            for w in (block.gate, block.up, block.down):
+                out["experts"] += [w.values, w.scales]
+    out["embedding"].append(model.embed())
+    return out
+
+
+def prefault_experts(model: PackedModel) -> float:
+    """Read every expert block once through the model's mappings; returns seconds."""
+    start = time.perf_counter()
+    for layer in range(model.cfg.num_layers):
+        for expert in range(model.cfg.num_experts):
+            _parallel_sum(words(model.expert(layer, expert).raw))
+    return time.perf_counter() - start
+
+
+def decode_seconds(engine, prompt: list[int], tokens: int, sampler) -> list[float]:
+    """Per-token wall seconds of ``tokens`` greedy decode steps (after the prefill)."""
+    from lowmem.generation import GenerationRequest, generate_tokens
+    from lowmem.sampling import SamplingParams
+    req = GenerationRequest(tokens + 1, SamplingParams(temperature=0.0), stop_at_eos=False)
+    out, last = [], None
+    for _ in generate_tokens(engine, prompt, req, sampler):
+        now = time.perf_counter()
+        if last is not None:
+            out.append(now - last)
+        last = now
+    return out
+
+
+def bench_model(model_dir: Path, args) -> dict:
+    from lowmem.api import load
+    from lowmem.generation import make_sampler
+    rt = load(model_dir, backend="host", context=args.context)
+    model, sampler = rt.engine.model, make_sampler()
+    bufs = touched_buffers(model)
+    nbytes = {k: sum(int(b.nbytes) for b in v) for k, v in bufs.items()}
+    same = [words(b) for v in bufs.values() for b in v]
+    anon = np.ones(sum(w.nbytes for w in same) // 8, np.uint64)                  # touched
+    fault_s = prefault_experts(model)
+    prompt = list(range(100, 100 + args.prompt_tokens))
+    decode_seconds(rt.engine, prompt, 2, sampler)                                # compile, warm
+    steps, floor_same, floor_anon = [], [], []
+    for _ in range(args.repeats):
+        floor_same.append(read_seconds(same))
+        floor_anon.append(read_seconds([anon]))
+        steps += decode_seconds(rt.engine, prompt, args.tokens, sampler)
+    per_token = sum(nbytes.values())
+    step = float(np.median(steps))
+    return {"model": model_dir.name, "bits": model.settings.bits, "bytes": nbytes,
+            "bytes_per_token": per_token, "s_per_token": step, "p90": float(np.percentile(steps, 90)),
+            "tokens_per_s": 1.0 / step, "gbps": per_token / step / GB,
+            "floor_same_gbps": per_token / float(np.median(floor_same)) / GB,
+            "floor_anon_gbps": per_token / float(np.median(floor_anon)) / GB,
+            "prefault_s": fault_s, "steps": len(steps)}
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"\n{'model':<18}{'GB/token':>9}{'s/token':>9}{'p90':>8}{'tok/s':>7}{'GB/s':>7}"
+          f"{'floor same':>11}{'floor anon':>11}{'vs same':>8}{'vs anon':>8}")
+    for r in rows:
+        print(f"{r['model']:<18}{r['bytes_per_token'] / GB:9.3f}{r['s_per_token']:9.3f}"
+              f"{r['p90']:8.3f}{r['tokens_per_s']:7.2f}{r['gbps']:7.2f}{r['floor_same_gbps']:11.2f}"
+              f"{r['floor_anon_gbps']:11.2f}{r['gbps'] / r['floor_same_gbps']:8.0%}"
+              f"{r['gbps'] / r['floor_anon_gbps']:8.0%}")
+    for r in rows:
+        parts = ", ".join(f"{k} {v / GB:.3f} GB" for k, v in r["bytes"].items())
+        print(f"  {r['model']}: bytes per token = {parts}; {r['steps']} decode steps; "
+              f"first read of all experts {r['prefault_s']:.1f} s")
+    print("target: decode GB/s >= 70% of the floor (the same bytes read by a plain parallel sum)")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", action="append", help="packed model dir(s) to use instead")
+    ap.add_argument("--workdir", default="/tmp/lowmem-bench-decode", help="models are kept here")
+    ap.add_argument("--ckpt", help="reuse this Grok-1-width checkpoint (must have --layers layers)")
+    ap.add_argument("--layers", type=int, default=2, help="layers of the synthetic model (2)")
+    ap.add_argument("--bits", type=int, nargs="+", choices=(8, 4), default=[8, 4])
+    ap.add_argument("--keep-checkpoint", action="store_true")
+    ap.add_argument("--context", type=int, default=256, help="KV cache length (default 256)")
+    ap.add_argument("--prompt-tokens", type=int, default=8)
+    ap.add_argument("--tokens", type=int, default=4, help="decode steps per repeat (default 4)")
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats (default 3)")
+    args = ap.parse_args(argv)
+    if args.layers < 1 or args.tokens < 1 or args.repeats < 1:
+        print("error: --layers, --tokens and --repeats must be >= 1", file=sys.stderr)
+        return 2
+    dirs = [Path(m) for m in args.model] if args.model else build_models(args)
+    rows = []
+    for d in dirs:
+        print(f"benchmarking {d} ...", flush=True)
+        rows.append(bench_model(d, args))
+    print_table(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
