@@ -1,0 +1,389 @@
+"""The quantizer: a release checkpoint (``ckpt-0/``) -> a packed model directory.
+
+Bounded memory: checkpoint files are processed one at a time in file order (a
+background thread reads the next one meanwhile), experts one matrix at a time;
+nothing is kept per layer but checksums and error figures, so peak memory is
+set by the largest file, not by the number of layers.
+
+Nothing half-written is accepted: output goes to ``OUT.partial/``; each unit
+(global tensors, then each layer) ends with an atomic completion record
+(quant/pack_writer.py); the manifest is written last and the directory is then
+renamed to ``OUT``. ``resume=True`` keeps every unit whose record and bytes
+check out and redoes the rest, so an interrupted run plus a resumed one gives
+the same bytes as an uninterrupted run (all outputs are deterministic).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import shutil
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from lowmem.config import GrokConfig
+from quant.bf16 import to_bf16
+from quant.checkpoint import (QuantizedWeight8bit, check_checkpoint_dir, dequantize,
+                              read_tensor)
+from quant.int4 import CLIP_RATIOS, REFINE, quantize_int4
+from quant.pack_writer import (RECORD_SUFFIX, Unit, UnitWriter, load_valid_record, plan_units,
+                               write_record)
+from quant.packed import (MANIFEST, PackedFormatError, QuantSettings, make_manifest,
+                          verify_model, write_json_atomic)
+from quant.spec import ATTENTION_ROLES, WeightSpec, checkpoint_specs
+
+log = logging.getLogger(__name__)
+
+IO_THREADS = 4                  # concurrent pwrite + CRC32 jobs (both release the GIL)
+RUN_FILE = "quantize.run.json"  # the settings a partial directory was started with
+TOKENIZER = "tokenizer.model"
+
+
+class QuantizeError(ValueError):
+    """An input problem found before (or instead of) doing the work: one line."""
+
+
+class Progress:
+    """Progress callbacks (the CLI subclasses this); the base class ignores them."""
+
+    def start(self, total_bytes: int, done_bytes: int) -> None:
+        """``total_bytes`` of checkpoint input, of which ``done_bytes`` were done before."""
+
+    def advance(self, nbytes: int) -> None:
+        """One checkpoint file of ``nbytes`` was processed."""
+
+    def unit_done(self, unit: str, nbytes: int, seconds: float) -> None:
+        """A unit (global tensors or a layer) is complete and recorded."""
+
+
+def partial_dir(out_dir: Path) -> Path:
+    return out_dir.with_name(out_dir.name + ".partial")
+
+
+# --- conversion of one checkpoint tensor --------------------------------------
+
+def _expert_outputs(spec: WeightSpec, value: QuantizedWeight8bit, settings: QuantSettings,
+                    errors: dict) -> Iterator[tuple[str, np.ndarray]]:
+    """(name, array) of each expert's values and scales; one expert matrix at a time."""
+    group = settings.expert_group_size(spec)
+    for e in range(spec.shape[0]):
+        base = f"transformer/decoder_layer_{spec.layer}/{spec.role}[{e}]"
+        if settings.bits == 8:                  # pass-through: the release's bytes
+            values, scales, err = value.weight[e], value.scales[e], 0.0
+        else:
+            res = quantize_int4(value.weight[e], value.scales[e], group)
+            values, scales, err = res.weight.values, res.weight.scales, res.rel_error
+        errors[base] = err
+        yield base + ".values", values          # (K, N) int8 or (K/2, N) uint8
+        yield base + ".scales", scales          # (K / group, N) bf16
+
+
+def convert_tensor(spec: WeightSpec, value, settings: QuantSettings,
+                   errors: dict) -> Iterator[tuple[str, np.ndarray]]:
+    """The stored arrays of one checkpoint tensor, by layout entry name.
+
+    Records each weight's relative quantization error in ``errors`` (0 for
+    pass-through).
+    """
+    if spec.per_expert:
+        yield from _expert_outputs(spec, value, settings, errors)
+    elif spec.role in ATTENTION_ROLES and settings.attention == "int8":
+        errors[spec.name] = 0.0
+        yield spec.name + ".values", value.weight  # (K, N) int8
+        yield spec.name + ".scales", value.scales  # (blocks, N) bf16
+    elif spec.role in ATTENTION_ROLES or spec.role == "embed":
+        stored, errors[spec.name] = to_bf16(dequantize(value))  # nearest even
+        yield spec.name, stored
+    else:                                          # norms, router: fp32 as released
+        errors[spec.name] = 0.0
+        yield spec.name, value
+
+
+def error_summary(cfg: GrokConfig, errors: dict[str, float]) -> dict[str, dict]:
+    """Worst and mean relative error per role."""
+    roles = {}
+    for spec in checkpoint_specs(cfg):
+        if spec.per_expert:
+            for e in range(cfg.num_experts):
+                roles[f"transformer/decoder_layer_{spec.layer}/{spec.role}[{e}]"] = spec.role
+        else:
+            roles[spec.name] = spec.role
+    by_role: dict[str, list[float]] = {}
+    for name, err in errors.items():
+        by_role.setdefault(roles[name], []).append(err)
+    return {role: {"worst": max(v), "mean": sum(v) / len(v), "count": len(v)}
+            for role, v in sorted(by_role.items())}
+
+
+# --- reading ahead --------------------------------------------------------------
+
+class _Prefetcher:
+    """Reads checkpoint files in a background thread, one file ahead of the consumer.
+
+    At most two tensors are alive: the one being converted and the next one
+    (``release`` is called when the consumer has finished with a tensor).
+    """
+
+    def __init__(self, ckpt_dir: Path, specs: list[WeightSpec]):
+        self._queue: queue.Queue = queue.Queue(maxsize=1)
+        self._slots = threading.Semaphore(2)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(ckpt_dir, specs),
+                                        name="checkpoint-reader", daemon=True)
+        self._thread.start()
+
+    def _run(self, ckpt_dir: Path, specs: list[WeightSpec]) -> None:
+        for spec in specs:
+            while not self._slots.acquire(timeout=0.1):
+                if self._stop.is_set():
+                    return
+            if self._stop.is_set():
+                return
+            try:
+                item = (spec, read_tensor(ckpt_dir, spec), None)
+            except BaseException as e:  # handed to the consumer, re-raised there
+                item = (spec, None, e)
+            self._queue.put(item)
+            if item[2] is not None:
+                return
+
+    def get(self, expected: WeightSpec):
+        spec, value, error = self._queue.get()
+        if error is not None:
+            raise error
+        assert spec.index == expected.index, (spec.index, expected.index)
+        return value
+
+    def release(self) -> None:
+        self._slots.release()
+
+    def close(self) -> None:
+        self._stop.set()
+        while self._thread.is_alive():
+            try:
+                self._queue.get(timeout=0.1)
+            except queue.Empty:
+                pass
+        self._thread.join()
+
+
+# --- checks before starting ---------------------------------------------------
+
+def _check_tokenizer(path: Path, cfg: GrokConfig) -> None:
+    import sentencepiece  # declared dependency; imported only when a tokenizer is given
+    if not path.is_file():
+        raise QuantizeError(f"{path}: tokenizer file not found")
+    try:
+        sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+    except (RuntimeError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise QuantizeError(f"{path}: expected a SentencePiece model, found something else "
+                            f"({first})") from None
+    if sp.get_piece_size() != cfg.vocab_size:
+        log.warning("%s: tokenizer has %d pieces but the config's vocab_size is %d",
+                    path, sp.get_piece_size(), cfg.vocab_size)
+
+
+def _check_disk_space(out_dir: Path, units: list[Unit], extra_bytes: int) -> None:
+    need = sum(size for u in units for size in u.files.values()) + extra_bytes
+    partial = partial_dir(out_dir)
+    if partial.is_dir():  # resuming: what is there already counts
+        need -= sum(p.stat().st_blocks * 512 for p in partial.iterdir() if p.is_file())
+    base = out_dir.parent
+    while not base.exists():
+        base = base.parent
+    free = shutil.disk_usage(base).free
+    if need > free:
+        raise QuantizeError(f"{base}: not enough free disk space for {out_dir}: need "
+                            f"{need / 1e9:.2f} GB, found {free / 1e9:.2f} GB free")
+
+
+def check_inputs(ckpt_dir: Path, out_dir: Path, cfg: GrokConfig, settings: QuantSettings,
+                 tokenizer: Path | None, resume: bool) -> list[Unit]:
+    """Every check that can fail before any work is done; returns the units."""
+    try:
+        for spec in checkpoint_specs(cfg)[2:14]:
+            if spec.per_expert:
+                settings.expert_group_size(spec)
+    except ValueError as e:
+        raise QuantizeError(str(e)) from None
+    units = plan_units(cfg, settings)
+    if tokenizer is not None:
+        _check_tokenizer(tokenizer, cfg)
+    check_checkpoint_dir(ckpt_dir, cfg)
+    if out_dir.exists():
+        raise QuantizeError(f"{out_dir}: output directory already exists "
+                            f"(remove it or choose another --out)")
+    partial = partial_dir(out_dir)
+    if partial.exists() and not resume:
+        raise QuantizeError(f"{partial}: an interrupted run's output is there; rerun with "
+                            f"--resume to continue it, or remove it")
+    _check_disk_space(out_dir, units, (tokenizer.stat().st_size if tokenizer else 0) + (1 << 20))
+    return units
+
+
+# --- the pipeline ---------------------------------------------------------------
+
+def _run_identity(ckpt_dir: Path, cfg: GrokConfig, settings: QuantSettings,
+                  tokenizer: Path | None) -> dict:
+    """What a partial directory was started with; resuming requires the same."""
+    sizes = [(ckpt_dir / s.filename).stat().st_size for s in checkpoint_specs(cfg)]
+    return {"config": json.loads(cfg.to_json()), "quant": asdict(settings),
+            "checkpoint_bytes": sizes, "tokenizer": tokenizer is not None}
+
+
+def _remove_leftovers(partial: Path, patterns: tuple[str, ...]) -> None:
+    for pattern in patterns:
+        for path in sorted(partial.glob(pattern)):
+            path.unlink()
+
+
+def _prepare(partial: Path, units: list[Unit], identity: dict,
+             pool: ThreadPoolExecutor) -> list[dict]:
+    """Create or check the partial directory; the records of the units to keep."""
+    partial.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(partial, ("*.tmp",))
+    run = partial / RUN_FILE
+    if not run.is_file():  # a fresh start (or killed before anything was recorded)
+        _remove_leftovers(partial, ("*" + RECORD_SUFFIX,))
+        write_json_atomic(run, identity)
+        return []
+    try:
+        found = json.loads(run.read_text())
+    except (OSError, ValueError):
+        found = None
+    if found != identity:
+        raise QuantizeError(f"{partial}: was started with other settings or another "
+                            f"checkpoint; resume with the same options, or remove it")
+    records = []
+    for unit in units:
+        record = load_valid_record(partial, unit, pool)
+        if record is None:
+            break
+        records.append(record)
+    for unit in units[len(records):]:
+        (partial / unit.record).unlink(missing_ok=True)
+    log.info("resuming %s: %d of %d units complete and verified", partial, len(records),
+             len(units))
+    return records
+
+
+def _convert_and_write(spec: WeightSpec, value, settings: QuantSettings, writer: UnitWriter,
+                       errors: dict) -> None:
+    for name, array in convert_tensor(spec, value, settings, errors):
+        writer.write(name, array)
+    writer.drain()  # the tensor's memory is free once this returns
+
+
+def _run_unit(unit: Unit, reader: _Prefetcher, partial: Path, settings: QuantSettings,
+              pool: ThreadPoolExecutor, progress: Progress, sizes: list[int]) -> dict:
+    """Convert and write one unit's files, then record it as complete."""
+    writer = UnitWriter(partial, unit, pool)
+    errors: dict[str, float] = {}
+    try:
+        for spec in unit.specs:
+            _convert_and_write(spec, reader.get(spec), settings, writer, errors)
+            reader.release()
+            progress.advance(sizes[spec.index])
+        rows = writer.finish()
+    finally:
+        writer.close()
+    write_record(partial, unit, rows, errors)
+    return {"unit": unit.name, "tensors": rows, "quant_error": errors}
+
+
+def _run_units(ckpt_dir: Path, partial: Path, units: list[Unit], settings: QuantSettings,
+               pool: ThreadPoolExecutor, progress: Progress, sizes: list[int]) -> list[dict]:
+    if not units:
+        return []
+    reader = _Prefetcher(ckpt_dir, [s for u in units for s in u.specs])
+    records = []
+    try:
+        for unit in units:
+            start = time.perf_counter()
+            records.append(_run_unit(unit, reader, partial, settings, pool, progress, sizes))
+            nbytes = sum(sizes[s.index] for s in unit.specs)
+            log.debug("%s done in %.2f s", unit.name, time.perf_counter() - start)
+            progress.unit_done(unit.name, nbytes, time.perf_counter() - start)
+    finally:
+        reader.close()
+    return records
+
+
+def _write_manifest(partial: Path, cfg: GrokConfig, settings: QuantSettings,
+                    records: list[dict], tokenizer: Path | None) -> dict:
+    """Copy the tokenizer, then write the manifest (the last file of a model)."""
+    if tokenizer is not None:
+        shutil.copyfile(tokenizer, partial / (TOKENIZER + ".tmp"))
+        os.replace(partial / (TOKENIZER + ".tmp"), partial / TOKENIZER)
+    errors = {name: err for r in records for name, err in r["quant_error"].items()}
+    extra = {"quant_error": errors, "quant_error_summary": error_summary(cfg, errors),
+             "tokenizer": TOKENIZER if tokenizer is not None else None}
+    if settings.bits == 4:
+        extra["int4_method"] = {
+            "rounding": "symmetric, round half to even, clipped to [-8, 7]",
+            "scale": "bf16(amax * r / 7), r minimizing the squared error per (group, column)",
+            "clip_ratios": list(CLIP_RATIOS), "refine": list(REFINE)}
+    table = [row for r in records for row in r["tensors"]]
+    manifest = make_manifest(cfg, settings, table, extra)
+    write_json_atomic(partial / MANIFEST, manifest)
+    return manifest
+
+
+def _finished_manifest(partial: Path, cfg: GrokConfig, settings: QuantSettings) -> dict | None:
+    """The manifest of a partial directory killed while being published, if it is sound."""
+    path = partial / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        problems = verify_model(partial)
+        manifest = json.loads(path.read_text())
+    except (PackedFormatError, ValueError, OSError):
+        problems, manifest = ["unreadable"], {}
+    if (problems or manifest.get("config") != json.loads(cfg.to_json())
+            or manifest.get("quant") != asdict(settings)):
+        path.unlink()
+        return None
+    return manifest
+
+
+def _publish(partial: Path, out_dir: Path) -> None:
+    """Drop the bookkeeping files and rename: OUT appears only when complete."""
+    _remove_leftovers(partial, ("*" + RECORD_SUFFIX, "*.tmp", RUN_FILE))
+    os.rename(partial, out_dir)
+
+
+def quantize_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike,
+                        cfg: GrokConfig, settings: QuantSettings,
+                        tokenizer: str | os.PathLike | None = None, resume: bool = False,
+                        progress: Progress | None = None) -> dict:
+    """Quantize a release checkpoint into a packed model directory; returns the manifest.
+
+    Raises QuantizeError or CheckpointError (input problems, before any work
+    where they can be found up front).
+    """
+    ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
+    tokenizer = Path(tokenizer) if tokenizer is not None else None
+    progress = progress or Progress()
+    units = check_inputs(ckpt_dir, out_dir, cfg, settings, tokenizer, resume)
+    partial = partial_dir(out_dir)
+    identity = _run_identity(ckpt_dir, cfg, settings, tokenizer)
+    sizes = identity["checkpoint_bytes"]
+    with ThreadPoolExecutor(IO_THREADS, thread_name_prefix="quantize-io") as pool:
+        manifest = _finished_manifest(partial, cfg, settings) if resume else None
+        if manifest is None:
+            records = _prepare(partial, units, identity, pool)
+            done = sum(sizes[s.index] for u in units[:len(records)] for s in u.specs)
+            progress.start(sum(sizes), done)
+            records += _run_units(ckpt_dir, partial, units[len(records):], settings, pool,
+                                  progress, sizes)
+            manifest = _write_manifest(partial, cfg, settings, records, tokenizer)
+    _publish(partial, out_dir)
+    return manifest

@@ -1,0 +1,171 @@
+"""The packed format (quant/packed.py) as the quantizer writes it: layout invariants,
+the stored bytes against the manifest, zero-copy views, and rejection of damage."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from lowmem.config import preset
+from quant.packed import (ALIGN, MANIFEST, PART_ALIGN, PackedFormatError, PackedModel,
+                          QuantSettings, checksum, entry_to_json, expert_block_layout,
+                          file_sizes, tensor_layout, verify_model)
+from quant.quantize import quantize_checkpoint
+from quant.spec import checkpoint_specs
+
+SETTINGS = [QuantSettings(8), QuantSettings(4), QuantSettings(4, 32),
+            QuantSettings(8, attention="bf16")]
+
+
+def _ids(s):
+    return f"b{s.bits}-g{s.group_size}-{s.attention}"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_cfg, tiny_ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("packed") / "model"
+    quantize_checkpoint(tiny_ckpt, out, tiny_cfg, QuantSettings(4, 32))
+    return out
+
+
+def damaged_copy(model_dir, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(model_dir, out)
+    return out
+
+
+def _round(n, a):
+    return -(-n // a) * a
+
+
+@pytest.mark.parametrize("settings", SETTINGS, ids=_ids)
+@pytest.mark.parametrize("name", ["tiny", "grok-1"])
+def test_layout_invariants(name, settings):
+    cfg = preset(name)
+    entries = tensor_layout(cfg, settings)
+    names = [e.name for e in entries]
+    assert len(set(names)) == len(names)
+    parts, block = expert_block_layout(cfg, settings)
+    assert block % ALIGN == 0
+    for e in entries:
+        if e.expert is not None:   # inside its block, at a PART_ALIGN boundary
+            rel = e.offset - e.expert * block
+            assert 0 <= rel and rel + e.nbytes <= block and rel % PART_ALIGN == 0
+        else:
+            assert e.offset % ALIGN == 0
+    sizes = file_sizes(entries)
+    for file, size in sizes.items():
+        spans = sorted((e.offset, e.offset + e.nbytes) for e in entries if e.file == file)
+        assert all(end <= nxt for (_, end), (nxt, _) in zip(spans, spans[1:]))  # no overlap
+        assert size == _round(spans[-1][1], ALIGN)
+    for layer in range(cfg.num_layers):    # every expert block starts at a multiple of 4096
+        assert sizes[f"layer_{layer:02d}.experts.bin"] == cfg.num_experts * block
+
+
+def test_grok1_expert_block_sizes():
+    """Independent arithmetic from SPEC.md sections 1 and 5."""
+    cfg = preset("grok-1")
+    d, f = 6144, 32768
+    int8 = [d * f, f * 2, d * f, f * 2, f * d, 8 * d * 2]             # gate, up, down parts
+    int4 = [d * f // 2, f * 2, d * f // 2, f * 2, f * d // 2, d * 2]   # per-channel scales
+    g32 = [d * f // 2, d // 32 * f * 2, d * f // 2, d // 32 * f * 2, f * d // 2, f // 32 * d * 2]
+    for settings, parts in ((QuantSettings(8), int8), (QuantSettings(4), int4),
+                            (QuantSettings(4, 32), g32)):
+        block = _round(sum(_round(p, PART_ALIGN) for p in parts), ALIGN)
+        assert expert_block_layout(cfg, settings)[1] == block
+    assert expert_block_layout(cfg, QuantSettings(8))[1] / 1e6 == pytest.approx(604, abs=1)
+    assert expert_block_layout(cfg, QuantSettings(4))[1] / 1e6 == pytest.approx(302, abs=1)
+
+
+def test_written_files_match_manifest(model_dir, tiny_cfg):
+    manifest = json.loads((model_dir / MANIFEST).read_text())
+    settings = QuantSettings(4, 32)
+    layout = tensor_layout(tiny_cfg, settings)
+    sizes = file_sizes(layout)
+    assert sorted(p.name for p in model_dir.iterdir()) == sorted([*sizes, MANIFEST])
+    for file, size in sizes.items():
+        assert (model_dir / file).stat().st_size == size
+    covered = {f: np.zeros(s, bool) for f, s in sizes.items()}
+    for row, entry in zip(manifest["tensors"], layout, strict=True):
+        data = np.fromfile(model_dir / entry.file, np.uint8)[entry.offset:entry.offset
+                                                             + entry.nbytes]
+        assert row == entry_to_json(entry, checksum(data))
+        covered[entry.file][entry.offset:entry.offset + entry.nbytes] = True
+    for file, mask in covered.items():    # padding is zeros: deterministic bytes
+        assert not np.fromfile(model_dir / file, np.uint8)[~mask].any()
+
+
+def test_views_are_zero_copy(model_dir):
+    model = PackedModel.open(model_dir)
+
+    def mapped(a):
+        while a is not None and not isinstance(a, np.memmap):
+            a = a.base
+        return a
+
+    block = model.expert(1, 3)
+    for w in (block.gate, block.up, block.down):
+        assert isinstance(mapped(w.values), np.memmap) and np.shares_memory(w.values, block.raw)
+        assert isinstance(mapped(w.scales), np.memmap)
+    assert isinstance(mapped(model.embed()), np.memmap)
+    assert isinstance(mapped(model.layer(0)["q"].values), np.memmap)
+    assert verify_model(model_dir) == []
+
+
+def _edit_manifest(path, fn):
+    m = json.loads(path.read_text())
+    fn(m)
+    path.write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize("damage, pattern", [
+    (lambda m: m.update(magic="something-else"), "expected magic"),
+    (lambda m: m.update(format_version=99), "expected format_version 1, found 99"),
+    (lambda m: m["tensors"][5].update(offset=m["tensors"][5]["offset"] + 4096), "offset"),
+    (lambda m: m["tensors"].pop(), "tensors for this config"),
+    (lambda m: m["config"].update(emb_size=65), "bad config"),       # 32 does not divide 65
+    (lambda m: m["quant"].update(bits=5), "bad config"),
+])
+def test_open_rejects_bad_manifest(model_dir, tmp_path, damage, pattern):
+    bad = damaged_copy(model_dir, tmp_path)
+    _edit_manifest(bad / MANIFEST, damage)
+    with pytest.raises(PackedFormatError, match=pattern) as exc:
+        PackedModel.open(bad)
+    assert str(bad / MANIFEST) in str(exc.value)
+
+
+def test_open_rejects_truncated_and_missing_files(model_dir, tmp_path):
+    bad = damaged_copy(model_dir, tmp_path)
+    path = bad / "layer_01.experts.bin"
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size - ALIGN)
+    with pytest.raises(PackedFormatError, match="expected a file of") as exc:
+        PackedModel.open(bad)
+    assert str(path) in str(exc.value)
+    path.unlink()
+    with pytest.raises(PackedFormatError, match="found no file"):
+        PackedModel.open(bad)
+    (bad / MANIFEST).write_text("{not json")
+    with pytest.raises(PackedFormatError, match="expected JSON"):
+        PackedModel.open(bad)
+    with pytest.raises(PackedFormatError, match="no manifest.json"):
+        PackedModel.open(tmp_path)
+
+
+def test_verify_names_the_damaged_tensor(model_dir, tmp_path, tiny_cfg):
+    bad = damaged_copy(model_dir, tmp_path)
+    entry = next(e for e in tensor_layout(tiny_cfg, QuantSettings(4, 32))
+                 if e.name == "transformer/decoder_layer_1/down[6].scales")
+    with open(bad / entry.file, "r+b") as f:
+        f.seek(entry.offset + 3)
+        byte = f.read(1)
+        f.seek(entry.offset + 3)
+        f.write(bytes([byte[0] ^ 0x10]))
+    problems = verify_model(bad)
+    assert len(problems) == 1 and entry.name in problems[0] and str(bad / entry.file) in problems[0]
+
+
+def test_settings_reject_bad_group():
+    gate = next(s for s in checkpoint_specs(preset("tiny")) if s.role == "gate")
+    with pytest.raises(ValueError, match="group size 96 does not divide"):
+        QuantSettings(4, 96).expert_group_size(gate)
