@@ -12,6 +12,7 @@ import io
 import logging
 import os
 import pickle
+import struct
 import sys
 from pathlib import Path
 from typing import Iterator
@@ -67,17 +68,96 @@ class _RestrictedUnpickler(pickle.Unpickler):
             raise pickle.UnpicklingError(f"refusing to load global {module}.{name}") from None
 
 
-def load_tensor_file(path: str | os.PathLike) -> np.ndarray | QuantizedWeight8bit:
-    """Unpickle one checkpoint file with the restricted unpickler."""
+class _Span:
+    """Placeholder for a large bytes payload left in the file: (offset, length)."""
+
+    def __init__(self, offset: int, length: int):
+        self.offset, self.length = offset, length
+
+    def __len__(self) -> int:
+        return self.length
+
+
+class _LazyArray:
+    """What ``_reconstruct`` builds when mapping: becomes an np.memmap after loading."""
+
+    def __setstate__(self, state):
+        _, self.shape, self.dtype, self.fortran, self.data = state
+
+
+def _lazy_reconstruct(cls, shape, typecode):
+    if cls is not np.ndarray:
+        raise pickle.UnpicklingError(f"refusing to reconstruct {cls!r}")
+    return _LazyArray()
+
+
+class _MappingUnpickler(pickle._Unpickler):
+    """The pure-Python unpickler, restricted, that leaves large payloads in the file.
+
+    A BINBYTES/BINBYTES8 payload outside a protocol-4 frame (pickle writes every
+    large one there) is skipped and recorded as a _Span, so the arrays can be
+    memory-mapped from the file instead of copied twice into fresh memory.
+    """
+    _allowed = {**_RestrictedUnpickler._allowed,
+                **{(m, "_reconstruct"): _lazy_reconstruct
+                   for m in ("numpy.core.multiarray", "numpy._core.multiarray")}}
+    dispatch = dict(pickle._Unpickler.dispatch)
+    find_class = _RestrictedUnpickler.find_class
+
+    def __init__(self, file):
+        super().__init__(file)
+        self._raw = file
+
+    def _bytes(self, n: int) -> None:
+        if n >= 1 << 16 and self._unframer.current_frame is None:
+            self.append(_Span(self._raw.tell(), n))
+            self._raw.seek(n, os.SEEK_CUR)
+        else:
+            self.append(self.read(n))
+
+    def load_binbytes(self):
+        self._bytes(int.from_bytes(self.read(4), "little"))
+    dispatch[pickle.BINBYTES[0]] = load_binbytes
+
+    def load_binbytes8(self):
+        self._bytes(int.from_bytes(self.read(8), "little"))
+    dispatch[pickle.BINBYTES8[0]] = load_binbytes8
+
+
+def _materialize(path: Path, obj, size: int):
+    """Turn _LazyArray placeholders into arrays: mapped for spans, copied for small bytes."""
+    if isinstance(obj, QuantizedWeight8bit):
+        return QuantizedWeight8bit(_materialize(path, obj.weight, size),
+                                   _materialize(path, obj.scales, size))
+    if not isinstance(obj, _LazyArray):
+        return obj
+    order = "F" if obj.fortran else "C"
+    count = int(np.prod(obj.shape, dtype=np.int64))
+    if isinstance(obj.data, _Span):
+        if obj.data.length != count * obj.dtype.itemsize or obj.data.offset + obj.data.length > size:
+            raise pickle.UnpicklingError("array payload does not match its shape")
+        return np.memmap(path, obj.dtype, "r", obj.data.offset, obj.shape, order)
+    return np.frombuffer(obj.data, obj.dtype, count).reshape(obj.shape, order=order).copy()
+
+
+def load_tensor_file(path: str | os.PathLike, mmap: bool = False):
+    """Unpickle one checkpoint file with a restricted unpickler.
+
+    ``mmap=True`` returns read-only np.memmap views of the file for the large
+    arrays (no copy; the quantizer reads 318 GB this way).
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: file not found")
     try:
         with open(path, "rb") as f:
-            obj = _RestrictedUnpickler(io.BufferedReader(f, 1 << 24)).load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
+            if not mmap:
+                return _RestrictedUnpickler(io.BufferedReader(f, 1 << 24)).load()
+            obj = _MappingUnpickler(f).load()
+            return _materialize(path, obj, os.fstat(f.fileno()).st_size)
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
+            struct.error) as e:
         raise CheckpointError(f"{path}: not a readable checkpoint pickle ({e})") from None
-    return obj
 
 
 def _describe(obj) -> str:
@@ -105,11 +185,11 @@ def check_tensor(path: Path, spec: WeightSpec, obj) -> None:
         raise CheckpointError(f"{path}: {spec.name}: expected {expected}, found {_describe(obj)}")
 
 
-def read_tensor(ckpt_dir: str | os.PathLike, spec: WeightSpec):
-    """Load and validate the file that holds ``spec``."""
+def read_tensor(ckpt_dir: str | os.PathLike, spec: WeightSpec, mmap: bool = False):
+    """Load and validate the file that holds ``spec`` (``mmap``: see load_tensor_file)."""
     path = Path(ckpt_dir) / spec.filename
     try:
-        obj = load_tensor_file(path)
+        obj = load_tensor_file(path, mmap)
     except CheckpointError as e:
         raise CheckpointError(f"{e}; expected {spec.name}") from None
     check_tensor(path, spec, obj)

@@ -258,14 +258,15 @@ def test_missing_file(tmp_path, spec_of):
         read_tensor(tmp_path, spec)
 
 
-def test_truncated_pickle(tiny_ckpt, tmp_path, spec_of):
+@pytest.mark.parametrize("mmap", [False, True])
+def test_truncated_pickle(tiny_ckpt, tmp_path, spec_of, mmap):
     spec = spec_of("down")
     data = (tiny_ckpt / spec.filename).read_bytes()
     for cut in (len(data) // 2, 40, 0):
         (tmp_path / spec.filename).write_bytes(data[:cut])
         with pytest.raises(CheckpointError,
                            match=rf"{spec.filename}: not a readable checkpoint pickle.*{spec.name}"):
-            read_tensor(tmp_path, spec)
+            read_tensor(tmp_path, spec, mmap=mmap)
 
 
 def test_wrong_shape(tmp_path, spec_of):
@@ -315,7 +316,8 @@ class _Exploit:
         return os.system, (self.command,)
 
 
-def test_foreign_globals_refused_not_executed(tmp_path, spec_of):
+@pytest.mark.parametrize("mmap", [False, True])
+def test_foreign_globals_refused_not_executed(tmp_path, spec_of, mmap):
     spec = spec_of("router")
     marker = tmp_path / "pwned"
     crafted = [
@@ -327,8 +329,20 @@ def test_foreign_globals_refused_not_executed(tmp_path, spec_of):
         (tmp_path / spec.filename).write_bytes(data)
         with pytest.raises(CheckpointError, match=rf"{spec.filename}: .*refusing to load global "
                                                   r"(posix|os|builtins)\.(system|eval)"):
-            read_tensor(tmp_path, spec)
+            read_tensor(tmp_path, spec, mmap=mmap)
         assert not marker.exists()
+
+
+def test_mmap_reading_maps_large_arrays_and_equals_a_plain_load(tiny_cfg, tiny_ckpt):
+    for spec in checkpoint_specs(tiny_cfg):
+        plain, mapped = read_tensor(tiny_ckpt, spec), read_tensor(tiny_ckpt, spec, mmap=True)
+        pairs = ([(plain.weight, mapped.weight), (plain.scales, mapped.scales)]
+                 if spec.quantized else [(plain, mapped)])
+        for a, b in pairs:
+            assert a.dtype == b.dtype and a.shape == b.shape
+            assert a.tobytes() == b.tobytes()
+            assert isinstance(b, np.memmap) == (a.nbytes >= 1 << 16)  # big payloads mapped
+            assert not (isinstance(b, np.memmap) and b.flags.writeable)
 
 
 def test_check_checkpoint_dir(tiny_cfg, tiny_ckpt, tmp_path):
