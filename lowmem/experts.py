@@ -167,13 +167,16 @@ class ExpertCache:
 
 
 class Stager:
-    """Copies expert blocks host -> device through reusable page-aligned buffers.
+    """Copies expert blocks host -> device, at most ``num_buffers`` at a time.
 
     On an accelerator, ``device_put`` from pageable memory is several times
     slower than the link; page-locked (``pinned_host``) memory is the fast
-    path, so blocks go mapped file -> staging buffer -> pinned host array ->
-    device when the platform has pinned memory. On a CPU, ``device_put`` of
-    the mapped range aliases it: no copy at all.
+    path. With pinned memory a block goes mapped file -> pinned host array ->
+    device (one host copy); without it, through one of a fixed set of
+    page-aligned pageable staging buffers. On a CPU, ``device_put`` of the
+    mapped range aliases it: no copy at all. Both accelerator paths are
+    unverified on real hardware in this repository so far (no GPU was lent):
+    tools/bench_streaming.py measures them.
     """
 
     def __init__(self, model: PackedModel, device, num_buffers: int = 2, pinned: bool = True,
@@ -185,9 +188,10 @@ class Stager:
         self.on_cpu = device.platform == "cpu" and not force_copy
         kinds = {m.kind for m in device.addressable_memories()} if not self.on_cpu else set()
         self.pinned = pinned and "pinned_host" in kinds
+        self._target = jax.sharding.SingleDeviceSharding(device, memory_kind="device")
         nbytes = model.expert_block_nbytes
-        self._free: list[np.ndarray] = [] if self.on_cpu else [
-            _aligned_empty(nbytes) for _ in range(num_buffers)]
+        self._free: list[np.ndarray | None] = [
+            None if self.pinned else _aligned_empty(nbytes) for _ in range(num_buffers)]
         self._lock = threading.Condition()
 
     def __call__(self, key: Key) -> jax.Array:
@@ -199,15 +203,14 @@ class Stager:
                 self._lock.wait()
             buf = self._free.pop()
         try:
-            np.copyto(buf, raw)                                  # page faults / disk reads here
-            src = buf
-            if self.pinned:
-                pinned = jax.sharding.SingleDeviceSharding(self.device, memory_kind="pinned_host")
-                src = jax.device_put(buf, pinned)
+            if self.pinned:                                     # page faults / disk reads here
+                src = jax.device_put(raw, jax.sharding.SingleDeviceSharding(
+                    self.device, memory_kind="pinned_host"))
+            else:
+                np.copyto(buf, raw)
+                src = buf
             # an explicit memory kind: a bare Device target refuses a pinned_host source
-            # ("Memory kind mismatch", seen on CPU with force_copy)
-            out = jax.device_put(src, jax.sharding.SingleDeviceSharding(
-                self.device, memory_kind="device"))
+            out = jax.device_put(src, self._target)
             out.block_until_ready()                              # buffer reusable only after this
             return out
         finally:

@@ -159,3 +159,14 @@ def test_invalid_model_dir(tmp_path, packed):
     (bad / "layer_01.experts.bin").write_bytes(b"short")
     with pytest.raises(PackedFormatError, match="layer_01.experts.bin: expected a file of"):
         PackedModel.open(bad)
+
+
+@pytest.mark.parametrize("pinned", [True, False])
+def test_stager_copy_paths_deliver_the_block_bytes(packed, pinned):
+    """The accelerator-style copy paths (forced on CPU) move exactly the block's bytes."""
+    from lowmem.experts import Stager
+    model = packed["int4"]
+    stager = Stager(model, jax.devices()[0], pinned=pinned, force_copy=True)
+    assert stager.pinned == pinned
+    out = stager((1, 5))
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(model.expert(1, 5).raw))
