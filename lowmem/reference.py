@@ -311,3 +311,37 @@ def load_params(ckpt_dir: str | os.PathLike, cfg: GrokConfig) -> dict:
     log.info("loaded %d layers from %s", cfg.num_layers, ckpt_dir)
     check_params(cfg, params)
     return params
+
+
+def main(argv=None) -> int:
+    """``python -m lowmem.reference``: the oracle on a small release-format checkpoint."""
+    import argparse
+    import sys
+
+    from lowmem.config import PRESETS, preset
+    from quant.checkpoint import CheckpointError
+    p = argparse.ArgumentParser(prog="python -m lowmem.reference",
+                                description="Dense reference forward pass (SPEC.md section 2) "
+                                            "over a release-format checkpoint; small presets only.")
+    p.add_argument("--checkpoint", required=True, help="ckpt-0-style directory")
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="its config")
+    p.add_argument("--tokens", default="5,17,99,3", help="comma-separated token ids")
+    p.add_argument("--mode", default="bf16", choices=MODES, help="activation precision")
+    args = p.parse_args(argv)
+    cfg = preset(args.preset)
+    try:
+        tokens = np.array([int(t) for t in args.tokens.split(",")])
+        logits = forward(cfg, load_params(args.checkpoint, cfg), tokens, args.mode)[0]  # (T, V)
+    except (CheckpointError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for pos, row in enumerate(logits):
+        top = np.argsort(-row)[:5]
+        values = ", ".join(f"{v:.3f}" for v in row[top])
+        print(f"position {pos} (token {tokens[pos]}): top-5 next tokens {top.tolist()}, "
+              f"logits [{values}]")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -460,3 +460,12 @@ def test_synthetic_checkpoint_through_reference(tiny_ckpt, tiny_cfg):
     l32 = ref.forward(tiny_cfg, params, tokens, "fp32")
     assert rel_err(l32, forward64(tiny_cfg, params, tokens)) < 1e-5
     assert 0 < rel_err(ref.forward(tiny_cfg, params, tokens, "bf16"), l32) < 5e-2
+
+
+def test_reference_cli(tiny_ckpt, tmp_path, capsys):
+    from lowmem.reference import main
+    assert main(["--checkpoint", str(tiny_ckpt), "--tokens", "5,17,99"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 3 and lines[0].startswith("position 0 (token 5): top-5 next tokens")
+    assert main(["--checkpoint", str(tmp_path)]) == 2
+    assert "tensor00000_000: file not found" in capsys.readouterr().err
