@@ -69,3 +69,25 @@ def load(model_dir: str | os.PathLike, compilation_cache: str | None = None,
         raise EngineError(f"{model.tokenizer_path}: tokenizer has {tok.vocab_size} pieces, "
                           f"the model's vocabulary only {model.cfg.vocab_size}")
     return Runtime(engine, tok)
+
+
+def add_engine_arguments(p) -> None:
+    """The engine options every CLI shares (generate, profile)."""
+    p.add_argument("--expert-cache-gb", type=float, default=None,
+                   help="device expert cache budget in GiB (default: what fits after resident "
+                        "weights, KV cache and headroom)")
+    p.add_argument("--cache-policy", choices=("lru", "layer"), default="lru",
+                   help="expert eviction: lru, or layer (evict the layer whose turn comes last; "
+                        "far better when the cache holds less than one token's experts)")
+    p.add_argument("--context", type=int, default=None,
+                   help="KV cache length in tokens (default: the model's sequence length)")
+    p.add_argument("--backend", choices=("auto", "host", "device"), default="auto",
+                   help="host = numba kernels on the mapped files (CPU default); "
+                        "device = experts streamed into an accelerator cache (GPU default)")
+    p.add_argument("--no-prefetch", action="store_true", help="disable speculative expert prefetch")
+
+
+def engine_kwargs(args) -> dict:
+    """EngineOptions fields from arguments added by add_engine_arguments."""
+    return dict(backend=args.backend, expert_cache_gb=args.expert_cache_gb, context=args.context,
+                prefetch=not args.no_prefetch, cache_policy=args.cache_policy)

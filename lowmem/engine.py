@@ -40,6 +40,7 @@ class EngineOptions:
     backend: str = "auto"                 # 'auto', 'host' (numba on the mapped files), 'device'
     expert_cache_gb: float | None = None  # device backend; None = what fits
     prefetch: bool = True
+    cache_policy: str = "lru"             # 'lru', or 'layer' (cyclic-layer aware; see experts.py)
     context: int | None = None            # KV cache length; None = the model's sequence_len
     prefill_buckets: tuple[int, ...] = (16, 64, 256)
     staging_buffers: int = 2
@@ -140,7 +141,8 @@ class Engine:
         if self.backend == "host":
             return HostExperts(self.model)
         stager = Stager(self.model, self.device, self.options.staging_buffers)
-        cache = ExpertCache(stager, self.model.expert_block_nbytes, self._expert_capacity())
+        cache = ExpertCache(stager, self.model.expert_block_nbytes, self._expert_capacity(),
+                            policy=self.options.cache_policy, num_layers=self.cfg.num_layers)
         log.info("expert cache: %d slots of %.1f MB", cache.capacity,
                  self.model.expert_block_nbytes / 1e6)
         return DeviceExperts(self.model, cache, prefetch_enabled=self.options.prefetch)

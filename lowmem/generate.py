@@ -10,6 +10,7 @@ import argparse
 import logging
 import sys
 
+from lowmem.api import add_engine_arguments, engine_kwargs
 from lowmem.engine import EngineError
 from lowmem.sampling import SamplingParams
 from quant.packed import PackedFormatError
@@ -36,15 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bos", action="store_true", help="prepend BOS (the reference does not)")
     p.add_argument("--truncate", action="store_true",
                    help="left-truncate a prompt longer than the context instead of failing")
-    p.add_argument("--expert-cache-gb", type=float, default=None,
-                   help="device expert cache budget in GB (default: what fits after resident "
-                        "weights, KV cache and headroom)")
-    p.add_argument("--context", type=int, default=None,
-                   help="KV cache length in tokens (default: the model's sequence length)")
-    p.add_argument("--backend", choices=("auto", "host", "device"), default="auto",
-                   help="host = numba kernels on the mapped files (CPU default); "
-                        "device = experts streamed into an accelerator cache (GPU default)")
-    p.add_argument("--no-prefetch", action="store_true", help="disable speculative expert prefetch")
+    add_engine_arguments(p)
     p.add_argument("--workdir", default=".lowmem",
                    help="where the embedded default's synthetic model is kept (default .lowmem)")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress and statistics")
@@ -65,8 +58,7 @@ def main(argv=None) -> int:
             model_dir = ensure_demo_model(args.workdir)
             print(f"[embedded default: synthetic model in {model_dir}; random weights, "
                   f"so the text is meaningless]", file=sys.stderr)
-        engine = load(model_dir, backend=args.backend, expert_cache_gb=args.expert_cache_gb,
-                      context=args.context, prefetch=not args.no_prefetch)
+        engine = load(model_dir, **engine_kwargs(args))
         req = GenerationRequest(max_new_tokens=args.max_new_tokens, sampling=sampling,
                                 seed=args.seed, stop_at_eos=not args.ignore_eos,
                                 truncate=args.truncate)

@@ -30,6 +30,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from lowmem.api import add_engine_arguments
 from lowmem.engine import Engine
 from lowmem.experts import DeviceExperts, ExpertCache, Stager
 from lowmem.generation import GenerationRequest, generate_tokens, make_sampler
@@ -351,6 +352,32 @@ def lru_hits(trace, slots: int) -> int:
     return hits
 
 
+def policy_hits(trace, slots: int, policy: str, num_layers: int) -> int:
+    """Hits of the engine's own eviction rule (lowmem.experts.eviction_order) on a trace.
+
+    Like the engine, keys of the current layer step (consecutive requests of
+    one layer) are pinned: never evicted while the step runs.
+    """
+    from lowmem.experts import eviction_order
+    if slots < 1:
+        raise ValueError(f"slots must be >= 1, found {slots}")
+    cache: dict = {}           # insertion order = recency order, oldest first
+    step: set = set()
+    hits = 0
+    for key in trace:
+        if step and next(iter(step))[0] != key[0]:
+            step = set()
+        if key in cache:
+            hits += 1
+            del cache[key]
+        elif len(cache) >= slots:
+            order = eviction_order(list(cache), policy, key[0], num_layers)
+            del cache[next(k for k in order if k not in step)]
+        cache[key] = None
+        step.add(key)
+    return hits
+
+
 def belady_hits(trace, slots: int) -> int:
     """Hits of the offline optimum (Belady): on a miss with a full cache, evict the
     entry whose next use is farthest in the future (or never comes)."""
@@ -485,10 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=16, help="tokens generated (default 16)")
     p.add_argument("--warmup-tokens", type=int, default=2,
                    help="tokens of an unmeasured warm-up run that compiles (default 2)")
-    p.add_argument("--expert-cache-gb", type=float, default=None, help="device expert cache, GiB")
-    p.add_argument("--backend", choices=("auto", "host", "device"), default="auto")
-    p.add_argument("--context", type=int, default=None, help="KV cache length in tokens")
-    p.add_argument("--no-prefetch", action="store_true", help="disable speculative prefetch")
+    add_engine_arguments(p)
     p.add_argument("--overhead-check", type=int, nargs="?", const=3, default=0, metavar="REPEATS",
                    help="also decode with the timer on and off, interleaved (default 3 each)")
     p.add_argument("--out", help="write the report as JSON here")
@@ -519,7 +543,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    from lowmem.api import load
+    from lowmem.api import engine_kwargs, load
     from lowmem.engine import EngineError
     from quant.packed import PackedFormatError
     try:
@@ -527,8 +551,7 @@ def main(argv=None) -> int:
         if model_dir is None:
             from lowmem.demo import ensure_demo_model
             model_dir = ensure_demo_model(args.workdir)
-        runtime = load(model_dir, backend=args.backend, expert_cache_gb=args.expert_cache_gb,
-                       context=args.context, prefetch=not args.no_prefetch, profile=True)
+        runtime = load(model_dir, **engine_kwargs(args), profile=True)
         report = run_profile(runtime.engine, prompt_ids_from_args(args, runtime),
                              args.max_new_tokens, args.warmup_tokens, args.overhead_check)
     except (EngineError, PackedFormatError, ValueError, OSError) as e:

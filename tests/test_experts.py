@@ -107,3 +107,30 @@ def test_in_flight_prefetch_is_waited_for_not_refetched():
     assert fetch.fetched == [(0, 7)] and cache.stats.hits == 1 and cache.stats.wait_s > 0
     cache.release([(0, 7)])
     cache.close()
+
+
+def test_layer_policy_matches_its_simulator_and_beats_lru_on_cyclic_decode():
+    """Decode visits layers cyclically; with fewer slots than one token's experts LRU
+    evicts exactly what comes next, the layer-aware order does not."""
+    from lowmem.profile import lru_hits, policy_hits
+    layers, slots = 6, 8
+    rng = np.random.default_rng(1)
+    steps = [[(layer, int(e)) for e in rng.choice(8, 2, replace=False)]
+             for _ in range(30) for layer in range(layers)]
+    flat = [k for s in steps for k in s]
+    for policy in ("lru", "layer"):
+        cache = ExpertCache(FakeFetch(), 1, slots, policy=policy, num_layers=layers)
+        _run(cache, steps)
+        assert cache.stats.hits == policy_hits(flat, slots, policy, layers)
+    assert policy_hits(flat, slots, "lru", layers) == lru_hits(flat, slots)
+    assert policy_hits(flat, slots, "layer", layers) > 2 * max(1, lru_hits(flat, slots))
+
+
+def test_eviction_order_prefers_the_layer_furthest_ahead():
+    from lowmem.experts import eviction_order
+    keys = [(2, 4), (0, 1), (3, 2), (1, 5), (3, 0)]     # least recently used first
+    assert eviction_order(keys, "lru", 2, 4) == keys
+    # current layer 2: layer 1 comes back last, then 0, then 3 (next); layer 2 last resort
+    assert eviction_order(keys, "layer", 2, 4) == [(1, 5), (0, 1), (3, 2), (3, 0), (2, 4)]
+    with pytest.raises(ValueError, match="cache policy must be one of"):
+        ExpertCache(FakeFetch(), 1, 2, policy="fifo")

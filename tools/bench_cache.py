@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lowmem.profile import belady_hits, lru_hits, trace_keys  # noqa: E402
+from lowmem.profile import belady_hits, lru_hits, policy_hits, trace_keys  # noqa: E402
 
 GIB = 1 << 30
 
@@ -108,11 +108,14 @@ def main(argv=None) -> int:
           f"trace of {len(trace)} requests, prompt included; {args.tokens} tokens "
           + (f"generated at temperature {args.temperature:g}" if args.feed == "generate"
              else "of random ids fed") + f", {distinct} distinct")
-    print(f"{'slots':>6}{'of all':>8}{'LRU':>8}{'Belady':>8}{'uniform':>9}{'Belady/LRU':>12}")
+    print(f"{'slots':>6}{'of all':>8}{'LRU':>8}{'layer':>8}{'Belady':>8}{'uniform':>9}"
+          f"{'Belady/LRU':>12}")
     for s in slots:
         lru, opt = lru_hits(trace, s) / len(trace), belady_hits(trace, s) / len(trace)
+        layer = policy_hits(trace, s, "layer", cfg.num_layers) / len(trace)
         ratio = f"{opt / lru:12.2f}" if lru else f"{'-':>12}"
-        print(f"{s:6d}{s / total:8.1%}{lru:8.1%}{opt:8.1%}{min(1.0, s / total):9.1%}{ratio}")
+        print(f"{s:6d}{s / total:8.1%}{lru:8.1%}{layer:8.1%}{opt:8.1%}{min(1.0, s / total):9.1%}"
+              f"{ratio}")
     sim = lru_hits(trace, check)
     status = "agrees" if sim == engine_hits else "DISAGREES"
     print(f"check: the engine's LRU cache at {check} slots had {engine_hits} hits; the simulator "
