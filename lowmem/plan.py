@@ -235,7 +235,7 @@ def format_plan(plan: MemoryPlan) -> str:
     lines.append(f"decode at {plan.link_gbps:g} GB/s link{term}:")
     lines.append("  hit rate   GB/token    s/token   tokens/s")
     for d in plan.decode:
-        mark = "  (uniform-routing LRU estimate: slots/experts)" if (
+        mark = "  (slots/experts: uniform routing, --cache-policy layer)" if (
             abs(d.hit_rate - round(plan.uniform_hit_rate, 4)) < 1e-12) else ""
         lines.append(f"  {d.hit_rate:8.3f} {d.bytes_per_token / 1e9:10.3f} "
                      f"{d.seconds_per_token:10.3f} {d.tokens_per_s:10.3f}{mark}")

@@ -41,6 +41,11 @@ CLIP_RATIOS = tuple(0.85 ** i for i in range(9))
 # Stage 2: multipliers of each column's stage-1 winner (a 3x finer grid around it).
 REFINE = (0.85 ** (-2 / 3), 0.85 ** (-1 / 3), 0.85 ** (1 / 3), 0.85 ** (2 / 3))
 AMAX_ONLY = (1.0,)
+# Histogram search (int8 input): used when a group has at least this many rows
+# per histogram bin (256 int8 values x row blocks spanned); below it the direct
+# search over the rows is cheaper.
+HIST_ROWS_PER_BIN = 2
+HIST_COLS = 64  # columns per histogram chunk: (blocks, 256, 64) int32 counts
 
 
 @dataclass(frozen=True)
@@ -122,6 +127,73 @@ def _search(w, ws, rb, r0, r1, c0, scale, inv):
                 for j in range(cw):
                     total[c, j] += part[c, j]
                     part[c, j] = 0.0
+    return _argmin_rows(total)
+
+
+@njit(cache=True)
+def _histogram(w, rb, r0, r1, c0, cw):
+    """Counts (blocks, 256, cw) of each int8 value per (row block, column) over
+    rows r0..r1; block 0 is row block r0 // rb. Integer increments only."""
+    b0 = r0 // rb
+    hist = np.zeros(((r1 - 1) // rb - b0 + 1, 256, cw), np.int32)
+    for k in range(r0, r1):
+        h, wr = hist[k // rb - b0], w[k, c0:c0 + cw]
+        for j in range(cw):
+            h[np.int32(wr[j]) + 128, j] += 1
+    return hist
+
+
+@njit(cache=True)
+def _hist_amax(hist, ws, b0, c0):
+    """Per-column max |w8 * s8| from the histogram (equals _amax: exact products)."""
+    nb, nv, cw = hist.shape
+    amax = np.zeros(cw, np.float32)
+    for b in range(nb):
+        sr = ws[b0 + b, c0:c0 + cw]
+        for j in range(cw):
+            lo, hi = 0, nv - 1
+            while lo < hi and hist[b, lo, j] == 0:
+                lo += 1
+            while hi > lo and hist[b, hi, j] == 0:
+                hi -= 1
+            if hist[b, hi, j] == 0:
+                continue                      # no rows of this block (cannot happen)
+            for v in (lo, hi):
+                a = abs(np.float32(v - 128) * sr[j])
+                amax[j] = a if a > amax[j] else amax[j]
+    return amax
+
+
+@njit(cache=True)
+def _hist_search(hist, ws, b0, c0, scale, inv):
+    """_search from the histogram: each distinct value's float32 squared error
+    (computed exactly as _search does) times its count, summed in float64.
+    Differs from _search only by _search's float32 partial-sum rounding."""
+    nb, nv, cw = hist.shape
+    c_n = scale.shape[0]
+    total = np.zeros((c_n, cw), np.float64)
+    x = np.empty(cw, np.float32)
+    cnt = np.empty(cw, np.float64)
+    for b in range(nb):
+        sr = ws[b0 + b, c0:c0 + cw]
+        for v in range(nv):
+            h = hist[b, v]
+            for j in range(cw):
+                x[j] = np.float32(v - 128) * sr[j]
+                cnt[j] = h[j]
+            for c in range(c_n):
+                sc, iv, tc = scale[c], inv[c], total[c]
+                for j in range(cw):
+                    q = min(max(np.rint(x[j] * iv[j]), np.float32(-8.0)), np.float32(7.0))
+                    d = x[j] - q * sc[j]
+                    tc[j] += cnt[j] * np.float64(d * d)
+    return _argmin_rows(total)
+
+
+@njit(cache=True)
+def _argmin_rows(total):
+    """Per column, the first row index with the least value, and that value."""
+    c_n, cw = total.shape
     best = np.zeros(cw, np.int64)
     best_err = total[0].copy()
     for j in range(cw):
@@ -129,6 +201,45 @@ def _search(w, ws, rb, r0, r1, c0, scale, inv):
             if total[c, j] < best_err[j]:
                 best[j], best_err[j] = c, total[c, j]
     return best, best_err
+
+
+@njit(cache=True)
+def _hist_sums(hist, ws, b0, c0, s, si):
+    """Per column (sum (w - dequantized)^2, sum w^2) from the histogram, float64.
+
+    The terms are exact (float64 squares of float32 values with few significant
+    bits) and, for release data, so is every partial sum (all are multiples of
+    one power of two and stay below 2**53 of it), so these equal _pack_rows'
+    row-order sums bit for bit; otherwise they may differ in the last bit."""
+    nb, nv, cw = hist.shape
+    err, norm = np.zeros(cw, np.float64), np.zeros(cw, np.float64)
+    for b in range(nb):
+        sr = ws[b0 + b, c0:c0 + cw]
+        for v in range(nv):
+            h = hist[b, v]
+            for j in range(cw):
+                x = np.float32(v - 128) * sr[j]
+                q = min(max(np.rint(x * si[j]), np.float32(-8.0)), np.float32(7.0))
+                d = np.float64(x - q * s[j])
+                err[j] += h[j] * (d * d)
+                norm[j] += h[j] * (np.float64(x) * x)
+    return err, norm
+
+
+@njit(cache=True)
+def _pack_values(w, ws, rb, r0, r1, c0, s, si, packed):
+    """_pack_rows without the error sums (the histogram path has them)."""
+    cw = len(s)
+    for k in range(r0, r1, 2):
+        w0, w1 = w[k, c0:c0 + cw], w[k + 1, c0:c0 + cw]
+        s0, s1 = ws[k // rb, c0:c0 + cw], ws[(k + 1) // rb, c0:c0 + cw]
+        out = packed[k // 2, c0:c0 + cw]
+        for j in range(cw):
+            q0 = min(max(np.rint(np.float32(w0[j]) * s0[j] * si[j]), np.float32(-8.0)),
+                     np.float32(7.0))
+            q1 = min(max(np.rint(np.float32(w1[j]) * s1[j] * si[j]), np.float32(-8.0)),
+                     np.float32(7.0))
+            out[j] = np.uint8((np.int32(q0) & 15) | ((np.int32(q1) & 15) << 4))
 
 
 @njit(cache=True)
@@ -165,10 +276,19 @@ def _pick(scale, inv, best):
 
 
 @njit(cache=True)
-def _choose_scales(w, ws, rb, r0, r1, c0, amax, ratios, refine):
+def _search_any(w, ws, rb, r0, r1, c0, hist, scale, inv):
+    """_hist_search when a histogram is given (hist.shape[0] > 0), else _search."""
+    if hist.shape[0] > 0:
+        return _hist_search(hist, ws, r0 // rb, c0, scale, inv)
+    return _search(w, ws, rb, r0, r1, c0, scale, inv)
+
+
+@njit(cache=True)
+def _choose_scales(w, ws, rb, r0, r1, c0, amax, ratios, refine, hist):
     """Per-column scale (cw,) and reciprocal: stage 1 tries ``ratios``, stage 2
     ``refine`` times each column's winner; a stage-2 candidate must be strictly
-    better to replace it, so ratio 1 (amax) keeps ties."""
+    better to replace it, so ratio 1 (amax) keeps ties. Errors come from
+    ``hist`` (int8 value counts) when it is not empty, else from the rows."""
     cw = len(amax)
     ratio = np.empty((len(ratios), cw), np.float32)
     for c in range(len(ratios)):
@@ -176,14 +296,14 @@ def _choose_scales(w, ws, rb, r0, r1, c0, amax, ratios, refine):
     scale, inv = _candidate_scales(amax, ratio)
     if len(ratios) == 1 and len(refine) == 0:
         return _pick(scale, inv, np.zeros(cw, np.int64))
-    best, err = _search(w, ws, rb, r0, r1, c0, scale, inv)
+    best, err = _search_any(w, ws, rb, r0, r1, c0, hist, scale, inv)
     s, si = _pick(scale, inv, best)
     if len(refine) > 0:
         ratio2 = np.empty((len(refine), cw), np.float32)
         for j in range(cw):
             ratio2[:, j] = ratio[best[j], j] * refine
         scale2, inv2 = _candidate_scales(amax, ratio2)
-        best2, err2 = _search(w, ws, rb, r0, r1, c0, scale2, inv2)
+        best2, err2 = _search_any(w, ws, rb, r0, r1, c0, hist, scale2, inv2)
         s2, si2 = _pick(scale2, inv2, best2)
         for j in range(cw):
             if err2[j] < err[j]:
@@ -192,16 +312,40 @@ def _choose_scales(w, ws, rb, r0, r1, c0, amax, ratios, refine):
 
 
 @njit(cache=True)
-def _quantize_tile(w, ws, rb, r0, r1, c0, cw, ratios, refine, packed, scales, gi):
+def _hist_tile(w, ws, rb, r0, r1, c0, cw, ratios, refine, packed):
+    """The int8 path of _quantize_tile: scales, error sums and amax come from
+    per-chunk histograms of HIST_COLS columns (no pass over the rows per
+    candidate); returns (scales, per-column sq_error, per-column sq_norm)."""
+    s, si = np.empty(cw, np.float32), np.empty(cw, np.float32)
+    err, norm = np.empty(cw, np.float64), np.empty(cw, np.float64)
+    for h0 in range(0, cw, HIST_COLS):
+        hw, ch = min(HIST_COLS, cw - h0), c0 + h0
+        hist = _histogram(w, rb, r0, r1, ch, hw)                    # (B, 256, hw)
+        amax = _hist_amax(hist, ws, r0 // rb, ch)
+        sc, isc = _choose_scales(w, ws, rb, r0, r1, ch, amax, ratios, refine, hist)
+        s[h0:h0 + hw], si[h0:h0 + hw] = sc, isc
+        err[h0:h0 + hw], norm[h0:h0 + hw] = _hist_sums(hist, ws, r0 // rb, ch, sc, isc)
+    _pack_values(w, ws, rb, r0, r1, c0, s, si, packed)
+    return s, err, norm
+
+
+@njit(cache=True)
+def _quantize_tile(w, ws, rb, r0, r1, c0, cw, ratios, refine, use_hist, packed, scales,
+                   gi):
     """Quantize rows r0..r1 x columns c0..c0+cw; returns (sq_error, sq_norm)."""
+    if use_hist:
+        s, err, norm = _hist_tile(w, ws, rb, r0, r1, c0, cw, ratios, refine, packed)
+        scales[gi, c0:c0 + cw] = s
+        return err.sum(), norm.sum()
     amax = _amax(w, ws, rb, r0, r1, c0, cw)
-    s, si = _choose_scales(w, ws, rb, r0, r1, c0, amax, ratios, refine)
+    none = np.zeros((0, 256, cw), np.int32)
+    s, si = _choose_scales(w, ws, rb, r0, r1, c0, amax, ratios, refine, none)
     scales[gi, c0:c0 + cw] = s
     return _pack_rows(w, ws, rb, r0, r1, c0, s, si, packed)
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def _quantize_kernel(w, ws, group, ratios, refine, packed, scales, err_parts,
+def _quantize_kernel(w, ws, group, ratios, refine, int8_input, packed, scales, err_parts,
                      norm_parts):
     """All tiles in parallel; per-tile error sums land in err_parts/norm_parts."""
     k_n, n = w.shape
@@ -209,10 +353,12 @@ def _quantize_kernel(w, ws, group, ratios, refine, packed, scales, err_parts,
     tiles_n = (n + COL_TILE - 1) // COL_TILE
     for t in prange((k_n // group) * tiles_n):
         gi, ci = t // tiles_n, t % tiles_n
-        c0 = ci * COL_TILE
+        r0, r1, c0 = gi * group, (gi + 1) * group, ci * COL_TILE
         cw = min(COL_TILE, n - c0)
-        e, s = _quantize_tile(w, ws, rb, gi * group, (gi + 1) * group, c0, cw, ratios,
-                              refine, packed, scales, gi)
+        bins = ((r1 - 1) // rb - r0 // rb + 1) * 256
+        use_hist = int8_input and group >= HIST_ROWS_PER_BIN * bins
+        e, s = _quantize_tile(w, ws, rb, r0, r1, c0, cw, ratios, refine, use_hist, packed,
+                              scales, gi)
         err_parts[t] = e
         norm_parts[t] = s
 
@@ -249,7 +395,7 @@ def quantize_int4(values: np.ndarray, scales: np.ndarray | None = None,
     out_scales = np.empty((k // group, n), np.float32)             # (G, N)
     tiles = (k // group) * (-(-n // COL_TILE))
     err_parts, norm_parts = np.zeros(tiles), np.zeros(tiles)
-    _quantize_kernel(np.ascontiguousarray(values), ws, group, ratios, refine, packed,
-                     out_scales, err_parts, norm_parts)
+    _quantize_kernel(np.ascontiguousarray(values), ws, group, ratios, refine,
+                     bool(values.dtype == np.int8), packed, out_scales, err_parts, norm_parts)
     weight = QWeight(packed, out_scales.astype(BF16), 4, group)
     return Int4Result(weight, float(err_parts.sum()), float(norm_parts.sum()))

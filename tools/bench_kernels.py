@@ -99,11 +99,14 @@ def _buffers(*weights):
 CASES = {
     "int8-gate": ("matmul", D, [(D, F, 8, D)]),          # per-channel scales, as released
     "int8-down": ("matmul", F, [(F, D, 8, F // 8)]),     # the release's 8 row blocks
+    "int4-gate": ("matmul", D, [(D, F, 4, D)]),          # int4 per-channel, as packed
+    "int4-down": ("matmul", F, [(F, D, 4, F)]),
     "int4g64-gate": ("matmul", D, [(D, F, 4, 64)]),
     "int4g64-down": ("matmul", F, [(F, D, 4, 64)]),
     "bf16-gate": ("matmul", D, [(D, F, "bf16", None)]),
     "logits": ("matmul_nt", D, [(V, D, "bf16", None)]),  # tied embeddings, x @ e.T
     "ffn-int8": ("expert_ffn", D, [(D, F, 8, D), (D, F, 8, D), (F, D, 8, F // 8)]),
+    "ffn-int4": ("expert_ffn", D, [(D, F, 4, D), (D, F, 4, D), (F, D, 4, F)]),
     "ffn-int4g64": ("expert_ffn", D, [(D, F, 4, 64), (D, F, 4, 64), (F, D, 4, 64)]),
 }
 
