@@ -21,6 +21,19 @@ Work is split into tiles of (one group) x (``COL_TILE`` columns); each tile
 is computed sequentially by one thread and error sums are reduced per tile in a
 fixed order, so results do not depend on the thread count (byte-identical
 output across runs and resumes).
+
+Two ways to score the candidates, same results: for int8 input with at least
+``HIST_ROWS_PER_BIN`` rows per bin (per-channel and large groups), one pass
+counts each int8 value per (row block, column) -- a group's column holds at
+most 256 distinct values per row block -- and every candidate's error is then
+``sum count * (x - q * scale)^2`` over the bins, whatever the number of rows
+(about 3x faster per channel). Otherwise (small groups, fp32 input) each candidate
+takes a pass over the rows. The histogram's float64 sums of exact squares are
+exact for release data, while the row pass sums float32 squares in float32
+partial sums, so the two choose the same scales except where two candidates'
+errors tie exactly: the histogram keeps the earlier one (the rule above), the
+row pass lets its rounding decide. The reported error sums are the same to the
+bit for release data (see _hist_sums).
 """
 from __future__ import annotations
 
@@ -44,8 +57,9 @@ AMAX_ONLY = (1.0,)
 # Histogram search (int8 input): used when a group has at least this many rows
 # per histogram bin (256 int8 values x row blocks spanned); below it the direct
 # search over the rows is cheaper.
-HIST_ROWS_PER_BIN = 2
-HIST_COLS = 64  # columns per histogram chunk: (blocks, 256, 64) int32 counts
+HIST_ROWS_PER_BIN = 4
+HIST_MAX_ROWS = 65535  # uint16 counts: at most this many rows per (row block, group)
+ROW_CHUNK = 64  # rows copied at a time into a contiguous buffer (see _load_rows)
 
 
 @dataclass(frozen=True)
@@ -131,15 +145,42 @@ def _search(w, ws, rb, r0, r1, c0, scale, inv):
 
 
 @njit(cache=True)
-def _histogram(w, rb, r0, r1, c0, cw):
-    """Counts (blocks, 256, cw) of each int8 value per (row block, column) over
-    rows r0..r1; block 0 is row block r0 // rb. Integer increments only."""
-    b0 = r0 // rb
-    hist = np.zeros(((r1 - 1) // rb - b0 + 1, 256, cw), np.int32)
-    for k in range(r0, r1):
-        h, wr = hist[k // rb - b0], w[k, c0:c0 + cw]
+def _load_rows(w, k0, k1, c0, buf):
+    """Copy rows k0..k1, columns c0.. of w into buf (ROW_CHUNK, cw).
+
+    Why: consecutive rows of a tile are a row stride apart (another page), so
+    each is a cache miss. This short loop keeps many of them in flight; the
+    histogram and packing loops, hundreds of instructions per row, do not."""
+    cw = buf.shape[1]
+    for k in range(k0, k1):
+        wr, br = w[k, c0:c0 + cw], buf[k - k0]
         for j in range(cw):
-            h[np.int32(wr[j]) + 128, j] += 1
+            br[j] = wr[j]
+
+
+@njit(cache=True)
+def _histogram(w, rb, r0, r1, c0, cw):
+    """Counts (blocks, 256, cw) int32 of each int8 value per (row block, column)
+    over rows r0..r1; block 0 is row block r0 // rb. Integer increments only,
+    into uint16 rows COL_TILE wide indexed by the raw byte (a constant stride
+    and a non-negative index: the fastest scatter numba makes)."""
+    b0 = r0 // rb
+    nb = (r1 - 1) // rb - b0 + 1
+    size = 256 * COL_TILE
+    counts = np.zeros(nb * size, np.uint16)                 # (B, 256 bytes, COL_TILE)
+    buf = np.empty((ROW_CHUNK, cw), np.uint8)               # raw bytes: v & 255
+    for k0 in range(r0, r1, ROW_CHUNK):
+        k1 = min(k0 + ROW_CHUNK, r1)
+        _load_rows(w, k0, k1, c0, buf[:k1 - k0])
+        for k in range(k0, k1):
+            h, br = counts[(k // rb - b0) * size:(k // rb - b0 + 1) * size], buf[k - k0]
+            for j in range(cw):
+                h[np.intp(br[j]) * COL_TILE + j] += 1
+    hist = np.empty((nb, 256, cw), np.int32)
+    for b in range(nb):
+        for v in range(256):
+            o = b * size + (v ^ 128) * COL_TILE                 # byte of value v - 128
+            hist[b, v, :] = counts[o:o + cw]
     return hist
 
 
@@ -166,9 +207,10 @@ def _hist_amax(hist, ws, b0, c0):
 
 @njit(cache=True)
 def _hist_search(hist, ws, b0, c0, scale, inv):
-    """_search from the histogram: each distinct value's float32 squared error
-    (computed exactly as _search does) times its count, summed in float64.
-    Differs from _search only by _search's float32 partial-sum rounding."""
+    """_search from the histogram: per (row block, int8 value) the float32
+    difference ``x - q * scale`` (as _search computes it), squared in float64
+    and times its count, summed in float64: exact for release data, so exact
+    ties keep the earlier candidate."""
     nb, nv, cw = hist.shape
     c_n = scale.shape[0]
     total = np.zeros((c_n, cw), np.float64)
@@ -186,7 +228,8 @@ def _hist_search(hist, ws, b0, c0, scale, inv):
                 for j in range(cw):
                     q = min(max(np.rint(x[j] * iv[j]), np.float32(-8.0)), np.float32(7.0))
                     d = x[j] - q * sc[j]
-                    tc[j] += cnt[j] * np.float64(d * d)
+                    dd = np.float64(d)
+                    tc[j] += cnt[j] * (dd * dd)
     return _argmin_rows(total)
 
 
@@ -228,18 +271,23 @@ def _hist_sums(hist, ws, b0, c0, s, si):
 
 @njit(cache=True)
 def _pack_values(w, ws, rb, r0, r1, c0, s, si, packed):
-    """_pack_rows without the error sums (the histogram path has them)."""
+    """_pack_rows without the error sums (the histogram path has them), reading
+    rows through _load_rows."""
     cw = len(s)
-    for k in range(r0, r1, 2):
-        w0, w1 = w[k, c0:c0 + cw], w[k + 1, c0:c0 + cw]
-        s0, s1 = ws[k // rb, c0:c0 + cw], ws[(k + 1) // rb, c0:c0 + cw]
-        out = packed[k // 2, c0:c0 + cw]
-        for j in range(cw):
-            q0 = min(max(np.rint(np.float32(w0[j]) * s0[j] * si[j]), np.float32(-8.0)),
-                     np.float32(7.0))
-            q1 = min(max(np.rint(np.float32(w1[j]) * s1[j] * si[j]), np.float32(-8.0)),
-                     np.float32(7.0))
-            out[j] = np.uint8((np.int32(q0) & 15) | ((np.int32(q1) & 15) << 4))
+    buf = np.empty((ROW_CHUNK, cw), w.dtype)
+    for k0 in range(r0, r1, ROW_CHUNK):
+        k1 = min(k0 + ROW_CHUNK, r1)                # k0, k1 even: r0, r1, ROW_CHUNK are
+        _load_rows(w, k0, k1, c0, buf[:k1 - k0])
+        for k in range(k0, k1, 2):
+            w0, w1 = buf[k - k0], buf[k + 1 - k0]
+            s0, s1 = ws[k // rb, c0:c0 + cw], ws[(k + 1) // rb, c0:c0 + cw]
+            out = packed[k // 2, c0:c0 + cw]
+            for j in range(cw):
+                x0 = np.float32(w0[j]) * s0[j]
+                x1 = np.float32(w1[j]) * s1[j]
+                q0 = min(max(np.rint(x0 * si[j]), np.float32(-8.0)), np.float32(7.0))
+                q1 = min(max(np.rint(x1 * si[j]), np.float32(-8.0)), np.float32(7.0))
+                out[j] = np.uint8((np.int32(q0) & 15) | ((np.int32(q1) & 15) << 4))
 
 
 @njit(cache=True)
@@ -313,18 +361,13 @@ def _choose_scales(w, ws, rb, r0, r1, c0, amax, ratios, refine, hist):
 
 @njit(cache=True)
 def _hist_tile(w, ws, rb, r0, r1, c0, cw, ratios, refine, packed):
-    """The int8 path of _quantize_tile: scales, error sums and amax come from
-    per-chunk histograms of HIST_COLS columns (no pass over the rows per
-    candidate); returns (scales, per-column sq_error, per-column sq_norm)."""
-    s, si = np.empty(cw, np.float32), np.empty(cw, np.float32)
-    err, norm = np.empty(cw, np.float64), np.empty(cw, np.float64)
-    for h0 in range(0, cw, HIST_COLS):
-        hw, ch = min(HIST_COLS, cw - h0), c0 + h0
-        hist = _histogram(w, rb, r0, r1, ch, hw)                    # (B, 256, hw)
-        amax = _hist_amax(hist, ws, r0 // rb, ch)
-        sc, isc = _choose_scales(w, ws, rb, r0, r1, ch, amax, ratios, refine, hist)
-        s[h0:h0 + hw], si[h0:h0 + hw] = sc, isc
-        err[h0:h0 + hw], norm[h0:h0 + hw] = _hist_sums(hist, ws, r0 // rb, ch, sc, isc)
+    """The int8 path of _quantize_tile: amax, candidate errors and error sums
+    come from one histogram (no pass over the rows per candidate); returns
+    (scales, per-column sq_error, per-column sq_norm)."""
+    hist = _histogram(w, rb, r0, r1, c0, cw)                        # (B, 256, cw)
+    amax = _hist_amax(hist, ws, r0 // rb, c0)
+    s, si = _choose_scales(w, ws, rb, r0, r1, c0, amax, ratios, refine, hist)
+    err, norm = _hist_sums(hist, ws, r0 // rb, c0, s, si)
     _pack_values(w, ws, rb, r0, r1, c0, s, si, packed)
     return s, err, norm
 
@@ -356,7 +399,8 @@ def _quantize_kernel(w, ws, group, ratios, refine, int8_input, packed, scales, e
         r0, r1, c0 = gi * group, (gi + 1) * group, ci * COL_TILE
         cw = min(COL_TILE, n - c0)
         bins = ((r1 - 1) // rb - r0 // rb + 1) * 256
-        use_hist = int8_input and group >= HIST_ROWS_PER_BIN * bins
+        use_hist = (int8_input and group >= HIST_ROWS_PER_BIN * bins
+                    and min(group, rb) <= HIST_MAX_ROWS)
         e, s = _quantize_tile(w, ws, rb, r0, r1, c0, cw, ratios, refine, use_hist, packed,
                               scales, gi)
         err_parts[t] = e
@@ -395,7 +439,8 @@ def quantize_int4(values: np.ndarray, scales: np.ndarray | None = None,
     out_scales = np.empty((k // group, n), np.float32)             # (G, N)
     tiles = (k // group) * (-(-n // COL_TILE))
     err_parts, norm_parts = np.zeros(tiles), np.zeros(tiles)
-    _quantize_kernel(np.ascontiguousarray(values), ws, group, ratios, refine,
-                     bool(values.dtype == np.int8), packed, out_scales, err_parts, norm_parts)
+    int8_input = bool(values.dtype == np.int8)
+    _quantize_kernel(np.ascontiguousarray(values), ws, group, ratios, refine, int8_input,
+                     packed, out_scales, err_parts, norm_parts)
     weight = QWeight(packed, out_scales.astype(BF16), 4, group)
     return Int4Result(weight, float(err_parts.sum()), float(norm_parts.sum()))

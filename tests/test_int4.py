@@ -13,7 +13,7 @@ import numba
 import numpy as np
 import pytest
 
-from quant.int4 import AMAX_ONLY, CLIP_RATIOS, REFINE, quantize_int4
+from quant.int4 import AMAX_ONLY, CLIP_RATIOS, REFINE, _histogram, quantize_int4
 from quant.qweight import dequantize, pack_int4, unpack_int4
 
 BF16 = ml_dtypes.bfloat16
@@ -163,6 +163,52 @@ def test_search_picks_the_best_grid_candidate():
         cand = ((wg - q * s[:, None, :]) ** 2).sum(1)
         assert np.all(chosen <= cand * (1 + 1e-5) + 1e-12)
     assert len(REFINE) > 0
+
+
+def test_histogram_counts_match_numpy():
+    """Counts per (row block, int8 value, column), every value including -128."""
+    rng = np.random.default_rng(4)
+    q8 = rng.integers(-128, 128, size=(192, 300)).astype(np.int8)
+    hist = _histogram(q8, 64, 64, 192, 256, 44)   # row blocks 1 and 2 of 64 rows; last 44 cols
+    assert hist.shape == (2, 256, 44)
+    for b in range(2):
+        rows = q8[64 * (b + 1):64 * (b + 2), 256:].astype(np.int64) + 128    # (64, 44)
+        ref = np.stack([np.bincount(rows[:, j], minlength=256) for j in range(44)], axis=1)
+        np.testing.assert_array_equal(hist[b], ref)
+
+
+@pytest.mark.parametrize("k, n, blocks, group, tails", [
+    (2048, 300, 1, None, False),   # per channel, one row block, a partial column tile
+    (8192, 96, 8, None, True),     # per channel over 8 row blocks (expert down), heavy tails
+    (6144, 64, 3, 3072, False),    # groups straddling row blocks
+    (4096, 40, 1, 1024, True),     # the smallest group that takes the histogram path
+])
+def test_histogram_search_equals_row_search(k, n, blocks, group, tails):
+    """int8 input with many rows per group is scored from value counts, its exact
+    fp32 product by a pass over the rows per candidate: same scales and values,
+    and (release data: exact sums) the same error sums to the bit."""
+    rng = np.random.default_rng(k + n)
+    w = rng.standard_t(4, size=(k, n)) if tails else rng.standard_normal((k, n))
+    q8, s8 = release_like(w.astype(np.float32), blocks)
+    for ratios in (CLIP_RATIOS, AMAX_ONLY):
+        a = quantize_int4(q8, s8.astype(BF16), group, ratios)
+        b = quantize_int4(dequant8(q8, s8), None, group, ratios)
+        np.testing.assert_array_equal(a.weight.values, b.weight.values)
+        np.testing.assert_array_equal(a.weight.scales, b.weight.scales)
+        assert a.sq_error == b.sq_error and a.sq_norm == b.sq_norm
+
+
+def test_long_columns_beyond_uint16_counts():
+    """131072 rows of one row block: more equal values per column than the
+    histogram's uint16 counts hold, so the row pass must be used."""
+    q8 = np.ones((131072, 8), np.int8)
+    q8[::1000], q8[1::1000] = 127, -100
+    s8 = bf16(np.linspace(0.5, 2.0, 8))[None]                      # (1, 8)
+    w = dequant8(q8, s8)
+    res = quantize_int4(q8, s8)
+    assert res.sq_norm == pytest.approx((w.astype(np.float64) ** 2).sum(), rel=1e-12)
+    assert res.rel_error == pytest.approx(
+        np.sqrt(col_errors(w, res, 131072).sum() / res.sq_norm), rel=1e-9)
 
 
 def test_zero_columns_give_zero_scales():
