@@ -124,14 +124,16 @@ def error_summary(cfg: GrokConfig, errors: dict[str, float]) -> dict[str, dict]:
 
 # --- reading ahead --------------------------------------------------------------
 
-def _readahead(path: Path) -> None:
-    """Ask the kernel to start reading a whole file into the page cache."""
-    if hasattr(os, "posix_fadvise"):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-        finally:
-            os.close(fd)
+def _readahead(path: Path, chunk: int = 1 << 23) -> None:
+    """Read a whole file once so its pages are in the page cache before it is used.
+
+    Runs on the reader thread while the previous tensor is converted; the
+    converter then finds the memory-mapped pages resident (disk and CPU overlap).
+    """
+    buf = bytearray(chunk)
+    with open(path, "rb", buffering=0) as f:
+        while f.readinto(buf):
+            pass
 
 
 class _Prefetcher:

@@ -2,8 +2,9 @@
 quant.qweight.dequantize (the independent meaning of a QWeight).
 
 Tolerance: the kernels accumulate in fp32. Each output is a K-term dot product
-summed in a fixed blocked order (4 rows pairwise, then into a running sum, per
-row chunk), so its rounding error is at most about (K/4 + 8) * 2^-24 times
+summed in a fixed blocked order (4 rows pairwise, or for int4 a chain of up to
+32 rows, then into a running sum, per row chunk), so its rounding error is at
+most about (K/4 + 8) * 2^-24 (int4: (32 + K/32 + 8) * 2^-24) times
 sum_k |x_k w_kn|, i.e. about 5e-6 for the K <= 512 used here. We assert
 |y - y_ref| <= TOL * (|x| @ |W|) elementwise with TOL = 1e-5: twice that bound,
 and 100x below what a layout bug (a swapped nibble, a wrong scale row or an
@@ -15,6 +16,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 from numba import njit
+from numba.core.registry import cpu_target
 
 from lowmem import kernels
 from quant.qweight import QWeight, dequantize, pack_int4
@@ -132,6 +134,49 @@ def test_matmul_group_remainders(bits, group, k):
         x = rng.standard_normal((t, k)).astype(np.float32)
         _assert_matmul_close(kernels.matmul(x, w), x, w)
         _assert_matmul_close(kernels.matmul(x, w, col_block=16, k_chunk=8), x, w)
+
+
+@pytest.mark.parametrize("t", range(1, 10))
+@pytest.mark.parametrize("n,group", [(333, 64), (192, K), (192, 32)])
+def test_matmul_int4_token_counts(t, n, group):
+    """int4 has a register micro-kernel per token count 1..8 (and blocks of
+    8 beyond); 333 columns = 5 whole 64-column strips + a generic tail."""
+    rng = np.random.default_rng(100 * t + n + group)
+    w = _qweight(rng, K, n, 4, group)
+    x = rng.standard_normal((t, K)).astype(np.float32)
+    _assert_matmul_close(kernels.matmul(x, w), x, w)
+    _assert_matmul_close(kernels.matmul(x, w, col_block=128, k_chunk=72), x, w)
+
+
+@pytest.mark.parametrize("lut", [False, True])
+@pytest.mark.parametrize("tb,nv", [(1, 4), (3, 4), (8, 2)])
+def test_int4_micro_kernel_both_decoders(tb, nv, lut):
+    """One micro-kernel call at offsets (rows, columns, tokens, accumulator
+    columns) with either nibble decoder: the xor one is what machines without
+    AVX-512 run, so it is tested here even where matmul uses the table."""
+    if lut and not kernels._has_avx512(cpu_target.target_context):
+        pytest.skip("the table decoder needs AVX-512")
+    rng = np.random.default_rng(tb * 10 + nv)
+    k, n, i0, n0, t0, a0 = 64, 160, 3, 64, 1, 16
+    w = _qweight(rng, k, n, 4, k)
+    x = rng.standard_normal((tb + 2, k)).astype(np.float32)
+    kern = kernels._q4_kernel(tb, nv, lut=lut)
+
+    @njit
+    def run(p, x, sc, acc):
+        kern(p, i0, p.shape[0] - i0 - 2, n0, x, t0, 2 * i0, sc, 0, acc, a0)
+
+    acc = np.zeros((tb + 2, 128), np.float32)
+    run(w.values, x, w.scales.view(np.uint16), acc)
+    rows, cols = slice(2 * i0, k - 4), slice(n0, n0 + 16 * nv)
+    dense = _dense(w)[rows, cols]
+    ref = np.zeros_like(acc, dtype=np.float64)
+    ref[t0:t0 + tb, a0:a0 + 16 * nv] = x[t0:t0 + tb, rows].astype(np.float64) @ dense
+    bound = TOL * np.abs(x[t0:t0 + tb, rows]).astype(np.float64) @ np.abs(dense)
+    assert np.max(np.abs(acc - ref)[t0:t0 + tb, a0:a0 + 16 * nv] / (bound + 1e-30)) <= 1.0
+    mask = np.ones(acc.shape, bool)
+    mask[t0:t0 + tb, a0:a0 + 16 * nv] = False
+    assert not acc[mask].any()  # nothing written outside its block
 
 
 @pytest.mark.parametrize("bits", [8, 4])
