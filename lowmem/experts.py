@@ -21,14 +21,13 @@ from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable, Hashable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from lowmem import model as M
-from lowmem.config import GrokConfig
 from quant.packed import DTYPES, PackedModel, TensorEntry
 from quant.qweight import QWeight
 from quant.spec import EXPERT_ROLES

@@ -465,7 +465,7 @@ def format_report(report: dict) -> str:
               f"{_size(m['resident_mapped_rss'])} + other {_size(m['other_rss'])}",
               f"  resident weights {_size(m['resident_weight_bytes'])} (placed on the device "
               f"{_size(m['placed_resident_bytes'])}), KV cache {_size(m['kv_cache_bytes'])}",
-              f"  accelerator: " + (d["reason"] if d.get("reason") else
+              "  accelerator: " + (d["reason"] if d.get("reason") else
                                     f"in use {_size(d['bytes_in_use'])}, peak "
                                     f"{_size(d['peak_bytes_in_use'])} of {_size(d['bytes_limit'])}")]
     o = report["overhead"]

@@ -18,7 +18,7 @@ import pytest
 from numba import njit
 from numba.core.registry import cpu_target
 
-from lowmem import kernels
+from lowmem import kernels, q4_llvm
 from quant.qweight import QWeight, dequantize, pack_int4
 
 BF16 = ml_dtypes.bfloat16
@@ -154,13 +154,13 @@ def test_int4_micro_kernel_both_decoders(tb, nv, lut):
     """One micro-kernel call at offsets (rows, columns, tokens, accumulator
     columns) with either nibble decoder: the xor one is what machines without
     AVX-512 run, so it is tested here even where matmul uses the table."""
-    if lut and not kernels._has_avx512(cpu_target.target_context):
+    if lut and not q4_llvm._has_avx512(cpu_target.target_context):
         pytest.skip("the table decoder needs AVX-512")
     rng = np.random.default_rng(tb * 10 + nv)
     k, n, i0, n0, t0, a0 = 64, 160, 3, 64, 1, 16
     w = _qweight(rng, k, n, 4, k)
     x = rng.standard_normal((tb + 2, k)).astype(np.float32)
-    kern = kernels._q4_kernel(tb, nv, lut=lut)
+    kern = q4_llvm._q4_kernel(tb, nv, lut=lut)
 
     @njit
     def run(p, x, sc, acc):

@@ -34,9 +34,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-from numba import njit, prange
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from membw import parallel_sum, words  # noqa: E402
 from lowmem.config import preset  # noqa: E402
 from quant.packed import MANIFEST, PackedModel, QuantSettings, file_sizes, tensor_layout  # noqa: E402
 from quant.spec import ATTENTION_ROLES, checkpoint_specs  # noqa: E402
@@ -44,30 +45,10 @@ from quant.spec import ATTENTION_ROLES, checkpoint_specs  # noqa: E402
 GB = 1e9
 
 
-@njit(parallel=True, cache=True)
-def _parallel_sum(a):
-    """Sum of a uint64 buffer in 64 parallel chunks: a pure read of its bytes."""
-    n = a.size
-    chunk = (n + 63) // 64
-    parts = np.zeros(64, np.uint64)
-    for b in prange(64):
-        s = np.uint64(0)
-        for i in range(b * chunk, min(n, (b + 1) * chunk)):
-            s += a[i]
-        parts[b] = s
-    return parts.sum()
-
-
-def words(a: np.ndarray) -> np.ndarray:
-    """A buffer's bytes as uint64 words (a tail shorter than a word is dropped)."""
-    flat = np.asarray(a).reshape(-1).view(np.uint8)
-    return flat[: flat.size // 8 * 8].view(np.uint64)
-
-
 def read_seconds(buffers: list[np.ndarray]) -> float:
     start = time.perf_counter()
     for w in buffers:
-        _parallel_sum(w)
+        parallel_sum(w)
     return time.perf_counter() - start
 
 
@@ -145,7 +126,7 @@ def prefault_experts(model: PackedModel) -> float:
     start = time.perf_counter()
     for layer in range(model.cfg.num_layers):
         for expert in range(model.cfg.num_experts):
-            _parallel_sum(words(model.expert(layer, expert).raw))
+            parallel_sum(words(model.expert(layer, expert).raw))
     return time.perf_counter() - start
 
 

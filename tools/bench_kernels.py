@@ -22,33 +22,14 @@ from pathlib import Path
 import ml_dtypes
 import numba
 import numpy as np
-from numba import njit, prange
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from membw import parallel_sum, words  # noqa: E402
 from lowmem import kernels  # noqa: E402
 from quant.qweight import QWeight  # noqa: E402
 
 D, F, V = 6144, 32768, 131072
-
-
-@njit(parallel=True, cache=True)
-def _parallel_sum(a):
-    """Sum of a uint64 buffer in 64 parallel chunks: a pure read of its bytes."""
-    n = a.size
-    chunk = (n + 63) // 64
-    parts = np.zeros(64, np.uint64)
-    for b in prange(64):
-        s = np.uint64(0)
-        for i in range(b * chunk, min(n, (b + 1) * chunk)):
-            s += a[i]
-        parts[b] = s
-    return parts.sum()
-
-
-def _words(a: np.ndarray) -> np.ndarray:
-    """The bytes of a buffer as uint64 words (the tail that does not fill one is dropped)."""
-    flat = np.asarray(a).reshape(-1).view(np.uint8)
-    return flat[: flat.size // 8 * 8].view(np.uint64)
 
 
 def _read_floor(buffers) -> float:
@@ -56,7 +37,7 @@ def _read_floor(buffers) -> float:
     t = 0.0
     for w in buffers:
         t0 = time.perf_counter()
-        _parallel_sum(w)
+        parallel_sum(w)
         t1 = time.perf_counter()
         w.sum()
         t2 = time.perf_counter()
@@ -92,7 +73,7 @@ def _buffers(*weights):
     """Every byte buffer a kernel reads (values and scales), as uint64 words."""
     out = []
     for w in weights:
-        out += [_words(w.values), _words(w.scales)] if isinstance(w, QWeight) else [_words(w)]
+        out += [words(w.values), words(w.scales)] if isinstance(w, QWeight) else [words(w)]
     return out
 
 
@@ -154,7 +135,7 @@ def main(argv=None) -> int:
     if args.mmap:
         args.mmap.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
-    _parallel_sum(np.zeros(8, np.uint64))
+    parallel_sum(np.zeros(8, np.uint64))
     print(f"# numba {numba.__version__}, {numba.get_num_threads()} threads, "
           f"{os.cpu_count()} cpus, {'memmap' if args.mmap else 'in-memory'} weights")
     print(f"{'case':14s} {'T':>3s} {'MB':>7s} {'floor ms':>9s} {'floor GB/s':>10s} "
