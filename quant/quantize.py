@@ -376,6 +376,20 @@ def _publish(partial: Path, out_dir: Path) -> None:
     os.rename(partial, out_dir)
 
 
+def _completed(out_dir: Path, cfg: GrokConfig, settings: QuantSettings) -> dict:
+    """The manifest of a finished OUT made with these settings (--resume is then a no-op)."""
+    from quant.packed import PackedModel
+    try:
+        model = PackedModel.open(out_dir)
+    except PackedFormatError as e:
+        raise QuantizeError(str(e)) from None
+    if model.cfg != cfg or model.settings != settings:
+        raise QuantizeError(f"{out_dir}: already exists with other settings "
+                            f"({asdict(model.settings)}); remove it or choose another --out")
+    log.info("%s is already complete; nothing to resume", out_dir)
+    return model.manifest
+
+
 def quantize_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike,
                         cfg: GrokConfig, settings: QuantSettings,
                         tokenizer: str | os.PathLike | None = None, resume: bool = False,
@@ -388,6 +402,8 @@ def quantize_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike,
     ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
     tokenizer = Path(tokenizer) if tokenizer is not None else None
     progress = progress or Progress()
+    if resume and (out_dir / MANIFEST).is_file():   # killed after the final rename
+        return _completed(out_dir, cfg, settings)
     units = check_inputs(ckpt_dir, out_dir, cfg, settings, tokenizer, resume)
     partial = partial_dir(out_dir)
     identity = _run_identity(ckpt_dir, cfg, settings, tokenizer)

@@ -232,6 +232,21 @@ def test_resume_after_kill_during_publish(models, tiny_cfg, tiny_ckpt, tmp_path,
     assert dir_bytes(out) == dir_bytes(models["int4"])
 
 
+def test_resume_of_a_finished_directory_is_a_no_op(models, tiny_cfg, tiny_ckpt, tmp_path):
+    """Killed after the final rename: --resume finds OUT complete and succeeds."""
+    import shutil
+    out = tmp_path / "m"
+    shutil.copytree(models["int4"], out)
+    before = dir_bytes(out)
+    manifest = quantize(tiny_ckpt, out, tiny_cfg, QuantSettings(4), resume=True)
+    assert manifest["quant"] == {"bits": 4, "group_size": None, "attention": "int8"}
+    assert dir_bytes(out) == before
+    with pytest.raises(QuantizeError, match="already exists with other settings"):
+        quantize(tiny_ckpt, out, tiny_cfg, QuantSettings(4, 32), resume=True)
+    with pytest.raises(QuantizeError, match="output directory already exists"):
+        quantize(tiny_ckpt, out, tiny_cfg, QuantSettings(4))
+
+
 def test_resume_with_other_settings_is_refused(tiny_cfg, tiny_ckpt, tmp_path, monkeypatch):
     with monkeypatch.context() as mp:
         fail_at(mp, 14)
