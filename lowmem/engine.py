@@ -181,10 +181,11 @@ class Engine:
             size = 1 if len(part) == 1 else self._bucket(len(part))
             padded = np.zeros(size, np.int32)
             padded[:len(part)] = part
-            logits, state = self._forward_chunk(state, padded, len(part))
+            last = start + chunk >= len(tokens)
+            logits, state = self._forward_chunk(state, padded, len(part), last)
         return logits, state
 
-    def _forward_chunk(self, state: State, tokens: np.ndarray, n: int):
+    def _forward_chunk(self, state: State, tokens: np.ndarray, n: int, want_logits: bool):
         timer, pos = self.timer, state.pos
         rows = self.embed_host[tokens] if self.backend == "host" else self.embed_dev[tokens]
         h = self._embed(rows)                                             # (T, D) bf16
@@ -208,8 +209,10 @@ class Engine:
             timer.mark("experts", h)
             timer.add("experts", -(self.expert_stats.wait_s - waited))
             timer.add("transfer_wait", self.expert_stats.wait_s - waited)
-        logits = self._logits(h, self.final_norm, self.embed_dev, n - 1)
-        timer.mark("logits", logits)
+        logits = None
+        if want_logits:   # only the last chunk's: the output embedding is 1.6 GB to read
+            logits = self._logits(h, self.final_norm, self.embed_dev, n - 1)
+            timer.mark("logits", logits)
         return logits, State(caches, valid, pos + n)
 
 
