@@ -80,16 +80,18 @@ def generate_tokens(engine: Engine, prompt_ids: list[int], req: GenerationReques
     key = jax.random.key(req.seed)
     args = req.sampling.as_args()
     eos = engine.cfg.eos_token_id
-    for i in range(req.max_new_tokens):
-        key, sub = jax.random.split(key)
-        token = int(sampler(logits, sub, *args))
-        engine.timer.mark("sampling")
-        yield token
-        last = i + 1 == req.max_new_tokens or state.pos >= engine.context
-        if last or (req.stop_at_eos and token == eos):
-            break
-        logits, state = engine.forward(state, [token])
-    engine.state = state
+    try:
+        for i in range(req.max_new_tokens):
+            key, sub = jax.random.split(key)
+            token = int(sampler(logits, sub, *args))
+            engine.timer.mark("sampling")
+            yield token
+            last = i + 1 == req.max_new_tokens or state.pos >= engine.context
+            if last or (req.stop_at_eos and token == eos):
+                break
+            logits, state = engine.forward(state, [token])
+    finally:   # also when the consumer stops early: the old caches were donated
+        engine.state = state
 
 
 def _held_back(text: str, stops: Iterable[str]) -> int:

@@ -86,3 +86,13 @@ def test_cli_too_small_cache_budget(demo_model):
            "device", "--expert-cache-gb", "0.0001"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert out.returncode == 2 and "raise --expert-cache-gb" in out.stderr
+
+
+def test_generation_stopped_early_leaves_the_engine_usable(demo_model):
+    """A consumer that stops reading (a stop string) must not strand donated caches."""
+    rt = lowmem.load(demo_model)
+    tokens = rt.generate("Hello world", max_new_tokens=8, temperature=0.0)
+    first = next(tokens)
+    tokens.close()
+    again = list(rt.generate("Hello world", max_new_tokens=3, temperature=0.0))
+    assert again[0] == first and len(again) == 3
