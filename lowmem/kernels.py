@@ -16,26 +16,29 @@ work item is (block of output columns, chunk of input rows). Reading whole
 weight rows in file order is the most prefetch-friendly pattern and measured
 fastest, so a work item normally takes all N columns (its fp32 accumulators,
 one token block x N, stay in L2) and the threads split the input rows into
-chunks whose partial sums are added at the end. For T > 1 tokens each weight
-tile is decoded once into an L1 buffer and applied to a block of
-``_TOKEN_BLOCK`` tokens, so weights are read once per token block, not per token.
+chunks whose partial sums are added at the end. Weights are read once per
+block of ``_TOKEN_BLOCK`` tokens, not per token.
 
-Packed int4 is compute-bound where int8 is not (two weights per byte), so it
-has its own micro-kernels, written as explicit 16-lane LLVM vector code: a
-call takes 32 rows x 64 columns and up to 8 tokens, keeps one fp32 register
-accumulator per (token, 16 columns), decodes each nibble exactly (a table
-lookup with AVX-512, else an xor and a subtraction) and multiplies by the
-scale once per call. Measured on the 2-core target (Sapphire Rapids, 6144 x
-32768 and 32768 x 6144): one token 3.4-3.6 ms per matrix, ~30 GB/s, i.e. at
-the memory floor (the old per-4-row loop took 8-10 ms); 8 tokens 11-13 ms (was
-31-36 ms), where the FMA units rather than memory are the limit.
+int8 and packed int4 run micro-kernels written as explicit 16-lane LLVM
+vector code (``lowmem.q4_llvm``): a call takes 16 (int8) or 32 (int4) rows x
+64 columns and up to 8 tokens, keeps one fp32 register accumulator per
+(token, 16 columns), decodes each weight exactly (int8: sign-extend, convert;
+int4: a table lookup with AVX-512, else an xor and a subtraction) and
+multiplies by the scale once per call. Measured on the 2-core target
+(Sapphire Rapids, 6144 x 32768 and 32768 x 6144): int4 one token 3.4-3.6 ms
+per matrix, ~30 GB/s, i.e. at the memory floor (the old per-4-row loop took
+8-10 ms), 8 tokens 11-13 ms (was 31-36 ms); int8 one token 6.5-7 ms, at the
+floor (was 8-8.7), 2 tokens 6.6-7.2 (was 15-16), 8 tokens 15.5-17.5 (was
+33-34). With 8 tokens the FMA units rather than memory are the limit. Other
+dtypes (bf16, fp32) and the columns after the last 64-column strip decode
+4 rows at a time into an L1 buffer applied to every token of the block.
 
 Floating point: ``fastmath={'contract'}`` only lets LLVM fuse ``a * b + c`` into
 one FMA (one rounding instead of two, never less accurate); it does not reorder
 sums, so the column kernels sum rows in a fixed order: groups of 4 rows are
-added pairwise, then scaled, then added to the accumulator; int4 micro-kernels
-sum up to 32 rows of one scale group in an FMA chain (for one token: even and
-odd rows in two chains, then added), then scale and add. ``matmul_nt``
+added pairwise, then scaled, then added to the accumulator; micro-kernels sum
+up to 16 (int8) or 32 (int4) rows of one scale group in an FMA chain (int4, one
+token: even and odd rows in two chains, then added), then scale and add. ``matmul_nt``
 (dot products along contiguous rows) additionally allows ``reassoc`` so LLVM
 can vectorize the reduction with many partial sums, which is what makes it run
 at memory bandwidth (1.4x faster in our measurement) and is at least as
@@ -53,7 +56,7 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
-from lowmem.q4_llvm import _prefer_512, _q4_t1, _q4_t2, _q4_t3, _q4_t4, _q4_t5, _q4_t6, _q4_t7, _q4_t8
+from lowmem.q4_llvm import _prefer_512, _strip
 from quant.qweight import QWeight
 
 log = logging.getLogger(__name__)
@@ -67,8 +70,9 @@ _ROW_TILE = 256           # input rows per weight tile when T > _TOKEN_BLOCK
 _SUB = 512               # columns decoded per L1 buffer when T > 1
 _NT_ROWS = 64             # embedding rows per work item in matmul_nt
 _PARTIAL_SHARE = 16       # row-chunk partial sums stay under weight bytes / this
-_Q4_ROWS = 16             # packed int4 rows (32 weight rows) per micro-kernel call
-_Q4_STRIP = 64            # int4 columns per micro-kernel call (one cache line per row)
+_Q4_ROWS = 32             # int4 weight rows (16 packed rows) per micro-kernel call
+_I8_ROWS = 16             # int8 weight rows per micro-kernel call (32 or 64: 1.2-1.6x slower)
+_STRIP = 64               # columns per micro-kernel strip (int4 and int8)
 _GELU_C = np.float32(np.sqrt(2.0 / np.pi))
 
 
@@ -213,55 +217,45 @@ def _tile_q4(x, p, sc, g, k0, k1, n0, m, t, acc, a0):
             k += 2
 
 
+def _strip_tail(x, w, sc, g, k0, k1, n0, m, t0, t1, acc, a0):
+    """Columns after the last whole strip: the generic tiles."""
+    raise NotImplementedError("only callable from numba code")
 
 
-@njit(inline="always", cache=True)
-def _q4_strip(tb, p, i0, nb, n0, x, t0, k, sc, gi, acc, a0):
-    """One 64-column strip for tb <= 8 tokens: up to 16 register accumulators
-    (4 vectors x 4 tokens or 2 x 8, in two halves)."""
-    if tb == 1:
-        _q4_t1(p, i0, nb, n0, x, t0, k, sc, gi, acc, a0)
-    elif tb == 2:
-        _q4_t2(p, i0, nb, n0, x, t0, k, sc, gi, acc, a0)
-    elif tb == 3:
-        _q4_t3(p, i0, nb, n0, x, t0, k, sc, gi, acc, a0)
-    elif tb == 4:
-        _q4_t4(p, i0, nb, n0, x, t0, k, sc, gi, acc, a0)
-    else:
-        for h in range(0, _Q4_STRIP, 32):
-            if tb == 5:
-                _q4_t5(p, i0, nb, n0 + h, x, t0, k, sc, gi, acc, a0 + h)
-            elif tb == 6:
-                _q4_t6(p, i0, nb, n0 + h, x, t0, k, sc, gi, acc, a0 + h)
-            elif tb == 7:
-                _q4_t7(p, i0, nb, n0 + h, x, t0, k, sc, gi, acc, a0 + h)
-            else:
-                _q4_t8(p, i0, nb, n0 + h, x, t0, k, sc, gi, acc, a0 + h)
+@overload(_strip_tail, inline="always")
+def _strip_tail_overload(x, w, sc, g, k0, k1, n0, m, t0, t1, acc, a0):
+    one = _tile_q4 if w.dtype == types.uint8 else _tile_rows
+
+    def tail(x, w, sc, g, k0, k1, n0, m, t0, t1, acc, a0):
+        if t1 - t0 == 1:
+            one(x, w, sc, g, k0, k1, n0, m, t0, acc, a0)
+        else:
+            _tile_tokens(x, w, sc, g, k0, k1, n0, m, t0, t1, acc, a0)
+    return tail
 
 
 @njit(fastmath=_FM, cache=True)
-def _tile_q4_strips(x, p, sc, g, k0, k1, n0, m, t0, t1, acc, a0):
-    """Packed int4, tokens t0..t1: for each block of 32 rows within a scale
-    group, micro-kernels walk the 64-column strips in order (16 row streams,
-    the prefetch-friendly pattern); columns after the last whole strip go
-    through the generic tiles."""
+def _tile_strips(x, p, sc, g, k0, k1, n0, m, t0, t1, acc, a0, d, rows):
+    """Packed int4 (d = 2 weight rows per stored row) or int8 (d = 1),
+    tokens t0..t1: for each block of `rows` weight rows within a scale group,
+    micro-kernels walk the 64-column strips in order (one row stream per
+    stored row, the prefetch-friendly pattern); columns after the last whole
+    strip go through the generic tiles."""
     _prefer_512()
-    m_main = m - m % _Q4_STRIP
+    m_main = m - m % _STRIP
     k = k0
     while k < k1:
         gi = k // g
         kend = min(k1, (gi + 1) * g)
         while k < kend:
-            k2 = min(kend, k + 2 * _Q4_ROWS)
-            for j in range(0, m_main, _Q4_STRIP):
+            k2 = min(kend, k + rows)
+            for j in range(0, m_main, _STRIP):
                 for t in range(t0, t1, 8):
-                    _q4_strip(min(8, t1 - t), p, k // 2, (k2 - k) // 2, n0 + j, x, t, k,
-                              sc, gi, acc, a0 + j)
+                    _strip(min(8, t1 - t), p, k // d, (k2 - k) // d, n0 + j, x, t, k,
+                           sc, gi, acc, a0 + j)
             k = k2
-    if m_main < m and t1 - t0 == 1:
-        _tile_q4(x, p, sc, g, k0, k1, n0 + m_main, m - m_main, t0, acc, a0 + m_main)
-    elif m_main < m:
-        _tile_tokens(x, p, sc, g, k0, k1, n0 + m_main, m - m_main, t0, t1, acc, a0 + m_main)
+    if m_main < m:
+        _strip_tail(x, p, sc, g, k0, k1, n0 + m_main, m - m_main, t0, t1, acc, a0 + m_main)
 
 
 def _tile1(x, w, sc, g, k0, k1, n0, m, t, acc, a0):
@@ -272,8 +266,11 @@ def _tile1(x, w, sc, g, k0, k1, n0, m, t, acc, a0):
 @overload(_tile1)
 def _tile1_overload(x, w, sc, g, k0, k1, n0, m, t, acc, a0):
     if w.dtype == types.uint8:
-        return lambda x, w, sc, g, k0, k1, n0, m, t, acc, a0: _tile_q4_strips(
-            x, w, sc, g, k0, k1, n0, m, t, t + 1, acc, a0)
+        return lambda x, w, sc, g, k0, k1, n0, m, t, acc, a0: _tile_strips(
+            x, w, sc, g, k0, k1, n0, m, t, t + 1, acc, a0, 2, _Q4_ROWS)
+    if w.dtype == types.int8:
+        return lambda x, w, sc, g, k0, k1, n0, m, t, acc, a0: _tile_strips(
+            x, w, sc, g, k0, k1, n0, m, t, t + 1, acc, a0, 1, _I8_ROWS)
     return lambda x, w, sc, g, k0, k1, n0, m, t, acc, a0: _tile_rows(
         x, w, sc, g, k0, k1, n0, m, t, acc, a0)
 
@@ -378,8 +375,11 @@ def _tile_n(x, w, sc, g, k0, k1, n0, m, t0, t1, acc, a0):
 @overload(_tile_n)
 def _tile_n_overload(x, w, sc, g, k0, k1, n0, m, t0, t1, acc, a0):
     if w.dtype == types.uint8:
-        return lambda x, w, sc, g, k0, k1, n0, m, t0, t1, acc, a0: _tile_q4_strips(
-            x, w, sc, g, k0, k1, n0, m, t0, t1, acc, a0)
+        return lambda x, w, sc, g, k0, k1, n0, m, t0, t1, acc, a0: _tile_strips(
+            x, w, sc, g, k0, k1, n0, m, t0, t1, acc, a0, 2, _Q4_ROWS)
+    if w.dtype == types.int8:
+        return lambda x, w, sc, g, k0, k1, n0, m, t0, t1, acc, a0: _tile_strips(
+            x, w, sc, g, k0, k1, n0, m, t0, t1, acc, a0, 1, _I8_ROWS)
     return lambda x, w, sc, g, k0, k1, n0, m, t0, t1, acc, a0: _tile_tokens(
         x, w, sc, g, k0, k1, n0, m, t0, t1, acc, a0)
 

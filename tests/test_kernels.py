@@ -3,8 +3,9 @@ quant.qweight.dequantize (the independent meaning of a QWeight).
 
 Tolerance: the kernels accumulate in fp32. Each output is a K-term dot product
 summed in a fixed blocked order (4 rows pairwise, or for int4 a chain of up to
-32 rows, then into a running sum, per row chunk), so its rounding error is at
-most about (K/4 + 8) * 2^-24 (int4: (32 + K/32 + 8) * 2^-24) times
+32 rows and for int8 one of up to 16, then into a running sum, per row chunk),
+so its rounding error is at most about (K/4 + 8) * 2^-24 (int4:
+(32 + K/32 + 8) * 2^-24, int8: (16 + K/16 + 8) * 2^-24) times
 sum_k |x_k w_kn|, i.e. about 5e-6 for the K <= 512 used here. We assert
 |y - y_ref| <= TOL * (|x| @ |W|) elementwise with TOL = 1e-5: twice that bound,
 and 100x below what a layout bug (a swapped nibble, a wrong scale row or an
@@ -173,6 +174,52 @@ def test_int4_micro_kernel_both_decoders(tb, nv, lut):
     ref = np.zeros_like(acc, dtype=np.float64)
     ref[t0:t0 + tb, a0:a0 + 16 * nv] = x[t0:t0 + tb, rows].astype(np.float64) @ dense
     bound = TOL * np.abs(x[t0:t0 + tb, rows]).astype(np.float64) @ np.abs(dense)
+    assert np.max(np.abs(acc - ref)[t0:t0 + tb, a0:a0 + 16 * nv] / (bound + 1e-30)) <= 1.0
+    mask = np.ones(acc.shape, bool)
+    mask[t0:t0 + tb, a0:a0 + 16 * nv] = False
+    assert not acc[mask].any()  # nothing written outside its block
+
+
+@pytest.mark.parametrize("t", range(1, 10))
+@pytest.mark.parametrize("n,group,k", [(333, K // 8, K), (333, K, K), (192, 24, 264)])
+def test_matmul_int8_token_counts(t, n, group, k):
+    """int8 has a register micro-kernel per token count 1..8 (and blocks of
+    8 beyond), on the release's 8 row blocks, per-channel scales and groups
+    that are not a multiple of its 16 rows; 333 columns = 5 whole 64-column
+    strips + a generic tail; the forced split cuts row chunks mid-group."""
+    rng = np.random.default_rng(100 * t + n + group + 1)
+    w = _qweight(rng, k, n, 8, group)
+    x = rng.standard_normal((t, k)).astype(np.float32)
+    _assert_matmul_close(kernels.matmul(x, w), x, w)
+    _assert_matmul_close(kernels.matmul(x, w, col_block=128, k_chunk=72), x, w)
+    _assert_matmul_close(kernels.matmul(x, w, col_block=16, k_chunk=8), x, w)
+
+
+@pytest.mark.parametrize("tb,nv", [(1, 4), (2, 4), (4, 4), (5, 2), (8, 2)])
+def test_int8_micro_kernel(tb, nv):
+    """One int8 micro-kernel call at offsets (rows, columns, tokens,
+    accumulator columns, x columns), scale group 1: nothing written outside."""
+    rng = np.random.default_rng(tb * 10 + nv + 5)
+    k, n, i0, n0, t0, a0, kx, gi = 64, 160, 3, 64, 1, 16, 5, 1
+    w = _qweight(rng, k, n, 8, k // 2)
+    x = rng.standard_normal((tb + 2, k + 8)).astype(np.float32)
+    kern = q4_llvm._i8_kernel(tb, nv)
+    nb = k - i0 - 4
+
+    @njit
+    def run(p, x, sc, acc):
+        q4_llvm._prefer_512()
+        kern(p, i0, nb, n0, x, t0, kx, sc, gi, acc, a0)
+
+    acc = np.zeros((tb + 2, 128), np.float32)
+    run(w.values, x, w.scales.view(np.uint16), acc)
+    cols = slice(n0, n0 + 16 * nv)
+    dense = w.values[i0:i0 + nb, cols].astype(np.float64) * \
+        w.scales[gi, cols].astype(np.float64)
+    xs = x[t0:t0 + tb, kx:kx + nb].astype(np.float64)
+    ref = np.zeros_like(acc, dtype=np.float64)
+    ref[t0:t0 + tb, a0:a0 + 16 * nv] = xs @ dense
+    bound = TOL * np.abs(xs) @ np.abs(dense)
     assert np.max(np.abs(acc - ref)[t0:t0 + tb, a0:a0 + 16 * nv] / (bound + 1e-30)) <= 1.0
     mask = np.ones(acc.shape, bool)
     mask[t0:t0 + tb, a0:a0 + 16 * nv] = False

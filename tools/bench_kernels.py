@@ -9,6 +9,7 @@ weight bytes, and the ratio to the floor (1.00 = at memory bandwidth).
     python tools/bench_kernels.py                 # everything, T = 1 and 8
     python tools/bench_kernels.py --cases int8-gate logits --tokens 1
     python tools/bench_kernels.py --cases int4-gate int4-down ffn-int4 --tokens 1 2 8
+    python tools/bench_kernels.py --cases int8-gate int8-down ffn-int8 --tokens 1 2 4 8 --repeats 5
     python tools/bench_kernels.py --mmap /tmp/bench   # weights as np.memmap files
 """
 from __future__ import annotations
