@@ -71,6 +71,17 @@ def load(model_dir: str | os.PathLike, compilation_cache: str | None = None,
     return Runtime(engine, tok)
 
 
+def prepare_jax_environment() -> None:
+    """Let JAX's GPU allocator take 95% of the device, not its default 75%.
+
+    The expert cache is sized from the allocator's limit, so the default would
+    leave a fifth of an H100 unused. Environment variables are read when JAX
+    starts its backend, so CLI mains call this first; library users set
+    XLA_PYTHON_CLIENT_MEM_FRACTION themselves.
+    """
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
+
+
 def add_engine_arguments(p) -> None:
     """The engine options every CLI shares (generate, profile)."""
     p.add_argument("--expert-cache-gb", type=float, default=None,

@@ -43,6 +43,10 @@ token: even and odd rows in two chains, then added), then scale and add. ``matmu
 can vectorize the reduction with many partial sums, which is what makes it run
 at memory bandwidth (1.4x faster in our measurement) and is at least as
 accurate as a sequential sum. Results are deterministic for a given machine.
+
+numba's on-disk cache (``cache=True``) is keyed on this file: after editing
+only ``lowmem/q4_llvm.py``, delete ``lowmem/__pycache__/*.nb[ic]`` or the old
+micro-kernels stay compiled in.
 """
 from __future__ import annotations
 
