@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from typing import Iterator
@@ -71,15 +72,17 @@ def load(model_dir: str | os.PathLike, compilation_cache: str | None = None,
     return Runtime(engine, tok)
 
 
-def prepare_jax_environment() -> None:
-    """Let JAX's GPU allocator take 95% of the device, not its default 75%.
+def setup_cli(verbose: bool) -> None:
+    """Logging for a CLI, and JAX's GPU allocator at 95% of the device, not 75%.
 
-    The expert cache is sized from the allocator's limit, so the default would
-    leave a fifth of an H100 unused. Environment variables are read when JAX
-    starts its backend, so CLI mains call this first; library users set
+    The expert cache is sized from the allocator's limit, so JAX's default
+    would leave a fifth of an H100 unused. Environment variables are read when
+    JAX starts its backend, so CLI mains call this first; library users set
     XLA_PYTHON_CLIENT_MEM_FRACTION themselves.
     """
     os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
 
 
 def add_engine_arguments(p) -> None:

@@ -10,7 +10,7 @@ import argparse
 import logging
 import sys
 
-from lowmem.api import add_engine_arguments, engine_kwargs, prepare_jax_environment
+from lowmem.api import add_engine_arguments, engine_kwargs, setup_cli
 from lowmem.engine import EngineError
 from lowmem.sampling import SamplingParams
 from quant.packed import PackedFormatError
@@ -46,9 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    prepare_jax_environment()
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    setup_cli(args.verbose)
     from lowmem.api import load
     from lowmem.generation import GenerationRequest
     try:

@@ -30,7 +30,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from lowmem.api import add_engine_arguments, prepare_jax_environment
+from lowmem.api import add_engine_arguments, setup_cli
 from lowmem.engine import Engine
 from lowmem.experts import DeviceExperts, ExpertCache, Stager
 from lowmem.generation import GenerationRequest, generate_tokens, make_sampler
@@ -541,9 +541,7 @@ def prompt_ids_from_args(args, runtime) -> list[int]:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    prepare_jax_environment()
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    setup_cli(args.verbose)
     from lowmem.api import engine_kwargs, load
     from lowmem.engine import EngineError
     from quant.packed import PackedFormatError

@@ -269,6 +269,18 @@ def _hist_sums(hist, ws, b0, c0, s, si):
     return err, norm
 
 
+@njit(inline="always", cache=True)
+def _nibble(x, inv):
+    """x quantized with reciprocal scale ``inv``: rint, clipped to [-8, 7] (float32)."""
+    return min(max(np.rint(x * inv), np.float32(-8.0)), np.float32(7.0))
+
+
+@njit(inline="always", cache=True)
+def _pack2(q0, q1):
+    """Two int4 values in one byte: q0 (even row) low nibble, q1 high."""
+    return np.uint8((np.int32(q0) & 15) | ((np.int32(q1) & 15) << 4))
+
+
 @njit(cache=True)
 def _pack_values(w, ws, rb, r0, r1, c0, s, si, packed):
     """_pack_rows without the error sums (the histogram path has them), reading
@@ -285,9 +297,9 @@ def _pack_values(w, ws, rb, r0, r1, c0, s, si, packed):
             for j in range(cw):
                 x0 = np.float32(w0[j]) * s0[j]
                 x1 = np.float32(w1[j]) * s1[j]
-                q0 = min(max(np.rint(x0 * si[j]), np.float32(-8.0)), np.float32(7.0))
-                q1 = min(max(np.rint(x1 * si[j]), np.float32(-8.0)), np.float32(7.0))
-                out[j] = np.uint8((np.int32(q0) & 15) | ((np.int32(q1) & 15) << 4))
+                q0 = _nibble(x0, si[j])
+                q1 = _nibble(x1, si[j])
+                out[j] = _pack2(q0, q1)
 
 
 @njit(cache=True)
@@ -303,13 +315,13 @@ def _pack_rows(w, ws, rb, r0, r1, c0, s, si, packed):
         for j in range(cw):
             x0 = np.float32(w0[j]) * s0[j]
             x1 = np.float32(w1[j]) * s1[j]
-            q0 = min(max(np.rint(x0 * si[j]), np.float32(-8.0)), np.float32(7.0))
-            q1 = min(max(np.rint(x1 * si[j]), np.float32(-8.0)), np.float32(7.0))
+            q0 = _nibble(x0, si[j])
+            q1 = _nibble(x1, si[j])
             d0 = np.float64(x0 - q0 * s[j])
             d1 = np.float64(x1 - q1 * s[j])
             err[j] += d0 * d0 + d1 * d1
             norm[j] += np.float64(x0) * x0 + np.float64(x1) * x1
-            out[j] = np.uint8((np.int32(q0) & 15) | ((np.int32(q1) & 15) << 4))
+            out[j] = _pack2(q0, q1)
     return err.sum(), norm.sum()
 
 
