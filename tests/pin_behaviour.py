@@ -1,0 +1,50 @@
+"""Cases for tests/test_behaviour_pin.py; run as a script to rewrite the expected file.
+
+    python tests/pin_behaviour.py   # only when a change of numbers is intended
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+PROMPT = [5, 17, 99, 3, 250, 42, 7, 300]
+# name -> (bits, group size, backend)
+CASES = {"int8-host": (8, None, "host"), "int8-device": (8, None, "device"),
+         "int4-host": (4, 32, "host"), "int4-device": (4, 32, "device")}
+
+
+def run_case(name: str, cfg, ckpt: Path, workdir: Path) -> dict:
+    """Greedy tokens after PROMPT and the logits of its last two positions."""
+    from lowmem.api import load
+    from lowmem.generation import greedy_ids, prompt_logits
+    from quant.packed import QuantSettings
+    from quant.quantize import quantize_checkpoint
+    bits, group, backend = CASES[name]
+    quantize_checkpoint(ckpt, workdir / "model", cfg, QuantSettings(bits, group))
+    rt = load(workdir / "model", backend=backend, expert_cache_gb=1.0)
+    tokens = greedy_ids(rt.engine, PROMPT, 8)
+    logits = prompt_logits(rt.engine, PROMPT)[-2:]
+    return {"tokens": [int(t) for t in tokens], "logits": np.round(logits, 6).tolist()}
+
+
+def main() -> int:
+    import tempfile
+    from lowmem.config import preset
+    from quant.synthetic import write_checkpoint
+    cfg = preset("tiny")
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = write_checkpoint(cfg, Path(tmp) / "ckpt-0", seed=0)
+        for name in CASES:
+            out[name] = run_case(name, cfg, ckpt, Path(tmp) / name)
+    path = Path(__file__).parent / "data" / "behaviour_pin.json"
+    path.write_text(json.dumps(out))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

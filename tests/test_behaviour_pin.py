@@ -1,0 +1,26 @@
+"""Behaviour pinned across refactors: greedy tokens and logits on the tiny preset.
+
+The expected values in tests/data/behaviour_pin.json were produced by the
+engine before the module reorganisation of issue #8 (tools/pin_behaviour.py
+writes them); any change of arithmetic, routing or generation shows up here.
+Tokens must match exactly; logits to 1e-5 relative (the numba kernels may
+contract differently on AVX2 and AVX-512 hosts).
+"""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pin_behaviour import CASES, run_case
+
+EXPECTED = json.loads((Path(__file__).parent / "data" / "behaviour_pin.json").read_text())
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_behaviour_unchanged(case, tiny_cfg, tiny_ckpt, tmp_path_factory):
+    got = run_case(case, tiny_cfg, tiny_ckpt, tmp_path_factory.mktemp(case))
+    want = EXPECTED[case]
+    assert got["tokens"] == want["tokens"]
+    logits, ref = np.array(got["logits"]), np.array(want["logits"])
+    assert np.abs(logits - ref).max() <= 1e-5 * np.abs(ref).max()
