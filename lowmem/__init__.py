@@ -1,8 +1,11 @@
 """lowmem: run Grok-1 on one GPU (or a CPU) by streaming only the routed experts.
 
-``lowmem.load(model_dir, ...)`` returns an engine; importing this package does
-nothing else (no JAX initialization, no compilation).
+``lowmem.load(model_dir, ...)`` returns a runtime; importing this package does
+nothing else (no JAX initialization, no compilation). The model configuration
+lives in ``quant.config`` (the packed format needs it too) and is re-exported
+here.
 """
+from quant.config import PRESETS, GrokConfig, preset  # noqa: F401
 
 
 def load(model_dir, **options):

@@ -12,7 +12,7 @@ import os
 import shutil
 from pathlib import Path
 
-from lowmem.config import preset
+from quant.config import preset
 from quant.packed import MANIFEST, QuantSettings
 
 log = logging.getLogger(__name__)

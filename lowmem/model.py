@@ -17,7 +17,7 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from lowmem.config import GrokConfig
+from quant.config import GrokConfig
 from quant.qweight import QWeight
 
 BF16 = jnp.bfloat16

@@ -32,7 +32,7 @@ import re
 import sys
 from dataclasses import asdict, dataclass, field
 
-from lowmem.config import GrokConfig, preset
+from quant.config import GrokConfig, preset
 from quant.packed import QuantSettings, expert_block_layout, file_sizes, tensor_layout
 from quant.spec import ATTENTION_ROLES
 

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from lowmem.config import PRESETS, GrokConfig, preset
+from quant.config import PRESETS, GrokConfig, preset
 from quant.checkpoint import CheckpointError
 from quant.packed import PackedFormatError, QuantSettings, verify_model
 from quant.quantize import Progress, QuantizeError, quantize_checkpoint

@@ -40,7 +40,7 @@ import os
 import ml_dtypes
 import numpy as np
 
-from lowmem.config import GrokConfig
+from quant.config import GrokConfig
 from quant.checkpoint import dequantize, iter_checkpoint
 
 log = logging.getLogger(__name__)
@@ -318,7 +318,7 @@ def main(argv=None) -> int:
     import argparse
     import sys
 
-    from lowmem.config import PRESETS, preset
+    from quant.config import PRESETS, preset
     from quant.checkpoint import CheckpointError
     p = argparse.ArgumentParser(prog="python -m lowmem.reference",
                                 description="Dense reference forward pass (SPEC.md section 2) "

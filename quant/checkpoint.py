@@ -20,7 +20,7 @@ from typing import Iterator
 import ml_dtypes
 import numpy as np
 
-from lowmem.config import GrokConfig
+from quant.config import GrokConfig
 from quant.spec import WeightSpec, checkpoint_specs
 
 log = logging.getLogger(__name__)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lowmem.config import GrokConfig
+from quant.config import GrokConfig
 from quant.packed import (DTYPES, QuantSettings, TensorEntry, entry_to_json, file_sizes,
                           tensor_layout, write_json_atomic)
 from quant.spec import WeightSpec, checkpoint_specs

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lowmem.config import GrokConfig
+from quant.config import GrokConfig
 from quant.qweight import BF16, QWeight
 from quant.spec import ATTENTION_ROLES, EXPERT_ROLES, WeightSpec, checkpoint_specs
 

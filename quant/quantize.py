@@ -28,7 +28,7 @@ from typing import Iterator
 
 import numpy as np
 
-from lowmem.config import GrokConfig
+from quant.config import GrokConfig
 from quant.bf16 import to_bf16
 from quant.checkpoint import (QuantizedWeight8bit, check_checkpoint_dir, dequantize,
                               read_tensor)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lowmem.config import GrokConfig
+from quant.config import GrokConfig
 
 # Per-layer leaves in sorted-key order (SPEC.md section 5): (path, role).
 LAYER_LEAVES = (

@@ -31,7 +31,7 @@ from typing import Callable
 import numpy as np
 from numba import njit, prange
 
-from lowmem.config import GrokConfig
+from quant.config import GrokConfig
 from quant.checkpoint import BF16, QuantizedWeight8bit, write_tensor_file
 from quant.spec import LAYER_LEAVES, WeightSpec, checkpoint_specs
 

@@ -1,7 +1,7 @@
 """Shared fixtures: the tiny config and one synthetic checkpoint per test session."""
 import pytest
 
-from lowmem.config import preset
+from quant.config import preset
 from quant.synthetic import write_checkpoint
 
 

@@ -32,7 +32,7 @@ def run_case(name: str, cfg, ckpt: Path, workdir: Path) -> dict:
 
 def main() -> int:
     import tempfile
-    from lowmem.config import preset
+    from quant.config import preset
     from quant.synthetic import write_checkpoint
     cfg = preset("tiny")
     out = {}

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from lowmem.config import PRESETS, GrokConfig, ffn_size, preset
+from quant.config import PRESETS, GrokConfig, ffn_size, preset
 from quant.spec import checkpoint_specs, layer_specs, num_checkpoint_files
 
 

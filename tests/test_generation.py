@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 import lowmem
-from lowmem.config import preset
+from quant.config import preset
 from lowmem.generation import Tokenizer, stream_text
 from quant.packed import QuantSettings
 from quant.quantize import quantize_checkpoint

@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import pytest
 
-from lowmem.config import preset
+from quant.config import preset
 from quant.packed import (ALIGN, MANIFEST, PART_ALIGN, PackedFormatError, PackedModel,
                           QuantSettings, checksum, entry_to_json, expert_block_layout,
                           file_sizes, tensor_layout, verify_model)

@@ -8,7 +8,7 @@ import pytest
 
 from lowmem import plan as PL
 from lowmem.api import load
-from lowmem.config import preset
+from quant.config import preset
 from lowmem.profile import placed_resident_bytes, run_profile
 from quant.packed import PackedModel, QuantSettings
 from quant.quantize import quantize_checkpoint

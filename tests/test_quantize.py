@@ -403,7 +403,7 @@ def test_help_mentions_every_option():
 
 RSS_SCRIPT = textwrap.dedent("""
     import json, resource, sys
-    from lowmem.config import GrokConfig
+    from quant.config import GrokConfig
     from quant.packed import QuantSettings
     from quant.quantize import quantize_checkpoint
     cfg = GrokConfig.from_json(sys.argv[3])
@@ -418,7 +418,7 @@ def test_peak_memory_does_not_grow_with_layers(tmp_path):
     Width 1024 / ffn 4096: one expert file is 32 MB of int8 (96 MB per layer), so
     anything kept per layer would add ~400 MB over 4 more layers.
     """
-    from lowmem.config import preset
+    from quant.config import preset
     from quant.synthetic import write_checkpoint
     peaks = {}
     for layers in (2, 6):

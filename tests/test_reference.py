@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from lowmem import reference as ref
-from lowmem.config import preset
+from quant.config import preset
 from quant.checkpoint import QuantizedWeight8bit, write_tensor_file
 from quant.spec import checkpoint_specs
 

@@ -89,7 +89,7 @@ def main(argv=None) -> int:
     if args.model is None:
         from lowmem.demo import ensure_demo_model
         args.model = ensure_demo_model(args.workdir)
-    from lowmem.config import GrokConfig
+    from quant.config import GrokConfig
     from quant.packed import PackedModel
     cfg: GrokConfig = PackedModel.open(args.model).cfg
     total = cfg.num_layers * cfg.num_experts

@@ -38,7 +38,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from membw import parallel_sum, words  # noqa: E402
-from lowmem.config import preset  # noqa: E402
+from quant.config import preset  # noqa: E402
 from quant.packed import MANIFEST, PackedModel, QuantSettings, file_sizes, tensor_layout  # noqa: E402
 from quant.spec import ATTENTION_ROLES, checkpoint_specs  # noqa: E402
 

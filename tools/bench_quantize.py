@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numba
 
-from lowmem.config import PRESETS, preset
+from quant.config import PRESETS, preset
 from quant.packed import QuantSettings
 from quant.quantize import quantize_checkpoint
 from quant.spec import checkpoint_specs

@@ -24,7 +24,7 @@ import dataclasses
 
 import numpy as np
 
-from lowmem.config import preset
+from quant.config import preset
 from quant.checkpoint import dequantize
 from quant.int4 import AMAX_ONLY, CLIP_RATIOS, quantize_int4
 from quant.qweight import BF16, int_values

@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from lowmem.config import PRESETS, GrokConfig, preset
+from quant.config import PRESETS, GrokConfig, preset
 from quant.spec import WeightSpec, checkpoint_specs
 from quant.synthetic import write_checkpoint
 
