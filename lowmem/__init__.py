@@ -5,7 +5,9 @@ nothing else (no JAX initialization, no compilation). The model configuration
 lives in ``quant.config`` (the packed format needs it too) and is re-exported
 here.
 """
-from quant.config import PRESETS, GrokConfig, preset  # noqa: F401
+from quant.config import PRESETS, GrokConfig, preset
+
+__all__ = ["GrokConfig", "PRESETS", "preset", "load"]
 
 
 def load(model_dir, **options):

@@ -32,7 +32,7 @@ def find_tokenizer() -> Path | None:
 
 def ensure_demo_model(workdir: str | os.PathLike) -> Path:
     """Write (once) the synthetic checkpoint and its packed int4 model under ``workdir``."""
-    from quant.quantize import quantize_checkpoint
+    from quant.pipeline import quantize_checkpoint
     from quant.synthetic import write_checkpoint
 
     workdir = Path(workdir)

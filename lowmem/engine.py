@@ -1,34 +1,39 @@
 """The streaming engine: resident attention and embeddings, routed experts streamed.
 
-``load(model_dir)`` opens a packed model directory. Attention weights,
-embeddings, norms and routers are placed once (on the accelerator, or left in
-the mapped files on the host path), the KV cache is preallocated, and experts
-stay in the mapped files until a step is routed to them. One forward step is a
-Python loop over layers of jitted, fixed-shape functions, because the experts a
-layer needs are known only after its router runs.
+An ``Engine`` opens nothing itself: it takes a ``PackedModel`` and a backend
+(``lowmem.backends``: host or device) that places the resident weights once
+and owns the expert computation. The KV cache is preallocated and donated to
+every step. One forward step is a Python loop over layers of jitted,
+fixed-shape functions, because the experts a layer needs are known only after
+its router runs. The jitted functions are module-level, keyed on the config
+and the backend's product functions, so engines of one config share their
+compiled code.
+
+The engine owns the sequence: ``reset()`` starts one, ``feed(tokens)``
+advances it and returns the last token's logits. Nothing outside writes its
+state.
 """
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from lowmem import model as M
-from lowmem.experts import DeviceExperts, ExpertCache, HostExperts, Stager
-from lowmem.host import HostWeight, make_host_linear, make_host_logits, register_host_weight_pytree
+from lowmem.backends import BackendError, make_backend
 from lowmem.timing import StepTimer
 from quant.packed import PackedModel
-from quant.qweight import QWeight
-from quant.spec import ATTENTION_ROLES
 
 log = logging.getLogger(__name__)
-GB = 1 << 30
+PREFILL_BUCKETS = (16, 64, 256)   # prompt chunk lengths compiled; the largest is the chunk
+HEADROOM_GIB = 2.0                # device memory the default expert budget leaves free
 
 
 class EngineError(ValueError):
@@ -38,166 +43,172 @@ class EngineError(ValueError):
 @dataclass(frozen=True)
 class EngineOptions:
     backend: str = "auto"                 # 'auto', 'host' (numba on the mapped files), 'device'
-    expert_cache_gb: float | None = None  # device backend; None = what fits
-    prefetch: bool = True
-    cache_policy: str = "lru"             # 'lru', or 'layer' (cyclic-layer aware; see experts.py)
-    context: int | None = None            # KV cache length; None = the model's sequence_len
-    prefill_buckets: tuple[int, ...] = (16, 64, 256)
-    staging_buffers: int = 2
-    headroom_gb: float = 2.0              # left free on the device by the default budget
+    expert_cache_gb: float | None = None  # device backend, GiB; None = what fits
+    prefetch: bool = True                 # device backend: guess and fetch the next layer's experts
+    cache_policy: str = "lru"             # 'lru', or 'layer' (cyclic-layer aware; expert_cache.py)
+    context: int | None = None            # KV cache length in tokens; None = the model's sequence_len
+    prefill_buckets: tuple[int, ...] = PREFILL_BUCKETS
+    staging_buffers: int = 2              # device backend: expert blocks in host staging at once
+    headroom_gb: float = HEADROOM_GIB     # GiB left free on the device by the default budget
     profile: bool = False                 # per-section timing (synchronizes each section)
     record_routing: bool = False          # keep (layer, experts of real tokens) per layer step
 
 
+def cache_length(context: int, buckets: tuple[int, ...] = PREFILL_BUCKETS) -> int:
+    """KV cache rows for a context: whole prefill chunks, so a last chunk always fits."""
+    chunk = max(buckets)
+    return -(-context // chunk) * chunk
+
+
 @dataclass
-class State:
+class _State:
     """Per-sequence state: the KV cache (donated to each step), key validity, position."""
     caches: list
     valid: jax.Array     # (S,) bool
     pos: int = 0
 
 
-def _pick_backend(name: str, device) -> str:
-    if name == "auto":
-        return "host" if device.platform == "cpu" else "device"
-    if name not in ("host", "device"):
-        raise EngineError(f"backend must be 'auto', 'host' or 'device', got {name!r}")
-    return name
+# Module-level jitted steps: static (config, backend functions), so shared by engines.
+_attention = jax.jit(M.attention_block, static_argnums=(0, 1), donate_argnames=("cache",))
+_residual = jax.jit(M.moe_residual, static_argnums=(0,))
+_mark_valid = jax.jit(M.mark_valid, donate_argnums=(0,))
+_embed = jax.jit(M.embed, static_argnums=(0,))
 
 
-@dataclass
+@partial(jax.jit, static_argnums=(0,))
+def _route(cfg, norm, router, next_norm, next_router, h):
+    """MoE input and routing of this layer, plus a guess at the next layer's experts."""
+    moe_in = M.rms_norm(cfg, h, norm)                                      # (T, D) bf16
+    _, gates, experts = M.route(cfg, moe_in, router)                       # (T, k), (T, k)
+    _, _, next_experts = M.route(cfg, M.rms_norm(cfg, h, next_norm), next_router)
+    return moe_in, gates, experts, next_experts
+
+
+@partial(jax.jit, static_argnums=(0, 1))
+def _last_logits(cfg, logits_fn, h, final_norm, table, index):
+    """Final norm and tied output logits for one row of h -> fp32 (V,)."""
+    hn = M.final_hidden(cfg, jax.lax.dynamic_slice_in_dim(h, index, 1, 0), final_norm)  # (1, D)
+    return logits_fn(cfg, hn, table)[0]
+
+
 class Engine:
-    model: PackedModel
-    options: EngineOptions = field(default_factory=EngineOptions)
-    device: object = None
+    """One model on one device: resident weights placed, KV cache allocated, experts ready."""
 
-    def __post_init__(self):
-        M.register_qweight_pytree()
-        register_host_weight_pytree()
-        self.cfg = cfg = self.model.cfg
-        self.device = self.device or jax.devices()[0]
-        self.backend = _pick_backend(self.options.backend, self.device)
-        self.context = self.options.context or cfg.sequence_len
-        chunk = max(self.options.prefill_buckets)
-        self.cache_len = -(-self.context // chunk) * chunk   # whole chunks always fit
+    def __init__(self, model: PackedModel, options: EngineOptions | None = None, device=None):
+        self.model, self.options = model, options or EngineOptions()
+        self.cfg = model.cfg
+        self.device = device or jax.devices()[0]
+        try:
+            self.backend = make_backend(self.options.backend, model, self.device, self.options)
+        except BackendError as e:
+            raise EngineError(str(e)) from None
+        self.context = self.options.context or self.cfg.sequence_len
+        self.cache_len = cache_length(self.context, self.options.prefill_buckets)
         self.timer = StepTimer(self.options.profile)
         self.routing_trace: list[tuple[int, np.ndarray]] = []
-        self._place_resident()
-        self._build_functions()
-        self.state = self.new_state()          # before sizing the cache: the KV cache counts
-        self.experts = self._make_experts()
+        self.layers = self.backend.place_layers()
+        self.final_norm = jax.device_put(model.final_norm(), self.device)
+        self._state = self._new_state()     # before sizing the cache: the KV cache counts
+        self.experts = self._make_moe()
 
-    # --- set-up -----------------------------------------------------------
-    def _place_resident(self) -> None:
-        put = partial(jax.device_put, device=self.device)
-        self.layers = []
-        for layer in range(self.cfg.num_layers):
-            weights = self.model.layer(layer)
-            lp = {}
-            for role, w in weights.items():
-                if role in ATTENTION_ROLES and self.backend == "host":
-                    lp[role] = HostWeight(np.int32(layer), role, w.shape[1])
-                elif isinstance(w, QWeight):
-                    lp[role] = QWeight(put(w.values), put(w.scales), w.bits, w.group_size)
-                else:
-                    lp[role] = put(w)
-            self.layers.append(lp)
-        self.final_norm = put(self.model.final_norm())
-        self.embed_host = self.model.embed()                 # bf16 (V, D) memmap
-        self.embed_dev = None if self.backend == "host" else put(self.embed_host)
-
-    def _build_functions(self) -> None:
-        cfg = self.cfg
-        if self.backend == "host":
-            weights = [self.model.layer(i) for i in range(cfg.num_layers)]
-            linear = make_host_linear(lambda layer, role: weights[layer][role])
-            logits_fn = make_host_logits(self.embed_host)
-        else:
-            linear = M.dense_linear
-            logits_fn = None
-        self._attn = jax.jit(partial(M.attention_block, cfg, linear), donate_argnames=("cache",))
-        self._route = jax.jit(partial(_route_block, cfg))
-        self._residual = jax.jit(partial(M.moe_residual, cfg))
-        self._mark_valid = jax.jit(M.mark_valid, donate_argnums=(0,))
-        self._embed = jax.jit(partial(M.embed, cfg))
-        self._logits = jax.jit(partial(_last_logits, cfg, logits_fn))
-
-    def _expert_capacity(self) -> int:
-        nbytes = self.model.expert_block_nbytes
-        total = self.cfg.num_layers * self.cfg.num_experts
-        if self.options.expert_cache_gb is not None:
-            budget = int(self.options.expert_cache_gb * GB)
-        else:
-            budget = _free_device_bytes(self.device) - int(self.options.headroom_gb * GB)
-        capacity = min(total, max(budget, 0) // nbytes)
-        need = self.cfg.num_selected_experts
-        if capacity < need:
-            raise EngineError(
-                f"expert cache budget of {budget / GB:.3f} GB holds {capacity} experts of "
-                f"{nbytes / 1e6:.1f} MB; one decode step needs {need} (raise --expert-cache-gb)")
-        return capacity
-
-    def _make_experts(self):
-        if self.backend == "host":
-            return HostExperts(self.model)
-        stager = Stager(self.model, self.device, self.options.staging_buffers)
-        cache = ExpertCache(stager, self.model.expert_block_nbytes, self._expert_capacity(),
-                            policy=self.options.cache_policy, num_layers=self.cfg.num_layers)
-        log.info("expert cache: %d slots of %.1f MB", cache.capacity,
-                 self.model.expert_block_nbytes / 1e6)
-        return DeviceExperts(self.model, cache, prefetch_enabled=self.options.prefetch)
-
-    def new_state(self) -> State:
+    # --- set-up and lifetime ------------------------------------------------
+    def _new_state(self) -> _State:
         caches = M.init_kv_cache(self.cfg, self.cache_len, self.device)
         valid = jax.device_put(jnp.zeros((self.cache_len,), bool), self.device)
-        return State(caches, valid, 0)
+        return _State(caches, valid, 0)
+
+    def _make_moe(self, fetch_hook: Callable | None = None):
+        try:
+            return self.backend.make_moe(self.options, fetch_hook)
+        except BackendError as e:
+            raise EngineError(str(e)) from None
+
+    def reset_expert_cache(self, fetch_hook: Callable | None = None) -> None:
+        """Start again from an empty expert cache with the same options (policy included).
+
+        ``fetch_hook(fetch) -> fetch`` may wrap the transfer function (profiling
+        times each transfer this way).
+        """
+        self.experts.close()
+        self.experts = self._make_moe(fetch_hook)
+
+    def close(self) -> None:
+        """Stop transfer threads and release the backend; the engine is unusable after."""
+        self.experts.close()
+        self.backend.close()
+
+    @property
+    def backend_name(self) -> str:
+        return self.backend.name
 
     @property
     def expert_stats(self):
-        exp = self.experts
-        return exp.cache.stats if isinstance(exp, DeviceExperts) else exp.stats
+        return self.experts.stats
+
+    @property
+    def placed_resident_bytes(self) -> int:
+        """Bytes of resident weights placed on the device (host-backend weights stay mapped)."""
+        leaves = jax.tree_util.tree_leaves([self.layers, self.final_norm, self.backend.placed_table])
+        return sum(int(x.nbytes) for x in leaves if isinstance(x, jax.Array))
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return sum(c.k.nbytes + c.v.nbytes for c in self._state.caches)
+
+    # --- the sequence ---------------------------------------------------------
+    @property
+    def position(self) -> int:
+        """Tokens in the current sequence."""
+        return self._state.pos
+
+    def reset(self) -> None:
+        """Start a new sequence (the KV cache is reused, every key marked invalid)."""
+        self._state = _State(self._state.caches, jnp.zeros_like(self._state.valid), 0)
+
+    def feed(self, tokens) -> jax.Array:
+        """Append tokens (a prompt or one decode token); fp32 logits (V,) of the last one.
+
+        Lengths are padded to a few fixed buckets (1 for decode) so that each
+        shape compiles once; padded positions are marked invalid keys. If a
+        step fails midway, its donated KV buffers are gone: the sequence is
+        reset onto a fresh cache so that later calls still work.
+        """
+        tokens = np.asarray(tokens, np.int32).reshape(-1)
+        if self.position + len(tokens) > self.context:
+            raise EngineError(f"sequence of {self.position + len(tokens)} tokens exceeds the "
+                              f"context of {self.context}")
+        chunk = max(self.options.prefill_buckets)
+        logits = None
+        try:
+            for start in range(0, len(tokens), chunk):
+                part = tokens[start:start + chunk]
+                size = 1 if len(part) == 1 else self._bucket(len(part))
+                padded = np.zeros(size, np.int32)
+                padded[:len(part)] = part
+                last = start + chunk >= len(tokens)
+                logits, self._state = self._forward_chunk(self._state, padded, len(part), last)
+        except BaseException:
+            self._state = self._new_state()
+            raise
+        return logits
 
     # --- forward ----------------------------------------------------------
     def _bucket(self, n: int) -> int:
-        for b in self.options.prefill_buckets:
-            if n <= b:
-                return b
-        return max(self.options.prefill_buckets)
+        return next((b for b in self.options.prefill_buckets if n <= b),
+                    max(self.options.prefill_buckets))
 
-    def forward(self, state: State, tokens) -> tuple[jax.Array, State]:
-        """Feed tokens (prompt chunk(s) or one decode token); logits (V,) of the last one.
-
-        Lengths are padded to a few fixed buckets (1 for decode) so that each
-        shape compiles once; padded positions are marked invalid keys.
-        """
-        tokens = np.asarray(tokens, np.int32).reshape(-1)
-        if state.pos + len(tokens) > self.context:
-            raise EngineError(f"sequence of {state.pos + len(tokens)} tokens exceeds the "
-                              f"context of {self.context}")
-        logits = None
-        chunk = max(self.options.prefill_buckets)
-        for start in range(0, len(tokens), chunk):
-            part = tokens[start:start + chunk]
-            size = 1 if len(part) == 1 else self._bucket(len(part))
-            padded = np.zeros(size, np.int32)
-            padded[:len(part)] = part
-            last = start + chunk >= len(tokens)
-            logits, state = self._forward_chunk(state, padded, len(part), last)
-        return logits, state
-
-    def _forward_chunk(self, state: State, tokens: np.ndarray, n: int, want_logits: bool):
-        timer, pos = self.timer, state.pos
-        rows = self.embed_host[tokens] if self.backend == "host" else self.embed_dev[tokens]
-        h = self._embed(rows)                                             # (T, D) bf16
-        valid = self._mark_valid(state.valid, tokens, pos, n)
+    def _forward_chunk(self, state: _State, tokens: np.ndarray, n: int, want_logits: bool):
+        cfg, timer, pos, backend = self.cfg, self.timer, state.pos, self.backend
+        h = _embed(cfg, backend.embed_rows(tokens))                       # (T, D) bf16
+        valid = _mark_valid(state.valid, tokens, pos, n)
         timer.mark("embedding", h, valid)
         caches = list(state.caches)
         for layer, lp in enumerate(self.layers):
             nxt = self.layers[min(layer + 1, len(self.layers) - 1)]
-            h, caches[layer] = self._attn(lp, h, caches[layer], valid, pos)
+            h, caches[layer] = _attention(cfg, backend.linear, lp, h, caches[layer], valid, pos)
             timer.mark("attention", h)
-            moe_in, gates, experts, next_experts = self._route(
-                lp["moe_norm"], lp["router"], nxt["moe_norm"], nxt["router"], h)
+            moe_in, gates, experts, next_experts = _route(
+                cfg, lp["moe_norm"], lp["router"], nxt["moe_norm"], nxt["router"], h)
             experts_host = np.asarray(experts)                              # sync point
             timer.mark("routing")
             if self.options.record_routing:
@@ -205,39 +216,16 @@ class Engine:
             guess = (layer + 1, np.asarray(next_experts)[:n]) if layer + 1 < len(self.layers) else None
             waited = self.expert_stats.wait_s
             moe = self.experts.moe(layer, moe_in, gates, experts_host, experts, n, guess)
-            h = self._residual(h, moe, lp["moe_post_norm"])
+            h = _residual(cfg, h, moe, lp["moe_post_norm"])
             timer.mark("experts", h)
             timer.add("experts", -(self.expert_stats.wait_s - waited))
             timer.add("transfer_wait", self.expert_stats.wait_s - waited)
         logits = None
         if want_logits:   # only the last chunk's: the output embedding is 1.6 GB to read
-            logits = self._logits(h, self.final_norm, self.embed_dev, n - 1)
+            logits = _last_logits(cfg, backend.logits_fn, h, self.final_norm,
+                                  backend.logits_table, n - 1)
             timer.mark("logits", logits)
-        return logits, State(caches, valid, pos + n)
-
-
-def _route_block(cfg, norm, router, next_norm, next_router, h):
-    """MoE input and routing of this layer, plus a guess at the next layer's experts."""
-    moe_in = M.rms_norm(cfg, h, norm)                                      # (T, D) bf16
-    _, gates, experts = M.route(cfg, moe_in, router)
-    _, _, next_experts = M.route(cfg, M.rms_norm(cfg, h, next_norm), next_router)
-    return moe_in, gates, experts, next_experts
-
-
-def _last_logits(cfg, host_logits, h, final_norm, embed, index):
-    """Final norm and tied output logits for one row of h -> fp32 (V,)."""
-    hn = M.final_hidden(cfg, jax.lax.dynamic_slice_in_dim(h, index, 1, 0), final_norm)
-    if host_logits is None:
-        return M.output_logits(cfg, hn, embed)[0]
-    return M.bf16_mul(host_logits(hn), cfg.output_multiplier_scale).astype(jnp.float32)[0]
-
-
-def _free_device_bytes(device) -> int:
-    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
-    if stats and "bytes_limit" in stats:
-        return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
-    import psutil
-    return int(psutil.virtual_memory().available * 0.5)   # CPU "device": half of free RAM
+        return logits, _State(caches, valid, pos + n)
 
 
 def enable_compilation_cache(path: str | os.PathLike | None = None) -> Path:

@@ -10,7 +10,7 @@ import argparse
 import logging
 import sys
 
-from lowmem.api import add_engine_arguments, engine_kwargs, setup_cli
+from lowmem.cli import add_engine_arguments, engine_kwargs, setup_cli
 from lowmem.engine import EngineError
 from lowmem.sampling import SamplingParams
 from quant.packed import PackedFormatError
@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     setup_cli(args.verbose)
     from lowmem.api import load
-    from lowmem.generation import GenerationRequest
+    from lowmem.decoding import GenerationRequest
     try:
         sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
         model_dir = args.model

@@ -8,7 +8,7 @@ logits, raw top-2 gates.
 Matrix products go through a ``linear(x, w)`` function chosen by the engine, so
 the same attention code runs with weights on the accelerator (``dense_linear``:
 dequantize inside the jitted function) or on the host (numba kernels reached
-through ``jax.pure_callback``, see ``lowmem.host``).
+through ``jax.pure_callback``, see ``lowmem.backends``).
 """
 from __future__ import annotations
 
@@ -23,25 +23,6 @@ from quant.qweight import QWeight
 BF16 = jnp.bfloat16
 F32 = jnp.float32
 MASK_VALUE = -1e30
-
-
-def _qweight_flatten(w: QWeight):
-    return (w.values, w.scales), (w.bits, w.group_size)
-
-
-def _qweight_unflatten(aux, children):
-    obj = object.__new__(QWeight)  # skip __post_init__: children may be tracers
-    for name, value in zip(("values", "scales", "bits", "group_size"), (*children, *aux)):
-        object.__setattr__(obj, name, value)
-    return obj
-
-
-def register_qweight_pytree() -> None:
-    """Let QWeight travel through jit as a pytree (values, scales; bits, group static)."""
-    try:
-        jax.tree_util.register_pytree_node(QWeight, _qweight_flatten, _qweight_unflatten)
-    except ValueError:  # already registered
-        pass
 
 
 class KVCache(NamedTuple):

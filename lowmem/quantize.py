@@ -5,7 +5,7 @@
     python -m lowmem.quantize --checkpoint ckpt-0 --out grok1-int4 --bits 4 --resume
     python -m lowmem.quantize --verify grok1-int4
 
-The work is done by quant.quantize.quantize_checkpoint; this module only parses
+The work is done by quant.pipeline.quantize_checkpoint; this module only parses
 options, shows progress and prints the summary. Exit status: 0 done, 1 --verify
 found a bad tensor or an I/O error stopped the run, 2 bad input (one line on
 stderr, no traceback), 130 interrupted (rerun with --resume).
@@ -22,7 +22,7 @@ from pathlib import Path
 from quant.config import PRESETS, GrokConfig, preset
 from quant.checkpoint import CheckpointError
 from quant.packed import PackedFormatError, QuantSettings, verify_model
-from quant.quantize import Progress, QuantizeError, quantize_checkpoint
+from quant.pipeline import Progress, QuantizeError, quantize_checkpoint
 
 log = logging.getLogger("lowmem.quantize")
 

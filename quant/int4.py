@@ -43,6 +43,7 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit, prange
 
+from quant.bf16 import round_bf16_inplace
 from quant.qweight import BF16, QWeight
 
 COL_TILE = 256  # output columns per tile: 256 contiguous bytes per int8 row
@@ -88,16 +89,6 @@ def _amax(w, ws, rb, r0, r1, c0, cw):
 
 
 @njit(cache=True)
-def _round_bf16(x):
-    """float32 array -> nearest-even bf16 values (as float32), in place (finite x)."""
-    bits = x.view(np.uint32)
-    for j in range(len(bits)):
-        b = bits[j]
-        bits[j] = (b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) \
-            & np.uint32(0xFFFF0000)
-
-
-@njit(cache=True)
 def _candidate_scales(amax, ratio):
     """Scales ``bf16(amax * ratio / 7)`` for ratio (C, cw), and their reciprocals."""
     c_n, cw = ratio.shape
@@ -107,7 +98,7 @@ def _candidate_scales(amax, ratio):
         sc, iv = scale[c], inv[c]
         for j in range(cw):
             sc[j] = amax[j] * ratio[c, j] / np.float32(7.0)
-        _round_bf16(sc)
+        round_bf16_inplace(sc)
         for j in range(cw):
             iv[j] = np.float32(1.0) / sc[j] if sc[j] > 0 else np.float32(0.0)
     return scale, inv

@@ -29,7 +29,7 @@ import numpy as np
 from quant.config import GrokConfig
 from quant.packed import (DTYPES, QuantSettings, TensorEntry, entry_to_json, file_sizes,
                           tensor_layout, write_json_atomic)
-from quant.spec import WeightSpec, checkpoint_specs
+from quant.spec import WeightSpec, global_specs, layers_in_file_order
 
 log = logging.getLogger(__name__)
 
@@ -57,17 +57,13 @@ class Unit:
 
 def plan_units(cfg: GrokConfig, settings: QuantSettings) -> list[Unit]:
     """Units in checkpoint file order; their entries concatenated equal tensor_layout."""
-    specs = checkpoint_specs(cfg)
     layout = tensor_layout(cfg, settings)
-    units = [Unit("global", tuple(specs[:2]),
+    units = [Unit("global", tuple(global_specs(cfg).values()),
                   tuple(e for e in layout if e.layer is None))]
-    layers: dict[int, list[WeightSpec]] = {}
-    for spec in specs[2:]:
-        layers.setdefault(spec.layer, []).append(spec)
-    for layer, layer_specs in layers.items():  # file order: 0, 1, 10, 11, ...
+    for layer, layer_specs in layers_in_file_order(cfg):
         units.append(Unit(f"layer_{layer:02d}", tuple(layer_specs),
                           tuple(e for e in layout if e.layer == layer)))
-    assert [e for u in units for e in u.entries] == layout
+    assert tuple(e for u in units for e in u.entries) == layout
     return units
 
 

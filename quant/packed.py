@@ -22,14 +22,15 @@ import json
 import os
 import zlib
 from dataclasses import asdict, dataclass
-from functools import cached_property
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
 from quant.config import GrokConfig
 from quant.qweight import BF16, QWeight
-from quant.spec import ATTENTION_ROLES, EXPERT_ROLES, WeightSpec, checkpoint_specs
+from quant.spec import (ATTENTION_ROLES, EXPERT_ROLES, WeightSpec, expert_tensor_name, global_specs,
+                        layer_specs, layers_in_file_order)
 
 FORMAT_MAGIC = "lowmem-grok1-packed"
 FORMAT_VERSION = 1
@@ -123,9 +124,10 @@ def resident_file(layer: int) -> str:
     return f"layer_{layer:02d}.resident.bin"
 
 
-def expert_block_layout(cfg: GrokConfig, settings: QuantSettings) -> tuple[list[TensorEntry], int]:
+@lru_cache(maxsize=32)
+def expert_block_layout(cfg: GrokConfig, settings: QuantSettings) -> tuple[tuple[TensorEntry, ...], int]:
     """The parts of one expert block (offsets relative to the block) and its size."""
-    specs = {s.role: s for s in checkpoint_specs(cfg)[2:14]}
+    specs = layer_specs(cfg, 0)
     block = _FileBuilder("", PART_ALIGN)
     for role in EXPERT_ROLES:
         spec = specs[role]
@@ -133,7 +135,7 @@ def expert_block_layout(cfg: GrokConfig, settings: QuantSettings) -> tuple[list[
         for part, shape, dtype in _quantized_parts(spec, settings.bits, group):
             block.add(name=f"{role}.{part}", shape=shape, dtype=dtype, role=role, part=part,
                       bits=settings.bits, group_size=group)
-    return block.entries, _round_up(block.size, ALIGN)
+    return tuple(block.entries), _round_up(block.size, ALIGN)
 
 
 def _layer_entries(cfg: GrokConfig, settings: QuantSettings, layer: int,
@@ -154,26 +156,28 @@ def _layer_entries(cfg: GrokConfig, settings: QuantSettings, layer: int,
     experts = []
     for e in range(cfg.num_experts):
         for p in parts:
-            name = f"transformer/decoder_layer_{layer}/{p.name.split('.')[0]}[{e}].{p.part}"
+            name = expert_tensor_name(layer, p.role, e, p.part)
             experts.append(TensorEntry(**{**asdict(p), "name": name, "file": expert_file(layer),
                                           "offset": e * block_nbytes + p.offset,
                                           "layer": layer, "expert": e, "shape": p.shape}))
     return res.entries + experts
 
 
-def tensor_layout(cfg: GrokConfig, settings: QuantSettings) -> list[TensorEntry]:
-    """Every tensor of a packed model, in write order (global, then layers in file order)."""
-    specs = checkpoint_specs(cfg)
+@lru_cache(maxsize=32)
+def tensor_layout(cfg: GrokConfig, settings: QuantSettings) -> tuple[TensorEntry, ...]:
+    """Every tensor of a packed model, in write order (global, then layers in file order).
+
+    Computed once per (config, settings): both are frozen, so they key the cache.
+    """
+    specs = global_specs(cfg)
     glob = _FileBuilder("global.bin", ALIGN)
-    glob.add(name=specs[0].name, shape=specs[0].shape, dtype="bfloat16", role="embed")
-    glob.add(name=specs[1].name, shape=specs[1].shape, dtype="float32", role="final_norm")
+    glob.add(name=specs["embed"].name, shape=specs["embed"].shape, dtype="bfloat16", role="embed")
+    glob.add(name=specs["final_norm"].name, shape=specs["final_norm"].shape, dtype="float32",
+             role="final_norm")
     entries = list(glob.entries)
-    by_layer: dict[int, list[WeightSpec]] = {}
-    for spec in specs[2:]:
-        by_layer.setdefault(spec.layer, []).append(spec)
-    for layer, layer_specs in by_layer.items():  # file order: 0, 1, 10, 11, ...
-        entries += _layer_entries(cfg, settings, layer, layer_specs)
-    return entries
+    for layer, specs_of_layer in layers_in_file_order(cfg):
+        entries += _layer_entries(cfg, settings, layer, specs_of_layer)
+    return tuple(entries)
 
 
 def file_sizes(entries: list[TensorEntry]) -> dict[str, int]:
@@ -320,21 +324,15 @@ class PackedModel:
         return QWeight(self.view(values), self.view(scales), values.bits, values.group_size)
 
     def embed(self) -> np.ndarray:
-        return self._weight(checkpoint_specs(self.cfg)[0].name)  # bf16 (V, D)
+        return self._weight(global_specs(self.cfg)["embed"].name)  # bf16 (V, D)
 
     def final_norm(self) -> np.ndarray:
-        return self._weight(checkpoint_specs(self.cfg)[1].name)  # f32 (D,)
-
-    @cached_property
-    def _layer_specs(self) -> dict[int, list[WeightSpec]]:
-        out: dict[int, list[WeightSpec]] = {}
-        for s in checkpoint_specs(self.cfg)[2:]:
-            out.setdefault(s.layer, []).append(s)
-        return out
+        return self._weight(global_specs(self.cfg)["final_norm"].name)  # f32 (D,)
 
     def layer(self, layer: int) -> dict[str, np.ndarray | QWeight]:
         """Resident weights of one layer by role (q/k/v/o, norms, router)."""
-        return {s.role: self._weight(s.name) for s in self._layer_specs[layer] if not s.per_expert}
+        return {role: self._weight(s.name) for role, s in layer_specs(self.cfg, layer).items()
+                if not s.per_expert}
 
     def expert(self, layer: int, expert: int) -> ExpertBlock:
         file = expert_file(layer)

@@ -10,11 +10,16 @@ int4 values are packed two per byte along K: byte [i, n] holds row 2i in its
 low nibble and row 2i+1 in its high nibble, both two's complement in [-8, 7].
 (``jnp.int4`` would take a whole byte per value on CPU, so we pack ourselves.)
 Scales are bf16, as in the release; quantization is symmetric (no zero point).
+
+QWeight is a JAX pytree (values and scales are leaves; bits and group size
+static), registered here where it is defined, so it travels through ``jax.jit``
+as numpy views, device arrays or tracers alike.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import jax
 import ml_dtypes
 import numpy as np
 
@@ -29,9 +34,11 @@ class QWeight:
     group_size: int
 
     def __post_init__(self):
-        k, n = self.shape
         if self.bits not in (4, 8):
             raise ValueError(f"bits must be 4 or 8, got {self.bits}")
+        if not (hasattr(self.values, "shape") and hasattr(self.scales, "shape")):
+            return   # JAX rebuilds pytrees with placeholder leaves: nothing to check
+        k, n = self.shape
         if self.group_size <= 0 or k % self.group_size:
             raise ValueError(f"group_size {self.group_size} does not divide K={k}")
         if self.scales.shape[-2:] != (k // self.group_size, n):
@@ -45,6 +52,11 @@ class QWeight:
     @property
     def nbytes(self) -> int:
         return self.values.nbytes + self.scales.nbytes
+
+
+jax.tree_util.register_pytree_node(
+    QWeight, lambda w: ((w.values, w.scales), (w.bits, w.group_size)),
+    lambda aux, children: QWeight(*children, *aux))
 
 
 def pack_int4(q: np.ndarray) -> np.ndarray:

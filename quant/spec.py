@@ -7,6 +7,7 @@ else spells out a weight's name, shape or storage.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 from quant.config import GrokConfig
 
@@ -89,8 +90,12 @@ def _layer_shapes(cfg: GrokConfig) -> dict[str, tuple[tuple[int, ...], tuple[int
     }
 
 
-def checkpoint_specs(cfg: GrokConfig) -> list[WeightSpec]:
-    """All leaves in file order; ``specs[i]`` is stored in ``tensor{i:05d}_000``."""
+@lru_cache(maxsize=16)
+def checkpoint_specs(cfg: GrokConfig) -> tuple[WeightSpec, ...]:
+    """All leaves in file order; ``specs[i]`` is stored in ``tensor{i:05d}_000``.
+
+    Computed once per config (the config is frozen, so it is a cache key).
+    """
     specs = [
         WeightSpec(0, "language_model/in_out_embed/embeddings", "embed", None,
                    (cfg.vocab_size, cfg.emb_size), None),
@@ -102,12 +107,41 @@ def checkpoint_specs(cfg: GrokConfig) -> list[WeightSpec]:
             shape, scale_shape = shapes[role]
             specs.append(WeightSpec(len(specs), f"transformer/decoder_layer_{layer}/{path}",
                                     role, layer, shape, scale_shape))
-    return specs
+    return tuple(specs)
+
+
+def global_specs(cfg: GrokConfig) -> dict[str, WeightSpec]:
+    """The two leaves outside the layers, by role: 'embed' and 'final_norm'."""
+    return {s.role: s for s in checkpoint_specs(cfg)[:2]}
+
+
+@lru_cache(maxsize=16)
+def _specs_by_layer(cfg: GrokConfig) -> dict[int, dict[str, WeightSpec]]:
+    out: dict[int, dict[str, WeightSpec]] = {}
+    for s in checkpoint_specs(cfg)[2:]:
+        out.setdefault(s.layer, {})[s.role] = s
+    return out
 
 
 def layer_specs(cfg: GrokConfig, layer: int) -> dict[str, WeightSpec]:
-    """The 12 leaves of one layer, by role."""
-    return {s.role: s for s in checkpoint_specs(cfg) if s.layer == layer}
+    """The 12 leaves of one layer, by role (in the release's sorted-key order)."""
+    return dict(_specs_by_layer(cfg)[layer])
+
+
+def layers_in_file_order(cfg: GrokConfig) -> list[tuple[int, list[WeightSpec]]]:
+    """(layer, its 12 specs) in the order their files appear: 0, 1, 10, 11, ..."""
+    by_layer = _specs_by_layer(cfg)
+    return [(layer, list(by_layer[layer].values())) for layer in layer_file_order(cfg.num_layers)]
+
+
+def expert_tensor_name(layer: int, role: str, expert: int, part: str | None = None) -> str:
+    """The name of one expert's matrix (or of its ``part``: 'values' or 'scales').
+
+    The release stores all experts of a role in one leaf; the packed format
+    and the quantizer name each expert's slice ``<layer path>/<role>[e]``.
+    """
+    name = f"transformer/decoder_layer_{layer}/{role}[{expert}]"
+    return name if part is None else f"{name}.{part}"
 
 
 def num_checkpoint_files(cfg: GrokConfig) -> int:

@@ -32,6 +32,7 @@ import numpy as np
 from numba import njit, prange
 
 from quant.config import GrokConfig
+from quant.bf16 import round_bf16_inplace
 from quant.checkpoint import BF16, QuantizedWeight8bit, write_tensor_file
 from quant.spec import LAYER_LEAVES, WeightSpec, checkpoint_specs
 
@@ -113,15 +114,6 @@ def _fill_normal(out, key, mean, row_scale, col_mult):
 
 
 @njit(inline="always")
-def _round_bf16(values):
-    """Round a float32 array to the nearest bf16 value (ties to even), in place."""
-    bits = values.view(np.uint32)
-    for j in range(bits.shape[0]):
-        b = bits[j]
-        bits[j] = (b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
-
-
-@njit(inline="always")
 def _fill_tile(tile, key, row0, rows_total, cols, c0, e):
     """tile[r, j] = z(key, (e * K + row0 + r) * N + c0 + j)."""
     for r in range(tile.shape[0]):
@@ -147,7 +139,7 @@ def _quantize_tile(vals, q, s):
             hi[j] = max(hi[j], vals[r, j])
     for j in range(width):
         s[j] = max(-lo[j] / np.float32(128.0), hi[j] / np.float32(127.0))
-    _round_bf16(s)
+    round_bf16_inplace(s)
     inv = np.empty(width, np.float32)
     for j in range(width):
         if s[j] == 0:

@@ -19,9 +19,10 @@ CASES = {"int8-host": (8, None, "host"), "int8-device": (8, None, "device"),
 def run_case(name: str, cfg, ckpt: Path, workdir: Path) -> dict:
     """Greedy tokens after PROMPT and the logits of its last two positions."""
     from lowmem.api import load
-    from lowmem.generation import greedy_ids, prompt_logits
+    from helpers import greedy_ids
+    from lowmem.decoding import prompt_logits
     from quant.packed import QuantSettings
-    from quant.quantize import quantize_checkpoint
+    from quant.pipeline import quantize_checkpoint
     bits, group, backend = CASES[name]
     quantize_checkpoint(ckpt, workdir / "model", cfg, QuantSettings(bits, group))
     rt = load(workdir / "model", backend=backend, expert_cache_gb=1.0)

@@ -13,15 +13,15 @@ structural bugs SPEC.md section 2 lists move logits by 0.13 to 0.9. Greedy
 continuations must be identical.
 """
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from lowmem import reference as R
-from lowmem.engine import Engine, EngineError, EngineOptions, State
-from lowmem.generation import greedy_ids, prompt_logits
+from helpers import greedy_ids
+from lowmem.decoding import prompt_logits
+from lowmem.engine import Engine, EngineError, EngineOptions
 from quant.packed import PackedFormatError, PackedModel, QuantSettings
-from quant.quantize import quantize_checkpoint
+from quant.pipeline import quantize_checkpoint
 
 PROMPTS = [[5, 17, 99, 3, 250, 42, 7, 300], [11, 12, 13], [400, 1, 2, 77, 77, 8]]
 
@@ -98,9 +98,9 @@ def test_prefill_in_buckets_equals_token_by_token(packed):
     engine = _engine(packed["int8"], prefill_buckets=(4, 8))
     prompt = PROMPTS[0] + PROMPTS[2]                     # 14 tokens: chunks of 8, then 6 -> 8
     stepwise = prompt_logits(engine, prompt)[-1]
-    state = State(engine.state.caches, jnp.zeros_like(engine.state.valid), 0)
-    logits, state = engine.forward(state, prompt)
-    assert state.pos == len(prompt)
+    engine.reset()
+    logits = engine.feed(prompt)
+    assert engine.position == len(prompt)
     np.testing.assert_array_equal(np.asarray(logits), stepwise)
 
 
@@ -114,8 +114,9 @@ def test_host_and_device_paths_agree(packed):
 def test_no_recompilation_after_warmup(packed):
     engine = _engine(packed["int8"], slots=3)
     greedy_ids(engine, [3, 4, 5], 3)                     # warm-up: bucket 16 and decode
-    fns = [engine._attn, engine._route, engine._residual, engine._mark_valid, engine._embed,
-           engine._logits, engine.experts._fn]
+    from lowmem import engine as E, moe
+    fns = [E._attention, E._route, E._residual, E._mark_valid, E._embed, E._last_logits,
+           moe._expert_accumulate]
     sizes = [f._cache_size() for f in fns]
     greedy_ids(engine, [9, 8, 7, 6, 5, 4, 3], 6)         # another prompt, same bucket
     greedy_ids(engine, [100, 200], 4)
@@ -143,7 +144,7 @@ def test_prompt_longer_than_context(packed):
     engine = _engine(packed["int8"], context=16, prefill_buckets=(8,))
     with pytest.raises(EngineError, match="does not fit the context of 16"):
         greedy_ids(engine, list(range(5, 25)), 1)
-    from lowmem.generation import GenerationRequest, generate_tokens
+    from lowmem.decoding import GenerationRequest, generate_tokens
     from lowmem.sampling import SamplingParams
     req = GenerationRequest(3, SamplingParams(temperature=0.0), truncate=True, stop_at_eos=False)
     truncated = list(generate_tokens(engine, list(range(5, 25)), req))
@@ -164,7 +165,7 @@ def test_invalid_model_dir(tmp_path, packed):
 @pytest.mark.parametrize("pinned", [True, False])
 def test_stager_copy_paths_deliver_the_block_bytes(packed, pinned):
     """The accelerator-style copy paths (forced on CPU) move exactly the block's bytes."""
-    from lowmem.experts import Stager
+    from lowmem.staging import Stager
     model = packed["int4"]
     stager = Stager(model, jax.devices()[0], pinned=pinned, force_copy=True)
     assert stager.pinned == pinned

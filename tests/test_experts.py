@@ -4,7 +4,7 @@ import threading
 import numpy as np
 import pytest
 
-from lowmem.experts import ExpertCache
+from lowmem.expert_cache import ExpertCache
 
 
 class FakeFetch:
@@ -112,7 +112,7 @@ def test_in_flight_prefetch_is_waited_for_not_refetched():
 def test_layer_policy_matches_its_simulator_and_beats_lru_on_cyclic_decode():
     """Decode visits layers cyclically; with fewer slots than one token's experts LRU
     evicts exactly what comes next, the layer-aware order does not."""
-    from lowmem.profile import lru_hits, policy_hits
+    from lowmem.expert_cache import lru_hits, policy_hits
     layers, slots = 6, 8
     rng = np.random.default_rng(1)
     steps = [[(layer, int(e)) for e in rng.choice(8, 2, replace=False)]
@@ -127,7 +127,7 @@ def test_layer_policy_matches_its_simulator_and_beats_lru_on_cyclic_decode():
 
 
 def test_eviction_order_prefers_the_layer_furthest_ahead():
-    from lowmem.experts import eviction_order
+    from lowmem.expert_cache import eviction_order
     keys = [(2, 4), (0, 1), (3, 2), (1, 5), (3, 0)]     # least recently used first
     assert eviction_order(keys, "lru", 2, 4) == keys
     # current layer 2: layer 1 comes back last, then 0, then 3 (next); layer 2 last resort

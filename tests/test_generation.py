@@ -7,9 +7,9 @@ import pytest
 
 import lowmem
 from quant.config import preset
-from lowmem.generation import Tokenizer, stream_text
+from lowmem.tokenizer import Tokenizer, stream_text
 from quant.packed import QuantSettings
-from quant.quantize import quantize_checkpoint
+from quant.pipeline import quantize_checkpoint
 from quant.synthetic import write_checkpoint
 
 TOKENIZER = Path(__file__).resolve().parents[1].parent / "shared" / "grok1" / "tokenizer.model"

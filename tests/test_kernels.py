@@ -1,4 +1,4 @@
-"""lowmem.kernels against plain numpy float64 references built from
+"""lowmem.cpu_kernels against plain numpy float64 references built from
 quant.qweight.dequantize (the independent meaning of a QWeight).
 
 Tolerance: the kernels accumulate in fp32. Each output is a K-term dot product
@@ -19,7 +19,9 @@ import pytest
 from numba import njit
 from numba.core.registry import cpu_target
 
-from lowmem import kernels, q4_llvm
+from lowmem import cpu_kernels as kernels
+from lowmem import simd_kernels
+from quant.bf16 import round_bf16_inplace, round_bf16_scalar, to_bf16
 from quant.qweight import QWeight, dequantize, pack_int4
 
 BF16 = ml_dtypes.bfloat16
@@ -63,22 +65,24 @@ def _bf16_test_bits():
     return np.concatenate([bits, ties, special])
 
 
-def test_round_bf16_bit_exact_vs_ml_dtypes():
-    bits = _bf16_test_bits()
-    f = bits.view(np.float32)
+def test_round_bf16_inplace_and_to_bf16_bit_exact_vs_ml_dtypes():
+    """The project's one numba bf16 rounding primitive, through both of its users."""
+    f = _bf16_test_bits().view(np.float32)
     with np.errstate(invalid="ignore"):
         ref = f.astype(BF16).astype(np.float32).view(np.uint32)
-    assert np.array_equal(kernels.round_bf16(f).view(np.uint32), ref)
-    two_d = kernels.round_bf16(f[:700].reshape(100, 7))  # any shape, shape kept
-    assert two_d.shape == (100, 7)
-    assert np.array_equal(two_d.view(np.uint32), ref[:700].reshape(100, 7))
+    inplace = f.copy()
+    njit(lambda a: round_bf16_inplace(a))(inplace)
+    assert np.array_equal(inplace.view(np.uint32), ref)
+    stored, _ = to_bf16(f[:700].reshape(100, 7))  # any shape, shape kept
+    assert stored.shape == (100, 7)
+    assert np.array_equal(stored.astype(np.float32).view(np.uint32), ref[:700].reshape(100, 7))
 
 
 @njit
 def _round_loop(a):
     out = np.empty_like(a)
     for i in range(a.size):
-        out[i] = kernels.round_bf16_scalar(a[i])
+        out[i] = round_bf16_scalar(a[i])
     return out
 
 
@@ -155,13 +159,13 @@ def test_int4_micro_kernel_both_decoders(tb, nv, lut):
     """One micro-kernel call at offsets (rows, columns, tokens, accumulator
     columns) with either nibble decoder: the xor one is what machines without
     AVX-512 run, so it is tested here even where matmul uses the table."""
-    if lut and not q4_llvm._has_avx512(cpu_target.target_context):
+    if lut and not simd_kernels._has_avx512(cpu_target.target_context):
         pytest.skip("the table decoder needs AVX-512")
     rng = np.random.default_rng(tb * 10 + nv)
     k, n, i0, n0, t0, a0 = 64, 160, 3, 64, 1, 16
     w = _qweight(rng, k, n, 4, k)
     x = rng.standard_normal((tb + 2, k)).astype(np.float32)
-    kern = q4_llvm._q4_kernel(tb, nv, lut=lut)
+    kern = simd_kernels._q4_kernel(tb, nv, lut=lut)
 
     @njit
     def run(p, x, sc, acc):
@@ -203,12 +207,12 @@ def test_int8_micro_kernel(tb, nv):
     k, n, i0, n0, t0, a0, kx, gi = 64, 160, 3, 64, 1, 16, 5, 1
     w = _qweight(rng, k, n, 8, k // 2)
     x = rng.standard_normal((tb + 2, k + 8)).astype(np.float32)
-    kern = q4_llvm._i8_kernel(tb, nv)
+    kern = simd_kernels._i8_kernel(tb, nv)
     nb = k - i0 - 4
 
     @njit
     def run(p, x, sc, acc):
-        q4_llvm._prefer_512()
+        simd_kernels._prefer_512()
         kern(p, i0, nb, n0, x, t0, kx, sc, gi, acc, a0)
 
     acc = np.zeros((tb + 2, 128), np.float32)

@@ -10,7 +10,7 @@ from quant.config import preset
 from quant.packed import (ALIGN, MANIFEST, PART_ALIGN, PackedFormatError, PackedModel,
                           QuantSettings, checksum, entry_to_json, expert_block_layout,
                           file_sizes, tensor_layout, verify_model)
-from quant.quantize import quantize_checkpoint
+from quant.pipeline import quantize_checkpoint
 from quant.spec import checkpoint_specs
 
 SETTINGS = [QuantSettings(8), QuantSettings(4), QuantSettings(4, 32),

@@ -13,7 +13,7 @@ import pytest
 
 from lowmem import profile as P
 from quant.packed import PackedModel, QuantSettings
-from quant.quantize import quantize_checkpoint
+from quant.pipeline import quantize_checkpoint
 
 GIB = 1 << 30
 
@@ -168,7 +168,7 @@ def test_trace_keys_follow_engine_order():
 def test_lru_simulation_replays_the_engines_cache(int8_dir):
     """The engine's cache (prefetch off) is LRU over trace_keys: same hit count."""
     from lowmem.api import load
-    from lowmem.generation import prompt_logits
+    from lowmem.decoding import prompt_logits
     block = PackedModel.open(int8_dir).expert_block_nbytes
     rt = load(int8_dir, backend="device", prefetch=False, record_routing=True,
               expert_cache_gb=5.5 * block / GIB, prefill_buckets=(4,))

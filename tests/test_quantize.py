@@ -18,13 +18,13 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-import quant.quantize as qq
+import quant.pipeline as qq
 from lowmem.quantize import main
 from quant.checkpoint import dequantize, iter_checkpoint
 from quant.int4 import quantize_int4
 from quant.packed import MANIFEST, PackedModel, QuantSettings
 from quant.qweight import dequantize as dequantize_q
-from quant.quantize import QuantizeError, quantize_checkpoint
+from quant.pipeline import QuantizeError, quantize_checkpoint
 
 TOKENIZER = Path("/work/shared/grok1/tokenizer.model")
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -258,7 +258,7 @@ def test_resume_with_other_settings_is_refused(tiny_cfg, tiny_ckpt, tmp_path, mo
 
 KILL_SCRIPT = textwrap.dedent("""
     import sys, time
-    import quant.quantize as qq
+    import quant.pipeline as qq
     real = qq.write_record
     def slow(*args):            # widen the window between records so the kill lands mid-run
         real(*args)
@@ -405,7 +405,7 @@ RSS_SCRIPT = textwrap.dedent("""
     import json, resource, sys
     from quant.config import GrokConfig
     from quant.packed import QuantSettings
-    from quant.quantize import quantize_checkpoint
+    from quant.pipeline import quantize_checkpoint
     cfg = GrokConfig.from_json(sys.argv[3])
     quantize_checkpoint(sys.argv[1], sys.argv[2], cfg, QuantSettings(4))
     print(json.dumps({"peak_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))

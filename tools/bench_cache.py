@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lowmem.profile import belady_hits, lru_hits, policy_hits, trace_keys  # noqa: E402
+from lowmem.expert_cache import belady_hits, lru_hits, policy_hits, trace_keys  # noqa: E402
 
 GIB = 1 << 30
 
@@ -55,7 +55,7 @@ def record(model_dir, args, check_slots: int):
     and routing repeats with it).
     """
     import numpy as np
-    from lowmem.generation import GenerationRequest, generate_tokens, prompt_logits
+    from lowmem.decoding import GenerationRequest, generate_tokens, prompt_logits
     from lowmem.sampling import SamplingParams
     rt = _engine(model_dir, check_slots)
     vocab = rt.engine.cfg.vocab_size

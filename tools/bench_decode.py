@@ -72,7 +72,7 @@ def check_disk(workdir: Path, need: int, what: str) -> None:
 
 def build_models(args) -> list[Path]:
     """The packed models for --bits (reused when present); writes the checkpoint if needed."""
-    from quant.quantize import quantize_checkpoint
+    from quant.pipeline import quantize_checkpoint
     from quant.synthetic import write_checkpoint
     cfg = preset("grok-1", num_layers=args.layers)
     workdir = Path(args.workdir)
@@ -130,13 +130,13 @@ def prefault_experts(model: PackedModel) -> float:
     return time.perf_counter() - start
 
 
-def decode_seconds(engine, prompt: list[int], tokens: int, sampler) -> list[float]:
+def decode_seconds(engine, prompt: list[int], tokens: int) -> list[float]:
     """Per-token wall seconds of ``tokens`` greedy decode steps (after the prefill)."""
-    from lowmem.generation import GenerationRequest, generate_tokens
+    from lowmem.decoding import GenerationRequest, generate_tokens
     from lowmem.sampling import SamplingParams
     req = GenerationRequest(tokens + 1, SamplingParams(temperature=0.0), stop_at_eos=False)
     out, last = [], None
-    for _ in generate_tokens(engine, prompt, req, sampler):
+    for _ in generate_tokens(engine, prompt, req):
         now = time.perf_counter()
         if last is not None:
             out.append(now - last)
@@ -146,21 +146,20 @@ def decode_seconds(engine, prompt: list[int], tokens: int, sampler) -> list[floa
 
 def bench_model(model_dir: Path, args) -> dict:
     from lowmem.api import load
-    from lowmem.generation import make_sampler
     rt = load(model_dir, backend="host", context=args.context)
-    model, sampler = rt.engine.model, make_sampler()
+    model = rt.engine.model
     bufs = touched_buffers(model)
     nbytes = {k: sum(int(b.nbytes) for b in v) for k, v in bufs.items()}
     same = [words(b) for v in bufs.values() for b in v]
     anon = np.ones(sum(w.nbytes for w in same) // 8, np.uint64)                  # touched
     fault_s = prefault_experts(model)
     prompt = list(range(100, 100 + args.prompt_tokens))
-    decode_seconds(rt.engine, prompt, 2, sampler)                                # compile, warm
+    decode_seconds(rt.engine, prompt, 2)                                # compile, warm
     steps, floor_same, floor_anon = [], [], []
     for _ in range(args.repeats):
         floor_same.append(read_seconds(same))
         floor_anon.append(read_seconds([anon]))
-        steps += decode_seconds(rt.engine, prompt, args.tokens, sampler)
+        steps += decode_seconds(rt.engine, prompt, args.tokens)
     per_token = sum(nbytes.values())
     step = float(np.median(steps))
     return {"model": model_dir.name, "bits": model.settings.bits, "bytes": nbytes,

@@ -1,4 +1,4 @@
-"""Benchmark lowmem.kernels at Grok-1 sizes against a memory-bandwidth floor.
+"""Benchmark lowmem.cpu_kernels at Grok-1 sizes against a memory-bandwidth floor.
 
 Every case is timed side by side with the fastest honest read of the same
 bytes (a numba parallel sum of the buffers as uint64, or numpy's single-thread
@@ -27,7 +27,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from membw import parallel_sum, words  # noqa: E402
-from lowmem import kernels  # noqa: E402
+from lowmem import cpu_kernels as kernels  # noqa: E402
 from quant.qweight import QWeight  # noqa: E402
 
 D, F, V = 6144, 32768, 131072

@@ -5,7 +5,7 @@ width with a few layers, then, for --bits 8 and --bits 4, measures under the
 same cache conditions:
 
   read      a cat-like sequential read of every checkpoint file (16 MiB reads)
-  quantize  quant.quantize.quantize_checkpoint into a fresh directory (timed
+  quantize  quant.pipeline.quantize_checkpoint into a fresh directory (timed
             to the rename; includes pickle decoding, int4 math, writes, CRC32s
             and the per-layer fsync)
 
@@ -32,7 +32,7 @@ import numba
 
 from quant.config import PRESETS, preset
 from quant.packed import QuantSettings
-from quant.quantize import quantize_checkpoint
+from quant.pipeline import quantize_checkpoint
 from quant.spec import checkpoint_specs
 from quant.synthetic import write_checkpoint
 

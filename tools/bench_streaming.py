@@ -31,8 +31,9 @@ import jax
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lowmem.experts import ExpertCache, Stager  # noqa: E402
-from lowmem.profile import copy_bandwidth  # noqa: E402
+from lowmem.expert_cache import ExpertCache  # noqa: E402
+from lowmem.staging import Stager  # noqa: E402
+from lowmem.profiler import copy_bandwidth  # noqa: E402
 from quant.packed import PackedModel  # noqa: E402
 
 GB = 1e9

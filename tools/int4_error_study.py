@@ -29,7 +29,7 @@ from quant.checkpoint import dequantize
 from quant.int4 import AMAX_ONLY, CLIP_RATIOS, quantize_int4
 from quant.qweight import BF16, int_values
 from quant.qweight import dequantize as dequantize_q
-from quant.spec import checkpoint_specs
+from quant.spec import layer_specs
 from quant.synthetic import generate_tensor
 
 FINE_RATIOS = tuple(round(1.0 - 0.01 * i, 2) for i in range(76))
@@ -116,7 +116,7 @@ def matrices(cols: int, seed: int):
                  else rng.standard_t(5, shape)).astype(np.float32)
             yield (f"{dist} {label}", *release_like(w, blocks))
     cfg = dataclasses.replace(preset("tiny"), emb_size=2048, ffn_size=8192)
-    specs = {s.role: s for s in checkpoint_specs(cfg)[2:14]}
+    specs = layer_specs(cfg, 0)
     for role in ("gate", "down"):
         value = generate_tensor(cfg, specs[role], seed)
         q8, s8 = value.weight[0], value.scales[0].astype(np.float32)

@@ -20,16 +20,14 @@ chunks whose partial sums are added at the end. Weights are read once per
 block of ``_TOKEN_BLOCK`` tokens, not per token.
 
 int8 and packed int4 run micro-kernels written as explicit 16-lane LLVM
-vector code (``lowmem.q4_llvm``): a call takes 16 (int8) or 32 (int4) rows x
+vector code (``lowmem.simd_kernels``): a call takes 16 (int8) or 32 (int4) rows x
 64 columns and up to 8 tokens, keeps one fp32 register accumulator per
 (token, 16 columns), decodes each weight exactly (int8: sign-extend, convert;
 int4: a table lookup with AVX-512, else an xor and a subtraction) and
 multiplies by the scale once per call. Measured on the 2-core target
 (Sapphire Rapids, 6144 x 32768 and 32768 x 6144): int4 one token 3.4-3.6 ms
-per matrix, ~30 GB/s, i.e. at the memory floor (the old per-4-row loop took
-8-10 ms), 8 tokens 11-13 ms (was 31-36 ms); int8 one token 6.5-7 ms, at the
-floor (was 8-8.7), 2 tokens 6.6-7.2 (was 15-16), 8 tokens 15.5-17.5 (was
-33-34). With 8 tokens the FMA units rather than memory are the limit. Other
+per matrix, ~30 GB/s, i.e. at the memory floor, 8 tokens 11-13 ms; int8 one
+token 6.5-7 ms, at the floor, 2 tokens 6.6-7.2, 8 tokens 15.5-17.5. With 8 tokens the FMA units rather than memory are the limit. Other
 dtypes (bf16, fp32) and the columns after the last 64-column strip decode
 4 rows at a time into an L1 buffer applied to every token of the block.
 
@@ -45,27 +43,21 @@ at memory bandwidth (1.4x faster in our measurement) and is at least as
 accurate as a sequential sum. Results are deterministic for a given machine.
 
 numba's on-disk cache (``cache=True``) is keyed on this file: after editing
-only ``lowmem/q4_llvm.py``, delete ``lowmem/__pycache__/*.nb[ic]`` or the old
-micro-kernels stay compiled in.
+only ``lowmem/simd_kernels.py``, delete ``lowmem/__pycache__/*.nb[ic]`` or the
+old micro-kernels stay compiled in.
 """
 from __future__ import annotations
 
-import logging
-import time
-
-import ml_dtypes
 import numba
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
-from lowmem.q4_llvm import _prefer_512, _strip
-from quant.qweight import QWeight
+from lowmem.simd_kernels import _prefer_512, _strip
+from quant.bf16 import round_bf16_scalar
+from quant.qweight import BF16, QWeight
 
-log = logging.getLogger(__name__)
-
-BF16 = np.dtype(ml_dtypes.bfloat16)
 _FM = {"contract"}
 _FM_REDUCE = {"contract", "reassoc"}
 _ACC_BYTES = 1 << 20      # fp32 accumulators of one work item (one token block)
@@ -81,33 +73,8 @@ _GELU_C = np.float32(np.sqrt(2.0 / np.pi))
 
 
 # ----------------------------------------------------------------------------
-# bf16 helpers
+# element decoding helpers
 # ----------------------------------------------------------------------------
-
-def round_bf16(a) -> np.ndarray:
-    """float32 -> float32 holding the nearest bf16 (round half to even).
-
-    Bit-exact with ``a.astype(ml_dtypes.bfloat16).astype(np.float32)``,
-    including NaN (quiet NaN, sign kept), infinities, overflow to inf and
-    subnormals; written with integer ops so it is independent of ml_dtypes.
-    """
-    u = np.asarray(a, dtype=np.float32).view(np.uint32).astype(np.uint64)  # same-size view: any layout
-    rounded = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
-    nan = (u & 0x7FFFFFFF) > 0x7F800000
-    quiet = (u & 0x80000000) | 0x7FC00000
-    return np.where(nan, quiet, rounded).astype(np.uint32).view(np.float32)
-
-
-@njit(inline="always", cache=True)
-def round_bf16_scalar(v):
-    """numba-callable scalar version of ``round_bf16`` (float32 -> float32)."""
-    u = np.int64(np.float32(v).view(np.uint32))
-    if (u & 0x7FFFFFFF) > 0x7F800000:
-        r = (u & 0x80000000) | 0x7FC00000
-    else:
-        r = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
-    return np.uint32(r).view(np.float32)
-
 
 def _f32(v):
     """One stored weight element -> float32 (typed by the element's dtype)."""
@@ -614,34 +581,3 @@ def expert_ffn(x, gate, up, down, round_bf16: bool = True) -> np.ndarray:
     _geglu(h, matmul(x2, up), bool(round_bf16))
     out = matmul(h, down)  # (T, D)
     return out[0] if vector else out
-
-
-def warmup(readonly: bool = True) -> float:
-    """Compile (or load from numba's on-disk cache) every kernel for the common
-    signatures: int8, int4, bf16 and fp32 weights, one and several tokens, and
-    with ``readonly`` also read-only weights (np.memmap mode 'r' is a separate
-    numba type). Returns the seconds it took."""
-    start = time.perf_counter()
-    rng = np.random.default_rng(0)
-    k, n = 16, 16
-    q8 = rng.integers(-128, 128, (k, n), dtype=np.int8)
-    q4 = rng.integers(0, 256, (k // 2, n), dtype=np.uint8)
-    sc = np.ones((1, n), BF16)
-    f32 = rng.standard_normal((k, n)).astype(np.float32)
-    for ro in (False, True) if readonly else (False,):
-        def fix(a):
-            a = a.copy()
-            a.setflags(write=not ro)
-            return a
-        weights = [QWeight(fix(q8), fix(sc), 8, k), QWeight(fix(q4), fix(sc), 4, k),
-                   fix(f32), fix(f32.astype(BF16))]
-        for w in weights:
-            for t in (1, 2):
-                x = np.ones((t, k), np.float32)
-                matmul(x, w)
-                expert_ffn(x, w, w, w)
-        for e in weights[2:]:
-            matmul_nt(np.ones((2, n), np.float32), e)
-    seconds = time.perf_counter() - start
-    log.info("lowmem.kernels warmup took %.1f s", seconds)
-    return seconds

@@ -37,7 +37,8 @@ from quant.pack_writer import (RECORD_SUFFIX, Unit, UnitWriter, load_valid_recor
                                write_record)
 from quant.packed import (MANIFEST, PackedFormatError, QuantSettings, make_manifest,
                           verify_model, write_json_atomic)
-from quant.spec import ATTENTION_ROLES, WeightSpec, checkpoint_specs
+from quant.spec import (ATTENTION_ROLES, WeightSpec, checkpoint_specs, expert_tensor_name,
+                        layer_specs)
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ def _expert_outputs(spec: WeightSpec, value: QuantizedWeight8bit, settings: Quan
     """(name, array) of each expert's values and scales; one expert matrix at a time."""
     group = settings.expert_group_size(spec)
     for e in range(spec.shape[0]):
-        base = f"transformer/decoder_layer_{spec.layer}/{spec.role}[{e}]"
+        base = expert_tensor_name(spec.layer, spec.role, e)
         if settings.bits == 8:                  # pass-through: the release's bytes
             values, scales, err = value.weight[e], value.scales[e], 0.0
         else:
@@ -112,7 +113,7 @@ def error_summary(cfg: GrokConfig, errors: dict[str, float]) -> dict[str, dict]:
     for spec in checkpoint_specs(cfg):
         if spec.per_expert:
             for e in range(cfg.num_experts):
-                roles[f"transformer/decoder_layer_{spec.layer}/{spec.role}[{e}]"] = spec.role
+                roles[expert_tensor_name(spec.layer, spec.role, e)] = spec.role
         else:
             roles[spec.name] = spec.role
     by_role: dict[str, list[float]] = {}
@@ -225,7 +226,7 @@ def check_inputs(ckpt_dir: Path, out_dir: Path, cfg: GrokConfig, settings: Quant
                  tokenizer: Path | None, resume: bool) -> list[Unit]:
     """Every check that can fail before any work is done; returns the units."""
     try:
-        for spec in checkpoint_specs(cfg)[2:14]:
+        for spec in layer_specs(cfg, 0).values():
             if spec.per_expert:
                 settings.expert_group_size(spec)
     except ValueError as e:

@@ -1,4 +1,4 @@
-"""Packed-int4 and int8 micro-kernels for lowmem.kernels, as explicit LLVM vector code.
+"""Packed-int4 and int8 micro-kernels for lowmem.cpu_kernels, as explicit LLVM vector code.
 
 Packed int4 is compute-bound where int8 is not (two weights per byte), and
 numba's own loops widen every integer operation to 64 bits, halving the vector

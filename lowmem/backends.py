@@ -1,0 +1,208 @@
+"""Where the engine's weights live and how its products run: one object per backend.
+
+- ``HostBackend`` (CPU): weights stay in the memory-mapped files; attention and
+  output-logit products run in numba kernels (``lowmem.cpu_kernels``) reached
+  from the jitted attention code through ``jax.pure_callback``; experts are
+  computed in place (``HostMoE``). XLA on CPU with the dequantization inside
+  ``jax.jit`` is tens of times slower than a numba kernel on int8 weights.
+- ``DeviceBackend`` (accelerator): resident weights are placed on the device
+  once; products dequantize inside jit (``model.dense_linear``); experts
+  stream into an ``ExpertCache`` through a ``Stager`` (``DeviceMoE``).
+
+Each backend gives the engine: ``linear`` and ``logits_fn`` (module-level
+functions, so every engine of a config shares one trace of each jitted step),
+``place_layers()``, ``embed_rows(tokens)``, ``logits_table``, ``make_moe()``
+and ``close()``.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import weakref
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lowmem import model as M
+from lowmem.expert_cache import ExpertCache
+from lowmem.moe import DeviceMoE, HostMoE
+from lowmem.staging import Stager
+from quant.packed import PackedModel
+from quant.qweight import QWeight
+from quant.spec import ATTENTION_ROLES
+
+log = logging.getLogger(__name__)
+F32 = jnp.float32
+GIB = 1 << 30
+BACKENDS = ("auto", "host", "device")
+
+
+class BackendError(ValueError):
+    """A backend cannot be set up as asked (unknown name, too small a cache)."""
+
+
+# --- host ----------------------------------------------------------------------------
+
+_HOST_BACKENDS: "weakref.WeakValueDictionary[int, HostBackend]" = weakref.WeakValueDictionary()
+_HANDLES = itertools.count()
+
+
+@dataclass(frozen=True)
+class HostWeight:
+    """Stand-in for a host weight inside jit: traced (backend handle, layer), static shape.
+
+    The handle and the layer are traced, so one compiled attention step serves
+    every layer and every engine of the same config.
+    """
+    handle: jax.Array | int
+    layer: jax.Array | int
+    role: str
+    out_features: int
+
+
+jax.tree_util.register_pytree_node(
+    HostWeight, lambda w: ((w.handle, w.layer), (w.role, w.out_features)),
+    lambda aux, children: HostWeight(*children, *aux))
+
+
+@dataclass(frozen=True)
+class _HostMatmul:
+    """Hashable callback (role fixed) so that traces of the same role are reused."""
+    role: str
+
+    def __call__(self, x, handle, layer):
+        from lowmem.cpu_kernels import matmul
+        weight = _HOST_BACKENDS[int(handle)].weights[int(layer)][self.role]
+        return matmul(np.asarray(x, np.float32), weight)
+
+
+def host_linear(x: jax.Array, w: HostWeight) -> jax.Array:
+    """``x @ W`` for a HostWeight: the numba kernel on the mapped weight, bf16 out."""
+    shape = jax.ShapeDtypeStruct((x.shape[0], w.out_features), F32)
+    out = jax.pure_callback(_HostMatmul(w.role), shape, x.astype(F32), w.handle, w.layer)
+    return out.astype(jnp.bfloat16)   # a bf16 matmul's output
+
+
+def _host_logits_callback(x, handle):
+    from lowmem.cpu_kernels import matmul_nt
+    return matmul_nt(np.asarray(x, np.float32), _HOST_BACKENDS[int(handle)].embed)
+
+
+def host_logits(cfg, hn: jax.Array, handle: jax.Array) -> jax.Array:
+    """Tied output logits of hn (T, D) with the numba kernel on the mapped table -> fp32 (T, V)."""
+    shape = jax.ShapeDtypeStruct((hn.shape[0], cfg.vocab_size), F32)
+    logits = jax.pure_callback(_host_logits_callback, shape, hn.astype(F32), handle)
+    return M.bf16_mul(logits.astype(jnp.bfloat16), cfg.output_multiplier_scale).astype(F32)
+
+
+class HostBackend:
+    """Weights stay in the mapped files; numba kernels compute on them in place."""
+    name = "host"
+    linear = staticmethod(host_linear)
+    logits_fn = staticmethod(host_logits)
+
+    def __init__(self, model: PackedModel, device, options):
+        self.model, self.device = model, device
+        self.handle = next(_HANDLES)
+        self.weights = [model.layer(i) for i in range(model.cfg.num_layers)]
+        self.embed = model.embed()                                        # bf16 (V, D) memmap
+        self.logits_table = jnp.int32(self.handle)   # what host_logits looks the table up by
+        self.placed_table = None                     # the table stays in the mapped file
+        _HOST_BACKENDS[self.handle] = self
+
+    def place_layers(self) -> list[dict]:
+        put = partial(jax.device_put, device=self.device)
+        handle = np.int32(self.handle)
+        return [{role: HostWeight(handle, np.int32(layer), role, w.shape[1])
+                 if role in ATTENTION_ROLES else put(w) for role, w in weights.items()}
+                for layer, weights in enumerate(self.weights)]
+
+    def embed_rows(self, tokens: np.ndarray):
+        return self.embed[tokens]                                         # (T, D) bf16
+
+    def make_moe(self, options, fetch_hook: Callable | None = None) -> HostMoE:
+        return HostMoE(self.model)
+
+    def close(self) -> None:
+        _HOST_BACKENDS.pop(self.handle, None)
+
+
+# --- device --------------------------------------------------------------------------
+
+def device_logits(cfg, hn: jax.Array, table: jax.Array) -> jax.Array:
+    return M.output_logits(cfg, hn, table)
+
+
+class DeviceBackend:
+    """Resident weights on the accelerator; experts streamed into an ExpertCache."""
+    name = "device"
+    linear = staticmethod(M.dense_linear)
+    logits_fn = staticmethod(device_logits)
+
+    def __init__(self, model: PackedModel, device, options):
+        self.model, self.device, self.options = model, device, options
+        self.embed_host = model.embed()
+        self.logits_table = jax.device_put(self.embed_host, device)       # (V, D) bf16
+        self.placed_table = self.logits_table
+
+    def place_layers(self) -> list[dict]:
+        put = partial(jax.device_put, device=self.device)
+        layers = []
+        for layer in range(self.model.cfg.num_layers):
+            layers.append({role: QWeight(put(w.values), put(w.scales), w.bits, w.group_size)
+                           if isinstance(w, QWeight) else put(w)
+                           for role, w in self.model.layer(layer).items()})
+        return layers
+
+    def embed_rows(self, tokens: np.ndarray):
+        return self.logits_table[tokens]                                  # (T, D) bf16
+
+    def expert_capacity(self) -> int:
+        """Expert slots in the budget: the option's GiB, or what is free minus headroom."""
+        cfg, nbytes = self.model.cfg, self.model.expert_block_nbytes
+        if self.options.expert_cache_gb is not None:
+            budget = int(self.options.expert_cache_gb * GIB)
+        else:
+            budget = free_device_bytes(self.device) - int(self.options.headroom_gb * GIB)
+        capacity = min(cfg.num_layers * cfg.num_experts, max(budget, 0) // nbytes)
+        need = cfg.num_selected_experts
+        if capacity < need:
+            raise BackendError(
+                f"expert cache budget of {budget / GIB:.3f} GiB holds {capacity} experts of "
+                f"{nbytes / 1e6:.1f} MB; one decode step needs {need} (raise --expert-cache-gb)")
+        return capacity
+
+    def make_moe(self, options, fetch_hook: Callable | None = None) -> DeviceMoE:
+        """A DeviceMoE with an empty cache; ``fetch_hook(fetch)`` may wrap the transfers."""
+        fetch = Stager(self.model, self.device, options.staging_buffers)
+        cache = ExpertCache(fetch_hook(fetch) if fetch_hook else fetch,
+                            self.model.expert_block_nbytes, self.expert_capacity(),
+                            policy=options.cache_policy, num_layers=self.model.cfg.num_layers)
+        log.info("expert cache: %d slots of %.1f MB, policy %s", cache.capacity,
+                 self.model.expert_block_nbytes / 1e6, cache.policy)
+        return DeviceMoE(self.model, cache, prefetch=options.prefetch)
+
+    def close(self) -> None:
+        pass
+
+
+def free_device_bytes(device) -> int:
+    """Bytes the device's allocator can still hand out (CPU "device": half of free RAM)."""
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+    import psutil
+    return int(psutil.virtual_memory().available * 0.5)
+
+
+def make_backend(name: str, model: PackedModel, device, options):
+    """'auto' is the host backend on a CPU, the device backend on an accelerator."""
+    if name not in BACKENDS:
+        raise BackendError(f"backend must be one of {BACKENDS}, got {name!r}")
+    if name == "auto":
+        name = "host" if device.platform == "cpu" else "device"
+    return (HostBackend if name == "host" else DeviceBackend)(model, device, options)

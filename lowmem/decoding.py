@@ -1,0 +1,78 @@
+"""The generation loop on top of the engine: prefill, then sample and decode token by token.
+
+Grok-1 is a base model: no chat template. Like the reference runner, no BOS
+is prepended unless asked for, and sampling follows SPEC.md section 3.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Iterator
+
+import jax
+import numpy as np
+
+from lowmem.engine import Engine, EngineError
+from lowmem.sampling import SamplingParams, sample
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    max_new_tokens: int = 100
+    sampling: SamplingParams = SamplingParams()
+    seed: int = 0
+    stop_at_eos: bool = True
+    truncate: bool = False   # drop the oldest prompt tokens when the prompt is too long
+
+
+def fit_prompt(engine: Engine, ids: list[int], truncate: bool) -> list[int]:
+    """The prompt, left-truncated (if allowed) to leave room for one new token."""
+    room = engine.context - 1
+    if not ids:
+        raise EngineError("the prompt is empty (no tokens)")
+    if len(ids) > room:
+        if not truncate:
+            raise EngineError(f"prompt of {len(ids)} tokens does not fit the context of "
+                              f"{engine.context} (use --truncate to keep its last {room} tokens)")
+        log.warning("prompt truncated from %d to its last %d tokens", len(ids), room)
+        ids = ids[-room:]
+    return ids
+
+
+@jax.jit
+def sample_one(logits, key, temperature, top_p, top_k):
+    """One token id from fp32 logits (V,); settings are traced, so changing them never
+    recompiles."""
+    return sample(logits[None], key, temperature, top_p, top_k)[0]
+
+
+def generate_tokens(engine: Engine, prompt_ids: list[int], req: GenerationRequest
+                    ) -> Iterator[int]:
+    """Prefill the prompt, then decode one token at a time, yielding each id."""
+    ids = fit_prompt(engine, list(prompt_ids), req.truncate)
+    engine.reset()
+    logits = engine.feed(ids)
+    key = jax.random.key(req.seed)
+    args = req.sampling.as_args()
+    eos = engine.cfg.eos_token_id
+    for i in range(req.max_new_tokens):
+        key, sub = jax.random.split(key)
+        token = int(sample_one(logits, sub, *args))                       # sync point
+        engine.timer.mark("sampling")
+        yield token
+        last = i + 1 == req.max_new_tokens or engine.position >= engine.context
+        if last or (req.stop_at_eos and token == eos):
+            break
+        logits = engine.feed([token])
+
+
+def prompt_logits(engine: Engine, ids: list[int]) -> np.ndarray:
+    """fp32 logits after each prefix of ``ids``, (T, V): what a quality check compares.
+
+    Fed one token at a time (decode steps), so every row comes from the path
+    generation uses after the prompt.
+    """
+    engine.reset()
+    return np.stack([np.asarray(engine.feed([token])) for token in ids])

@@ -1,0 +1,260 @@
+"""The device-side expert cache: preallocated slots, eviction policies, and their simulators.
+
+Decode visits the 64 layers in a cycle and routes each token to 2 of 8 experts
+per layer, so which experts stay on the device decides how many bytes cross
+the link. ``ExpertCache`` holds at most ``capacity`` expert blocks, pins the
+ones a step is using, starts transfers on worker threads and evicts by a
+policy (``eviction_order``). The simulators at the end replay a routing trace
+through the same rule, through plain LRU and through Belady's optimum, so a
+policy can be judged offline (``tools/bench_cache.py``).
+"""
+from __future__ import annotations
+
+import heapq
+import time
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable
+
+import jax
+import numpy as np
+
+Key = tuple[int, int]  # (layer, expert)
+
+
+@dataclass
+class CacheStats:
+    requests: int = 0
+    hits: int = 0             # resident (or already in flight) when requested
+    misses: int = 0           # a fetch had to start at request time
+    prefetches: int = 0       # fetches started speculatively
+    prefetch_hits: int = 0    # requests served by a speculative fetch
+    prefetch_dropped: int = 0  # no free slot for a speculative fetch
+    evictions: int = 0
+    bytes_moved: int = 0
+    wait_s: float = 0.0       # main thread blocked on transfers
+
+    def as_dict(self) -> dict:
+        d = dict(self.__dict__)
+        looked_up = self.hits + self.misses   # 0 where nothing is cached (host backend)
+        d["hit_rate"] = self.hits / looked_up if looked_up else None
+        d["prefetch_hit_rate"] = self.prefetch_hits / self.prefetches if self.prefetches else 0.0
+        return d
+
+
+@dataclass
+class _Entry:
+    future: Future
+    prefetched: bool = False
+    used: bool = False
+    pins: int = 0
+
+
+POLICIES = ("lru", "layer")
+
+
+def eviction_order(keys_lru_first: list[Key], policy: str, layer: int | None,
+                   num_layers: int) -> list[Key]:
+    """Candidates for eviction, best victim first.
+
+    'lru': least recently used first. 'layer': decode visits layers in a
+    cycle, so plain LRU evicts exactly the experts needed next whenever the
+    cache holds less than one token's worth of experts (0% hits on uniform
+    routing at 113 of 512 slots). Instead evict from the layer whose turn
+    comes round last (the one just computed, then the one before, ...), and
+    from the current layer only as a last resort; within a layer, LRU. On
+    uniform routing this reaches the slots/experts hit rate (tools/bench_cache.py).
+    """
+    if policy == "lru" or layer is None:
+        return list(keys_lru_first)
+    return sorted(keys_lru_first, key=lambda k: -((k[0] - layer - 1) % num_layers)
+                  if k[0] != layer else 1)
+
+
+class ExpertCache:
+    """Cache of expert blocks on the device, at most ``capacity`` at once.
+
+    API: ``needed(layer, experts)`` -> keys a step wants; ``acquire(keys)``
+    pins them (so nothing evicts them mid-step) and starts missing fetches;
+    ``get(key)`` waits for one; ``release(keys)``; ``prefetch(keys)`` starts
+    speculative fetches into free or evictable slots only. ``fetch(key)``
+    runs on a worker thread.
+    """
+
+    def __init__(self, fetch: Callable[[Key], jax.Array], block_nbytes: int, capacity: int,
+                 workers: int = 2, policy: str = "lru", num_layers: int = 1):
+        if capacity < 1:
+            raise ValueError("expert cache needs at least one slot")
+        if policy not in POLICIES:
+            raise ValueError(f"cache policy must be one of {POLICIES}, got {policy!r}")
+        self._fetch, self.block_nbytes, self.capacity = fetch, block_nbytes, capacity
+        self.policy, self.num_layers, self._layer = policy, num_layers, None
+        self._entries: OrderedDict[Key, _Entry] = OrderedDict()  # oldest first
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lowmem-fetch")
+        self.stats = CacheStats()
+
+    @staticmethod
+    def needed(layer: int, experts: np.ndarray) -> list[Key]:
+        """Distinct (layer, expert) keys of a routing array, in first-use order."""
+        return [(layer, int(e)) for e in dict.fromkeys(np.asarray(experts).reshape(-1).tolist())]
+
+    def __contains__(self, key: Key) -> bool:
+        return key in self._entries
+
+    def keys(self) -> list[Key]:
+        return list(self._entries)
+
+    def _make_room(self, wait: bool = False) -> bool:
+        """Free a slot: evict the least recently used unpinned entry.
+
+        Entries still in flight are evicted only when ``wait`` (a step needs
+        the slot): the transfer is waited for first.
+        """
+        if len(self._entries) < self.capacity:
+            return True
+        order = eviction_order(list(self._entries), self.policy, self._layer, self.num_layers)
+        for done_only in (True, False) if wait else (True,):
+            for key in order:
+                entry = self._entries[key]
+                if entry.pins == 0 and (entry.future.done() or not done_only):
+                    self._wait(entry)
+                    del self._entries[key]
+                    self.stats.evictions += 1
+                    return True
+        return False
+
+    def _wait(self, entry: _Entry) -> jax.Array:
+        start = time.perf_counter()
+        out = entry.future.result()
+        self.stats.wait_s += time.perf_counter() - start
+        return out
+
+    def _start(self, key: Key, prefetched: bool) -> _Entry:
+        entry = _Entry(self._pool.submit(self._fetch, key), prefetched=prefetched)
+        self._entries[key] = entry
+        self.stats.bytes_moved += self.block_nbytes
+        return entry
+
+    def prefetch(self, keys: list[Key]) -> None:
+        """Start speculative fetches, never evicting pinned or in-flight entries."""
+        for key in keys:
+            if key in self._entries:
+                continue
+            if not self._make_room():
+                self.stats.prefetch_dropped += 1
+                continue
+            self._start(key, prefetched=True)
+            self.stats.prefetches += 1
+
+    def acquire(self, keys: list[Key]) -> None:
+        """Pin ``keys`` for this step and start fetching the missing ones (no waiting)."""
+        if len(keys) > self.capacity:
+            raise ValueError(f"{len(keys)} experts requested at once, cache holds {self.capacity}")
+        for key in keys:
+            self._layer = key[0]
+            self.stats.requests += 1
+            entry = self._entries.get(key)
+            if entry is None:
+                if not self._make_room(wait=True):
+                    raise RuntimeError("expert cache full of pinned entries")
+                entry = self._start(key, prefetched=False)
+                self.stats.misses += 1
+            else:
+                self.stats.hits += 1
+                self._entries.move_to_end(key)
+                if entry.prefetched and not entry.used:
+                    self.stats.prefetch_hits += 1
+            entry.used = True
+            entry.pins += 1
+
+    def get(self, key: Key) -> jax.Array:
+        """The device array of an acquired key, waiting for its transfer if needed."""
+        return self._wait(self._entries[key])
+
+    def release(self, keys: list[Key]) -> None:
+        for key in keys:
+            self._entries[key].pins -= 1
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+# --- simulators: a policy replayed on a routing trace -------------------------------
+
+def trace_keys(routing_trace) -> list[tuple[int, int]]:
+    """(layer, expert) requests in the engine's order: per layer step, distinct experts
+    of the real tokens in first-use order (``Engine.routing_trace`` entries)."""
+    keys = []
+    for layer, experts in routing_trace:
+        keys += ExpertCache.needed(layer, experts)
+    return keys
+
+
+def lru_hits(trace, slots: int) -> int:
+    """Hits of a least-recently-used cache of ``slots`` entries on a request trace."""
+    if slots < 1:
+        raise ValueError(f"slots must be >= 1, found {slots}")
+    cache: dict = {}           # insertion order = recency order, oldest first
+    hits = 0
+    for key in trace:
+        if key in cache:
+            hits += 1
+            del cache[key]
+        elif len(cache) >= slots:
+            del cache[next(iter(cache))]
+        cache[key] = None
+    return hits
+
+
+def policy_hits(trace, slots: int, policy: str, num_layers: int) -> int:
+    """Hits of the engine's own eviction rule (``eviction_order``) on a trace.
+
+    Like the engine, keys of the current layer step (consecutive requests of
+    one layer) are pinned: never evicted while the step runs.
+    """
+    if slots < 1:
+        raise ValueError(f"slots must be >= 1, found {slots}")
+    cache: dict = {}           # insertion order = recency order, oldest first
+    step: set = set()
+    hits = 0
+    for key in trace:
+        if step and next(iter(step))[0] != key[0]:
+            step = set()
+        if key in cache:
+            hits += 1
+            del cache[key]
+        elif len(cache) >= slots:
+            order = eviction_order(list(cache), policy, key[0], num_layers)
+            del cache[next(k for k in order if k not in step)]
+        cache[key] = None
+        step.add(key)
+    return hits
+
+
+def belady_hits(trace, slots: int) -> int:
+    """Hits of the offline optimum (Belady): on a miss with a full cache, evict the
+    entry whose next use is farthest in the future (or never comes)."""
+    if slots < 1:
+        raise ValueError(f"slots must be >= 1, found {slots}")
+    trace = list(trace)
+    never = len(trace)
+    next_use, seen = [never] * len(trace), {}
+    for i in range(len(trace) - 1, -1, -1):
+        next_use[i] = seen.get(trace[i], never)
+        seen[trace[i]] = i
+    cache: dict = {}           # key -> its next use
+    heap: list = []            # (-next use, tie-break, key); stale entries skipped
+    hits = 0
+    for i, key in enumerate(trace):
+        if key in cache:
+            hits += 1
+        elif len(cache) >= slots:
+            while True:
+                neg, _, victim = heapq.heappop(heap)
+                if cache.get(victim) == -neg:
+                    del cache[victim]
+                    break
+        cache[key] = next_use[i]
+        heapq.heappush(heap, (-next_use[i], i, key))
+    return hits
