@@ -6,6 +6,7 @@ and dtype. The quantizer writes bytes at those places; the runtime maps the
 same places as ``numpy.memmap`` views. The manifest records the settings and
 the table (with checksums), and opening a directory checks the table against
 the derived layout, so nothing is ever inferred from file names.
+The format is specified in docs/FORMAT.md (pinned by tests/test_format.py).
 
 Files in a model directory:
   manifest.json              magic, version, config, settings, tensor table
@@ -80,7 +81,8 @@ class QuantSettings:
 @dataclass(frozen=True)
 class TensorEntry:
     """One stored array: where it lives and what it is."""
-    name: str                 # release path, with [e] and .values/.scales suffixes
+    name: str                 # release path (experts: .../decoder_layer_L/<role>[e]),
+                              # plus .values/.scales for quantized parts
     file: str
     offset: int
     shape: tuple[int, ...]

@@ -1,0 +1,230 @@
+"""The packed model directory format is pinned, and docs/FORMAT.md describes it.
+
+1. The tiny preset's layout (every tensor table row but the checksum, the expert
+   block size, the file sizes, ALIGN and PART_ALIGN) is hashed per quantization
+   setting and must
+   equal the hash recorded for the current ``FORMAT_VERSION``. Any change in
+   layout, dtypes, names or semantics needs a new format version: bump
+   quant.packed.FORMAT_VERSION, update docs/FORMAT.md and record the new hashes
+   under the new version in PINNED_LAYOUT (the old entries stay as history).
+2. docs/FORMAT.md names the current version, the magic, the constants, every
+   file and every manifest key the quantizer actually writes.
+3. The worked example's tables in docs/FORMAT.md equal what the code computes
+   (``python tests/test_format.py`` prints them, ready to paste).
+"""
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import quant.packed as packed
+from quant.config import GrokConfig, preset
+from quant.packed import (ALIGN, FORMAT_MAGIC, FORMAT_VERSION, MANIFEST, PART_ALIGN,
+                          QuantSettings, entry_to_json, expert_block_layout, file_sizes,
+                          tensor_layout)
+from quant.qweight import BF16, QWeight, dequantize, pack_int4
+
+try:
+    from quant.pipeline import quantize_checkpoint
+except ImportError:
+    from quant.quantize import quantize_checkpoint
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "FORMAT.md"
+
+# The settings whose tiny-preset layout is pinned (label -> settings).
+SETTINGS = {
+    "int8": QuantSettings(8),
+    "int4": QuantSettings(4),
+    "int4-g32": QuantSettings(4, 32),
+    "int8-bf16attn": QuantSettings(8, attention="bf16"),
+}
+
+# FORMAT_VERSION -> label -> SHA-256 of layout_json(preset("tiny"), settings).
+PINNED_LAYOUT = {
+    1: {
+        "int8": "c18b3bf47b7fba6a009d96efd38d08dcc94d167087020d483b62ffd3161f9a01",
+        "int4": "6010cf3696e9c786b7fa5c5b5142dce4990140d863dc2c3a1de2c3ec95701b62",
+        "int4-g32": "e66d6a0ced0a77d167418f13d13b7304ae3ebab23828461f4568545c865f1a8e",
+        "int8-bf16attn": "789c0c833db3ee3fe5b608061be38178fc6ef1e2d27ea935da64290db2d4ea89",
+    },
+}
+
+BUMP = "bump quant.packed.FORMAT_VERSION and update docs/FORMAT.md"
+
+
+def layout_json(cfg: GrokConfig, settings: QuantSettings) -> str:
+    """Canonical JSON of a layout: table rows without checksums, block size, file sizes
+    and the alignment constants (tiny's power-of-two sizes hide some PART_ALIGN changes)."""
+    entries = tensor_layout(cfg, settings)
+    _, block = expert_block_layout(cfg, settings)
+    data = {"tensors": [entry_to_json(e, None) for e in entries],
+            "expert_block_nbytes": block, "files": file_sizes(entries),
+            "align": packed.ALIGN, "part_align": packed.PART_ALIGN}
+    return json.dumps(data, sort_keys=True, separators=(",", ":"))
+
+
+def layout_hash(cfg: GrokConfig, settings: QuantSettings) -> str:
+    return hashlib.sha256(layout_json(cfg, settings).encode()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def doc() -> str:
+    return DOC.read_text()
+
+
+# --- 1. the layout is pinned per format version -------------------------------------
+
+@pytest.mark.parametrize("label", sorted(SETTINGS))
+def test_tiny_layout_is_pinned_for_this_format_version(label):
+    pinned = PINNED_LAYOUT.get(FORMAT_VERSION)
+    assert pinned is not None, (
+        f"no layout hashes recorded for FORMAT_VERSION {FORMAT_VERSION}: record them in "
+        f"tests/test_format.py PINNED_LAYOUT (and {BUMP})")
+    found = layout_hash(preset("tiny"), SETTINGS[label])
+    assert found == pinned[label], (
+        f"the packed layout of the tiny preset ({label}) changed: sha256 {found}, pinned "
+        f"{pinned[label]} for FORMAT_VERSION {FORMAT_VERSION}. A change in layout, dtypes, "
+        f"names or semantics is a new format: {BUMP}, then add the new hashes under the "
+        f"new version in PINNED_LAYOUT")
+
+
+def test_pinned_versions_are_not_ahead_of_the_code():
+    assert max(PINNED_LAYOUT) == FORMAT_VERSION, (
+        f"PINNED_LAYOUT has versions {sorted(PINNED_LAYOUT)} but FORMAT_VERSION is "
+        f"{FORMAT_VERSION}: {BUMP}")
+
+
+# --- 2. the doc names everything the quantizer writes -------------------------------
+
+@pytest.fixture(scope="module")
+def manifests(tiny_cfg, tiny_ckpt, tmp_path_factory):
+    """Real manifests (as written to disk) and file names: int8 and int4 g32."""
+    root = tmp_path_factory.mktemp("format")
+    out = {}
+    for label in ("int8", "int4-g32"):
+        model = root / label
+        quantize_checkpoint(tiny_ckpt, model, tiny_cfg, SETTINGS[label])
+        out[label] = (json.loads((model / MANIFEST).read_text()),
+                      sorted(p.name for p in model.iterdir()))
+    return out
+
+
+def mentioned(doc: str, word) -> bool:
+    """``word`` appears in code formatting (`word` or inside a code block line)."""
+    word = str(word)
+    if f"`{word}`" in doc:
+        return True
+    in_block = False
+    for line in doc.splitlines():
+        if line.startswith("```"):
+            in_block = not in_block
+        elif in_block and re.search(rf"(?<![\w.]){re.escape(word)}(?![\w])", line):
+            return True
+    return False
+
+
+def test_doc_names_version_magic_and_constants(doc):
+    assert f"FORMAT_VERSION = {FORMAT_VERSION}" in doc, f"docs/FORMAT.md must describe " \
+        f"FORMAT_VERSION = {FORMAT_VERSION} (the doc and the code disagree: {BUMP})"
+    assert f'"format_version": {FORMAT_VERSION}' in doc
+    assert f'"{FORMAT_MAGIC}"' in doc
+    assert f"ALIGN = {ALIGN}" in doc and f"PART_ALIGN = {PART_ALIGN}" in doc
+
+
+def test_doc_names_every_manifest_key_and_file(doc, manifests):
+    missing = set()
+    for manifest, files in manifests.values():
+        keys = set(manifest)
+        keys |= {k for row in manifest["tensors"] for k in row}
+        keys |= set(manifest["config"]) | set(manifest["quant"])
+        keys |= {k for s in manifest["quant_error_summary"].values() for k in s}
+        keys |= set(manifest.get("int4_method", {}))
+        values = {row[k] for row in manifest["tensors"] for k in ("role", "part", "dtype")}
+        names = {re.sub(r"\d\d", "LL", f) for f in files}
+        missing |= {w for w in keys | values | names if not mentioned(doc, w)}
+    assert not missing, f"docs/FORMAT.md does not mention {sorted(missing)} ({BUMP})"
+    assert manifests["int8"][0]["format_version"] == FORMAT_VERSION
+
+
+# --- 3. the worked example's numbers are the code's -----------------------------------
+
+def _shape(shape) -> str:
+    return "[" + ", ".join(map(str, shape)) + "]"
+
+
+def block_rows(cfg: GrokConfig, settings: QuantSettings) -> list[str]:
+    parts, block = expert_block_layout(cfg, settings)
+    rows = [f"| `{p.name}` | {p.offset} | {_shape(p.shape)} | {p.dtype} | {p.group_size} | "
+            f"{p.nbytes} |" for p in parts]
+    return rows + [f"| block: end of `down.scales` rounded up to `ALIGN` | | | | | {block} |"]
+
+
+def file_rows(cfg: GrokConfig, labels: list[str]) -> list[str]:
+    sizes = [file_sizes(tensor_layout(cfg, SETTINGS[label])) for label in labels]
+    rows = [f"| `{name}` | " + " | ".join(str(s[name]) for s in sizes) + " |"
+            for name in sizes[0]]
+    blocks = [expert_block_layout(cfg, SETTINGS[label])[1] for label in labels]
+    return rows + ["| total | " + " | ".join(str(sum(s.values())) for s in sizes) + " |",
+                   "| `expert_block_nbytes` | " + " | ".join(map(str, blocks)) + " |",
+                   "| tensors | " + " | ".join(str(len(tensor_layout(cfg, SETTINGS[label])))
+                                              for label in labels) + " |"]
+
+
+def entry_rows(cfg: GrokConfig, settings: QuantSettings, count: int) -> list[str]:
+    return [f"| {i} | `{e.name}` | `{e.file}` | {e.offset} | {_shape(e.shape)} | {e.dtype} | "
+            f"{e.nbytes} |" for i, e in enumerate(tensor_layout(cfg, settings)[:count])]
+
+
+GROK1 = {"int8": QuantSettings(8), "int4": QuantSettings(4), "int4-g128": QuantSettings(4, 128),
+         "int4-g32": QuantSettings(4, 32)}
+
+
+def grok1_rows() -> list[str]:
+    cfg, rows = preset("grok-1"), []
+    for label, settings in GROK1.items():
+        sizes = file_sizes(tensor_layout(cfg, settings))
+        rows.append(f"| {label} | {expert_block_layout(cfg, settings)[1]} | "
+                    f"{sizes['layer_00.experts.bin']} | {sizes['layer_00.resident.bin']} | "
+                    f"{sizes['global.bin']} | {sum(sizes.values())} |")
+    return rows
+
+
+def example_sections() -> dict[str, list[str]]:
+    tiny = preset("tiny")
+    return {
+        "expert block, int8": block_rows(tiny, SETTINGS["int8"]),
+        "expert block, int4": block_rows(tiny, SETTINGS["int4"]),
+        "expert block, int4 g32": block_rows(tiny, SETTINGS["int4-g32"]),
+        "file sizes": file_rows(tiny, list(SETTINGS)),
+        "first table rows, int8": entry_rows(tiny, SETTINGS["int8"], 22),
+        "grok-1": grok1_rows(),
+    }
+
+
+@pytest.mark.parametrize("section", sorted(example_sections()))
+def test_worked_example_matches_the_code(doc, section):
+    lines = set(doc.splitlines())
+    missing = [row for row in example_sections()[section] if row not in lines]
+    assert not missing, (f"docs/FORMAT.md worked example ({section}) lacks these rows "
+                         f"(print them with `python tests/test_format.py`): {missing}")
+
+
+def test_int4_nibble_example_in_doc(doc):
+    """The doc's byte example: rows 0 and 1 = -3 and 5 pack to 0x5D; scale 0.5."""
+    q = np.array([[-3], [5]], np.int8)
+    packed = pack_int4(q)
+    assert packed.tolist() == [[0x5D]]
+    w = QWeight(packed, np.array([[0.5]], BF16), 4, 2)
+    assert dequantize(w).tolist() == [[-1.5], [2.5]]
+    assert "0x5D" in doc and "-1.5" in doc and "2.5" in doc
+
+
+if __name__ == "__main__":
+    for label, settings in SETTINGS.items():
+        print(f"{label}: {layout_hash(preset('tiny'), settings)}")
+    for title, rows in example_sections().items():
+        print(f"\n{title}:")
+        print("\n".join(rows))
