@@ -12,22 +12,13 @@ import os
 import shutil
 from pathlib import Path
 
+from lowmem.tokenizer import release_tokenizer_path
 from quant.config import preset
 from quant.packed import MANIFEST, QuantSettings
 
 log = logging.getLogger(__name__)
 DEMO_BITS = 4
 DEMO_GROUP = 64
-
-
-def find_tokenizer() -> Path | None:
-    """The release tokenizer: $LOWMEM_TOKENIZER, or ../shared/grok1/ beside the checkout."""
-    env = os.environ.get("LOWMEM_TOKENIZER")
-    candidates = [Path(env)] if env else []
-    here = Path(__file__).resolve()
-    candidates += [p / "shared" / "grok1" / "tokenizer.model" for p in here.parents[:3]]
-    candidates.append(Path.cwd().parent / "shared" / "grok1" / "tokenizer.model")
-    return next((c for c in candidates if c.is_file()), None)
 
 
 def ensure_demo_model(workdir: str | os.PathLike) -> Path:
@@ -39,10 +30,7 @@ def ensure_demo_model(workdir: str | os.PathLike) -> Path:
     model_dir = workdir / f"demo-int{DEMO_BITS}"
     if (model_dir / MANIFEST).is_file():
         return model_dir
-    tokenizer = find_tokenizer()
-    if tokenizer is None:
-        raise FileNotFoundError("the embedded default needs the release tokenizer: set "
-                                "LOWMEM_TOKENIZER=/path/to/tokenizer.model")
+    tokenizer = release_tokenizer_path()
     cfg = preset("demo")
     ckpt = workdir / "demo-ckpt-0"
     if not ckpt.is_dir():

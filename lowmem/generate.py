@@ -57,16 +57,20 @@ def main(argv=None) -> int:
             model_dir = ensure_demo_model(args.workdir)
             print(f"[embedded default: synthetic model in {model_dir}; random weights, "
                   f"so the text is meaningless]", file=sys.stderr)
-        engine = load(model_dir, **engine_kwargs(args))
+        runtime = load(model_dir, **engine_kwargs(args))
         req = GenerationRequest(max_new_tokens=args.max_new_tokens, sampling=sampling,
                                 seed=args.seed, stop_at_eos=not args.ignore_eos,
                                 truncate=args.truncate)
-        sys.stdout.write(args.prompt)
-        for piece in engine.generate_text(args.prompt, req, stops=tuple(args.stop), bos=args.bos):
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
-        log.info("expert stats: %s", engine.engine.expert_stats.as_dict())
+        try:
+            sys.stdout.write(args.prompt)
+            for piece in runtime.generate_text(args.prompt, req, stops=tuple(args.stop),
+                                               bos=args.bos):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+            log.info("expert stats: %s", runtime.engine.expert_stats.as_dict())
+        finally:
+            runtime.close()
     except (EngineError, PackedFormatError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

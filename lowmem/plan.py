@@ -21,7 +21,7 @@ the touched experts, the KV cache) / device memory bandwidth, added without
 overlap, so the result is a floor-side estimate, not a promise.
 
 Sizes: "80GB" is 80 * 10^9 bytes, "80GiB" is 80 * 2^30; a bare number is GB.
-The engine's ``--expert-cache-gb`` is in GiB (2^30), as ``lowmem.engine.GB``.
+The engine's ``--expert-cache-gb`` is in GiB (2^30).
 """
 from __future__ import annotations
 
@@ -32,13 +32,13 @@ import re
 import sys
 from dataclasses import asdict, dataclass, field
 
+from lowmem.backends import GIB
+from lowmem.engine import HEADROOM_GIB, cache_length
 from quant.config import GrokConfig, preset
 from quant.packed import QuantSettings, expert_block_layout, file_sizes, tensor_layout
 from quant.spec import ATTENTION_ROLES
 
 log = logging.getLogger(__name__)
-GIB = 1 << 30
-PREFILL_CHUNK = 256   # max(EngineOptions.prefill_buckets): the KV cache is whole chunks
 _UNITS = {"": 10**9, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
 
@@ -84,10 +84,9 @@ def resident_params(cfg: GrokConfig, settings: QuantSettings) -> int:
     return n
 
 
-def kv_cache_bytes(cfg: GrokConfig, context: int, batch: int = 1,
-                   chunk: int = PREFILL_CHUNK) -> int:
+def kv_cache_bytes(cfg: GrokConfig, context: int, batch: int = 1) -> int:
     """bf16 k and v for every layer at the engine's cache length (context in whole chunks)."""
-    length = -(-context // chunk) * chunk
+    length = cache_length(context)
     return cfg.num_layers * length * cfg.num_kv_heads * cfg.key_size * 2 * 2 * batch
 
 
@@ -162,7 +161,7 @@ def decode_estimate(cfg: GrokConfig, block: int, hit_rate: float, link_gbps: flo
 
 
 def make_plan(cfg: GrokConfig, settings: QuantSettings, device_memory: int, *,
-              context: int | None = None, batch: int = 1, headroom: int = 2 * GIB,
+              context: int | None = None, batch: int = 1, headroom: int = int(HEADROOM_GIB * GIB),
               host_memory: int | None = None, link_gbps: float = 50.0,
               hit_rates: tuple[float, ...] = (0.0,), device_gbps: float | None = None,
               expert_cache_bytes: int | None = None) -> MemoryPlan:
@@ -254,8 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attention", default="int8", help="int8 or bf16 (default int8)")
     p.add_argument("--context", default=None, help="KV cache tokens (default: the model's)")
     p.add_argument("--batch", default="1", help="sequences decoded together (default 1)")
-    p.add_argument("--headroom", default="2GiB", help="left free on the device (default 2GiB, "
-                   "the engine's headroom_gb)")
+    p.add_argument("--headroom", default=f"{HEADROOM_GIB:g}GiB",
+                   help=f"left free on the device (default {HEADROOM_GIB:g}GiB, the engine's "
+                        f"headroom_gb)")
     p.add_argument("--expert-cache-gb", default=None,
                    help="explicit expert cache budget in GiB, as the engine's option")
     p.add_argument("--host-memory", default=None, help="host memory, e.g. 128GB")

@@ -173,8 +173,11 @@ def main(argv=None) -> int:
             from lowmem.demo import ensure_demo_model
             model_dir = ensure_demo_model(args.workdir)
         runtime = load(model_dir, **engine_kwargs(args), profile=True)
-        report = run_profile(runtime.engine, prompt_ids_from_args(args, runtime),
-                             args.max_new_tokens, args.warmup_tokens, args.overhead_check)
+        try:
+            report = run_profile(runtime.engine, prompt_ids_from_args(args, runtime),
+                                 args.max_new_tokens, args.warmup_tokens, args.overhead_check)
+        finally:
+            runtime.close()
     except (EngineError, PackedFormatError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

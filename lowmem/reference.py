@@ -47,8 +47,6 @@ log = logging.getLogger(__name__)
 
 MODES = ("fp32", "bf16")
 MASK_VALUE = -1e30  # what the release writes into masked attention logits
-LAYER_ROLES = ("gate", "up", "down", "q", "k", "v", "o", "attn_norm", "attn_post_norm",
-               "moe_norm", "moe_post_norm", "router")
 
 
 # --- precision helpers --------------------------------------------------------

@@ -43,14 +43,13 @@ DISALLOWED_LOGIT = -1e10
 class SamplingParams:
     """User-facing sampling settings, validated once on construction.
 
-    ``greedy=True`` or ``temperature == 0`` both mean argmax decoding. The
+    ``temperature == 0`` means argmax decoding (greedy). The
     defaults (temperature 1, top_p 1, top_k 0) sample from the full softmax.
     """
 
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
-    greedy: bool = False
 
     def __post_init__(self):
         problems = []
@@ -62,24 +61,21 @@ class SamplingParams:
         if not (isinstance(self.top_k, (int, np.integer)) and not isinstance(self.top_k, bool)
                 and self.top_k >= 0):
             problems.append(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
-        if not isinstance(self.greedy, bool):
-            problems.append(f"greedy must be a bool, got {self.greedy!r}")
         if problems:
             raise ValueError("invalid SamplingParams: " + "; ".join(problems))
 
     @property
     def is_greedy(self) -> bool:
-        return self.greedy or self.temperature == 0
+        return self.temperature == 0
 
     def as_args(self) -> tuple[np.float32, np.float32, np.int32]:
         """(temperature, top_p, top_k) with fixed dtypes for ``sample``.
 
         Fixed dtypes keep a jitted caller on one compiled version whatever the
         values (a Python int temperature would otherwise trace differently
-        from a float one). Greedy maps to temperature 0.
+        from a float one).
         """
-        temperature = 0.0 if self.is_greedy else self.temperature
-        return np.float32(temperature), np.float32(self.top_p), np.int32(self.top_k)
+        return np.float32(self.temperature), np.float32(self.top_p), np.int32(self.top_k)
 
 
 def _per_row(value, batch: int, dtype) -> jax.Array:

@@ -7,7 +7,18 @@ the quantizer).
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Iterable, Iterator
+
+# The release's tokenizer.model (Apache-2.0, like the weights), shipped with the
+# package so that the embedded default and the tests need no download.
+BUNDLED = Path(__file__).parent / "data" / "tokenizer.model"
+
+
+def release_tokenizer_path() -> Path:
+    """$LOWMEM_TOKENIZER if set, else the copy of the release tokenizer in the package."""
+    env = os.environ.get("LOWMEM_TOKENIZER")
+    return Path(env) if env else BUNDLED
 
 
 class TokenizerError(ValueError):

@@ -1,19 +1,17 @@
 """Text streaming, the Python API and the generate CLI (demo preset, real tokenizer)."""
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 import lowmem
 from quant.config import preset
-from lowmem.tokenizer import Tokenizer, stream_text
+from lowmem.tokenizer import BUNDLED, Tokenizer, stream_text
 from quant.packed import QuantSettings
 from quant.pipeline import quantize_checkpoint
 from quant.synthetic import write_checkpoint
 
-TOKENIZER = Path(__file__).resolve().parents[1].parent / "shared" / "grok1" / "tokenizer.model"
-pytestmark = pytest.mark.skipif(not TOKENIZER.is_file(), reason=f"no tokenizer at {TOKENIZER}")
+TOKENIZER = BUNDLED
 
 
 @pytest.fixture(scope="module")

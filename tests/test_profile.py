@@ -7,10 +7,10 @@ can hit (keys are (layer, expert), and each layer's two experts evict the
 previous layer's), so every decode token moves layers * 2 blocks.
 """
 import json
-import random
 
 import pytest
 
+from lowmem import expert_cache as C
 from lowmem import profile as P
 from quant.packed import PackedModel, QuantSettings
 from quant.pipeline import quantize_checkpoint
@@ -98,71 +98,21 @@ def test_host_backend_report(int8_dir, tmp_path, tiny_cfg):
     assert r["overhead"] is None
 
 
+def test_profile_measures_the_cache_policy_it_was_given(int8_dir, tmp_path):
+    """The profiler empties the cache through the engine, keeping every option."""
+    block = PackedModel.open(int8_dir).expert_block_nbytes
+    for policy in ("layer", "lru"):
+        r = _profile(int8_dir, tmp_path, "--backend", "device", "--cache-policy", policy,
+                     "--expert-cache-gb", repr(3.5 * block / GIB))
+        assert r["cache_policy"] == policy and r["expert_cache_slots"] == 3
+
+
 def test_bad_inputs_exit_2(int8_dir, capsys):
     assert P.main(["--model", str(int8_dir), "--prompt-ids", "5,x"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--prompt-ids" in err
     assert P.main(["--model", str(int8_dir), "--prompt-ids", "5", "--max-new-tokens", "1"]) == 2
     assert "max_new_tokens must be >= 2" in capsys.readouterr().err
-
-
-# --- cache policies ---------------------------------------------------------------------
-
-def test_lru_and_belady_on_hand_computed_trace():
-    trace = list("ABCABDABCD")
-    # LRU, 3 slots: A B C miss; A B hit; D evicts C; A B hit; C evicts D; D evicts A.
-    assert P.lru_hits(trace, 3) == 4
-    # Belady: D evicts C (next use farthest); C evicts A or B (never used again); D hits.
-    assert P.belady_hits(trace, 3) == 5
-    cyclic = [1, 2, 3] * 3
-    assert P.lru_hits(cyclic, 2) == 0                      # LRU's worst case
-    # Belady, 2 slots: 1 2 m, 3 m (evict 2), 1 h, 2 m (evict 1), 3 h, 1 m (evict 3 or 2) ...
-    assert P.belady_hits(cyclic, 2) == 3
-
-
-def test_everything_fits_means_only_compulsory_misses():
-    trace = [(0, 1), (0, 2), (1, 5), (0, 1), (1, 5), (0, 2)]
-    assert P.lru_hits(trace, 3) == P.belady_hits(trace, 3) == len(trace) - 3
-    with pytest.raises(ValueError):
-        P.lru_hits(trace, 0)
-
-
-def _optimal_hits(trace, slots):
-    """Exhaustive search over every eviction choice: the true offline optimum."""
-    best = 0
-
-    def go(i, cache, hits):
-        nonlocal best
-        if i == len(trace):
-            best = max(best, hits)
-            return
-        key = trace[i]
-        if key in cache:
-            go(i + 1, cache, hits + 1)
-        elif len(cache) < slots:
-            go(i + 1, cache | {key}, hits)
-        else:
-            for victim in cache:
-                go(i + 1, (cache - {victim}) | {key}, hits)
-    go(0, frozenset(), 0)
-    return best
-
-
-def test_belady_is_optimal_and_never_worse_than_lru():
-    rng = random.Random(0)
-    for _ in range(30):
-        trace = [rng.randrange(5) for _ in range(11)]
-        for slots in (1, 2, 3):
-            best = _optimal_hits(trace, slots)
-            assert P.belady_hits(trace, slots) == best, (trace, slots)
-            assert P.lru_hits(trace, slots) <= best
-
-
-def test_trace_keys_follow_engine_order():
-    import numpy as np
-    routing = [(0, np.array([[3, 1], [1, 4]])), (1, np.array([[2, 2]]))]
-    assert P.trace_keys(routing) == [(0, 3), (0, 1), (0, 4), (1, 2)]
-    assert P.trace_keys([]) == []
 
 
 def test_lru_simulation_replays_the_engines_cache(int8_dir):
@@ -173,7 +123,7 @@ def test_lru_simulation_replays_the_engines_cache(int8_dir):
     rt = load(int8_dir, backend="device", prefetch=False, record_routing=True,
               expert_cache_gb=5.5 * block / GIB, prefill_buckets=(4,))
     prompt_logits(rt.engine, [5, 17, 99, 3, 250, 42, 7, 300, 11, 12, 13, 400, 77])
-    trace = P.trace_keys(rt.engine.routing_trace)
+    trace = C.trace_keys(rt.engine.routing_trace)
     stats = rt.engine.expert_stats
     assert len(trace) == stats.requests == 13 * 2 * 2
-    assert P.lru_hits(trace, 5) == stats.hits
+    assert C.lru_hits(trace, 5) == stats.hits

@@ -20,13 +20,14 @@ import pytest
 
 import quant.pipeline as qq
 from lowmem.quantize import main
+from lowmem.tokenizer import BUNDLED
 from quant.checkpoint import dequantize, iter_checkpoint
 from quant.int4 import quantize_int4
 from quant.packed import MANIFEST, PackedModel, QuantSettings
 from quant.qweight import dequantize as dequantize_q
 from quant.pipeline import QuantizeError, quantize_checkpoint
 
-TOKENIZER = Path("/work/shared/grok1/tokenizer.model")
+TOKENIZER = BUNDLED
 BF16 = np.dtype(ml_dtypes.bfloat16)
 REPO = Path(__file__).resolve().parents[1]
 

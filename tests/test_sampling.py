@@ -236,7 +236,7 @@ def test_changing_settings_does_not_recompile():
     run = jax.jit(counted)
     logits = random_logits(seed=1)
     settings = [SamplingParams(), SamplingParams(temperature=0.3, top_p=0.5, top_k=5),
-                SamplingParams(greedy=True), SamplingParams(temperature=0.0, top_p=0.9),
+                SamplingParams(temperature=0.0, top_k=3), SamplingParams(temperature=0.0, top_p=0.9),
                 SamplingParams(temperature=2.0, top_k=1)]
     outputs = [np.asarray(run(logits, jax.random.key(0), *p.as_args())) for p in settings]
     assert len(traces) == 1 and run._cache_size() == 1
@@ -254,12 +254,12 @@ def test_changing_settings_does_not_recompile():
 
 def test_sampling_params_defaults_and_args():
     p = SamplingParams()
-    assert (p.temperature, p.top_p, p.top_k, p.greedy, p.is_greedy) == (1.0, 1.0, 0, False, False)
+    assert (p.temperature, p.top_p, p.top_k, p.is_greedy) == (1.0, 1.0, 0, False)
     t, top_p, k = SamplingParams(temperature=0.01, top_p=0.9, top_k=40).as_args()
     assert (t.dtype, top_p.dtype, k.dtype) == (np.float32, np.float32, np.int32)
     assert (float(t), float(top_p), int(k)) == (np.float32(0.01), np.float32(0.9), 40)
     assert SamplingParams(temperature=0).is_greedy
-    assert float(SamplingParams(temperature=0.8, greedy=True).as_args()[0]) == 0.0
+    assert float(SamplingParams(temperature=0).as_args()[0]) == 0.0
 
 
 @pytest.mark.parametrize("kwargs,field", [
@@ -267,7 +267,7 @@ def test_sampling_params_defaults_and_args():
     (dict(top_p=float("nan")), "top_p"), (dict(temperature=-0.1), "temperature"),
     (dict(temperature=float("inf")), "temperature"), (dict(temperature=float("nan")), "temperature"),
     (dict(top_k=-1), "top_k"), (dict(top_k=2.5), "top_k"), (dict(top_k=True), "top_k"),
-    (dict(greedy=1), "greedy"), (dict(temperature="1"), "temperature"),
+    (dict(temperature="1"), "temperature"),
 ])
 def test_sampling_params_rejects_out_of_range(kwargs, field):
     with pytest.raises(ValueError, match=f"{field} must be"):

@@ -1,9 +1,11 @@
-"""ExpertCache: LRU order, pins, prefetch accounting, exact counters."""
+"""ExpertCache: LRU order, pins, prefetch accounting, exact counters; the policy simulators."""
+import random
 import threading
 
 import numpy as np
 import pytest
 
+from lowmem import expert_cache as C
 from lowmem.expert_cache import ExpertCache
 
 
@@ -134,3 +136,62 @@ def test_eviction_order_prefers_the_layer_furthest_ahead():
     assert eviction_order(keys, "layer", 2, 4) == [(1, 5), (0, 1), (3, 2), (3, 0), (2, 4)]
     with pytest.raises(ValueError, match="cache policy must be one of"):
         ExpertCache(FakeFetch(), 1, 2, policy="fifo")
+
+
+# --- cache policies ---------------------------------------------------------------------
+
+def test_lru_and_belady_on_hand_computed_trace():
+    trace = list("ABCABDABCD")
+    # LRU, 3 slots: A B C miss; A B hit; D evicts C; A B hit; C evicts D; D evicts A.
+    assert C.lru_hits(trace, 3) == 4
+    # Belady: D evicts C (next use farthest); C evicts A or B (never used again); D hits.
+    assert C.belady_hits(trace, 3) == 5
+    cyclic = [1, 2, 3] * 3
+    assert C.lru_hits(cyclic, 2) == 0                      # LRU's worst case
+    # Belady, 2 slots: 1 2 m, 3 m (evict 2), 1 h, 2 m (evict 1), 3 h, 1 m (evict 3 or 2) ...
+    assert C.belady_hits(cyclic, 2) == 3
+
+
+def test_everything_fits_means_only_compulsory_misses():
+    trace = [(0, 1), (0, 2), (1, 5), (0, 1), (1, 5), (0, 2)]
+    assert C.lru_hits(trace, 3) == C.belady_hits(trace, 3) == len(trace) - 3
+    with pytest.raises(ValueError):
+        C.lru_hits(trace, 0)
+
+
+def _optimal_hits(trace, slots):
+    """Exhaustive search over every eviction choice: the true offline optimum."""
+    best = 0
+
+    def go(i, cache, hits):
+        nonlocal best
+        if i == len(trace):
+            best = max(best, hits)
+            return
+        key = trace[i]
+        if key in cache:
+            go(i + 1, cache, hits + 1)
+        elif len(cache) < slots:
+            go(i + 1, cache | {key}, hits)
+        else:
+            for victim in cache:
+                go(i + 1, (cache - {victim}) | {key}, hits)
+    go(0, frozenset(), 0)
+    return best
+
+
+def test_belady_is_optimal_and_never_worse_than_lru():
+    rng = random.Random(0)
+    for _ in range(30):
+        trace = [rng.randrange(5) for _ in range(11)]
+        for slots in (1, 2, 3):
+            best = _optimal_hits(trace, slots)
+            assert C.belady_hits(trace, slots) == best, (trace, slots)
+            assert C.lru_hits(trace, slots) <= best
+
+
+def test_trace_keys_follow_engine_order():
+    import numpy as np
+    routing = [(0, np.array([[3, 1], [1, 4]])), (1, np.array([[2, 2]]))]
+    assert C.trace_keys(routing) == [(0, 3), (0, 1), (0, 4), (1, 2)]
+    assert C.trace_keys([]) == []
