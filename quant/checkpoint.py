@@ -8,11 +8,10 @@ the handful of globals these files need and refuses everything else.
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
+import math
 import os
 import pickle
-import struct
 import sys
 from pathlib import Path
 from typing import Iterator
@@ -44,32 +43,87 @@ class QuantizedWeight8bit:
                 f"scales={self.scales.dtype}{list(self.scales.shape)})")
 
 
-def _allowed_globals() -> dict[tuple[str, str], object]:
-    from numpy._core import multiarray, numeric
-    allowed = {("__main__", "QuantizedWeight8bit"): QuantizedWeight8bit,
-               ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
-    for mod in ("numpy.core", "numpy._core"):  # numpy 1.x and 2.x spell these differently
-        allowed[(f"{mod}.multiarray", "_reconstruct")] = multiarray._reconstruct
-        allowed[(f"{mod}.multiarray", "scalar")] = multiarray.scalar
-        allowed[(f"{mod}.numeric", "_frombuffer")] = numeric._frombuffer
+# --- reading: a small pickle machine that only knows the release's objects --------
+#
+# pickle.Unpickler, even with find_class restricted, hands file data to real
+# constructors: numpy.dtype's BUILD (__setstate__) accepts any fields, flags
+# and object members, and a crafted dtype made numpy copy "object pointers"
+# taken from the file (a segfault). So this reader interprets the few opcodes
+# the release's pickles use itself, and every global it may name resolves to a
+# token, not to code. REDUCE/NEWOBJ/BUILD on those tokens only fill in inert
+# stubs, checked field by field as they are built; the real dtypes are chosen
+# from a fixed table, and arrays are made only after the whole file has checked
+# out. Every length is checked against the bytes left in the file before
+# anything is read or allocated, and the opcode count, stack, marks and nesting
+# depth are bounded, so any malformed file ends in one CheckpointError.
+
+MAX_OPS = 10_000          # a release pickle has about 100 opcodes
+MAX_STACK = 1_000
+MAX_MARKS = 64
+MAX_DEPTH = 16            # a QuantizedWeight8bit file nests 6 deep
+MAX_NDIM = 32
+MAX_TEXT = 1 << 12        # module, class, dtype and key names are short
+MAX_LINE = 256            # protocol-0 GLOBAL lines
+SPAN_MIN = 1 << 16        # payloads at least this big are left in the file until the end
+
+
+class _Bad(Exception):
+    """A reason the file is malformed; load_tensor_file adds the path and offset."""
+
+
+class _Global:
+    """Token standing for one allowed global; calling it is impossible by design."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+
+_RECONSTRUCT, _FROMBUFFER, _NDARRAY, _DTYPE, _QW8, _BFLOAT16 = (
+    _Global(n) for n in ("numpy._core.multiarray._reconstruct", "numpy._core.numeric._frombuffer",
+                         "numpy.ndarray", "numpy.dtype", "__main__.QuantizedWeight8bit",
+                         "ml_dtypes.bfloat16"))
+
+
+def _global_table() -> dict[tuple[str, str], _Global]:
+    """(module, name) -> token, under every spelling numpy 1.x/2.x and jax pickled them."""
+    table = {("__main__", "QuantizedWeight8bit"): _QW8,
+             ("numpy", "ndarray"): _NDARRAY, ("numpy", "dtype"): _DTYPE}
+    for mod in ("numpy.core", "numpy._core"):
+        table[(f"{mod}.multiarray", "_reconstruct")] = _RECONSTRUCT
+        table[(f"{mod}.numeric", "_frombuffer")] = _FROMBUFFER
     for mod in ("ml_dtypes", "ml_dtypes._ml_dtypes_ext", "ml_dtypes._custom_floats",
                 "jax.numpy", "jax._src.dtypes"):
-        allowed[(mod, "bfloat16")] = ml_dtypes.bfloat16
-    return allowed
+        table[(mod, "bfloat16")] = _BFLOAT16
+    return table
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    _allowed = _allowed_globals()
+_GLOBALS = _global_table()
+# The only element types of the release: int8 weights, bf16 scales, fp32 rest.
+_DTYPES = {"i1": np.dtype("<i1"), "f4": np.dtype("<f4"), _BFLOAT16: BF16.newbyteorder("<")}
+_DTYPE_CHOICES = "'i1' (int8), 'f4' (float32) or ml_dtypes.bfloat16"
 
-    def find_class(self, module: str, name: str):
-        try:
-            return self._allowed[(module, name)]
-        except KeyError:
-            raise pickle.UnpicklingError(f"refusing to load global {module}.{name}") from None
+
+def _dtype_states(dt: np.dtype) -> set[tuple]:
+    """The BUILD states numpy writes for ``dt``: plain, native or little-endian order."""
+    state = dt.__reduce__()[2]
+    orders = {"|"} if dt.itemsize == 1 else {"<"} | ({"="} if sys.byteorder == "little" else set())
+    return {(state[0], order) + tuple(state[2:]) for order in orders}
+
+
+_DTYPE_STATES = {key: _dtype_states(dt) for key, dt in _DTYPES.items()}
+
+
+class _Tuple(tuple):
+    """A tuple that knows how deeply it nests, so depth is bounded without recursion."""
+    depth = 1
+
+
+class _Dict(dict):
+    depth = 1
 
 
 class _Span:
-    """Placeholder for a large bytes payload left in the file: (offset, length)."""
+    """A large payload left in the file: (offset, length); read or mapped at the end."""
 
     def __init__(self, offset: int, length: int):
         self.offset, self.length = offset, length
@@ -78,86 +132,455 @@ class _Span:
         return self.length
 
 
-class _LazyArray:
-    """What ``_reconstruct`` builds when mapping: becomes an np.memmap after loading."""
+class _DtypeStub:
+    """numpy.dtype(...) from the file: already the real, whitelisted dtype."""
+    depth = 1
 
-    def __setstate__(self, state):
-        _, self.shape, self.dtype, self.fortran, self.data = state
-
-
-def _lazy_reconstruct(cls, shape, typecode):
-    if cls is not np.ndarray:
-        raise pickle.UnpicklingError(f"refusing to reconstruct {cls!r}")
-    return _LazyArray()
+    def __init__(self, dtype: np.dtype):
+        self.dtype, self.built = dtype, False
 
 
-class _MappingUnpickler(pickle._Unpickler):
-    """The pure-Python unpickler, restricted, that leaves large payloads in the file.
+class _ArrayStub:
+    """ndarray from the file, before any array exists: shape, dtype, order, payload."""
+    depth = 1
 
-    A BINBYTES/BINBYTES8 payload outside a protocol-4 frame (pickle writes every
-    large one there) is skipped and recorded as a _Span, so the arrays can be
-    memory-mapped from the file instead of copied twice into fresh memory.
-    """
-    _allowed = {**_RestrictedUnpickler._allowed,
-                **{(m, "_reconstruct"): _lazy_reconstruct
-                   for m in ("numpy.core.multiarray", "numpy._core.multiarray")}}
-    dispatch = dict(pickle._Unpickler.dispatch)
-    find_class = _RestrictedUnpickler.find_class
-
-    def __init__(self, file):
-        super().__init__(file)
-        self._raw = file
-
-    def _bytes(self, n: int) -> None:
-        if n >= 1 << 16 and self._unframer.current_frame is None:
-            self.append(_Span(self._raw.tell(), n))
-            self._raw.seek(n, os.SEEK_CUR)
-        else:
-            self.append(self.read(n))
-
-    def load_binbytes(self):
-        self._bytes(int.from_bytes(self.read(4), "little"))
-    dispatch[pickle.BINBYTES[0]] = load_binbytes
-
-    def load_binbytes8(self):
-        self._bytes(int.from_bytes(self.read(8), "little"))
-    dispatch[pickle.BINBYTES8[0]] = load_binbytes8
+    def __init__(self):
+        self.shape = self.dtype = self.fortran = self.data = None
 
 
-def _materialize(path: Path, obj, size: int):
-    """Turn _LazyArray placeholders into arrays: mapped for spans, copied for small bytes."""
-    if isinstance(obj, QuantizedWeight8bit):
-        return QuantizedWeight8bit(_materialize(path, obj.weight, size),
-                                   _materialize(path, obj.scales, size))
-    if not isinstance(obj, _LazyArray):
-        return obj
-    order = "F" if obj.fortran else "C"
-    count = int(np.prod(obj.shape, dtype=np.int64))
-    if isinstance(obj.data, _Span):
-        if obj.data.length != count * obj.dtype.itemsize or obj.data.offset + obj.data.length > size:
-            raise pickle.UnpicklingError("array payload does not match its shape")
-        return np.memmap(path, obj.dtype, "r", obj.data.offset, obj.shape, order)
-    return np.frombuffer(obj.data, obj.dtype, count).reshape(obj.shape, order=order).copy()
+class _QW8Stub:
+    depth = 1
+
+    def __init__(self):
+        self.weight = self.scales = None
+
+
+def _show(x, nested: bool = False) -> str:
+    """Describe a value from the file for an error message: shallow and short."""
+    if x is None or isinstance(x, (bool, int)):
+        return repr(x)
+    if isinstance(x, str):
+        return repr(x) if len(x) <= 40 else repr(x[:40]) + "..."
+    if isinstance(x, (bytes, bytearray, _Span)):
+        return f"{len(x)} bytes"
+    if isinstance(x, _Global):
+        return f"the global {x.name}"
+    if isinstance(x, _DtypeStub):
+        return f"dtype {x.dtype.name}"
+    if isinstance(x, (_ArrayStub, _QW8Stub)):
+        return "an array" if isinstance(x, _ArrayStub) else "a QuantizedWeight8bit"
+    if isinstance(x, _Tuple) and not nested:
+        items = [_show(item, True) for item in x[:10]]
+        return "(" + ", ".join(items + ["..."] * (len(x) > 10)) + ("," * (len(x) == 1)) + ")"
+    if isinstance(x, _Dict) and not nested:
+        return "a dict with keys " + ", ".join(_show(k, True) for k in list(x)[:10])
+    return f"a {type(x).__name__.strip('_').lower()} of {len(x)} items"
+
+
+def _nest(x, items) -> object:
+    x.depth = 1 + max((getattr(item, "depth", 0) for item in items), default=0)
+    if x.depth > MAX_DEPTH:
+        raise _Bad(f"objects nest more than {MAX_DEPTH} deep (a checkpoint nests 6)")
+    return x
+
+
+_OPS: dict[int, tuple[str, object]] = {}
+
+
+def _op(code: bytes, name: str):
+    def register(fn):
+        _OPS[code[0]] = (name, fn)
+        return fn
+    return register
+
+
+class _Machine:
+    """Runs the opcodes of one file; ``pos`` is the file offset of the next byte."""
+
+    def __init__(self, f, size: int):
+        self.f, self.size, self.pos = f, size, 0
+        self.stack: list = []
+        self.marks: list[int] = []
+        self.memo: dict[int, object] = {}
+        self.op_pos, self.op_name = 0, "start"
+
+    def run(self):
+        for _ in range(MAX_OPS):
+            self.op_pos, self.op_name = self.pos, "opcode"
+            code = self.read(1)[0]
+            if code not in _OPS:
+                raise _Bad(f"opcode {bytes([code])!r} is not one checkpoint pickles use")
+            self.op_name, handler = _OPS[code]
+            result = handler(self)
+            if result is not None:
+                return result
+        raise _Bad(f"more than {MAX_OPS} opcodes (a checkpoint pickle has about 100)")
+
+    def read(self, n: int) -> bytes:
+        left = self.size - self.pos
+        if n > left:
+            raise _Bad(f"needs {n} more byte{'s' * (n != 1)}, but only {left} are left in the file")
+        data = self.f.read(n)
+        if len(data) != n:
+            raise _Bad(f"read {len(data)} of {n} bytes: the file changed while being read")
+        self.pos += n
+        return data
+
+    def uint(self, nbytes: int) -> int:
+        return int.from_bytes(self.read(nbytes), "little")
+
+    def payload(self, n: int):
+        """Bytes for a small payload; a _Span, skipped for now, for a large one."""
+        left = self.size - self.pos
+        if n > left:
+            raise _Bad(f"claims a {n}-byte payload, but only {left} bytes are left in the file")
+        if n < SPAN_MIN:
+            return self.read(n)
+        span = _Span(self.pos, n)
+        self.pos += n
+        self.f.seek(self.pos)
+        return span
+
+    def text(self, n: int) -> str:
+        if n > MAX_TEXT:
+            raise _Bad(f"claims a {n}-byte string; names in checkpoint pickles are under "
+                       f"{MAX_TEXT} bytes")
+        try:
+            return self.read(n).decode("utf-8", "surrogatepass")
+        except UnicodeDecodeError as e:
+            raise _Bad(f"string is not UTF-8 ({e.reason} at byte {e.start})") from None
+
+    def line(self) -> str:
+        data = b""
+        while not data.endswith(b"\n"):
+            if len(data) == MAX_LINE:
+                raise _Bad(f"expected a name line of at most {MAX_LINE} bytes, found a longer one")
+            data += self.read(1)
+        try:
+            return data[:-1].decode("ascii")
+        except UnicodeDecodeError:
+            raise _Bad("expected an ASCII name line, found other bytes") from None
+
+    def push(self, x) -> None:
+        if len(self.stack) >= MAX_STACK:
+            raise _Bad(f"more than {MAX_STACK} objects on the stack (checkpoint pickles need a few dozen)")
+        self.stack.append(x)
+
+    def pop(self, n: int) -> list:
+        floor = self.marks[-1] if self.marks else 0
+        if len(self.stack) - floor < n:
+            raise _Bad(f"needs {n} objects on the stack above the last mark, found "
+                       f"{len(self.stack) - floor}")
+        items = self.stack[len(self.stack) - n:]
+        del self.stack[len(self.stack) - n:]
+        return items
+
+    def pop_mark(self) -> list:
+        if not self.marks:
+            raise _Bad("expected a MARK before this opcode, found none")
+        items = self.stack[self.marks[-1]:]
+        del self.stack[self.marks.pop():]
+        return items
+
+    def top(self):
+        """The object an opcode works on in place (MEMOIZE, BUILD, SETITEMS): kept on the stack."""
+        if len(self.stack) <= (self.marks[-1] if self.marks else 0):
+            raise _Bad("needs an object on the stack above the last mark, found none")
+        return self.stack[-1]
+
+    def put(self, index: int) -> None:
+        self.memo[index] = self.top()
+
+    def get(self, index: int) -> None:
+        if index not in self.memo:
+            raise _Bad(f"refers to memo slot {index}, which was never stored")
+        self.push(self.memo[index])
+
+
+# --- opcodes (names as in pickletools) ---
+
+@_op(b"\x80", "PROTO")
+def _proto(m):
+    if (proto := m.uint(1)) > 5:
+        raise _Bad(f"expected pickle protocol 0 to 5, found {proto}")
+
+
+@_op(b"\x95", "FRAME")
+def _frame(m):
+    n, left = m.uint(8), m.size - m.pos
+    if n > left:
+        raise _Bad(f"claims a {n}-byte frame, but only {left} bytes are left in the file")
+
+
+for _code, _name, _width in ((b"\x8c", "SHORT_BINUNICODE", 1), (b"X", "BINUNICODE", 4),
+                             (b"\x8d", "BINUNICODE8", 8)):
+    _op(_code, _name)(lambda m, w=_width: m.push(m.text(m.uint(w))))
+for _code, _name, _width in ((b"C", "SHORT_BINBYTES", 1), (b"B", "BINBYTES", 4),
+                             (b"\x8e", "BINBYTES8", 8), (b"\x96", "BYTEARRAY8", 8)):
+    _op(_code, _name)(lambda m, w=_width: m.push(m.payload(m.uint(w))))
+for _code, _name, _width in ((b"K", "BININT1", 1), (b"M", "BININT2", 2)):
+    _op(_code, _name)(lambda m, w=_width: m.push(m.uint(w)))
+for _code, _name, _value in ((b"N", "NONE", None), (b"\x88", "NEWTRUE", True),
+                             (b"\x89", "NEWFALSE", False)):
+    _op(_code, _name)(lambda m, v=_value: m.push(v))
+for _code, _name, _width in ((b"\x94", "MEMOIZE", 0), (b"q", "BINPUT", 1),
+                             (b"r", "LONG_BINPUT", 4)):
+    _op(_code, _name)(lambda m, w=_width: m.put(m.uint(w) if w else len(m.memo)))
+for _code, _name, _width in ((b"h", "BINGET", 1), (b"j", "LONG_BINGET", 4)):
+    _op(_code, _name)(lambda m, w=_width: m.get(m.uint(w)))
+for _code, _name, _count in ((b")", "EMPTY_TUPLE", 0), (b"\x85", "TUPLE1", 1),
+                             (b"\x86", "TUPLE2", 2), (b"\x87", "TUPLE3", 3)):
+    _op(_code, _name)(lambda m, n=_count: m.push(_tuple(m.pop(n))))
+
+
+def _tuple(items: list) -> _Tuple:
+    t = _Tuple(items)
+    return _nest(t, t)
+
+
+@_op(b"J", "BININT")
+def _binint(m):
+    m.push(int.from_bytes(m.read(4), "little", signed=True))
+
+
+@_op(b"\x8a", "LONG1")
+def _long1(m):
+    if (n := m.uint(1)) > 8:
+        raise _Bad(f"expected an integer of at most 8 bytes, found {n} bytes")
+    m.push(int.from_bytes(m.read(n), "little", signed=True))
+
+
+@_op(b"(", "MARK")
+def _mark(m):
+    if len(m.marks) >= MAX_MARKS:
+        raise _Bad(f"more than {MAX_MARKS} nested MARKs (a checkpoint needs 3)")
+    m.marks.append(len(m.stack))
+
+
+@_op(b"t", "TUPLE")
+def _tuple_op(m):
+    m.push(_tuple(m.pop_mark()))
+
+
+@_op(b"}", "EMPTY_DICT")
+def _empty_dict(m):
+    m.push(_Dict())
+
+
+def _set_items(m, items: list) -> None:
+    target = m.top()
+    if not isinstance(target, _Dict):
+        raise _Bad(f"expected a dict to set items in, found {_show(target)}")
+    if len(items) % 2:
+        raise _Bad(f"expected key/value pairs, found {len(items)} objects")
+    for key, value in zip(items[::2], items[1::2]):
+        if not isinstance(key, str):
+            raise _Bad(f"expected a string dict key, found {_show(key)}")
+        target[key] = value
+        target.depth = max(target.depth, 1 + getattr(value, "depth", 0))
+    if target.depth > MAX_DEPTH:
+        raise _Bad(f"objects nest more than {MAX_DEPTH} deep (a checkpoint nests 6)")
+
+
+@_op(b"s", "SETITEM")
+def _setitem(m):
+    _set_items(m, m.pop(2))
+
+
+@_op(b"u", "SETITEMS")
+def _setitems(m):
+    _set_items(m, m.pop_mark())
+
+
+def _resolve(module, name) -> _Global:
+    if not (isinstance(module, str) and isinstance(name, str)):
+        raise _Bad(f"expected a module and a name, found {_show(module)} and {_show(name)}")
+    if (module, name) not in _GLOBALS:
+        raise _Bad(f"refusing to load global {module[:80]}.{name[:80]} (checkpoints use only "
+                   "numpy's array and dtype rebuilders, bfloat16 and QuantizedWeight8bit)")
+    return _GLOBALS[(module, name)]
+
+
+@_op(b"c", "GLOBAL")
+def _global(m):
+    module = m.line()
+    m.push(_resolve(module, m.line()))
+
+
+@_op(b"\x93", "STACK_GLOBAL")
+def _stack_global(m):
+    m.push(_resolve(*m.pop(2)))
+
+
+@_op(b"R", "REDUCE")
+def _reduce(m):
+    func, args = m.pop(2)
+    makers = {_RECONSTRUCT: _reconstruct, _DTYPE: _make_dtype, _FROMBUFFER: _frombuffer}
+    if not isinstance(func, _Global) or func not in makers:
+        raise _Bad(f"expected to call numpy's _reconstruct, dtype or _frombuffer, "
+                   f"found {_show(func)}")
+    if not isinstance(args, _Tuple):
+        raise _Bad(f"expected a tuple of arguments for {func.name}, found {_show(args)}")
+    m.push(makers[func](args))
+
+
+@_op(b"\x81", "NEWOBJ")
+def _newobj(m):
+    cls, args = m.pop(2)
+    if cls is not _QW8 or args != ():
+        raise _Bad(f"expected QuantizedWeight8bit with no arguments, found {_show(cls)} "
+                   f"with {_show(args)}")
+    m.push(_QW8Stub())
+
+
+@_op(b"b", "BUILD")
+def _build(m):
+    (state,) = m.pop(1)
+    target = m.top()
+    builders = {_DtypeStub: _build_dtype, _ArrayStub: _build_array, _QW8Stub: _build_qw8}
+    if type(target) not in builders:
+        raise _Bad(f"expected to set the state of a dtype, an array or a "
+                   f"QuantizedWeight8bit, found {_show(target)}")
+    builders[type(target)](target, state)
+    _nest(target, (state,))
+
+
+@_op(b".", "STOP")
+def _stop(m):
+    if m.marks or len(m.stack) != 1:
+        raise _Bad(f"expected one object at STOP, found {len(m.stack)} and "
+                   f"{len(m.marks)} open MARKs")
+    if m.pos != m.size:
+        raise _Bad(f"expected the file to end at byte {m.pos}, found {m.size - m.pos} "
+                   "more bytes")
+    obj = m.stack[0]
+    parts = [obj.weight, obj.scales] if isinstance(obj, _QW8Stub) else [obj]
+    if not all(isinstance(p, _ArrayStub) and p.data is not None for p in parts):
+        raise _Bad(f"expected an array or a QuantizedWeight8bit of two arrays, found "
+                   f"{_show(obj)}")
+    return obj
+
+
+# --- the objects REDUCE, NEWOBJ and BUILD may make ---
+
+def _make_dtype(args: _Tuple) -> _DtypeStub:
+    """numpy.dtype(code, align=False, copy=True): refused unless ``code`` is in _DTYPES."""
+    if len(args) != 3 or args[1] is not False or args[2] is not True:
+        raise _Bad(f"expected dtype arguments (code, False, True), found {_show(args)}")
+    code = args[0]
+    if not isinstance(code, (str, _Global)) or code not in _DTYPES:
+        raise _Bad(f"refusing dtype {_show(code)}: expected {_DTYPE_CHOICES}")
+    return _DtypeStub(_DTYPES[code])
+
+
+def _build_dtype(stub: _DtypeStub, state) -> None:
+    """dtype.__setstate__, never called: the state must be exactly what numpy writes."""
+    key = next(k for k, dt in _DTYPES.items() if dt is stub.dtype)
+    # Compared with ==, never hashed: a state holding a dict must be refused, not crash.
+    ok = isinstance(state, _Tuple) and any(state == s for s in _DTYPE_STATES[key])
+    if stub.built or not ok:
+        expected = " or ".join(sorted(map(str, _DTYPE_STATES[key])))
+        found = "a second state" if stub.built else _show(state)
+        raise _Bad(f"refusing dtype state for {stub.dtype.name}: expected {expected}, "
+                   f"found {found}")
+    stub.built = True
+
+
+def _reconstruct(args: _Tuple) -> _ArrayStub:
+    if args != (_NDARRAY, (0,), b"b") or not isinstance(args[1], _Tuple):
+        raise _Bad(f"expected _reconstruct(numpy.ndarray, (0,), b'b'), found {_show(args)}")
+    return _ArrayStub()
+
+
+def _frombuffer(args: _Tuple) -> _ArrayStub:
+    """numpy's protocol-5 spelling: _frombuffer(payload, dtype, shape, order)."""
+    if len(args) != 4 or args[3] not in ("C", "F"):
+        raise _Bad(f"expected _frombuffer(payload, dtype, shape, 'C' or 'F'), "
+                   f"found {_show(args)}")
+    stub = _ArrayStub()
+    _set_array(stub, args[2], args[1], args[3] == "F", args[0])
+    return stub
+
+
+def _build_array(stub: _ArrayStub, state) -> None:
+    """ndarray.__setstate__((1, shape, dtype, is_fortran, payload)), checked, not called."""
+    if stub.data is not None:
+        raise _Bad("expected one state per array, found a second")
+    if not (isinstance(state, _Tuple) and len(state) == 5 and state[0] == 1):
+        raise _Bad(f"expected array state (1, shape, dtype, is_fortran, payload), "
+                   f"found {_show(state)}")
+    _set_array(stub, *state[1:])
+
+
+def _set_array(stub: _ArrayStub, shape, dtype, fortran, data) -> None:
+    if not (isinstance(shape, _Tuple) and len(shape) <= MAX_NDIM
+            and all(type(d) is int and d >= 0 for d in shape)):
+        raise _Bad(f"expected a shape of at most {MAX_NDIM} non-negative ints, "
+                   f"found {_show(shape)}")
+    if not isinstance(dtype, _DtypeStub):
+        raise _Bad(f"expected a dtype, found {_show(dtype)}")
+    if not isinstance(fortran, bool):
+        raise _Bad(f"expected a bool for the memory order, found {_show(fortran)}")
+    if not isinstance(data, (bytes, bytearray, _Span)):
+        raise _Bad(f"expected the array's bytes, found {_show(data)}")
+    need = math.prod(shape) * dtype.dtype.itemsize
+    if len(data) != need:
+        raise _Bad(f"array {dtype.dtype.name}{list(shape)} needs {need} bytes of data, "
+                   f"found {len(data)}")
+    stub.shape, stub.dtype, stub.fortran, stub.data = tuple(shape), dtype.dtype, fortran, data
+
+
+def _build_qw8(stub: _QW8Stub, state) -> None:
+    if stub.weight is not None:
+        raise _Bad("expected one state per QuantizedWeight8bit, found a second")
+    if not (isinstance(state, _Dict) and set(state) == {"weight", "scales"}
+            and all(isinstance(v, _ArrayStub) for v in state.values())):
+        raise _Bad(f"expected QuantizedWeight8bit state {{'weight': array, 'scales': array}}, "
+                   f"found {_show(state)}")
+    stub.weight, stub.scales = state["weight"], state["scales"]
+
+
+# --- making the arrays, once the whole file has checked out ---
+
+def _array(f, path: Path, stub: _ArrayStub, mmap: bool) -> np.ndarray:
+    """Small payloads are copied; large ones mapped (``mmap``) or read straight into place."""
+    order = "F" if stub.fortran else "C"
+    if not isinstance(stub.data, _Span):
+        return np.frombuffer(stub.data, stub.dtype).reshape(stub.shape, order=order).copy()
+    if mmap:
+        return np.memmap(path, stub.dtype, "r", stub.data.offset, stub.shape, order)
+    flat = np.empty(len(stub.data) // stub.dtype.itemsize, stub.dtype)
+    f.seek(stub.data.offset)
+    if f.readinto(flat.view(np.uint8)) != stub.data.length:
+        raise _Bad("the file changed while being read")
+    return flat.reshape(stub.shape, order=order)
 
 
 def load_tensor_file(path: str | os.PathLike, mmap: bool = False):
-    """Unpickle one checkpoint file with a restricted unpickler.
+    """Read one checkpoint file: an ndarray or a QuantizedWeight8bit, nothing else.
 
     ``mmap=True`` returns read-only np.memmap views of the file for the large
-    arrays (no copy; the quantizer reads 318 GB this way).
+    arrays (no copy; the quantizer reads 318 GB this way). Any malformed file
+    raises CheckpointError naming the file, the byte offset and opcode, and what
+    was expected there.
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: file not found")
+    m = None
     try:
-        with open(path, "rb") as f:
-            if not mmap:
-                return _RestrictedUnpickler(io.BufferedReader(f, 1 << 24)).load()
-            obj = _MappingUnpickler(f).load()
-            return _materialize(path, obj, os.fstat(f.fileno()).st_size)
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
-            struct.error) as e:
-        raise CheckpointError(f"{path}: not a readable checkpoint pickle ({e})") from None
+        with open(path, "rb", buffering=SPAN_MIN) as f:
+            m = _Machine(f, os.fstat(f.fileno()).st_size)
+            obj = m.run()
+            if isinstance(obj, _QW8Stub):
+                return QuantizedWeight8bit(_array(f, path, obj.weight, mmap),
+                                           _array(f, path, obj.scales, mmap))
+            return _array(f, path, obj, mmap)
+    except _Bad as e:
+        where = f"byte {m.op_pos} ({m.op_name}): " if m else ""
+        raise CheckpointError(f"{path}: not a readable checkpoint pickle: {where}{e}") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read the file: {e.strerror or e}") from None
 
 
 def _describe(obj) -> str:
