@@ -169,6 +169,8 @@ def _show(x, nested: bool = False) -> str:
         return f"dtype {x.dtype.name}"
     if isinstance(x, (_ArrayStub, _QW8Stub)):
         return "an array" if isinstance(x, _ArrayStub) else "a QuantizedWeight8bit"
+    if isinstance(x, _Tuple) and not x:
+        return "an empty tuple"
     if isinstance(x, _Tuple) and not nested:
         items = [_show(item, True) for item in x[:10]]
         return "(" + ", ".join(items + ["..."] * (len(x) > 10)) + ("," * (len(x) == 1)) + ")"
@@ -479,7 +481,8 @@ def _build_dtype(stub: _DtypeStub, state) -> None:
     # Compared with ==, never hashed: a state holding a dict must be refused, not crash.
     ok = isinstance(state, _Tuple) and any(state == s for s in _DTYPE_STATES[key])
     if stub.built or not ok:
-        expected = " or ".join(sorted(map(str, _DTYPE_STATES[key])))
+        orders = " or ".join(sorted(repr(state[1]) for state in _DTYPE_STATES[key]))
+        expected = f"{stub.dtype.__reduce__()[2]} (byte order {orders})"
         found = "a second state" if stub.built else _show(state)
         raise _Bad(f"refusing dtype state for {stub.dtype.name}: expected {expected}, "
                    f"found {found}")
@@ -546,7 +549,7 @@ def _array(f, path: Path, stub: _ArrayStub, mmap: bool) -> np.ndarray:
     """Small payloads are copied; large ones mapped (``mmap``) or read straight into place."""
     order = "F" if stub.fortran else "C"
     if not isinstance(stub.data, _Span):
-        return np.frombuffer(stub.data, stub.dtype).reshape(stub.shape, order=order).copy()
+        return np.frombuffer(stub.data, stub.dtype).reshape(stub.shape, order=order).copy(order="K")
     if mmap:
         return np.memmap(path, stub.dtype, "r", stub.data.offset, stub.shape, order)
     flat = np.empty(len(stub.data) // stub.dtype.itemsize, stub.dtype)
