@@ -75,7 +75,7 @@ class _Global:
     """Token standing for one allowed global; calling it is impossible by design."""
 
     def __init__(self, name: str):
-        self.name = name
+        self.name, self.what = name, f"the global {name}"
 
 
 _RECONSTRUCT, _FROMBUFFER, _NDARRAY, _DTYPE, _QW8, _BFLOAT16 = (
@@ -100,17 +100,11 @@ def _global_table() -> dict[tuple[str, str], _Global]:
 _GLOBALS = _global_table()
 # The only element types of the release: int8 weights, bf16 scales, fp32 rest.
 _DTYPES = {"i1": np.dtype("<i1"), "f4": np.dtype("<f4"), _BFLOAT16: BF16.newbyteorder("<")}
-_DTYPE_CHOICES = "'i1' (int8), 'f4' (float32) or ml_dtypes.bfloat16"
-
-
-def _dtype_states(dt: np.dtype) -> set[tuple]:
-    """The BUILD states numpy writes for ``dt``: plain, native or little-endian order."""
-    state = dt.__reduce__()[2]
-    orders = {"|"} if dt.itemsize == 1 else {"<"} | ({"="} if sys.byteorder == "little" else set())
-    return {(state[0], order) + tuple(state[2:]) for order in orders}
-
-
-_DTYPE_STATES = {key: _dtype_states(dt) for key, dt in _DTYPES.items()}
+# The BUILD states numpy writes for them: plain, native or little-endian byte order.
+_LITTLE = ("<", "=") if sys.byteorder == "little" else ("<",)
+_DTYPE_STATES = {key: [(3, order) + dt.__reduce__()[2][2:]
+                       for order in (("|",) if dt.itemsize == 1 else _LITTLE)]
+                 for key, dt in _DTYPES.items()}
 
 
 class _Tuple(tuple):
@@ -134,44 +128,32 @@ class _Span:
 
 class _DtypeStub:
     """numpy.dtype(...) from the file: already the real, whitelisted dtype."""
-    depth = 1
+    depth, built = 1, False
 
-    def __init__(self, dtype: np.dtype):
-        self.dtype, self.built = dtype, False
+    def __init__(self, key):
+        self.key, self.dtype = key, _DTYPES[key]
+        self.what = f"dtype {self.dtype.name}"
 
 
 class _ArrayStub:
-    """ndarray from the file, before any array exists: shape, dtype, order, payload."""
-    depth = 1
-
-    def __init__(self):
-        self.shape = self.dtype = self.fortran = self.data = None
+    """ndarray from the file, before any array exists; BUILD sets the fields."""
+    depth, what, shape, dtype, fortran, data = 1, "an array", None, None, None, None
 
 
 class _QW8Stub:
-    depth = 1
-
-    def __init__(self):
-        self.weight = self.scales = None
+    """QuantizedWeight8bit from the file; BUILD sets its two arrays."""
+    depth, what, weight, scales = 1, "a QuantizedWeight8bit", None, None
 
 
 def _show(x, nested: bool = False) -> str:
     """Describe a value from the file for an error message: shallow and short."""
-    if x is None or isinstance(x, (bool, int)):
-        return repr(x)
-    if isinstance(x, str):
-        return repr(x) if len(x) <= 40 else repr(x[:40]) + "..."
+    if x is None or isinstance(x, (bool, int, str)):
+        return repr(x) if len(repr(x)) <= 42 else repr(x)[:40] + "..."
     if isinstance(x, (bytes, bytearray, _Span)):
         return f"{len(x)} bytes"
-    if isinstance(x, _Global):
-        return f"the global {x.name}"
-    if isinstance(x, _DtypeStub):
-        return f"dtype {x.dtype.name}"
-    if isinstance(x, (_ArrayStub, _QW8Stub)):
-        return "an array" if isinstance(x, _ArrayStub) else "a QuantizedWeight8bit"
-    if isinstance(x, _Tuple) and not x:
-        return "an empty tuple"
-    if isinstance(x, _Tuple) and not nested:
+    if isinstance(x, (_Global, _DtypeStub, _ArrayStub, _QW8Stub)):
+        return x.what
+    if isinstance(x, _Tuple) and x and not nested:
         items = [_show(item, True) for item in x[:10]]
         return "(" + ", ".join(items + ["..."] * (len(x) > 10)) + ("," * (len(x) == 1)) + ")"
     if isinstance(x, _Dict) and not nested:
@@ -184,16 +166,6 @@ def _nest(x, items) -> object:
     if x.depth > MAX_DEPTH:
         raise _Bad(f"objects nest more than {MAX_DEPTH} deep (a checkpoint nests 6)")
     return x
-
-
-_OPS: dict[int, tuple[str, object]] = {}
-
-
-def _op(code: bytes, name: str):
-    def register(fn):
-        _OPS[code[0]] = (name, fn)
-        return fn
-    return register
 
 
 class _Machine:
@@ -214,7 +186,7 @@ class _Machine:
                 raise _Bad(f"opcode {bytes([code])!r} is not one checkpoint pickles use")
             self.op_name, handler = _OPS[code]
             result = handler(self)
-            if result is not None:
+            if self.op_name == "STOP":
                 return result
         raise _Bad(f"more than {MAX_OPS} opcodes (a checkpoint pickle has about 100)")
 
@@ -231,12 +203,15 @@ class _Machine:
     def uint(self, nbytes: int) -> int:
         return int.from_bytes(self.read(nbytes), "little")
 
+    def claim(self, n: int, what: str) -> int:
+        """``n``, a length read from the file, once it is known to fit in what is left."""
+        if n > (left := self.size - self.pos):
+            raise _Bad(f"claims a {n}-byte {what}, but only {left} bytes are left in the file")
+        return n
+
     def payload(self, n: int):
         """Bytes for a small payload; a _Span, skipped for now, for a large one."""
-        left = self.size - self.pos
-        if n > left:
-            raise _Bad(f"claims a {n}-byte payload, but only {left} bytes are left in the file")
-        if n < SPAN_MIN:
+        if self.claim(n, "payload") < SPAN_MIN:
             return self.read(n)
         span = _Span(self.pos, n)
         self.pos += n
@@ -253,11 +228,11 @@ class _Machine:
             raise _Bad(f"string is not UTF-8 ({e.reason} at byte {e.start})") from None
 
     def line(self) -> str:
-        data = b""
-        while not data.endswith(b"\n"):
-            if len(data) == MAX_LINE:
-                raise _Bad(f"expected a name line of at most {MAX_LINE} bytes, found a longer one")
-            data += self.read(1)
+        data = self.f.readline(MAX_LINE)  # never past the end, so pos stays <= size
+        self.pos += len(data)
+        if not data.endswith(b"\n"):
+            raise _Bad(f"expected a name line of at most {MAX_LINE} bytes, found "
+                       f"{len(data)} bytes without a newline")
         try:
             return data[:-1].decode("ascii")
         except UnicodeDecodeError:
@@ -265,7 +240,7 @@ class _Machine:
 
     def push(self, x) -> None:
         if len(self.stack) >= MAX_STACK:
-            raise _Bad(f"more than {MAX_STACK} objects on the stack (checkpoint pickles need a few dozen)")
+            raise _Bad(f"more than {MAX_STACK} objects on the stack (a checkpoint needs 20)")
         self.stack.append(x)
 
     def pop(self, n: int) -> list:
@@ -301,38 +276,9 @@ class _Machine:
 
 # --- opcodes (names as in pickletools) ---
 
-@_op(b"\x80", "PROTO")
 def _proto(m):
     if (proto := m.uint(1)) > 5:
         raise _Bad(f"expected pickle protocol 0 to 5, found {proto}")
-
-
-@_op(b"\x95", "FRAME")
-def _frame(m):
-    n, left = m.uint(8), m.size - m.pos
-    if n > left:
-        raise _Bad(f"claims a {n}-byte frame, but only {left} bytes are left in the file")
-
-
-for _code, _name, _width in ((b"\x8c", "SHORT_BINUNICODE", 1), (b"X", "BINUNICODE", 4),
-                             (b"\x8d", "BINUNICODE8", 8)):
-    _op(_code, _name)(lambda m, w=_width: m.push(m.text(m.uint(w))))
-for _code, _name, _width in ((b"C", "SHORT_BINBYTES", 1), (b"B", "BINBYTES", 4),
-                             (b"\x8e", "BINBYTES8", 8), (b"\x96", "BYTEARRAY8", 8)):
-    _op(_code, _name)(lambda m, w=_width: m.push(m.payload(m.uint(w))))
-for _code, _name, _width in ((b"K", "BININT1", 1), (b"M", "BININT2", 2)):
-    _op(_code, _name)(lambda m, w=_width: m.push(m.uint(w)))
-for _code, _name, _value in ((b"N", "NONE", None), (b"\x88", "NEWTRUE", True),
-                             (b"\x89", "NEWFALSE", False)):
-    _op(_code, _name)(lambda m, v=_value: m.push(v))
-for _code, _name, _width in ((b"\x94", "MEMOIZE", 0), (b"q", "BINPUT", 1),
-                             (b"r", "LONG_BINPUT", 4)):
-    _op(_code, _name)(lambda m, w=_width: m.put(m.uint(w) if w else len(m.memo)))
-for _code, _name, _width in ((b"h", "BINGET", 1), (b"j", "LONG_BINGET", 4)):
-    _op(_code, _name)(lambda m, w=_width: m.get(m.uint(w)))
-for _code, _name, _count in ((b")", "EMPTY_TUPLE", 0), (b"\x85", "TUPLE1", 1),
-                             (b"\x86", "TUPLE2", 2), (b"\x87", "TUPLE3", 3)):
-    _op(_code, _name)(lambda m, n=_count: m.push(_tuple(m.pop(n))))
 
 
 def _tuple(items: list) -> _Tuple:
@@ -340,33 +286,16 @@ def _tuple(items: list) -> _Tuple:
     return _nest(t, t)
 
 
-@_op(b"J", "BININT")
-def _binint(m):
-    m.push(int.from_bytes(m.read(4), "little", signed=True))
-
-
-@_op(b"\x8a", "LONG1")
 def _long1(m):
     if (n := m.uint(1)) > 8:
         raise _Bad(f"expected an integer of at most 8 bytes, found {n} bytes")
     m.push(int.from_bytes(m.read(n), "little", signed=True))
 
 
-@_op(b"(", "MARK")
 def _mark(m):
     if len(m.marks) >= MAX_MARKS:
         raise _Bad(f"more than {MAX_MARKS} nested MARKs (a checkpoint needs 3)")
     m.marks.append(len(m.stack))
-
-
-@_op(b"t", "TUPLE")
-def _tuple_op(m):
-    m.push(_tuple(m.pop_mark()))
-
-
-@_op(b"}", "EMPTY_DICT")
-def _empty_dict(m):
-    m.push(_Dict())
 
 
 def _set_items(m, items: list) -> None:
@@ -384,16 +313,6 @@ def _set_items(m, items: list) -> None:
         raise _Bad(f"objects nest more than {MAX_DEPTH} deep (a checkpoint nests 6)")
 
 
-@_op(b"s", "SETITEM")
-def _setitem(m):
-    _set_items(m, m.pop(2))
-
-
-@_op(b"u", "SETITEMS")
-def _setitems(m):
-    _set_items(m, m.pop_mark())
-
-
 def _resolve(module, name) -> _Global:
     if not (isinstance(module, str) and isinstance(name, str)):
         raise _Bad(f"expected a module and a name, found {_show(module)} and {_show(name)}")
@@ -403,18 +322,6 @@ def _resolve(module, name) -> _Global:
     return _GLOBALS[(module, name)]
 
 
-@_op(b"c", "GLOBAL")
-def _global(m):
-    module = m.line()
-    m.push(_resolve(module, m.line()))
-
-
-@_op(b"\x93", "STACK_GLOBAL")
-def _stack_global(m):
-    m.push(_resolve(*m.pop(2)))
-
-
-@_op(b"R", "REDUCE")
 def _reduce(m):
     func, args = m.pop(2)
     makers = {_RECONSTRUCT: _reconstruct, _DTYPE: _make_dtype, _FROMBUFFER: _frombuffer}
@@ -426,7 +333,6 @@ def _reduce(m):
     m.push(makers[func](args))
 
 
-@_op(b"\x81", "NEWOBJ")
 def _newobj(m):
     cls, args = m.pop(2)
     if cls is not _QW8 or args != ():
@@ -435,7 +341,6 @@ def _newobj(m):
     m.push(_QW8Stub())
 
 
-@_op(b"b", "BUILD")
 def _build(m):
     (state,) = m.pop(1)
     target = m.top()
@@ -447,7 +352,6 @@ def _build(m):
     _nest(target, (state,))
 
 
-@_op(b".", "STOP")
 def _stop(m):
     if m.marks or len(m.stack) != 1:
         raise _Bad(f"expected one object at STOP, found {len(m.stack)} and "
@@ -463,6 +367,45 @@ def _stop(m):
     return obj
 
 
+_OPS = {code[0]: (name, handler) for code, name, handler in (
+    (b"\x80", "PROTO", _proto),
+    (b"\x95", "FRAME", lambda m: m.claim(m.uint(8), "frame")),  # a read-ahead hint only
+    (b"\x8c", "SHORT_BINUNICODE", lambda m: m.push(m.text(m.uint(1)))),
+    (b"X", "BINUNICODE", lambda m: m.push(m.text(m.uint(4)))),
+    (b"\x8d", "BINUNICODE8", lambda m: m.push(m.text(m.uint(8)))),
+    (b"C", "SHORT_BINBYTES", lambda m: m.push(m.payload(m.uint(1)))),
+    (b"B", "BINBYTES", lambda m: m.push(m.payload(m.uint(4)))),
+    (b"\x8e", "BINBYTES8", lambda m: m.push(m.payload(m.uint(8)))),
+    (b"\x96", "BYTEARRAY8", lambda m: m.push(m.payload(m.uint(8)))),
+    (b"K", "BININT1", lambda m: m.push(m.uint(1))),
+    (b"M", "BININT2", lambda m: m.push(m.uint(2))),
+    (b"J", "BININT", lambda m: m.push(int.from_bytes(m.read(4), "little", signed=True))),
+    (b"\x8a", "LONG1", _long1),
+    (b"N", "NONE", lambda m: m.push(None)),
+    (b"\x88", "NEWTRUE", lambda m: m.push(True)),
+    (b"\x89", "NEWFALSE", lambda m: m.push(False)),
+    (b"(", "MARK", _mark),
+    (b")", "EMPTY_TUPLE", lambda m: m.push(_tuple([]))),
+    (b"\x85", "TUPLE1", lambda m: m.push(_tuple(m.pop(1)))),
+    (b"\x86", "TUPLE2", lambda m: m.push(_tuple(m.pop(2)))),
+    (b"\x87", "TUPLE3", lambda m: m.push(_tuple(m.pop(3)))),
+    (b"t", "TUPLE", lambda m: m.push(_tuple(m.pop_mark()))),
+    (b"}", "EMPTY_DICT", lambda m: m.push(_Dict())),
+    (b"s", "SETITEM", lambda m: _set_items(m, m.pop(2))),
+    (b"u", "SETITEMS", lambda m: _set_items(m, m.pop_mark())),
+    (b"\x94", "MEMOIZE", lambda m: m.put(len(m.memo))),
+    (b"q", "BINPUT", lambda m: m.put(m.uint(1))),
+    (b"r", "LONG_BINPUT", lambda m: m.put(m.uint(4))),
+    (b"h", "BINGET", lambda m: m.get(m.uint(1))),
+    (b"j", "LONG_BINGET", lambda m: m.get(m.uint(4))),
+    (b"c", "GLOBAL", lambda m: m.push(_resolve(m.line(), m.line()))),
+    (b"\x93", "STACK_GLOBAL", lambda m: m.push(_resolve(*m.pop(2)))),
+    (b"R", "REDUCE", _reduce),
+    (b"\x81", "NEWOBJ", _newobj),
+    (b"b", "BUILD", _build),
+    (b".", "STOP", _stop))}
+
+
 # --- the objects REDUCE, NEWOBJ and BUILD may make ---
 
 def _make_dtype(args: _Tuple) -> _DtypeStub:
@@ -471,17 +414,17 @@ def _make_dtype(args: _Tuple) -> _DtypeStub:
         raise _Bad(f"expected dtype arguments (code, False, True), found {_show(args)}")
     code = args[0]
     if not isinstance(code, (str, _Global)) or code not in _DTYPES:
-        raise _Bad(f"refusing dtype {_show(code)}: expected {_DTYPE_CHOICES}")
-    return _DtypeStub(_DTYPES[code])
+        raise _Bad(f"refusing dtype {_show(code)}: expected 'i1' (int8), 'f4' (float32) "
+                   "or ml_dtypes.bfloat16")
+    return _DtypeStub(code)
 
 
 def _build_dtype(stub: _DtypeStub, state) -> None:
     """dtype.__setstate__, never called: the state must be exactly what numpy writes."""
-    key = next(k for k, dt in _DTYPES.items() if dt is stub.dtype)
     # Compared with ==, never hashed: a state holding a dict must be refused, not crash.
-    ok = isinstance(state, _Tuple) and any(state == s for s in _DTYPE_STATES[key])
+    ok = isinstance(state, _Tuple) and any(state == s for s in _DTYPE_STATES[stub.key])
     if stub.built or not ok:
-        orders = " or ".join(sorted(repr(state[1]) for state in _DTYPE_STATES[key]))
+        orders = " or ".join(repr(state[1]) for state in _DTYPE_STATES[stub.key])
         expected = f"{stub.dtype.__reduce__()[2]} (byte order {orders})"
         found = "a second state" if stub.built else _show(state)
         raise _Bad(f"refusing dtype state for {stub.dtype.name}: expected {expected}, "
@@ -549,7 +492,8 @@ def _array(f, path: Path, stub: _ArrayStub, mmap: bool) -> np.ndarray:
     """Small payloads are copied; large ones mapped (``mmap``) or read straight into place."""
     order = "F" if stub.fortran else "C"
     if not isinstance(stub.data, _Span):
-        return np.frombuffer(stub.data, stub.dtype).reshape(stub.shape, order=order).copy(order="K")
+        flat = np.frombuffer(stub.data, stub.dtype)
+        return flat.reshape(stub.shape, order=order).copy(order="K")
     if mmap:
         return np.memmap(path, stub.dtype, "r", stub.data.offset, stub.shape, order)
     flat = np.empty(len(stub.data) // stub.dtype.itemsize, stub.dtype)
