@@ -45,17 +45,13 @@ class QuantizedWeight8bit:
 
 # --- reading: a small pickle machine that only knows the release's objects --------
 #
-# pickle.Unpickler, even with find_class restricted, hands file data to real
-# constructors: numpy.dtype's BUILD (__setstate__) accepts any fields, flags
-# and object members, and a crafted dtype made numpy copy "object pointers"
-# taken from the file (a segfault). So this reader interprets the few opcodes
-# the release's pickles use itself, and every global it may name resolves to a
-# token, not to code. REDUCE/NEWOBJ/BUILD on those tokens only fill in inert
-# stubs, checked field by field as they are built; the real dtypes are chosen
-# from a fixed table, and arrays are made only after the whole file has checked
-# out. Every length is checked against the bytes left in the file before
-# anything is read or allocated, and the opcode count, stack, marks and nesting
-# depth are bounded, so any malformed file ends in one CheckpointError.
+# pickle.Unpickler, even restricted to a few globals, hands file data to numpy:
+# dtype.__setstate__ accepts any fields and flags, and a crafted object-field
+# dtype made numpy increment "refcounts" at addresses from the file (segfault).
+# So the few opcodes the release uses are interpreted here; globals resolve to
+# inert tokens, dtypes come from a fixed table, arrays are made only once the
+# whole file has checked out, every length is checked against the bytes left
+# before anything is read, and opcodes, stack, marks and nesting are bounded.
 
 MAX_OPS = 10_000          # a release pickle has about 100 opcodes
 MAX_STACK = 1_000
@@ -173,9 +169,7 @@ class _Machine:
 
     def __init__(self, f, size: int):
         self.f, self.size, self.pos = f, size, 0
-        self.stack: list = []
-        self.marks: list[int] = []
-        self.memo: dict[int, object] = {}
+        self.stack, self.marks, self.memo = [], [], {}  # marks: stack lengths at each MARK
         self.op_pos, self.op_name = 0, "start"
 
     def run(self):
@@ -282,8 +276,7 @@ def _proto(m):
 
 
 def _tuple(items: list) -> _Tuple:
-    t = _Tuple(items)
-    return _nest(t, t)
+    return _nest(_Tuple(items), items)
 
 
 def _long1(m):
@@ -433,7 +426,7 @@ def _build_dtype(stub: _DtypeStub, state) -> None:
 
 
 def _reconstruct(args: _Tuple) -> _ArrayStub:
-    if args != (_NDARRAY, (0,), b"b") or not isinstance(args[1], _Tuple):
+    if args != (_NDARRAY, (0,), b"b"):  # the class and a dummy shape and typecode
         raise _Bad(f"expected _reconstruct(numpy.ndarray, (0,), b'b'), found {_show(args)}")
     return _ArrayStub()
 
