@@ -310,7 +310,8 @@ def _resolve(module, name) -> _Global:
     if not (isinstance(module, str) and isinstance(name, str)):
         raise _Bad(f"expected a module and a name, found {_show(module)} and {_show(name)}")
     if (module, name) not in _GLOBALS:
-        raise _Bad(f"refusing to load global {module[:80]}.{name[:80]} (checkpoints use only "
+        shown = ".".join(t[:80].encode("unicode_escape").decode() for t in (module, name))
+        raise _Bad(f"refusing to load global {shown} (checkpoints use only "
                    "numpy's array and dtype rebuilders, bfloat16 and QuantizedWeight8bit)")
     return _GLOBALS[(module, name)]
 
