@@ -278,23 +278,44 @@ def test_wrong_shape(tmp_path, spec_of):
 
 
 def test_wrong_dtype(tiny_cfg, tmp_path, spec_of):
+    # Release dtypes in the wrong place: the reader loads them, check_tensor refuses.
     norm = spec_of("moe_norm")
-    write_tensor_file(tmp_path / norm.filename, np.ones(64, np.float64))
+    write_tensor_file(tmp_path / norm.filename, np.ones(64, np.int8))
     with pytest.raises(CheckpointError, match=r"expected array float32\[64\], found array "
-                                              r"float64\[64\]"):
+                                              r"int8\[64\]"):
         read_tensor(tmp_path, norm)
     spec = spec_of("k")
     made = generate_tensor(tiny_cfg, spec)
     write_tensor_file(tmp_path / spec.filename,
-                      QuantizedWeight8bit(made.weight.astype(np.int16), made.scales))
+                      QuantizedWeight8bit(made.weight.astype(np.float32), made.scales))
     with pytest.raises(CheckpointError, match=rf"{spec.filename}: .*expected QuantizedWeight8bit"
-                                              r"\(weight=int8\[64, 32\].*found .*weight=int16"):
+                                              r"\(weight=int8\[64, 32\].*found .*weight=float32"):
         read_tensor(tmp_path, spec)
     write_tensor_file(tmp_path / spec.filename,
                       QuantizedWeight8bit(made.weight, made.scales.astype(np.float32)))
     with pytest.raises(CheckpointError, match=r"scales=bfloat16\[1, 32\].*found .*"
                                               r"scales=float32\[1, 32\]"):
         read_tensor(tmp_path, spec)
+
+
+@pytest.mark.parametrize("mmap", [False, True])
+def test_other_dtypes_refused_while_reading(tiny_cfg, tmp_path, spec_of, mmap):
+    # Any other dtype is refused when the file builds it, before an array exists.
+    norm = spec_of("moe_norm")
+    write_tensor_file(tmp_path / norm.filename, np.ones(64, np.float64))
+    with pytest.raises(CheckpointError, match=rf"{norm.filename}: .*refusing dtype 'f8': "
+                                              r"expected 'i1' \(int8\), 'f4' \(float32\)"):
+        read_tensor(tmp_path, norm, mmap=mmap)
+    spec = spec_of("k")
+    made = generate_tensor(tiny_cfg, spec)
+    write_tensor_file(tmp_path / spec.filename,
+                      QuantizedWeight8bit(made.weight.astype(np.int16), made.scales))
+    with pytest.raises(CheckpointError, match=rf"{spec.filename}: .*refusing dtype 'i2'"):
+        read_tensor(tmp_path, spec, mmap=mmap)
+    write_tensor_file(tmp_path / norm.filename, np.ones(64, ">f4"))
+    with pytest.raises(CheckpointError, match=r"refusing dtype state for float32: expected "
+                                              r"\(3, '<', .*found \(3, '>', None"):
+        read_tensor(tmp_path, norm, mmap=mmap)
 
 
 def test_fp32_where_quantized_expected(tmp_path, spec_of):
