@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lowmem import model as M
-from lowmem.expert_cache import ExpertCache
+from lowmem.expert_cache import DeviceSlots, ExpertCache, choose_policy
 from lowmem.moe import DeviceMoE, HostMoE
 from lowmem.staging import Stager
 from quant.packed import PackedModel
@@ -161,40 +161,51 @@ class DeviceBackend:
     def embed_rows(self, tokens: np.ndarray):
         return self.logits_table[tokens]                                  # (T, D) bf16
 
-    def expert_capacity(self) -> int:
-        """Expert slots in the budget: the option's GiB, or what is free minus headroom."""
-        cfg, nbytes = self.model.cfg, self.model.expert_block_nbytes
-        if self.options.expert_cache_gb is not None:
-            budget = int(self.options.expert_cache_gb * GIB)
-        else:
-            budget = free_device_bytes(self.device) - int(self.options.headroom_gb * GIB)
-        capacity = min(cfg.num_layers * cfg.num_experts, max(budget, 0) // nbytes)
-        need = cfg.num_selected_experts
-        if capacity < need:
-            raise BackendError(
-                f"expert cache budget of {budget / GIB:.3f} GiB holds {capacity} experts of "
-                f"{nbytes / 1e6:.1f} MB; one decode step needs {need} (raise --expert-cache-gb)")
-        return capacity
-
     def make_moe(self, options, fetch_hook: Callable | None = None) -> DeviceMoE:
         """A DeviceMoE with an empty cache; ``fetch_hook(fetch)`` may wrap the transfers."""
+        cfg, nbytes = self.model.cfg, self.model.expert_block_nbytes
         fetch = Stager(self.model, self.device, options.staging_buffers)
-        cache = ExpertCache(fetch_hook(fetch) if fetch_hook else fetch,
-                            self.model.expert_block_nbytes, self.expert_capacity(),
-                            policy=options.cache_policy, num_layers=self.model.cfg.num_layers)
-        log.info("expert cache: %d slots of %.1f MB, policy %s", cache.capacity,
-                 self.model.expert_block_nbytes / 1e6, cache.policy)
+        capacity = expert_slots(self.model, options, free_device_bytes(self.device))
+        policy = choose_policy(options.cache_policy, capacity, cfg.num_layers,
+                               cfg.num_selected_experts)
+        cache = ExpertCache(fetch_hook(fetch) if fetch_hook else fetch, nbytes, capacity,
+                            policy=policy, num_layers=cfg.num_layers,
+                            slots=DeviceSlots(capacity, nbytes, self.device))
+        log.info("expert cache: %d slots of %.1f MB, policy %s%s", capacity, nbytes / 1e6,
+                 policy, " (auto)" if options.cache_policy == "auto" else "")
         return DeviceMoE(self.model, cache, prefetch=options.prefetch)
 
     def close(self) -> None:
         pass
 
 
-def free_device_bytes(device) -> int:
-    """Bytes the device's allocator can still hand out (CPU "device": half of free RAM)."""
+def expert_slots(model: PackedModel, options, free_bytes: int | None) -> int:
+    """Expert slots in the budget: the option's GiB, or what is free minus headroom."""
+    cfg, nbytes = model.cfg, model.expert_block_nbytes
+    if options.expert_cache_gb is not None:
+        budget = int(options.expert_cache_gb * GIB)
+    elif free_bytes is None:
+        raise BackendError("the device reports no memory limit; give the expert cache budget "
+                           "(--expert-cache-gb)")
+    else:
+        budget = free_bytes - int(options.headroom_gb * GIB)
+    capacity = min(cfg.num_layers * cfg.num_experts, max(budget, 0) // nbytes)
+    if capacity < cfg.num_selected_experts:
+        raise BackendError(
+            f"expert cache budget of {budget / GIB:.3f} GiB holds {capacity} experts of "
+            f"{nbytes / 1e6:.1f} MB; one decode step needs {cfg.num_selected_experts} "
+            f"(raise --expert-cache-gb)")
+    return capacity
+
+
+def free_device_bytes(device) -> int | None:
+    """Bytes the device's allocator can still hand out; CPU "device": half of free RAM;
+    None for an accelerator that reports no limit."""
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     if stats and "bytes_limit" in stats:
         return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+    if device.platform != "cpu":
+        return None
     import psutil
     return int(psutil.virtual_memory().available * 0.5)
 

@@ -27,9 +27,10 @@ def add_engine_arguments(p) -> None:
     p.add_argument("--expert-cache-gb", type=float, default=None,
                    help="device expert cache budget in GiB (default: what fits after resident "
                         "weights, KV cache and headroom)")
-    p.add_argument("--cache-policy", choices=("lru", "layer"), default="lru",
-                   help="expert eviction: lru, or layer (evict the layer whose turn comes last; "
-                        "far better when the cache holds less than one token's experts)")
+    p.add_argument("--cache-policy", choices=("auto", "lru", "layer"), default="auto",
+                   help="expert eviction: lru, layer (evict the layer whose turn comes last; far "
+                        "better when the cache holds less than one token's experts), or auto "
+                        "(layer below two tokens' experts, else lru; default)")
     p.add_argument("--context", type=int, default=None,
                    help="KV cache length in tokens (default: the model's sequence length)")
     p.add_argument("--backend", choices=("auto", "host", "device"), default="auto",

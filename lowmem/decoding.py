@@ -59,7 +59,7 @@ def generate_tokens(engine: Engine, prompt_ids: list[int], req: GenerationReques
     eos = engine.cfg.eos_token_id
     for i in range(req.max_new_tokens):
         key, sub = jax.random.split(key)
-        token = int(sample_one(logits, sub, *args))                       # sync point
+        token = int(engine.to_host(sample_one(logits, sub, *args)))       # sync point
         engine.timer.mark("sampling")
         yield token
         last = i + 1 == req.max_new_tokens or engine.position >= engine.context

@@ -45,7 +45,7 @@ class EngineOptions:
     backend: str = "auto"                 # 'auto', 'host' (numba on the mapped files), 'device'
     expert_cache_gb: float | None = None  # device backend, GiB; None = what fits
     prefetch: bool = True                 # device backend: guess and fetch the next layer's experts
-    cache_policy: str = "lru"             # 'lru', or 'layer' (cyclic-layer aware; expert_cache.py)
+    cache_policy: str = "auto"            # 'auto', 'lru' or 'layer' (see expert_cache.choose_policy)
     context: int | None = None            # KV cache length in tokens; None = the model's sequence_len
     prefill_buckets: tuple[int, ...] = PREFILL_BUCKETS
     staging_buffers: int = 2              # device backend: expert blocks in host staging at once
@@ -77,11 +77,15 @@ _embed = jax.jit(M.embed, static_argnums=(0,))
 
 @partial(jax.jit, static_argnums=(0,))
 def _route(cfg, norm, router, next_norm, next_router, h):
-    """MoE input and routing of this layer, plus a guess at the next layer's experts."""
+    """MoE input and routing of this layer, plus a guess at the next layer's experts.
+
+    The experts and the guess come back as one (T, 2k) array: the step reads
+    it to the host once per layer.
+    """
     moe_in = M.rms_norm(cfg, h, norm)                                      # (T, D) bf16
     _, gates, experts = M.route(cfg, moe_in, router)                       # (T, k), (T, k)
     _, _, next_experts = M.route(cfg, M.rms_norm(cfg, h, next_norm), next_router)
-    return moe_in, gates, experts, next_experts
+    return moe_in, gates, experts, jnp.concatenate([experts, next_experts], axis=1)
 
 
 @partial(jax.jit, static_argnums=(0, 1))
@@ -106,6 +110,7 @@ class Engine:
         self.cache_len = cache_length(self.context, self.options.prefill_buckets)
         self.timer = StepTimer(self.options.profile)
         self.routing_trace: list[tuple[int, np.ndarray]] = []
+        self.host_syncs = 0                 # device -> host reads that block (to_host)
         self.layers = self.backend.place_layers()
         self.final_norm = jax.device_put(model.final_norm(), self.device)
         self._state = self._new_state()     # before sizing the cache: the KV cache counts
@@ -154,6 +159,11 @@ class Engine:
     @property
     def kv_cache_bytes(self) -> int:
         return sum(c.k.nbytes + c.v.nbytes for c in self._state.caches)
+
+    def to_host(self, x) -> np.ndarray:
+        """Read a device value on the host: the one blocking read, and counted."""
+        self.host_syncs += 1
+        return np.asarray(x)
 
     # --- the sequence ---------------------------------------------------------
     @property
@@ -207,13 +217,15 @@ class Engine:
             nxt = self.layers[min(layer + 1, len(self.layers) - 1)]
             h, caches[layer] = _attention(cfg, backend.linear, lp, h, caches[layer], valid, pos)
             timer.mark("attention", h)
-            moe_in, gates, experts, next_experts = _route(
+            moe_in, gates, experts, routing = _route(
                 cfg, lp["moe_norm"], lp["router"], nxt["moe_norm"], nxt["router"], h)
-            experts_host = np.asarray(experts)                              # sync point
+            routing = self.to_host(routing)                                 # (T, 2k) sync
+            k = cfg.num_selected_experts
+            experts_host = routing[:, :k]                                   # (T, k)
             timer.mark("routing")
             if self.options.record_routing:
                 self.routing_trace.append((layer, experts_host[:n].copy()))
-            guess = (layer + 1, np.asarray(next_experts)[:n]) if layer + 1 < len(self.layers) else None
+            guess = (layer + 1, routing[:n, k:]) if layer + 1 < len(self.layers) else None
             waited = self.expert_stats.wait_s
             moe = self.experts.moe(layer, moe_in, gates, experts_host, experts, n, guess)
             h = _residual(cfg, h, moe, lp["moe_post_norm"])

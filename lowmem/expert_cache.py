@@ -2,9 +2,11 @@
 
 Decode visits the 64 layers in a cycle and routes each token to 2 of 8 experts
 per layer, so which experts stay on the device decides how many bytes cross
-the link. ``ExpertCache`` holds at most ``capacity`` expert blocks, pins the
-ones a step is using, starts transfers on worker threads and evicts by a
-policy (``eviction_order``). The simulators at the end replay a routing trace
+the link. ``ExpertCache`` holds at most ``capacity`` expert blocks in a slot
+store allocated once (``DeviceSlots``: one ``(capacity, block)`` device array
+written in place, so hundreds of 300 MB blocks churning never fragment device
+memory), pins the ones a step is using, starts transfers on worker threads and
+evicts by a policy (``eviction_order``). A failed transfer is never cached. The simulators at the end replay a routing trace
 through the same rule, through plain LRU and through Belady's optimum, so a
 policy can be judged offline (``tools/bench_cache.py``).
 """
@@ -15,9 +17,11 @@ import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 Key = tuple[int, int]  # (layer, expert)
@@ -45,13 +49,54 @@ class CacheStats:
 
 @dataclass
 class _Entry:
-    future: Future
+    future: Future | None     # the transfer; None once its block is written to the slot
+    slot: int
     prefetched: bool = False
     used: bool = False
     pins: int = 0
 
 
 POLICIES = ("lru", "layer")
+
+
+def choose_policy(policy: str, capacity: int, num_layers: int, per_token: int) -> str:
+    """'auto': 'layer' when the slots hold fewer than two tokens' experts, else 'lru'.
+
+    Below that, decode's cycle through the layers makes LRU evict exactly the
+    experts needed next (0% hits); with room for two tokens LRU keeps what
+    repeats between tokens.
+    """
+    if policy != "auto":
+        return policy
+    return "layer" if capacity < 2 * num_layers * per_token else "lru"
+
+
+class ListSlots:
+    """Slots as a Python list: the store for tests and host-side tools."""
+
+    def __init__(self, capacity: int):
+        self.array: list = [None] * capacity
+
+    def write(self, slot: int, block) -> None:
+        self.array[slot] = block
+
+
+@partial(jax.jit, donate_argnums=(0,))
+def _write_slot(slots, block, slot):
+    """slots[slot] = block, in place (the slot array is donated)."""
+    return jax.lax.dynamic_update_slice(slots, block[None], (slot, 0))     # (S, nbytes) uint8
+
+
+class DeviceSlots:
+    """One ``(capacity, nbytes)`` uint8 device array, allocated once, written in place."""
+
+    def __init__(self, capacity: int, nbytes: int, device):
+        sharding = jax.sharding.SingleDeviceSharding(device)
+        self.array = jax.jit(lambda: jnp.zeros((capacity, nbytes), jnp.uint8),
+                             out_shardings=sharding)()                     # (S, nbytes) uint8
+
+    def write(self, slot: int, block: jax.Array) -> None:
+        self.array = _write_slot(self.array, block, np.int32(slot))
 
 
 def eviction_order(keys_lru_first: list[Key], policy: str, layer: int | None,
@@ -77,19 +122,23 @@ class ExpertCache:
 
     API: ``needed(layer, experts)`` -> keys a step wants; ``acquire(keys)``
     pins them (so nothing evicts them mid-step) and starts missing fetches;
-    ``get(key)`` waits for one; ``release(keys)``; ``prefetch(keys)`` starts
-    speculative fetches into free or evictable slots only. ``fetch(key)``
-    runs on a worker thread.
+    ``get(key)`` waits for one and returns its slot in ``slots.array``;
+    ``release(keys)``; ``prefetch(keys)`` starts speculative fetches into free
+    or evictable slots only. ``fetch(key)`` runs on a worker thread; its
+    result is written into the slot on the caller's thread by ``get`` (slot
+    writes are ordered with the computations that read the slots).
     """
 
     def __init__(self, fetch: Callable[[Key], jax.Array], block_nbytes: int, capacity: int,
-                 workers: int = 2, policy: str = "lru", num_layers: int = 1):
+                 workers: int = 2, policy: str = "lru", num_layers: int = 1, slots=None):
         if capacity < 1:
             raise ValueError("expert cache needs at least one slot")
         if policy not in POLICIES:
             raise ValueError(f"cache policy must be one of {POLICIES}, got {policy!r}")
         self._fetch, self.block_nbytes, self.capacity = fetch, block_nbytes, capacity
         self.policy, self.num_layers, self._layer = policy, num_layers, None
+        self.slots = slots if slots is not None else ListSlots(capacity)
+        self._free = list(range(capacity - 1, -1, -1))            # slot numbers not in use
         self._entries: OrderedDict[Key, _Entry] = OrderedDict()  # oldest first
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lowmem-fetch")
         self.stats = CacheStats()
@@ -117,21 +166,28 @@ class ExpertCache:
         for done_only in (True, False) if wait else (True,):
             for key in order:
                 entry = self._entries[key]
-                if entry.pins == 0 and (entry.future.done() or not done_only):
-                    self._wait(entry)
-                    del self._entries[key]
+                if entry.pins == 0 and (entry.future is None or entry.future.done()
+                                        or not done_only):
+                    if entry.future is not None:
+                        entry.future.exception()          # wait; its outcome no longer matters
+                    self._drop(key)
                     self.stats.evictions += 1
                     return True
         return False
 
+    def _drop(self, key: Key) -> None:
+        self._free.append(self._entries.pop(key).slot)
+
     def _wait(self, entry: _Entry) -> jax.Array:
         start = time.perf_counter()
-        out = entry.future.result()
-        self.stats.wait_s += time.perf_counter() - start
-        return out
+        try:
+            return entry.future.result()
+        finally:
+            self.stats.wait_s += time.perf_counter() - start
 
     def _start(self, key: Key, prefetched: bool) -> _Entry:
-        entry = _Entry(self._pool.submit(self._fetch, key), prefetched=prefetched)
+        entry = _Entry(self._pool.submit(self._fetch, key), self._free.pop(),
+                       prefetched=prefetched)
         self._entries[key] = entry
         self.stats.bytes_moved += self.block_nbytes
         return entry
@@ -168,13 +224,31 @@ class ExpertCache:
             entry.used = True
             entry.pins += 1
 
-    def get(self, key: Key) -> jax.Array:
-        """The device array of an acquired key, waiting for its transfer if needed."""
-        return self._wait(self._entries[key])
+    def get(self, key: Key) -> int:
+        """The slot of an acquired key, its block written there first if it just arrived.
+
+        A transfer that failed (out of memory, interrupted) leaves the cache:
+        the error propagates and the next request fetches the block again.
+        """
+        entry = self._entries[key]
+        if entry.future is not None:
+            try:
+                block = self._wait(entry)
+            except BaseException:
+                self._drop(key)
+                raise
+            self.slots.write(entry.slot, block)
+            entry.future = None                  # the transferred buffer can go now
+        return entry.slot
+
+    def block(self, key: Key):
+        """The stored block of an acquired key (tests and tools; device code reads slots)."""
+        return self.slots.array[self.get(key)]
 
     def release(self, keys: list[Key]) -> None:
         for key in keys:
-            self._entries[key].pins -= 1
+            if key in self._entries:             # a failed transfer was dropped in get()
+                self._entries[key].pins -= 1
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)

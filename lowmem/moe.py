@@ -56,15 +56,20 @@ def expert_ffn_device(x: jax.Array, w: dict[str, QWeight]) -> jax.Array:
 
 
 @partial(jax.jit, static_argnums=(0,), donate_argnums=(1,))
-def _expert_accumulate(parts, acc, block, x, gates, experts, expert):
-    """acc + bf16(gate of `expert` per token) * expert(x); gate 0 where not routed.
+def _experts_accumulate(parts, acc, slots, slot_ids, expert_ids, x, gates, experts):
+    """acc + sum over the group of bf16(gate of expert e per token) * e(x).
 
-    Module-level and keyed on the (hashable) block layout, so every engine of
-    the same format shares one compiled function.
+    One call per group of ``len(slot_ids)`` experts (a decode step's k routed
+    experts: one dispatch per layer). An expert id of -1 pads a group: its
+    gate is 0 everywhere. Module-level and keyed on the (hashable) block
+    layout, so every engine of the same format shares one compiled function.
     """
-    gate = jnp.sum(jnp.where(experts == expert, gates, 0.0), axis=-1)    # (T,)
-    out = expert_ffn_device(x, expert_weights_device(parts, block))      # (T, D)
-    return M.gated_sum_update(acc, out, gate)
+    for i in range(slot_ids.shape[0]):                                   # static: k
+        block = jax.lax.dynamic_index_in_dim(slots, slot_ids[i], 0, keepdims=False)  # (nbytes,)
+        gate = jnp.sum(jnp.where(experts == expert_ids[i], gates, 0.0), axis=-1)    # (T,)
+        out = expert_ffn_device(x, expert_weights_device(parts, block))  # (T, D)
+        acc = M.gated_sum_update(acc, out, gate)
+    return acc
 
 
 class DeviceMoE:
@@ -73,6 +78,7 @@ class DeviceMoE:
     def __init__(self, model: PackedModel, cache: ExpertCache, prefetch: bool = True):
         self.model, self.cache, self.prefetch_enabled = model, cache, prefetch
         self._parts = tuple(model.expert_parts)
+        self._group = model.cfg.num_selected_experts        # experts per jitted call
 
     @property
     def stats(self) -> CacheStats:
@@ -86,7 +92,7 @@ class DeviceMoE:
         experts are prefetched, so transfers overlap this layer's compute.
         """
         acc = jnp.zeros((x.shape[0], self.model.cfg.emb_size), jnp.float32)   # (T, D)
-        masked = jnp.where(jnp.arange(x.shape[0])[:, None] < n_real, experts, -1)
+        masked = jnp.where(jnp.arange(x.shape[0])[:, None] < n_real, experts, -1)  # (T, k)
         keys = self.cache.needed(layer, experts_host[:n_real])
         step = self.cache.capacity
         for i in range(0, len(keys), step):   # more experts than slots: in groups
@@ -95,12 +101,21 @@ class DeviceMoE:
             if i == 0 and next_guess is not None and self.prefetch_enabled:
                 self.cache.prefetch(self.cache.needed(*next_guess))
             try:
-                for key in group:
-                    acc = _expert_accumulate(self._parts, acc, self.cache.get(key), x, gates,
-                                             masked, key[1])
+                for j in range(0, len(group), self._group):
+                    acc = self._accumulate(acc, group[j:j + self._group], x, gates, masked)
             finally:
                 self.cache.release(group)
         return acc
+
+    def _accumulate(self, acc, keys, x, gates, masked):
+        """One jitted call for up to k experts; a short group is padded with expert -1."""
+        slots = [self.cache.get(key) for key in keys]
+        ids = [key[1] for key in keys]
+        pad = self._group - len(keys)
+        slot_ids = np.array(slots + slots[:1] * pad, np.int32)            # (k,)
+        expert_ids = np.array(ids + [-1] * pad, np.int32)                  # (k,)
+        return _experts_accumulate(self._parts, acc, self.cache.slots.array, slot_ids,
+                                   expert_ids, x, gates, masked)
 
     def close(self) -> None:
         self.cache.close()

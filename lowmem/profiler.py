@@ -34,7 +34,8 @@ from lowmem.plan import resident_bytes_by_kind
 from lowmem.sampling import SamplingParams
 
 SECTIONS = ("embedding", "attention", "routing", "transfer_wait", "experts", "logits", "sampling")
-COUNTERS = ("requests", "hits", "misses", "prefetches", "prefetch_hits", "bytes_moved")
+COUNTERS = ("requests", "hits", "misses", "prefetches", "prefetch_hits", "bytes_moved",
+            "host_syncs")
 COPY_BYTES = 256 << 20
 
 
@@ -76,7 +77,8 @@ def fresh_expert_cache(engine: Engine) -> TimedFetch | None:
 
 def counters(engine: Engine) -> dict:
     stats = engine.expert_stats
-    return {**{k: getattr(stats, k) for k in COUNTERS}, "wait_s": stats.wait_s}
+    return {**{k: getattr(stats, k) for k in COUNTERS if k != "host_syncs"},
+            "host_syncs": engine.host_syncs, "wait_s": stats.wait_s}
 
 
 def timed_tokens(engine: Engine, prompt_ids: list[int], n: int,
@@ -264,11 +266,12 @@ def traffic_summary(records: list[dict], engine: Engine, copy: dict) -> dict:
     wait_s = sum(r["sections"]["transfer_wait"] for r in records)
     expert_s = sum(r["sections"]["experts"] for r in records)
     out = {**tot, "expert_block_nbytes": engine.model.expert_block_nbytes,
-           "hit_rate": tot["hits"] / tot["requests"] if tot["requests"] else None,
+           "hit_rate": tot["hits"] / tot["requests"] if tot["requests"] and not host else None,
            "prefetch_hit_rate": tot["prefetch_hits"] / tot["prefetches"] if tot["prefetches"]
            else None,
            "experts_moved_per_token": distribution(moved),
            "bytes_moved_per_token": distribution([r["bytes_moved"] for r in decode]),
+           "host_syncs_per_token": distribution([r["host_syncs"] for r in decode]),
            "transfer_s": fetch_s, "transfer_wait_s": wait_s,
            "copy_gbps": copy["gbps"], "effective_transfer_gbps": None}
     if host:

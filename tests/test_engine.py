@@ -116,7 +116,7 @@ def test_no_recompilation_after_warmup(packed):
     greedy_ids(engine, [3, 4, 5], 3)                     # warm-up: bucket 16 and decode
     from lowmem import engine as E, moe
     fns = [E._attention, E._route, E._residual, E._mark_valid, E._embed, E._last_logits,
-           moe._expert_accumulate]
+           moe._experts_accumulate]
     sizes = [f._cache_size() for f in fns]
     greedy_ids(engine, [9, 8, 7, 6, 5, 4, 3], 6)         # another prompt, same bucket
     greedy_ids(engine, [100, 200], 4)

@@ -43,7 +43,7 @@ def _lru_simulation(requests, slots):
 def _run(cache, steps):
     for keys in steps:
         cache.acquire(keys)
-        assert [cache.get(k) for k in keys] == [f"block{k}" for k in keys]
+        assert [cache.block(k) for k in keys] == [f"block{k}" for k in keys]
         cache.release(keys)
 
 
@@ -105,7 +105,7 @@ def test_in_flight_prefetch_is_waited_for_not_refetched():
     cache.prefetch([(0, 7)])
     cache.acquire([(0, 7)])
     threading.Timer(0.05, fetch.gate.set).start()
-    assert cache.get((0, 7)) == "block(0, 7)"
+    assert cache.block((0, 7)) == "block(0, 7)"
     assert fetch.fetched == [(0, 7)] and cache.stats.hits == 1 and cache.stats.wait_s > 0
     cache.release([(0, 7)])
     cache.close()

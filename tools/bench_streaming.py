@@ -47,7 +47,7 @@ def block_keys(model: PackedModel, count: int) -> list[tuple[int, int]]:
 
 def stream_seconds(fetch, model: PackedModel, keys: list, capacity: int) -> tuple[float, int]:
     """Wall seconds and bytes moved fetching ``keys`` two per step with next-step prefetch."""
-    cache = ExpertCache(fetch, model.expert_block_nbytes, capacity)
+    cache = ExpertCache(fetch, model.expert_block_nbytes, capacity)   # list slots: transfers only
     steps = [keys[i:i + 2] for i in range(0, len(keys), 2)]
     start = time.perf_counter()
     try:
@@ -56,7 +56,7 @@ def stream_seconds(fetch, model: PackedModel, keys: list, capacity: int) -> tupl
             if i + 1 < len(steps):
                 cache.prefetch(steps[i + 1])
             for key in step:
-                jax.block_until_ready(cache.get(key))
+                jax.block_until_ready(cache.block(key))
             cache.release(step)
         seconds = time.perf_counter() - start
     finally:

@@ -1,0 +1,118 @@
+"""The accelerator path's structure, exercised on XLA:CPU: slots allocated once, one
+host sync per layer, recovery after a failed transfer, the cache policy choice."""
+import jax
+import pytest
+
+from helpers import greedy_ids
+from lowmem.backends import BackendError, expert_slots, free_device_bytes
+from lowmem.engine import Engine, EngineOptions
+from lowmem.expert_cache import choose_policy
+from quant.packed import PackedModel, QuantSettings
+from quant.pipeline import quantize_checkpoint
+
+GIB = 1 << 30
+PROMPT = [5, 17, 99, 3, 250, 42, 7, 300]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_cfg, tiny_ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("device") / "int4"
+    quantize_checkpoint(tiny_ckpt, out, tiny_cfg, QuantSettings(4, 32))
+    return PackedModel.open(out)
+
+
+def _engine(model, slots, **kw):
+    gb = slots * model.expert_block_nbytes / GIB
+    return Engine(model, EngineOptions(backend="device", expert_cache_gb=gb, **kw))
+
+
+def test_slots_are_written_in_place_and_nothing_accumulates(model):
+    """32 decode tokens with misses every step: the slot array keeps its one buffer,
+    and no device array is left behind."""
+    engine = _engine(model, slots=3, prefetch=True)
+    greedy_ids(engine, PROMPT, 2)                                  # compile everything
+    slots = engine.experts.cache.slots
+    pointer = slots.array.unsafe_buffer_pointer()
+    live = len(jax.live_arrays())
+    misses = engine.expert_stats.misses
+    greedy_ids(engine, PROMPT, 32)
+    assert engine.expert_stats.misses - misses > 32                # slots really were rewritten
+    assert slots.array.unsafe_buffer_pointer() == pointer
+    assert len(jax.live_arrays()) == live
+
+
+def test_one_host_sync_per_layer_plus_sampling(model, tiny_cfg):
+    engine = _engine(model, slots=4)
+    greedy_ids(engine, PROMPT, 2)
+    before = engine.host_syncs
+    greedy_ids(engine, PROMPT, 6)                  # 1 prefill + 5 decode steps, 6 samples
+    steps = 6
+    assert engine.host_syncs - before == steps * tiny_cfg.num_layers + 6
+
+
+class _FailOnce:
+    """Wraps the transfer function; the n-th transfer raises."""
+
+    def __init__(self, n):
+        self.n, self.calls = n, 0
+
+    def __call__(self, fetch):
+        def fetch_or_fail(key):
+            self.calls += 1
+            if self.calls == self.n:
+                raise RuntimeError("injected transfer failure")
+            return fetch(key)
+        return fetch_or_fail
+
+
+@pytest.mark.parametrize("n", [1, 5, 11])
+def test_engine_usable_after_a_failed_transfer(model, n):
+    clean = greedy_ids(_engine(model, slots=3), PROMPT, 6)
+    engine = _engine(model, slots=3)
+    engine.reset_expert_cache(fetch_hook=_FailOnce(n))
+    with pytest.raises(RuntimeError, match="injected"):
+        greedy_ids(engine, PROMPT, 6)
+    assert greedy_ids(engine, PROMPT, 6) == clean                   # cache and KV recovered
+    assert greedy_ids(engine, PROMPT[:3], 4) == greedy_ids(_engine(model, slots=3), PROMPT[:3], 4)
+
+
+def test_interrupt_mid_step_leaves_the_engine_usable(model):
+    clean = greedy_ids(_engine(model, slots=3), PROMPT, 5)
+    engine = _engine(model, slots=3)
+
+    def interrupt_in_layer_1(fetch):
+        def fetch_or_interrupt(key):
+            if key[0] == 1:
+                raise KeyboardInterrupt
+            return fetch(key)
+        return fetch_or_interrupt
+    engine.reset_expert_cache(fetch_hook=interrupt_in_layer_1)
+    with pytest.raises(KeyboardInterrupt):
+        greedy_ids(engine, PROMPT, 5)
+    engine.reset_expert_cache()
+    assert greedy_ids(engine, PROMPT, 5) == clean
+
+
+def test_auto_policy_is_layer_below_two_tokens_of_experts(model, tiny_cfg):
+    per_token = tiny_cfg.num_layers * tiny_cfg.num_selected_experts          # 4
+    assert choose_policy("auto", 2 * per_token - 1, tiny_cfg.num_layers, 2) == "layer"
+    assert choose_policy("auto", 2 * per_token, tiny_cfg.num_layers, 2) == "lru"
+    assert choose_policy("lru", 3, tiny_cfg.num_layers, 2) == "lru"
+    assert _engine(model, slots=3).experts.cache.policy == "layer"
+    assert _engine(model, slots=16).experts.cache.policy == "lru"
+
+
+def test_accelerator_without_a_memory_limit_needs_a_budget(model):
+    class NoLimitGPU:
+        platform = "gpu"
+
+        def memory_stats(self):
+            return {}
+    assert free_device_bytes(NoLimitGPU()) is None
+    with pytest.raises(BackendError, match="reports no memory limit"):
+        expert_slots(model, EngineOptions(), None)
+    nbytes = model.expert_block_nbytes
+    assert expert_slots(model, EngineOptions(expert_cache_gb=5.5 * nbytes / GIB), None) == 5
+    assert expert_slots(model, EngineOptions(headroom_gb=0.0), 7 * nbytes + 1) == 7
+    with pytest.raises(BackendError, match="holds 1 experts"):
+        expert_slots(model, EngineOptions(headroom_gb=0.0), nbytes)
