@@ -32,7 +32,7 @@ import numpy as np
 from quant.config import GrokConfig
 from quant.bf16 import to_bf16
 from quant.checkpoint import QuantizedWeight8bit, dequantize, read_tensor
-from quant.ckpt_config import resolve_config
+from quant.ckpt_config import check_finite, resolve_config
 from quant.int4 import CLIP_RATIOS, REFINE, quantize_int4
 from quant.pack_writer import (RECORD_SUFFIX, Unit, UnitWriter, load_valid_record, plan_units,
                                write_record)
@@ -86,28 +86,6 @@ def _expert_outputs(spec: WeightSpec, value: QuantizedWeight8bit, settings: Quan
         errors[base] = err
         yield base + ".values", values          # (K, N) int8 or (K/2, N) uint8
         yield base + ".scales", scales          # (K / group, N) bf16
-
-
-def _first_non_finite(a: np.ndarray) -> tuple[int, ...] | None:
-    """Index of the first NaN or infinity of a float array (scanned in bounded chunks)."""
-    flat, step = a.reshape(-1), 1 << 22
-    for start in range(0, flat.size, step):
-        bad = ~np.isfinite(flat[start:start + step].astype(np.float32))
-        if bad.any():
-            return tuple(int(i) for i in np.unravel_index(start + int(np.argmax(bad)), a.shape))
-    return None
-
-
-def check_finite(path: Path, spec: WeightSpec, value) -> None:
-    """Refuse NaN/Inf in scales, embeddings, norms and router (int8 values cannot be):
-    they would be stored as they are and turn every logit into NaN."""
-    parts = [(" scales", value.scales)] if spec.quantized else [("", value)]
-    for what, array in parts:
-        index = _first_non_finite(array)
-        if index is not None:
-            raise QuantizeError(f"{path}: {spec.name}{what}: non-finite value "
-                                f"{array[index]} at index {list(index)}; the checkpoint is "
-                                f"damaged")
 
 
 def convert_tensor(spec: WeightSpec, value, settings: QuantSettings,
