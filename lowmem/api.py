@@ -61,9 +61,14 @@ class Runtime:
 
 def load(model_dir: str | os.PathLike, compilation_cache: str | None = None,
          **options) -> Runtime:
-    """Open a packed model directory; options are EngineOptions fields."""
+    """Open a packed model directory; options are EngineOptions fields.
+
+    The manifest's and tokenizer's checksums are always checked; ``verify``
+    (default True) also checks each tensor the first time it is read.
+    """
     enable_compilation_cache(compilation_cache)
-    model = PackedModel.open(model_dir)
+    opts = EngineOptions(**options)
+    model = PackedModel.open(model_dir, verify_experts=opts.verify)
     try:
         tok = Tokenizer(model.tokenizer_path) if model.tokenizer_path else None
     except TokenizerError as e:
@@ -71,4 +76,4 @@ def load(model_dir: str | os.PathLike, compilation_cache: str | None = None,
     if tok is not None and tok.vocab_size > model.cfg.vocab_size:
         raise EngineError(f"{model.tokenizer_path}: tokenizer has {tok.vocab_size} pieces, "
                           f"the model's vocabulary only {model.cfg.vocab_size}")
-    return Runtime(Engine(model, EngineOptions(**options)), tok)
+    return Runtime(Engine(model, opts), tok)

@@ -52,6 +52,7 @@ class EngineOptions:
     headroom_gb: float = HEADROOM_GIB     # GiB left free on the device by the default budget
     profile: bool = False                 # per-section timing (synchronizes each section)
     record_routing: bool = False          # keep (layer, experts of real tokens) per layer step
+    verify: bool = True                   # check each tensor's CRC-32 when first read (packed.py)
 
 
 def cache_length(context: int, buckets: tuple[int, ...] = PREFILL_BUCKETS) -> int:

@@ -48,8 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", type=Path, metavar="PATH",
                    help="SentencePiece tokenizer.model to copy into the model directory")
     cfg = p.add_mutually_exclusive_group()
-    cfg.add_argument("--preset", choices=sorted(PRESETS), default="grok-1",
-                     help="model configuration (shapes) of the checkpoint (default grok-1)")
+    cfg.add_argument("--preset", choices=sorted(PRESETS),
+                     help="model configuration the checkpoint must match (default: inferred "
+                          "from the checkpoint's shapes)")
     cfg.add_argument("--config", metavar="JSON",
                      help="model configuration as a JSON file or a JSON object string "
                           "(GrokConfig fields), instead of --preset")
@@ -62,9 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_config(args: argparse.Namespace) -> GrokConfig:
+def load_config(args: argparse.Namespace) -> GrokConfig | None:
+    """The config given (a check on the checkpoint), or None: infer it from the shapes."""
     if args.config is None:
-        return preset(args.preset)
+        return preset(args.preset) if args.preset else None
     text = args.config
     if not text.lstrip().startswith("{"):
         try:

@@ -45,6 +45,7 @@ class GrokConfig:
     scale_row_blocks: int = 8
 
     def __post_init__(self):
+        self._check_types()
         problems = []
         if self.num_q_heads % self.num_kv_heads:
             problems.append("num_q_heads must be a multiple of num_kv_heads")
@@ -58,6 +59,23 @@ class GrokConfig:
             problems.append("need 0 < num_selected_experts <= num_experts")
         if problems:
             raise ValueError("invalid GrokConfig: " + "; ".join(problems))
+
+    def _check_types(self) -> None:
+        """Every field has its annotated type (JSON configs come from users): ints are
+        ints (not bools) and positive except token ids (>= 0); floats are finite."""
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.type == "int":
+                ok = isinstance(v, int) and not isinstance(v, bool)
+                ok = ok and (v >= 0 if f.name.endswith("_token_id") else v > 0)
+                want = "a non-negative integer" if f.name.endswith("_token_id") else \
+                    "a positive integer"
+            else:
+                ok = (isinstance(v, (int, float)) and not isinstance(v, bool)
+                      and math.isfinite(v))
+                want = "a finite number"
+            if not ok:
+                raise ValueError(f"invalid GrokConfig: {f.name} must be {want}, found {v!r}")
 
     @property
     def q_group(self) -> int:
@@ -77,6 +95,9 @@ class GrokConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "GrokConfig":
+        if not isinstance(data, dict):
+            raise ValueError(f"expected a JSON object of GrokConfig fields, found "
+                             f"{type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

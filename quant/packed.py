@@ -19,8 +19,11 @@ Files in a model directory:
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
+import threading
 import zlib
 from dataclasses import asdict, dataclass
 from functools import lru_cache
@@ -34,16 +37,25 @@ from quant.spec import (ATTENTION_ROLES, EXPERT_ROLES, WeightSpec, expert_tensor
                         layer_specs, layers_in_file_order)
 
 FORMAT_MAGIC = "lowmem-grok1-packed"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
+TOKENIZER = "tokenizer.model"
+SEAL = "manifest_sha256"   # SHA-256 of the manifest's canonical JSON without this key
 ALIGN = 4096       # file-level alignment: expert blocks and resident tensors
 PART_ALIGN = 256   # alignment of the parts inside an expert block
 DTYPES = {"int8": np.dtype(np.int8), "uint8": np.dtype(np.uint8),
           "bfloat16": BF16, "float32": np.dtype(np.float32)}
 
 
+log = logging.getLogger(__name__)
+
+
 class PackedFormatError(ValueError):
     """A model directory is missing, incomplete or does not match its manifest."""
+
+
+class IntegrityError(PackedFormatError):
+    """Stored bytes (a tensor, the manifest, the tokenizer) differ from their checksum."""
 
 
 def _round_up(n: int, align: int) -> int:
@@ -204,18 +216,41 @@ def entry_to_json(entry: TensorEntry, crc: int | None) -> dict:
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
+    """Strict JSON (NaN/Infinity refused: they are not JSON) via a temporary name."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True, allow_nan=False))
     os.replace(tmp, path)
+
+
+def manifest_digest(manifest: dict) -> str:
+    """SHA-256 of the canonical JSON (sorted keys, no spaces) of all keys but SEAL."""
+    body = {k: v for k, v in manifest.items() if k != SEAL}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def seal_manifest(manifest: dict) -> dict:
+    """The manifest with its SEAL set (the last step before writing it)."""
+    return {**manifest, SEAL: manifest_digest(manifest)}
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def make_manifest(cfg: GrokConfig, settings: QuantSettings, table: list[dict],
                   extra: dict | None = None) -> dict:
-    """The manifest dict; ``table`` is entry_to_json(...) for every tensor_layout entry."""
+    """The sealed manifest dict; ``table`` is entry_to_json(...) for every tensor_layout
+    entry; ``extra`` (tokenizer, its SHA-256, error figures) is sealed with it."""
     _, block_nbytes = expert_block_layout(cfg, settings)
-    return {"magic": FORMAT_MAGIC, "format_version": FORMAT_VERSION,
-            "config": json.loads(cfg.to_json()), "quant": asdict(settings),
-            "expert_block_nbytes": block_nbytes, "tensors": table, **(extra or {})}
+    return seal_manifest({"magic": FORMAT_MAGIC, "format_version": FORMAT_VERSION,
+                          "config": json.loads(cfg.to_json()), "quant": asdict(settings),
+                          "expert_block_nbytes": block_nbytes, "tensors": table,
+                          **(extra or {})})
 
 
 @dataclass(frozen=True)
@@ -245,12 +280,27 @@ def expert_weights(buf: np.ndarray, parts: list[TensorEntry]) -> dict[str, QWeig
 
 def _check_manifest(model_dir: Path, manifest: dict) -> tuple[GrokConfig, QuantSettings]:
     path = model_dir / MANIFEST
+    if not isinstance(manifest, dict):
+        raise PackedFormatError(f"{path}: expected a JSON object, found a JSON "
+                                f"{type(manifest).__name__}")
     if manifest.get("magic") != FORMAT_MAGIC:
         raise PackedFormatError(f"{path}: expected magic {FORMAT_MAGIC!r}, "
                                 f"found {manifest.get('magic')!r}")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise PackedFormatError(f"{path}: expected format_version {FORMAT_VERSION}, "
                                 f"found {manifest.get('format_version')!r}")
+    try:
+        digest = manifest_digest(manifest)
+    except ValueError as e:         # NaN/Infinity: not JSON, never written by the quantizer
+        raise PackedFormatError(f"{path}: expected strict JSON ({e})") from None
+    if manifest.get(SEAL) != digest:
+        raise IntegrityError(f"{path}: the manifest does not match its checksum {SEAL} "
+                             f"(expected {manifest.get(SEAL)!r}, found {digest}): it was "
+                             f"changed or damaged; quantize again")
+    if not isinstance(manifest.get("tensors"), list) or not all(
+            isinstance(r, dict) for r in manifest["tensors"]):
+        raise PackedFormatError(f"{path}: expected 'tensors' to be a list of objects, found "
+                                f"{type(manifest.get('tensors')).__name__}")
     try:
         cfg = GrokConfig.from_dict(manifest["config"])
         settings = QuantSettings(**manifest["quant"])
@@ -266,7 +316,11 @@ def _check_table(model_dir: Path, table: list[dict], layout: list[TensorEntry]) 
         raise PackedFormatError(f"{path}: expected {len(layout)} tensors for this config, "
                                 f"found {len(table)}")
     for row, entry in zip(table, layout):
-        want = entry_to_json(entry, row.get("crc32"))
+        crc = row.get("crc32")
+        if not (type(crc) is int and 0 <= crc < 1 << 32):
+            raise PackedFormatError(f"{path}: tensor {entry.name}: expected an unsigned 32-bit "
+                                    f"crc32, found {crc!r}")
+        want = entry_to_json(entry, crc)
         if row != want:
             diff = sorted(k for k in want if row.get(k) != want[k])
             raise PackedFormatError(f"{path}: tensor {entry.name}: fields {diff} differ from "
@@ -274,10 +328,36 @@ def _check_table(model_dir: Path, table: list[dict], layout: list[TensorEntry]) 
                                     f"found {[row.get(k) for k in diff]})")
 
 
-class PackedModel:
-    """A packed model directory, opened read-only with zero-copy views."""
+def _check_tokenizer(model_dir: Path, manifest: dict) -> Path | None:
+    """The tokenizer's path if the manifest records one and its bytes match its SHA-256."""
+    name, digest = manifest.get("tokenizer"), manifest.get("tokenizer_sha256")
+    if name is None and digest is None:
+        return None
+    path = model_dir / TOKENIZER
+    if name != TOKENIZER or not isinstance(digest, str):
+        raise PackedFormatError(f"{model_dir / MANIFEST}: expected 'tokenizer' "
+                                f"{TOKENIZER!r} with a 'tokenizer_sha256', found {name!r}, "
+                                f"{digest!r}")
+    if not path.is_file():
+        raise PackedFormatError(f"{path}: the manifest records a tokenizer, found no file")
+    found = file_sha256(path)
+    if found != digest:
+        raise IntegrityError(f"{path}: expected sha256 {digest} (manifest), found {found}: "
+                             f"the tokenizer was changed or damaged")
+    return path
 
-    def __init__(self, model_dir: Path, manifest: dict):
+
+class PackedModel:
+    """A packed model directory, opened read-only with zero-copy views.
+
+    Opening checks the manifest's own checksum and the tokenizer's. With
+    ``verify_experts`` every tensor's CRC-32 is checked the first time it is
+    viewed in this process (an expert block when ``expert`` first returns it),
+    so damaged bytes are refused before they are computed with, at the cost of
+    reading each byte once more (docs/PERFORMANCE.md).
+    """
+
+    def __init__(self, model_dir: Path, manifest: dict, verify_experts: bool = True):
         self.model_dir = model_dir
         self.manifest = manifest
         self.cfg, self.settings = _check_manifest(model_dir, manifest)
@@ -289,11 +369,17 @@ class PackedModel:
             if found is None or found < size:
                 raise PackedFormatError(f"{model_dir / name}: expected a file of {size} bytes, "
                                         f"found {'no file' if found is None else found}")
+        self._tokenizer = _check_tokenizer(model_dir, manifest)
         self._maps: dict[str, np.memmap] = {}
         self._by_name = {e.name: e for e in self.entries}
+        self._crcs = {row["name"]: row["crc32"] for row in manifest["tensors"]}
+        self.verify_experts = verify_experts
+        self._checked: set = set()    # tensor names and (layer, expert) blocks verified
+        self._check_lock = threading.Lock()
 
     @classmethod
-    def open(cls, model_dir: str | os.PathLike) -> "PackedModel":
+    def open(cls, model_dir: str | os.PathLike, verify_experts: bool = True) -> "PackedModel":
+        """Open a model directory (see the class docstring for ``verify_experts``)."""
         model_dir = Path(model_dir)
         path = model_dir / MANIFEST
         if not path.is_file():
@@ -302,12 +388,28 @@ class PackedModel:
             manifest = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise PackedFormatError(f"{path}: expected JSON, found unreadable text ({e})") from None
-        return cls(model_dir, manifest)
+        return cls(model_dir, manifest, verify_experts)
 
     @property
     def tokenizer_path(self) -> Path | None:
-        path = self.model_dir / "tokenizer.model"
-        return path if path.is_file() else None
+        """The tokenizer the manifest records (checked at open), else None."""
+        return self._tokenizer
+
+    def check_tensor(self, entry: TensorEntry, data: np.ndarray) -> None:
+        """Raise IntegrityError unless ``data`` (the stored bytes) has the entry's CRC-32."""
+        crc = checksum(data)
+        if crc != self._crcs[entry.name]:
+            raise IntegrityError(f"{self.model_dir / entry.file}: tensor {entry.name} at offset "
+                                 f"{entry.offset}: expected crc32 {self._crcs[entry.name]}, "
+                                 f"found {crc}: the file is damaged; quantize again")
+
+    def _check_once(self, key, entries: list[TensorEntry], views: list[np.ndarray]) -> None:
+        if not self.verify_experts or key in self._checked:
+            return
+        for entry, data in zip(entries, views):
+            self.check_tensor(entry, data)
+        with self._check_lock:
+            self._checked.add(key)
 
     def _map(self, file: str) -> np.memmap:
         if file not in self._maps:
@@ -315,15 +417,21 @@ class PackedModel:
         return self._maps[file]
 
     def view(self, entry: TensorEntry) -> np.ndarray:
-        """Zero-copy view of one stored tensor."""
+        """Zero-copy view of one stored tensor (not verified: see ``_weight``)."""
         buf = self._map(entry.file)[entry.offset:entry.offset + entry.nbytes]
         return buf.view(DTYPES[entry.dtype]).reshape(entry.shape)
 
     def _weight(self, name: str):
+        """A resident weight's views, checked on first use when verifying."""
         if name in self._by_name:
-            return self.view(self._by_name[name])
+            entry = self._by_name[name]
+            data = self.view(entry)
+            self._check_once(name, [entry], [data])
+            return data
         values, scales = self._by_name[name + ".values"], self._by_name[name + ".scales"]
-        return QWeight(self.view(values), self.view(scales), values.bits, values.group_size)
+        views = [self.view(values), self.view(scales)]
+        self._check_once(name, [values, scales], views)
+        return QWeight(*views, values.bits, values.group_size)
 
     def embed(self) -> np.ndarray:
         return self._weight(global_specs(self.cfg)["embed"].name)  # bf16 (V, D)
@@ -340,14 +448,23 @@ class PackedModel:
         file = expert_file(layer)
         offset = expert * self.expert_block_nbytes
         raw = self._map(file)[offset:offset + self.expert_block_nbytes]
+        if self.verify_experts and (layer, expert) not in self._checked:
+            entries = [self._by_name[expert_tensor_name(layer, p.role, expert, p.part)]
+                       for p in self.expert_parts]
+            self._check_once((layer, expert), entries,
+                             [raw[p.offset:p.offset + p.nbytes] for p in self.expert_parts])
         w = expert_weights(raw, self.expert_parts)
         return ExpertBlock(layer, expert, self.model_dir / file, offset, self.expert_block_nbytes,
                            raw, w["gate"], w["up"], w["down"])
 
 
 def verify_model(model_dir: str | os.PathLike) -> list[str]:
-    """Re-check every tensor's checksum; returns problems (empty when all good)."""
-    model = PackedModel.open(model_dir)
+    """Re-check every tensor's checksum; returns problems (empty when all good).
+
+    Opening already checked the manifest's and the tokenizer's checksums (a
+    mismatch there raises IntegrityError: nothing in the table can be trusted).
+    """
+    model = PackedModel.open(model_dir, verify_experts=False)
     problems = []
     for row, entry in zip(model.manifest["tensors"], model.entries):
         crc = checksum(model.view(entry))

@@ -21,6 +21,7 @@ import queue
 import shutil
 import threading
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
@@ -30,13 +31,14 @@ import numpy as np
 
 from quant.config import GrokConfig
 from quant.bf16 import to_bf16
-from quant.checkpoint import (QuantizedWeight8bit, check_checkpoint_dir, dequantize,
-                              read_tensor)
+from quant.checkpoint import QuantizedWeight8bit, dequantize, read_tensor
+from quant.ckpt_config import check_finite, resolve_config
 from quant.int4 import CLIP_RATIOS, REFINE, quantize_int4
 from quant.pack_writer import (RECORD_SUFFIX, Unit, UnitWriter, load_valid_record, plan_units,
                                write_record)
-from quant.packed import (MANIFEST, PackedFormatError, QuantSettings, make_manifest,
-                          verify_model, write_json_atomic)
+from quant.outlock import OutputLock, OutputLocked
+from quant.packed import (MANIFEST, TOKENIZER, PackedFormatError, QuantSettings, file_sha256,
+                          make_manifest, verify_model, write_json_atomic)
 from quant.spec import (ATTENTION_ROLES, WeightSpec, checkpoint_specs, expert_tensor_name,
                         layer_specs)
 
@@ -44,7 +46,7 @@ log = logging.getLogger(__name__)
 
 IO_THREADS = 4                  # concurrent pwrite + CRC32 jobs (both release the GIL)
 RUN_FILE = "quantize.run.json"  # the settings a partial directory was started with
-TOKENIZER = "tokenizer.model"
+FINGERPRINT_WINDOWS = 16        # 64 KiB windows per checkpoint file in its fingerprint
 
 
 class QuantizeError(ValueError):
@@ -148,6 +150,7 @@ class _Prefetcher:
     """
 
     def __init__(self, ckpt_dir: Path, specs: list[WeightSpec]):
+        self.ckpt_dir = ckpt_dir
         self._queue: queue.Queue = queue.Queue(maxsize=1)
         self._slots = threading.Semaphore(2)
         self._stop = threading.Event()
@@ -234,7 +237,6 @@ def check_inputs(ckpt_dir: Path, out_dir: Path, cfg: GrokConfig, settings: Quant
     units = plan_units(cfg, settings)
     if tokenizer is not None:
         _check_tokenizer(tokenizer, cfg)
-    check_checkpoint_dir(ckpt_dir, cfg)
     if out_dir.exists():
         raise QuantizeError(f"{out_dir}: output directory already exists "
                             f"(remove it or choose another --out)")
@@ -248,12 +250,44 @@ def check_inputs(ckpt_dir: Path, out_dir: Path, cfg: GrokConfig, settings: Quant
 
 # --- the pipeline ---------------------------------------------------------------
 
+def fingerprint(path: Path, window: int = 1 << 16) -> int:
+    """CRC-32 of FINGERPRINT_WINDOWS evenly spaced 64 KiB windows (first and last
+    included) of a file: 1 MiB read per file, so a resume checks the whole
+    checkpoint's identity in seconds (docs/PERFORMANCE.md). Two release files of
+    the same size differ in every window (the weights look random)."""
+    size, crc = path.stat().st_size, 0
+    starts = sorted({min(max(size - window, 0), i * max(size - window, 0)
+                         // (FINGERPRINT_WINDOWS - 1)) for i in range(FINGERPRINT_WINDOWS)})
+    with open(path, "rb") as f:
+        for start in starts:
+            f.seek(start)
+            crc = zlib.crc32(f.read(window), crc)
+    return crc
+
+
 def _run_identity(ckpt_dir: Path, cfg: GrokConfig, settings: QuantSettings,
-                  tokenizer: Path | None) -> dict:
-    """What a partial directory was started with; resuming requires the same."""
-    sizes = [(ckpt_dir / s.filename).stat().st_size for s in checkpoint_specs(cfg)]
+                  tokenizer: Path | None, pool: ThreadPoolExecutor) -> dict:
+    """What a partial directory was started with; resuming requires the same: the
+    settings, and every checkpoint file's size and content fingerprint."""
+    paths = [ckpt_dir / s.filename for s in checkpoint_specs(cfg)]
     return {"config": json.loads(cfg.to_json()), "quant": asdict(settings),
-            "checkpoint_bytes": sizes, "tokenizer": tokenizer is not None}
+            "checkpoint_bytes": [p.stat().st_size for p in paths],
+            "checkpoint_fingerprints": list(pool.map(fingerprint, paths)),
+            "tokenizer": tokenizer is not None}
+
+
+def _identity_mismatch(partial: Path, cfg: GrokConfig, found, identity: dict) -> str:
+    if isinstance(found, dict) and {k: v for k, v in found.items() if "checkpoint" not in k} \
+            == {k: v for k, v in identity.items() if "checkpoint" not in k}:
+        for key in ("checkpoint_bytes", "checkpoint_fingerprints"):
+            old, new = found.get(key) or [], identity[key]
+            for spec, a, b in zip(checkpoint_specs(cfg), old, new):
+                if a != b:
+                    return (f"{partial}: checkpoint file {spec.filename} differs from the one "
+                            f"the interrupted run read ({key[11:]} {a} then, {b} now); resume "
+                            f"with the same checkpoint, or remove {partial}")
+    return (f"{partial}: was started with other settings or another checkpoint; resume "
+            f"with the same options, or remove it")
 
 
 def _remove_leftovers(partial: Path, patterns: tuple[str, ...]) -> None:
@@ -262,23 +296,30 @@ def _remove_leftovers(partial: Path, patterns: tuple[str, ...]) -> None:
             path.unlink()
 
 
-def _prepare(partial: Path, units: list[Unit], identity: dict,
-             pool: ThreadPoolExecutor) -> list[dict]:
-    """Create or check the partial directory; the records of the units to keep."""
-    partial.mkdir(parents=True, exist_ok=True)
-    _remove_leftovers(partial, ("*.tmp",))
+def _check_run_file(partial: Path, identity: dict) -> bool:
+    """False if ``partial`` has no run file; raise QuantizeError if it differs."""
     run = partial / RUN_FILE
-    if not run.is_file():  # a fresh start (or killed before anything was recorded)
-        _remove_leftovers(partial, ("*" + RECORD_SUFFIX,))
-        write_json_atomic(run, identity)
-        return []
+    if not run.is_file():
+        return False
     try:
         found = json.loads(run.read_text())
     except (OSError, ValueError):
         found = None
     if found != identity:
-        raise QuantizeError(f"{partial}: was started with other settings or another "
-                            f"checkpoint; resume with the same options, or remove it")
+        raise QuantizeError(_identity_mismatch(partial, _identity_cfg(identity), found,
+                                               identity))
+    return True
+
+
+def _prepare(partial: Path, units: list[Unit], identity: dict,
+             pool: ThreadPoolExecutor) -> list[dict]:
+    """Create or check the partial directory; the records of the units to keep."""
+    partial.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(partial, ("*.tmp",))
+    if not _check_run_file(partial, identity):  # a fresh start (or killed very early)
+        _remove_leftovers(partial, ("*" + RECORD_SUFFIX,))
+        write_json_atomic(partial / RUN_FILE, identity)
+        return []
     records = []
     for unit in units:
         record = load_valid_record(partial, unit, pool)
@@ -292,8 +333,13 @@ def _prepare(partial: Path, units: list[Unit], identity: dict,
     return records
 
 
+def _identity_cfg(identity: dict) -> GrokConfig:
+    return GrokConfig.from_dict(identity["config"])
+
+
 def _convert_and_write(spec: WeightSpec, value, settings: QuantSettings, writer: UnitWriter,
-                       errors: dict) -> None:
+                       errors: dict, ckpt_dir: Path) -> None:
+    check_finite(ckpt_dir / spec.filename, spec, value)
     for name, array in convert_tensor(spec, value, settings, errors):
         writer.write(name, array)
     writer.drain()  # the tensor's memory is free once this returns
@@ -306,7 +352,7 @@ def _run_unit(unit: Unit, reader: _Prefetcher, partial: Path, settings: QuantSet
     errors: dict[str, float] = {}
     try:
         for spec in unit.specs:
-            _convert_and_write(spec, reader.get(spec), settings, writer, errors)
+            _convert_and_write(spec, reader.get(spec), settings, writer, errors, reader.ckpt_dir)
             reader.release()
             progress.advance(sizes[spec.index])
         rows = writer.finish()
@@ -342,7 +388,8 @@ def _write_manifest(partial: Path, cfg: GrokConfig, settings: QuantSettings,
         os.replace(partial / (TOKENIZER + ".tmp"), partial / TOKENIZER)
     errors = {name: err for r in records for name, err in r["quant_error"].items()}
     extra = {"quant_error": errors, "quant_error_summary": error_summary(cfg, errors),
-             "tokenizer": TOKENIZER if tokenizer is not None else None}
+             "tokenizer": TOKENIZER if tokenizer is not None else None,
+             "tokenizer_sha256": file_sha256(partial / TOKENIZER) if tokenizer else None}
     if settings.bits == 4:
         extra["int4_method"] = {
             "rounding": "symmetric, round half to even, clipped to [-8, 7]",
@@ -387,30 +434,52 @@ def _completed(out_dir: Path, cfg: GrokConfig, settings: QuantSettings) -> dict:
     if model.cfg != cfg or model.settings != settings:
         raise QuantizeError(f"{out_dir}: already exists with other settings "
                             f"({asdict(model.settings)}); remove it or choose another --out")
+    problems = verify_model(out_dir)
+    if problems:
+        raise QuantizeError(f"{out_dir}: already exists but is damaged: {problems[0]} "
+                            f"({len(problems)} bad tensor(s)); remove it and quantize again")
     log.info("%s is already complete; nothing to resume", out_dir)
     return model.manifest
 
 
 def quantize_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike,
-                        cfg: GrokConfig, settings: QuantSettings,
+                        cfg: GrokConfig | None, settings: QuantSettings,
                         tokenizer: str | os.PathLike | None = None, resume: bool = False,
                         progress: Progress | None = None) -> dict:
     """Quantize a release checkpoint into a packed model directory; returns the manifest.
 
-    Raises QuantizeError or CheckpointError (input problems, before any work
-    where they can be found up front).
+    ``cfg`` None: inferred from the checkpoint's shapes; given, it must match
+    them. Holds OUT's lock (quant/outlock.py) for the whole run. Raises
+    QuantizeError or CheckpointError (input problems, before any work where
+    they can be found up front).
     """
     ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
     tokenizer = Path(tokenizer) if tokenizer is not None else None
     progress = progress or Progress()
+    cfg = resolve_config(ckpt_dir, cfg)
+    if not (resume and (out_dir / MANIFEST).is_file()):
+        check_inputs(ckpt_dir, out_dir, cfg, settings, tokenizer, resume)
+    try:
+        with OutputLock(out_dir):
+            return _locked_run(ckpt_dir, out_dir, cfg, settings, tokenizer, resume, progress)
+    except OutputLocked as e:
+        raise QuantizeError(str(e)) from None
+
+
+def _locked_run(ckpt_dir: Path, out_dir: Path, cfg: GrokConfig, settings: QuantSettings,
+                tokenizer: Path | None, resume: bool, progress: Progress) -> dict:
+    """The run proper, under the output's lock (checks repeated: another run may have
+    published OUT between the first checks and taking the lock)."""
     if resume and (out_dir / MANIFEST).is_file():   # killed after the final rename
         return _completed(out_dir, cfg, settings)
     units = check_inputs(ckpt_dir, out_dir, cfg, settings, tokenizer, resume)
     partial = partial_dir(out_dir)
-    identity = _run_identity(ckpt_dir, cfg, settings, tokenizer)
-    sizes = identity["checkpoint_bytes"]
     with ThreadPoolExecutor(IO_THREADS, thread_name_prefix="quantize-io") as pool:
-        manifest = _finished_manifest(partial, cfg, settings) if resume else None
+        identity = _run_identity(ckpt_dir, cfg, settings, tokenizer, pool)
+        sizes = identity["checkpoint_bytes"]
+        manifest = None
+        if resume and _check_run_file(partial, identity):
+            manifest = _finished_manifest(partial, cfg, settings)
         if manifest is None:
             records = _prepare(partial, units, identity, pool)
             done = sum(sizes[s.index] for u in units[:len(records)] for s in u.specs)

@@ -50,6 +50,13 @@ PINNED_LAYOUT = {
         "int4-g32": "e66d6a0ced0a77d167418f13d13b7304ae3ebab23828461f4568545c865f1a8e",
         "int8-bf16attn": "789c0c833db3ee3fe5b608061be38178fc6ef1e2d27ea935da64290db2d4ea89",
     },
+    # Version 2 adds the manifest's and the tokenizer's checksums; the layout is unchanged.
+    2: {
+        "int8": "c18b3bf47b7fba6a009d96efd38d08dcc94d167087020d483b62ffd3161f9a01",
+        "int4": "6010cf3696e9c786b7fa5c5b5142dce4990140d863dc2c3a1de2c3ec95701b62",
+        "int4-g32": "e66d6a0ced0a77d167418f13d13b7304ae3ebab23828461f4568545c865f1a8e",
+        "int8-bf16attn": "789c0c833db3ee3fe5b608061be38178fc6ef1e2d27ea935da64290db2d4ea89",
+    },
 }
 
 BUMP = "bump quant.packed.FORMAT_VERSION and update docs/FORMAT.md"

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 
 from quant.config import preset
-from quant.packed import (ALIGN, MANIFEST, PART_ALIGN, PackedFormatError, PackedModel,
-                          QuantSettings, checksum, entry_to_json, expert_block_layout,
-                          file_sizes, tensor_layout, verify_model)
+from quant.packed import (ALIGN, FORMAT_VERSION, MANIFEST, PART_ALIGN, IntegrityError,
+                          PackedFormatError, PackedModel, QuantSettings, checksum,
+                          entry_to_json, expert_block_layout, file_sizes, seal_manifest,
+                          tensor_layout, verify_model)
 from quant.pipeline import quantize_checkpoint
 from quant.spec import checkpoint_specs
 
@@ -112,15 +113,21 @@ def test_views_are_zero_copy(model_dir):
     assert verify_model(model_dir) == []
 
 
-def _edit_manifest(path, fn):
+def _edit_manifest(path, fn, seal=True):
+    """Edit the manifest; ``seal`` recomputes its checksum (so the edit reaches the
+    structural checks behind it)."""
     m = json.loads(path.read_text())
     fn(m)
-    path.write_text(json.dumps(m))
+    path.write_text(json.dumps(seal_manifest(m) if seal else m))
 
 
 @pytest.mark.parametrize("damage, pattern", [
     (lambda m: m.update(magic="something-else"), "expected magic"),
-    (lambda m: m.update(format_version=99), "expected format_version 1, found 99"),
+    (lambda m: m.update(format_version=99), f"expected format_version {FORMAT_VERSION}, found 99"),
+    (lambda m: m.update(tensors=None), "expected 'tensors' to be a list of objects"),
+    (lambda m: m["tensors"].__setitem__(3, [1]), "expected 'tensors' to be a list of objects"),
+    (lambda m: m["tensors"][7].update(crc32=-1), "expected an unsigned 32-bit crc32"),
+    (lambda m: m["config"].update(emb_size="x"), "emb_size must be a positive integer"),
     (lambda m: m["tensors"][5].update(offset=m["tensors"][5]["offset"] + 4096), "offset"),
     (lambda m: m["tensors"].pop(), "tensors for this config"),
     (lambda m: m["config"].update(emb_size=65), "bad config"),       # 32 does not divide 65
@@ -132,6 +139,44 @@ def test_open_rejects_bad_manifest(model_dir, tmp_path, damage, pattern):
     with pytest.raises(PackedFormatError, match=pattern) as exc:
         PackedModel.open(bad)
     assert str(bad / MANIFEST) in str(exc.value)
+
+
+def test_open_refuses_any_unsealed_edit(model_dir, tmp_path):
+    """One changed config number (as a flipped bit would) is refused by the seal."""
+    bad = damaged_copy(model_dir, tmp_path)
+    _edit_manifest(bad / MANIFEST, lambda m: m["config"].update(
+        output_multiplier_scale=m["config"]["output_multiplier_scale"] * 2), seal=False)
+    with pytest.raises(IntegrityError, match="does not match its checksum manifest_sha256"):
+        PackedModel.open(bad)
+    (bad / MANIFEST).write_text("[1, 2]")
+    with pytest.raises(PackedFormatError, match="expected a JSON object, found a JSON list"):
+        PackedModel.open(bad)
+
+
+def test_tensors_are_verified_when_first_read(model_dir, tmp_path, tiny_cfg):
+    """A damaged expert block is refused (naming the tensor) when first fetched; resident
+    weights when first viewed; verify_experts=False maps them unchecked."""
+    bad = damaged_copy(model_dir, tmp_path)
+    layout = {e.name: e for e in tensor_layout(tiny_cfg, QuantSettings(4, 32))}
+    for name in ("transformer/decoder_layer_1/up[5].values",
+                 "transformer/decoder_layer_0/router/w"):
+        entry = layout[name]
+        with open(bad / entry.file, "r+b") as f:
+            f.seek(entry.offset + 5)
+            byte = f.read(1)
+            f.seek(entry.offset + 5)
+            f.write(bytes([byte[0] ^ 0x04]))
+    model = PackedModel.open(bad)
+    model.expert(1, 4)                                   # an intact block
+    with pytest.raises(IntegrityError, match=r"tensor transformer/decoder_layer_1/up\[5\]"):
+        model.expert(1, 5)
+    with pytest.raises(IntegrityError, match="decoder_layer_0/router/w"):
+        model.layer(0)
+    model.layer(1)
+    unchecked = PackedModel.open(bad, verify_experts=False)
+    assert unchecked.expert(1, 5).up.values.shape == layout[
+        "transformer/decoder_layer_1/up[5].values"].shape
+    unchecked.layer(0)
 
 
 def test_open_rejects_truncated_and_missing_files(model_dir, tmp_path):
