@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lowmem import sampling
 from lowmem.sampling import DISALLOWED_LOGIT, SamplingParams, filter_logits, sample
 
 NEG = np.float32(-1e10)
@@ -272,3 +273,60 @@ def test_sampling_params_defaults_and_args():
 def test_sampling_params_rejects_out_of_range(kwargs, field):
     with pytest.raises(ValueError, match=f"{field} must be"):
         SamplingParams(**kwargs)
+
+
+# ---------------------------------------------------------------- partial selection
+
+jit_sorted = jax.jit(lambda *args: sampling.filter_logits_sorted(*args))
+
+
+def filter_with_cap(cap, *example):
+    """filter_logits compiled with SELECTION_CAP = cap (read at trace time)."""
+    old, sampling.SELECTION_CAP = sampling.SELECTION_CAP, cap
+    try:
+        return jax.jit(lambda *args: filter_logits(*args)).lower(*example).compile()
+    finally:
+        sampling.SELECTION_CAP = old
+
+
+@pytest.mark.parametrize("cap", [4, 64, 1024])
+def test_capped_and_bisected_filters_equal_the_full_sort(cap):
+    """The selection (top_k within the cap, bisection beyond it) keeps exactly the
+    full-sort reference's tokens on random logits, smooth and tied, for many settings."""
+    fallbacks, run = 0, None
+    for seed in range(12):
+        logits = random_logits(seed, batch=4, vocab=3000) * (1 + seed % 3)
+        run = run or filter_with_cap(cap, logits, np.float32(1), np.float32(1), np.int32(0))
+        rng = np.random.default_rng(seed)
+        for _ in range(4):
+            t = np.float32(rng.choice([0.0, 0.5, 1.0, 1.7]))
+            p = np.float32(rng.choice([0.05, 0.5, 0.9, 0.95, 0.999, 1.0]))
+            k = np.int32(rng.choice([0, 1, 3, 40, 500, 5000]))
+            want = np.asarray(jit_sorted(logits, t, p, k))
+            assert_same_filter(run(logits, t, p, k), want)
+            scaled, p_col, k_col = sampling._scaled_logits(logits, t, p, k)
+            fallbacks += not bool(sampling._capped_thresholds(scaled, p_col, k_col, cap)[2])
+    assert fallbacks > 0 if cap < 1024 else True  # small caps exercise the bisection
+
+
+def test_bisection_matches_reference_on_hand_ties():
+    logits = np.array([[1.0, 3.0, 2.0, 3.0, 2.0, 0.0, -0.0, 0.0]], np.float32)
+    for p, k in [(1.0, 2), (1.0, 3), (0.01, 0), (0.5, 0), (0.9, 5), (0.999, 0), (1.0, 20)]:
+        kth, nucleus = sampling._bisected_thresholds(*sampling._scaled_logits(logits, 1.0, p, k))
+        got = np.where((logits >= kth) & (logits >= nucleus), logits, NEG)
+        assert_same_filter(got, reference_filter(logits, 1.0, p, k))
+
+
+def test_sampling_131072_vocab_same_tokens_as_full_sort():
+    """Same key, same token as drawing from the full-sort filter, on a vocabulary-wide
+    row whose nucleus fits the cap and one whose nucleus does not."""
+    rng = np.random.default_rng(0)
+    peaked = (rng.normal(0, 1, 131072) - 8 * (np.arange(131072) > 50)).astype(np.float32)
+    flat = rng.normal(0, 1, 131072).astype(np.float32)
+    sorted_draw = jax.jit(lambda row, key, t, p, k: jax.random.categorical(
+        key, sampling.filter_logits_sorted(row[None], t, p, k), axis=-1)[0])
+    for row in (peaked, flat):
+        for seed, (t, p, k) in enumerate([(1.0, 0.95, 0), (0.7, 0.9, 40), (1.2, 0.5, 3000)]):
+            key = jax.random.key(seed)
+            got = int(jit_sample(row[None], key, t, p, k)[0])
+            assert got == int(sorted_draw(row, key, np.float32(t), np.float32(p), np.int32(k)))
