@@ -135,6 +135,18 @@ def output_file(text: str) -> Path:
 output_file.__name__ = "output path"
 
 
+def new_directory(text: str) -> Path:
+    """A directory to create: its parent must exist now, not after the run."""
+    path = Path(text)
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise argparse.ArgumentTypeError(f"directory {str(parent)!r} does not exist")
+    return path
+
+
+new_directory.__name__ = "output directory"
+
+
 def load_config(preset_name: str | None, config: str | None):
     """A GrokConfig from --config (a JSON object, inline or in a file) or --preset."""
     from quant.config import GrokConfig, preset
@@ -302,8 +314,7 @@ def setup_cli(args_or_verbose, quiet: bool = False) -> None:
     quiet = getattr(args_or_verbose, "quiet", quiet)
     os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
     logging.basicConfig(level=logging.INFO if verbose else logging.ERROR if quiet
-                        else logging.WARNING, format="%(levelname)s %(name)s: %(message)s",
-                        force=True)
+                        else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     st = logging.getLogger(STAGE_LOGGER)
     st.handlers.clear()
     handler = logging.StreamHandler(sys.stderr)
@@ -382,8 +393,8 @@ def open_runtime(args, prompt=None, **options):
     stage("backend %s -> %s: %s, on %s%s", args.backend, engine.backend_name, how,
           engine.device, why)
     if engine.backend_name == "host" and args.expert_cache_gb is not None:
-        logging.getLogger(__name__).warning(
-            "--expert-cache-gb is ignored by the host backend (experts are read in place)")
+        logging.getLogger(STAGE_LOGGER).warning(
+            "warning: --expert-cache-gb is ignored by the host backend (experts are read in place)")
     stage("the first steps compile (once: kept in %s and, for numba, %s)", jax_cache,
           _numba_cache())
     return runtime

@@ -36,7 +36,7 @@ def build_parser(prog: str = "python -m lowmem.quantize") -> argparse.ArgumentPa
     p.add_argument("--checkpoint", metavar="CKPT_DIR", type=Path,
                    help="the release checkpoint directory (tensor00000_000 ...); required "
                         "unless --verify")
-    p.add_argument("--out", metavar="MODEL_DIR", type=cli.output_file,
+    p.add_argument("--out", metavar="MODEL_DIR", type=cli.new_directory,
                    help="output directory, in an existing directory; must not exist (work goes "
                         "to MODEL_DIR.partial/ and is renamed when complete); required unless "
                         "--verify")
@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m lowmem.quantize")
     parser = build_parser(prog)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.ERROR if args.quiet else logging.INFO, format="%(message)s",
-                        stream=sys.stderr, force=True)
+                        stream=sys.stderr)
     try:
         if args.verify is not None:
             return run_verify(args.verify)
