@@ -213,16 +213,16 @@ def add_sampling_arguments(p, max_new_tokens: int | None = None, sampling: bool 
     """-n and (unless ``sampling`` is False: greedy-only tools) the sampling settings."""
     from lowmem.decoding import DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE
     max_new_tokens = max_new_tokens or DEFAULT_MAX_NEW_TOKENS
-    p.add_argument("-n", "--max-new-tokens", type=int_type(1), default=max_new_tokens,
+    p.add_argument("-n", "--max-new-tokens", type=int_type(1), default=max_new_tokens, metavar="N",
                    help=f"tokens to generate, >= 1 (default {max_new_tokens})")
     if not sampling:
         return
-    p.add_argument("--temperature", "--temp", type=float_type(0.0), default=DEFAULT_TEMPERATURE,
+    p.add_argument("--temperature", "--temp", type=float_type(0.0), default=DEFAULT_TEMPERATURE, metavar="T",
                    help=f"sampling temperature, >= 0; 0 = greedy (default {DEFAULT_TEMPERATURE:g})")
-    p.add_argument("--top-p", type=float_type(0.0, 1.0, lo_open=True), default=1.0,
+    p.add_argument("--top-p", type=float_type(0.0, 1.0, lo_open=True), default=1.0, metavar="P",
                    help="nucleus filter: keep the most likely tokens up to this probability "
                         "mass, in (0, 1] (default 1 = off)")
-    p.add_argument("--top-k", type=int_type(0), default=0,
+    p.add_argument("--top-k", type=int_type(0), default=0, metavar="K",
                    help="keep the k most likely tokens, >= 0 (default 0 = off)")
     p.add_argument("--seed", type=int_type(0, SEED_MAX), default=0,
                    help=f"random seed for sampling, 0..{SEED_MAX} (default 0)")

@@ -326,3 +326,17 @@ def test_profile_png_beside_the_report(tmp_path, tiny_model, capsys):
     report = __import__("json").loads(out.read_text())
     title = P._title(report)
     assert "int8 experts" in title and "decode" in title and "tok/s" in title
+
+
+def test_prompt_sources(monkeypatch, tmp_path):
+    """-p, --prompt-file PATH, --prompt-file - (stdin), --prompt-ids, and the default."""
+    import io
+    parse = G.build_parser().parse_args
+    assert cli.read_prompt(parse([])) == cli.DEFAULT_PROMPT
+    assert cli.read_prompt(parse(["-p", "naïve"])) == "naïve"
+    f = tmp_path / "p.txt"
+    f.write_bytes("日本語\n".encode())
+    assert cli.read_prompt(parse(["--prompt-file", str(f)])) == "日本語\n"
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"from stdin")))
+    assert cli.read_prompt(parse(["--prompt-file", "-"])) == "from stdin"
+    assert cli.read_prompt(parse(["--prompt-ids", "5, 17,99"])) == [5, 17, 99]
