@@ -16,12 +16,16 @@ from lowmem.engine import Engine, EngineError
 from lowmem.sampling import SamplingParams, sample
 
 log = logging.getLogger(__name__)
+# The defaults of the CLI and of Runtime.generate alike: greedy (reproducible, and what
+# a base model's quality is judged by), and a few lines of text.
+DEFAULT_MAX_NEW_TOKENS = 32
+DEFAULT_TEMPERATURE = 0.0
 
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    max_new_tokens: int = 100
-    sampling: SamplingParams = SamplingParams()
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    sampling: SamplingParams = SamplingParams(temperature=DEFAULT_TEMPERATURE)
     seed: int = 0
     stop_at_eos: bool = True
     truncate: bool = False   # drop the oldest prompt tokens when the prompt is too long

@@ -2,8 +2,9 @@
 
 The 'demo' preset keeps Grok-1's structure (8 experts, top-2, grouped-query
 attention, 8-row-block scales) and its real 131072-piece vocabulary, so the
-release's tokenizer works end to end. The weights are random: the text it
-generates is meaningless. Building it takes seconds and is done once.
+release's tokenizer (bundled with the package) works end to end. The weights
+are random: the text it generates is meaningless. Building it takes about a
+minute and is done once per work directory; each stage says so on stderr.
 """
 from __future__ import annotations
 
@@ -12,17 +13,22 @@ import os
 import shutil
 from pathlib import Path
 
+from lowmem.cli import stage
 from lowmem.tokenizer import release_tokenizer_path
 from quant.config import preset
 from quant.packed import MANIFEST, QuantSettings
 
 log = logging.getLogger(__name__)
+DEMO_PRESET = "demo"
 DEMO_BITS = 4
 DEMO_GROUP = 64
 
 
-def ensure_demo_model(workdir: str | os.PathLike) -> Path:
-    """Write (once) the synthetic checkpoint and its packed int4 model under ``workdir``."""
+def ensure_demo_model(workdir: str | os.PathLike, progress=None) -> Path:
+    """Write (once) the synthetic checkpoint and its packed int4 model under ``workdir``.
+
+    ``progress``: a ``quant.pipeline.Progress`` for the quantizing stage (a bar).
+    """
     from quant.pipeline import quantize_checkpoint
     from quant.synthetic import write_checkpoint
 
@@ -31,15 +37,20 @@ def ensure_demo_model(workdir: str | os.PathLike) -> Path:
     if (model_dir / MANIFEST).is_file():
         return model_dir
     tokenizer = release_tokenizer_path()
-    cfg = preset("demo")
+    cfg = preset(DEMO_PRESET)
     ckpt = workdir / "demo-ckpt-0"
     if not ckpt.is_dir():
-        log.info("writing synthetic checkpoint to %s", ckpt)
+        stage("writing a synthetic Grok-1 checkpoint (%d layers, random weights) to %s: "
+              "once, kept for later runs", cfg.num_layers, ckpt)
         tmp = workdir / "demo-ckpt-0.partial"
         shutil.rmtree(tmp, ignore_errors=True)
         write_checkpoint(cfg, tmp, seed=0)
         os.replace(tmp, ckpt)
-    log.info("quantizing to %s", model_dir)
-    quantize_checkpoint(ckpt, model_dir, cfg, QuantSettings(DEMO_BITS, DEMO_GROUP),
-                        tokenizer=tokenizer, resume=True)
+    stage("quantizing it to int%d in %s: once, kept for later runs", DEMO_BITS, model_dir)
+    try:
+        quantize_checkpoint(ckpt, model_dir, cfg, QuantSettings(DEMO_BITS, DEMO_GROUP),
+                            tokenizer=tokenizer, resume=True, progress=progress)
+    finally:
+        if progress is not None:
+            progress.close()
     return model_dir

@@ -42,6 +42,28 @@ class EngineError(ValueError):
 
 @dataclass(frozen=True)
 class EngineOptions:
+    """How an engine runs a model (``lowmem.load(model_dir, **fields)``).
+
+    backend: 'auto' (device when JAX sees an accelerator, else host), 'host'
+        (numba kernels read the memory-mapped expert files in place) or 'device'
+        (expert blocks streamed into an accelerator-side cache).
+    expert_cache_gb: device backend only; the expert cache budget in GiB (2^30
+        bytes); None = what fits after resident weights, KV cache and headroom_gb.
+    prefetch: device backend only; fetch the next layer's likely experts while
+        this layer computes.
+    cache_policy: 'lru', or 'layer' (evict the layer whose turn comes last; far
+        better when the cache holds less than one token's experts).
+    context: KV cache length in tokens, 1 .. the model's sequence_len; None =
+        sequence_len. Prompt plus generated tokens must fit.
+    prefill_buckets: prompt chunk lengths in tokens compiled for prefill; the
+        largest is the chunk size.
+    staging_buffers: device backend only; expert blocks held in host staging
+        buffers at once (count).
+    headroom_gb: device memory in GiB the default expert budget leaves free.
+    profile: per-section timing (synchronizes at each section; slower).
+    record_routing: keep (layer, experts of the real tokens) per layer step in
+        ``Engine.routing_trace`` (for cache simulators).
+    """
     backend: str = "auto"                 # 'auto', 'host' (numba on the mapped files), 'device'
     expert_cache_gb: float | None = None  # device backend, GiB; None = what fits
     prefetch: bool = True                 # device backend: guess and fetch the next layer's experts

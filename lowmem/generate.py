@@ -1,80 +1,99 @@
-"""``python -m lowmem.generate``: stream text from a packed model directory.
+"""lowmem generate (python -m lowmem.generate): stream text from a packed model directory.
 
-With no ``--model``, runs the embedded default: a small synthetic checkpoint
-is written, quantized and generated from, all locally (meaningless text: the
-weights are random; the point is that every stage runs).
+With no --model, runs the embedded default: a small synthetic checkpoint is
+written, quantized and generated from, all locally (meaningless text: the
+weights are random; the point is that every stage runs). The text goes to
+stdout; stage lines and a closing tokens/s line go to stderr (-q silences them).
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 
-from lowmem.cli import add_engine_arguments, engine_kwargs, setup_cli
-from lowmem.engine import EngineError
-from lowmem.sampling import SamplingParams
-from quant.packed import PackedFormatError
+from lowmem import cli
+from lowmem.cli import CLIError, stage
 
 log = logging.getLogger(__name__)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m lowmem.generate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="packed model directory (from python -m lowmem.quantize); "
-                   "omit to build and use the embedded synthetic default")
-    p.add_argument("--prompt", default="The answer to life the universe and everything is of course",
-                   help="text to continue (Grok-1 is a base model: no chat template)")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default 32)")
-    p.add_argument("--temperature", type=float, default=0.0,
-                   help="sampling temperature; 0 = greedy (default 0)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus filter p in (0, 1] (default 1)")
-    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 = off")
-    p.add_argument("--seed", type=int, default=0, help="random seed for sampling")
-    p.add_argument("--stop", action="append", default=[],
-                   help="stop when this string is produced (repeatable)")
-    p.add_argument("--ignore-eos", action="store_true", help="do not stop at the EOS token")
-    p.add_argument("--bos", action="store_true", help="prepend BOS (the reference does not)")
+def build_parser(prog: str = "python -m lowmem.generate") -> cli.Parser:
+    p = cli.Parser(prog=prog, description=__doc__)
+    cli.add_model_argument(p, "build and use the embedded synthetic model")
+    cli.add_prompt_arguments(p)
+    cli.add_sampling_arguments(p)
+    p.add_argument("--stop", action="append", default=[], type=cli.nonempty, metavar="TEXT",
+                   help="stop when this string is produced, repeatable (default: none)")
+    p.add_argument("--ignore-eos", action="store_true",
+                   help="do not stop at the EOS token (default: stop)")
+    p.add_argument("--bos", action="store_true",
+                   help="prepend BOS (default: no, as the reference runner)")
     p.add_argument("--truncate", action="store_true",
-                   help="left-truncate a prompt longer than the context instead of failing")
-    add_engine_arguments(p)
-    p.add_argument("--workdir", default=".lowmem",
-                   help="where the embedded default's synthetic model is kept (default .lowmem)")
-    p.add_argument("-v", "--verbose", action="store_true", help="log progress and statistics")
+                   help="left-truncate a prompt longer than the context instead of failing "
+                        "(default: fail)")
+    cli.add_engine_arguments(p)
+    cli.add_workdir_argument(p)
+    cli.add_verbosity(p)
     return p
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_cli(args.verbose)
-    from lowmem.api import load
-    from lowmem.decoding import GenerationRequest
+def run(args) -> int:
+    prompt = cli.read_prompt(args)
+    runtime = cli.open_runtime(args, prompt)
     try:
-        sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
-        model_dir = args.model
-        if model_dir is None:
-            from lowmem.demo import ensure_demo_model
-            model_dir = ensure_demo_model(args.workdir)
-            print(f"[embedded default: synthetic model in {model_dir}; random weights, "
-                  f"so the text is meaningless]", file=sys.stderr)
-        runtime = load(model_dir, **engine_kwargs(args))
-        req = GenerationRequest(max_new_tokens=args.max_new_tokens, sampling=sampling,
-                                seed=args.seed, stop_at_eos=not args.ignore_eos,
-                                truncate=args.truncate)
-        try:
-            sys.stdout.write(args.prompt)
-            for piece in runtime.generate_text(args.prompt, req, stops=tuple(args.stop),
-                                               bos=args.bos):
-                sys.stdout.write(piece)
-                sys.stdout.flush()
-            sys.stdout.write("\n")
-            log.info("expert stats: %s", runtime.engine.expert_stats.as_dict())
-        finally:
-            runtime.close()
-    except (EngineError, PackedFormatError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        if isinstance(prompt, list) or runtime.tokenizer is None:
+            _generate_ids(runtime, args, prompt)
+        else:
+            _generate_text(runtime, args, prompt)
+        log.info("expert stats: %s", runtime.engine.expert_stats.as_dict())
+    finally:
+        runtime.close()
     return 0
+
+
+def _settings(args) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=tuple(args.stop),
+                stop_at_eos=not args.ignore_eos, truncate=args.truncate, bos=args.bos)
+
+
+def _generate_text(runtime, args, prompt: str) -> None:
+    ids = runtime.encode(prompt, args.bos)     # errors about the prompt come before any output
+    pieces = runtime.generate_text(prompt, **_settings(args))
+    clock = cli.TokenClock(len(ids))
+    first = True
+    for piece in pieces:
+        if first:
+            sys.stdout.write(prompt)
+            first = False
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+        clock.tick()
+    sys.stdout.write(prompt if first else "")
+    sys.stdout.write("\n")
+    clock.report(runtime.engine)
+
+
+def _generate_ids(runtime, args, prompt) -> None:
+    if isinstance(prompt, str):
+        raise CLIError(f"{runtime.engine.model.model_dir}: no tokenizer.model in the model "
+                       f"directory; give the prompt as --prompt-ids")
+    settings = _settings(args)
+    if settings.pop("stop"):
+        raise CLIError("--stop needs a tokenizer.model in the model directory")
+    ids = runtime.encode(prompt, args.bos)
+    clock = cli.TokenClock(len(ids))
+    out = []
+    for token in runtime.generate(prompt, **settings):
+        out.append(str(token))
+        clock.tick()
+    print(",".join(out))
+    clock.report(runtime.engine)
+
+
+def main(argv=None, prog: str = "python -m lowmem.generate") -> int:
+    args = build_parser(prog).parse_args(argv)
+    cli.setup_cli(args)
+    return cli.run_main(run, args)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""``python -m lowmem.plan``: where Grok-1's bytes live on one device, and the decode floor.
+"""lowmem plan (python -m lowmem.plan): where Grok-1's bytes live on one device, and the decode floor.
 
 A memory plan for the streaming engine, computed from the same layout the
 quantizer writes and the engine maps (``quant.packed.tensor_layout``), so its
@@ -20,40 +20,33 @@ compute term: the bytes one step reads from device memory (resident weights,
 the touched experts, the KV cache) / device memory bandwidth, added without
 overlap, so the result is a floor-side estimate, not a promise.
 
-Sizes: "80GB" is 80 * 10^9 bytes, "80GiB" is 80 * 2^30; a bare number is GB.
-The engine's ``--expert-cache-gb`` is in GiB (2^30).
+Sizes: "80GB" is 80 * 10^9 bytes, "80GiB" is 80 * 2^30; a bare number is GB,
+except --expert-cache-gb where a bare number is GiB (2^30), as the engine's option.
+A plan that does not fit says so and gives no speed figures.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import re
+import math
 import sys
+from pathlib import Path
 from dataclasses import asdict, dataclass, field
 
+from lowmem import cli
 from lowmem.backends import GIB
+from lowmem.cli import CLIError, parse_size  # noqa: F401  (parse_size: re-exported)
 from lowmem.engine import HEADROOM_GIB, cache_length
-from quant.config import GrokConfig, preset
+from quant.config import GrokConfig
 from quant.packed import QuantSettings, expert_block_layout, file_sizes, tensor_layout
 from quant.spec import ATTENTION_ROLES
 
 log = logging.getLogger(__name__)
-_UNITS = {"": 10**9, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+PLOT_MEMORY_GB = tuple(range(8, 201, 4))   # --plot's x axis: device memory, GB
 
 
 class PlanError(ValueError):
-    """Bad planner input (an unparseable size, an impossible setting)."""
-
-
-def parse_size(text: str, what: str = "size") -> int:
-    """'80GB' -> 80e9 bytes, '80GiB' -> 80 * 2^30, '80' -> 80e9 (GB)."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
-    unit = m.group(2).lower() if m else None
-    if m is None or unit not in _UNITS:
-        raise PlanError(f"{what}: expected a size like 80GB, 80GiB or 512MB, found {text!r}")
-    return int(float(m.group(1)) * _UNITS[unit])
+    """Bad planner input (an impossible setting)."""
 
 
 def resident_kind(role: str) -> str:
@@ -195,8 +188,9 @@ def make_plan(cfg: GrokConfig, settings: QuantSettings, device_memory: int, *,
         host_fits=None if host_memory is None else sum(sizes.values()) <= host_memory,
         link_gbps=link_gbps, device_gbps=device_gbps, uniform_hit_rate=slots / total)
     rates = sorted(set(hit_rates) | {0.0, round(plan.uniform_hit_rate, 4)})
-    plan.decode = [decode_estimate(cfg, block, h, link_gbps, batch, read, device_gbps)
-                   for h in rates]
+    if plan.fits:     # no speed for a model that cannot run
+        plan.decode = [decode_estimate(cfg, block, h, link_gbps, batch, read, device_gbps)
+                       for h in rates]
     return plan
 
 
@@ -229,6 +223,12 @@ def format_plan(plan: MemoryPlan) -> str:
     if plan.host_memory is not None:
         lines.append(f"host memory {_gb(plan.host_memory).strip()}: files "
                      f"{'stay in the page cache' if plan.host_fits else 'do NOT fit: misses read disk'}")
+    if not plan.fits:
+        lines.append(f"does not fit: {_gb(plan.resident_total + plan.kv_cache).strip()} resident "
+                     f"+ KV cache leave room for {plan.cache_slots} expert slots, at least "
+                     f"{plan.min_slots} needed; no decode estimate (more device memory, "
+                     f"a shorter --context, or --bits 4)")
+        return "\n".join(lines)
     term = (f" + device reads at {plan.device_gbps:g} GB/s (no overlap)"
             if plan.device_gbps else " (transfer only; no compute term)")
     lines.append(f"decode at {plan.link_gbps:g} GB/s link{term}:")
@@ -241,75 +241,125 @@ def format_plan(plan: MemoryPlan) -> str:
     return "\n".join(lines)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m lowmem.plan", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device-memory", default="80GB", help="device memory (default 80GB)")
-    p.add_argument("--model", help="packed model directory (its config and quant settings)")
-    p.add_argument("--preset", default="grok-1", help="config preset without --model "
-                   "(default grok-1)")
-    p.add_argument("--bits", default="4", help="expert bits, 8 or 4 (default 4)")
-    p.add_argument("--group-size", default=None, help="int4 group size (default per channel)")
-    p.add_argument("--attention", default="int8", help="int8 or bf16 (default int8)")
-    p.add_argument("--context", default=None, help="KV cache tokens (default: the model's)")
-    p.add_argument("--batch", default="1", help="sequences decoded together (default 1)")
-    p.add_argument("--headroom", default=f"{HEADROOM_GIB:g}GiB",
-                   help=f"left free on the device (default {HEADROOM_GIB:g}GiB, the engine's "
-                        f"headroom_gb)")
-    p.add_argument("--expert-cache-gb", default=None,
-                   help="explicit expert cache budget in GiB, as the engine's option")
-    p.add_argument("--host-memory", default=None, help="host memory, e.g. 128GB")
-    p.add_argument("--link-gbps", default="50", help="host-to-device GB/s (default 50)")
-    p.add_argument("--device-gbps", default=None, help="device memory GB/s for a compute term")
-    p.add_argument("--hit-rate", action="append", default=None,
-                   help="expert cache hit rate(s) to estimate (repeatable; 0 always shown)")
-    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+def build_parser(prog: str = "python -m lowmem.plan") -> cli.Parser:
+    p = cli.Parser(prog=prog, description=__doc__)
+    size = cli.size_type
+    p.add_argument("--device-memory", type=size("--device-memory"), default="80GB",
+                   metavar="SIZE", help="device memory, e.g. 80GB, 80GiB (default 80GB)")
+    cli.add_model_argument(p, "none: --preset/--config and the quant options below")
+    cli.add_config_arguments(p)
+    p.add_argument("--bits", type=int, choices=(8, 4), default=4,
+                   help="expert bits without --model (default 4)")
+    p.add_argument("--group-size", type=cli.int_type(1), default=None,
+                   help="int4 scale group size in input rows without --model "
+                        "(default: per channel)")
+    p.add_argument("--attention", choices=("int8", "bf16"), default="int8",
+                   help="attention weights without --model (default int8)")
+    p.add_argument("--context", type=cli.int_type(1), default=None, metavar="TOKENS",
+                   help="KV cache length in tokens, 1 .. the model's sequence length "
+                        "(default: the model's sequence length)")
+    p.add_argument("--batch", type=cli.int_type(1), default=1,
+                   help="sequences decoded together, >= 1 (default 1)")
+    p.add_argument("--headroom", type=size("--headroom"), default=f"{HEADROOM_GIB:g}GiB",
+                   metavar="SIZE", help=f"left free on the device (default {HEADROOM_GIB:g}GiB, "
+                                        f"the engine's headroom_gb)")
+    p.add_argument("--expert-cache-gb", type=size("--expert-cache-gb", bare="gib"), default=None,
+                   metavar="SIZE", help="explicit expert cache budget, as the engine's option; "
+                                        "a bare number is GiB (default: what fits)")
+    p.add_argument("--host-memory", type=size("--host-memory"), default=None, metavar="SIZE",
+                   help="host memory, e.g. 128GB (default: not checked)")
+    p.add_argument("--link-gbps", type=cli.float_type(0.0, lo_open=True), default=50.0,
+                   help="host-to-device bandwidth in GB/s, > 0 (default 50)")
+    p.add_argument("--device-gbps", type=cli.float_type(0.0, lo_open=True), default=None,
+                   help="device memory bandwidth in GB/s, > 0, for a compute term "
+                        "(default: none, transfer only)")
+    p.add_argument("--hit-rate", type=cli.float_type(0.0, 1.0), action="append", default=None,
+                   help="expert cache hit rate(s) in [0, 1] to estimate, repeatable "
+                        "(default: 0 and the uniform-routing rate)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON (default: text)")
+    p.add_argument("--plot", type=cli.output_file, metavar="PNG", default=None,
+                   help="also plot decode s/token vs device memory for int8 and int4 "
+                        "(needs matplotlib; default: no plot)")
+    cli.add_verbosity(p)
     return p
 
 
-def _number(text, what: str, kind=float):
-    try:
-        return kind(text)
-    except (TypeError, ValueError):
-        raise PlanError(f"{what}: expected a {'whole ' if kind is int else ''}number, "
-                        f"found {text!r}") from None
-
-
 def plan_from_args(args) -> MemoryPlan:
-    """Parse and check every argument, then plan (PlanError/ValueError on bad input)."""
+    """Check the arguments against the model, then plan (CLIError/PlanError on bad input)."""
     if args.model:
         from quant.packed import PackedModel
         model = PackedModel.open(args.model)
         cfg, settings = model.cfg, model.settings
     else:
-        cfg = preset(args.preset)
-        group = None if args.group_size is None else _number(args.group_size, "--group-size", int)
-        settings = QuantSettings(_number(args.bits, "--bits", int), group, args.attention)
-    budget = None
-    if args.expert_cache_gb is not None:
-        budget = int(_number(args.expert_cache_gb, "--expert-cache-gb") * GIB)
-    return make_plan(
-        cfg, settings, parse_size(args.device_memory, "--device-memory"),
-        context=None if args.context is None else _number(args.context, "--context", int),
-        batch=_number(args.batch, "--batch", int), headroom=parse_size(args.headroom, "--headroom"),
-        host_memory=None if args.host_memory is None else parse_size(args.host_memory,
-                                                                     "--host-memory"),
-        link_gbps=_number(args.link_gbps, "--link-gbps"),
-        hit_rates=tuple(_number(h, "--hit-rate") for h in args.hit_rate or ()),
-        device_gbps=None if args.device_gbps is None else _number(args.device_gbps,
-                                                                  "--device-gbps"),
-        expert_cache_bytes=budget)
+        cfg = cli.load_config(args.preset, args.config)
+        try:
+            settings = QuantSettings(args.bits, args.group_size, args.attention)
+        except ValueError as e:
+            raise CLIError(str(e)) from None
+    cli.check_context(args, cfg)
+    try:    # settings the layout cannot take (a group size that does not divide a width)
+        return make_plan(
+            cfg, settings, args.device_memory, context=args.context, batch=args.batch,
+            headroom=args.headroom, host_memory=args.host_memory, link_gbps=args.link_gbps,
+            hit_rates=tuple(args.hit_rate or ()), device_gbps=args.device_gbps,
+            expert_cache_bytes=args.expert_cache_gb)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        plan = plan_from_args(args)
-    except (PlanError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def memory_sweep(plan: MemoryPlan, bits: int) -> list[float]:
+    """Decode s/token at the uniform-routing hit rate for each PLOT_MEMORY_GB (nan: no fit)."""
+    cfg = GrokConfig.from_dict(plan.config)
+    settings = QuantSettings(bits, plan.settings["group_size"] if bits == 4 else None,
+                             plan.settings["attention"])
+    out = []
+    for gb in PLOT_MEMORY_GB:
+        p = make_plan(cfg, settings, gb * 10**9, context=plan.context, batch=plan.batch,
+                      headroom=plan.headroom, link_gbps=plan.link_gbps,
+                      device_gbps=plan.device_gbps)
+        uniform = [d for d in p.decode if abs(d.hit_rate - round(p.uniform_hit_rate, 4)) < 1e-12]
+        out.append(uniform[0].seconds_per_token if uniform else math.nan)
+    return out
+
+
+def save_plot(plan: MemoryPlan, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for bits in (8, 4):
+        ax.plot(PLOT_MEMORY_GB, memory_sweep(plan, bits), "o-", ms=3, label=f"int{bits} experts")
+    ax.axvline(plan.device_memory / 1e9, color="grey", ls=":", label="--device-memory")
+    ax.set_xlabel("device memory (GB)")
+    ax.set_ylabel("decode time (s/token, floor)")
+    ax.set_title(f"{plan.config['num_layers']}-layer Grok-1 shape, context {plan.context}, "
+                 f"{plan.link_gbps:g} GB/s link, uniform routing (missing: does not fit)",
+                 fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".partial.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def run(args) -> int:
+    if args.plot is not None:
+        import importlib.util
+        if importlib.util.find_spec("matplotlib") is None:
+            raise CLIError("--plot needs matplotlib: pip install '.[plot]'")
+    plan = plan_from_args(args)
     print(json.dumps(plan.as_dict(), indent=1) if args.json else format_plan(plan))
+    if args.plot is not None:
+        save_plot(plan, args.plot)
+        cli.stage("plot written to %s", args.plot)
     return 0
+
+
+def main(argv=None, prog: str = "python -m lowmem.plan") -> int:
+    args = build_parser(prog).parse_args(argv)
+    cli.setup_cli(args)
+    return cli.run_main(run, args)
 
 
 if __name__ == "__main__":

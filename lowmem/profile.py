@@ -1,4 +1,4 @@
-"""``python -m lowmem.profile``: where a token's time, bytes and memory go.
+"""lowmem profile (python -m lowmem.profile): where a token's time, bytes and memory go.
 
 Runs one generation with the engine's section timer on and prints, per token,
 the time in each section of a step (embedding, attention, routing, waiting for
@@ -6,15 +6,15 @@ expert transfers, expert compute, output logits, sampling), prefill and decode
 separately; the expert traffic (experts and bytes moved, hit rates, effective
 transfer bandwidth next to a plain copy); and memory (host RSS split into
 mapped expert pages, mapped resident pages and the rest; accelerator memory
-where the platform reports it). ``--out`` keeps the report as JSON, with a PNG
-of the per-step breakdown beside it when matplotlib is installed.
+where the platform reports it). --out keeps the report as JSON; a PNG of the per-token
+breakdown (time by section, expert hit rate, bytes moved) is written beside it
+(or to --png) when matplotlib is installed (pip install ".[plot]").
 
-``--overhead-check`` decodes with the timer on and off, interleaved, and
+--overhead-check decodes with the timer on and off, interleaved, and
 reports both rates side by side (the timer synchronizes at section bounds).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lowmem.cli import add_engine_arguments, setup_cli
+from lowmem import cli
 from lowmem.profiler import SECTIONS, run_profile
 
 log = logging.getLogger(__name__)
@@ -98,25 +98,48 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _title(report: dict) -> str:
+    q = report["settings"]
+    dec = report["decode"]
+    rate = f"{dec['tokens_per_s']:.2f}" if dec else "n/a"
+    return (f"{Path(report['model']).name}: int{q.get('bits')} experts, backend "
+            f"{report['backend']} on {report['platform']}; prefill "
+            f"{report['prefill']['tokens_per_s']:.2f} tok/s, decode {rate} tok/s")
+
+
 def save_png(report: dict, path: Path) -> bool:
-    """Stacked per-step section times; only when matplotlib is importable."""
+    """Per decode token: time by section (ms), expert hit rate and MB moved; needs matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        log.info("matplotlib is not installed: no PNG written (optional)")
+        log.info("matplotlib is not installed: no PNG written (pip install '.[plot]')")
         return False
-    recs = report["tokens"]
-    fig, ax = plt.subplots(figsize=(10, 4))
-    bottom = np.zeros(len(recs))
+    recs = [r for r in report["tokens"] if r["phase"] == "decode"]
+    steps = np.arange(1, len(recs) + 1)                                     # (N,)
+    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(10, 6.5), sharex=True,
+                                  gridspec_kw={"height_ratios": (3, 2)})
+    bottom = np.zeros(len(recs))                                            # (N,) ms
     for s in SECTIONS:
-        ms = np.array([r["sections"][s] * 1e3 for r in recs])
-        ax.bar(range(len(recs)), ms, bottom=bottom, label=s)
+        ms = np.array([r["sections"][s] * 1e3 for r in recs])              # (N,) ms
+        ax.bar(steps, ms, bottom=bottom, label=s)
         bottom += ms
-    ax.set_xlabel("step (0 = prefill)")
-    ax.set_ylabel("ms")
-    ax.legend(fontsize=7)
+    ax.plot(steps, [r["wall_s"] * 1e3 for r in recs], "k.", label="step wall time")
+    ax.set_ylabel("decode time per token (ms)")
+    ax.legend(fontsize=7, ncol=4)
+    hit = [100 * r["hits"] / r["requests"] if r["requests"] else np.nan for r in recs]
+    ax2.plot(steps, hit, "o-", color="tab:green", label="expert cache hit rate")
+    ax2.set_ylabel("hit rate (%)")
+    ax2.set_ylim(-5, 105)
+    ax2.set_xlabel("decode token")
+    mb = ax2.twinx()
+    mb.bar(steps, [r["bytes_moved"] / 1e6 for r in recs], alpha=0.3, color="tab:blue",
+           label="bytes moved")
+    mb.set_ylabel("expert bytes moved per token (MB)")
+    ax2.legend(loc="upper left", fontsize=7)
+    mb.legend(loc="upper right", fontsize=7)
+    fig.suptitle(_title(report), fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -125,70 +148,80 @@ def save_png(report: dict, path: Path) -> bool:
 
 # --- command line ------------------------------------------------------------------
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m lowmem.profile", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="packed model directory (default: the embedded synthetic one)")
-    p.add_argument("--prompt", default="The answer to life the universe and everything is of course")
-    p.add_argument("--prompt-ids", help="comma-separated token ids instead of --prompt")
-    p.add_argument("--max-new-tokens", type=int, default=16, help="tokens generated (default 16)")
-    p.add_argument("--warmup-tokens", type=int, default=2,
-                   help="tokens of an unmeasured warm-up run that compiles (default 2)")
-    add_engine_arguments(p)
-    p.add_argument("--overhead-check", type=int, nargs="?", const=3, default=0, metavar="REPEATS",
-                   help="also decode with the timer on and off, interleaved (default 3 each)")
-    p.add_argument("--out", help="write the report as JSON here")
-    p.add_argument("--png", help="per-step breakdown PNG (needs matplotlib; default beside --out)")
-    p.add_argument("--workdir", default=".lowmem", help="where the embedded default is kept")
-    p.add_argument("-v", "--verbose", action="store_true")
+def build_parser(prog: str = "python -m lowmem.profile") -> cli.Parser:
+    p = cli.Parser(prog=prog, description=__doc__)
+    cli.add_model_argument(p, "the embedded synthetic model")
+    cli.add_prompt_arguments(p)
+    cli.add_sampling_arguments(p, max_new_tokens=16, sampling=False)
+    p.add_argument("--warmup-tokens", type=cli.int_type(0), default=2,
+                   help="tokens of an unmeasured warm-up run that compiles, >= 0 (default 2)")
+    cli.add_engine_arguments(p)
+    p.add_argument("--overhead-check", type=cli.int_type(1), nargs="?", const=3, default=0,
+                   metavar="REPEATS",
+                   help="also decode with the timer on and off, interleaved, REPEATS times "
+                        "each (default: off; 3 when given without a number)")
+    p.add_argument("--out", type=cli.output_file, metavar="JSON",
+                   help="write the report as JSON here (default: none)")
+    p.add_argument("--png", type=cli.output_file, metavar="PNG",
+                   help="per-token figure (needs matplotlib: pip install '.[plot]'; default: "
+                        "beside --out, as JSON_STEM.png, when matplotlib is installed)")
+    p.add_argument("--no-png", action="store_true", help="write no figure (default: write one)")
+    cli.add_workdir_argument(p)
+    cli.add_verbosity(p)
     return p
 
 
 def prompt_ids_from_args(args, runtime) -> list[int]:
     """Token ids: --prompt-ids, the tokenizer's encoding, or (no tokenizer) UTF-8 bytes."""
-    if args.prompt_ids:
-        try:
-            ids = [int(t) for t in args.prompt_ids.split(",") if t.strip()]
-        except ValueError:
-            raise ValueError(f"--prompt-ids: expected comma-separated integers, found "
-                             f"{args.prompt_ids!r}") from None
-        return runtime.encode(ids)
+    prompt = cli.read_prompt(args)
+    if isinstance(prompt, list):
+        return runtime.encode(prompt)
     if runtime.tokenizer is None:
         vocab = runtime.engine.cfg.vocab_size
         log.warning("no tokenizer.model in the model directory: using the prompt's UTF-8 bytes "
                     "as token ids")
-        return runtime.encode([4 + b % (vocab - 4) for b in args.prompt.encode()])
-    return runtime.encode(args.prompt)
+        return runtime.encode([4 + b % (vocab - 4) for b in prompt.encode()])
+    return runtime.encode(prompt)
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_cli(args.verbose)
-    from lowmem.api import load
-    from lowmem.cli import engine_kwargs
-    from lowmem.engine import EngineError
-    from quant.packed import PackedFormatError
+def _png_path(args) -> Path | None:
+    if args.no_png:
+        return None
+    if args.png:
+        return args.png
+    import importlib.util
+    if args.out is None or importlib.util.find_spec("matplotlib") is None:
+        return None
+    return args.out.with_suffix(".png")
+
+
+def run(args) -> int:
+    if args.max_new_tokens < 2:
+        raise cli.CLIError(f"--max-new-tokens: expected >= 2 (a prefill and a decode step), "
+                           f"found {args.max_new_tokens}")
+    prompt = cli.read_prompt(args)           # a bad prompt fails before the model is built
+    runtime = cli.open_runtime(args, None if isinstance(prompt, str) else prompt, profile=True)
     try:
-        model_dir = args.model
-        if model_dir is None:
-            from lowmem.demo import ensure_demo_model
-            model_dir = ensure_demo_model(args.workdir)
-        runtime = load(model_dir, **engine_kwargs(args), profile=True)
-        try:
-            report = run_profile(runtime.engine, prompt_ids_from_args(args, runtime),
-                                 args.max_new_tokens, args.warmup_tokens, args.overhead_check)
-        finally:
-            runtime.close()
-    except (EngineError, PackedFormatError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        report = run_profile(runtime.engine, prompt_ids_from_args(args, runtime),
+                             args.max_new_tokens, args.warmup_tokens, args.overhead_check)
+    finally:
+        runtime.close()
     print(format_report(report))
     if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=1))
-    png = args.png or (str(Path(args.out).with_suffix(".png")) if args.out else None)
-    if png:
-        save_png(report, Path(png))
+        tmp = args.out.with_name(args.out.name + ".partial")
+        tmp.write_text(json.dumps(report, indent=1))
+        tmp.replace(args.out)
+        cli.stage("report written to %s", args.out)
+    png = _png_path(args)
+    if png and save_png(report, png):
+        cli.stage("figure written to %s", png)
     return 0
+
+
+def main(argv=None, prog: str = "python -m lowmem.profile") -> int:
+    args = build_parser(prog).parse_args(argv)
+    cli.setup_cli(args)
+    return cli.run_main(run, args)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+from lowmem import cli
 from quant.config import PRESETS, GrokConfig, preset
 from quant.checkpoint import CheckpointError
 from quant.packed import PackedFormatError, QuantSettings, verify_model
@@ -27,39 +28,45 @@ from quant.pipeline import Progress, QuantizeError, quantize_checkpoint
 log = logging.getLogger("lowmem.quantize")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m lowmem.quantize",
+def build_parser(prog: str = "python -m lowmem.quantize") -> argparse.ArgumentParser:
+    p = cli.Parser(
+        prog=prog,
         description="Quantize a Grok-1 release checkpoint (ckpt-0/) into a packed model "
                     "directory for the lowmem runtime, or verify one.")
     p.add_argument("--checkpoint", metavar="CKPT_DIR", type=Path,
-                   help="the release checkpoint directory (tensor00000_000 ...)")
-    p.add_argument("--out", metavar="MODEL_DIR", type=Path,
-                   help="output directory; must not exist (work goes to MODEL_DIR.partial/ "
-                        "and is renamed when complete)")
+                   help="the release checkpoint directory (tensor00000_000 ...); required "
+                        "unless --verify")
+    p.add_argument("--out", metavar="MODEL_DIR", type=cli.new_directory,
+                   help="output directory, in an existing directory; must not exist (work goes "
+                        "to MODEL_DIR.partial/ and is renamed when complete); required unless "
+                        "--verify")
     p.add_argument("--bits", type=int, choices=(8, 4),
                    help="expert weight bits: 8 keeps the release's int8 values and scales "
-                        "bit-exact; 4 re-quantizes to symmetric int4 (half the size)")
-    p.add_argument("--group-size", type=int, metavar="G",
+                        "bit-exact; 4 re-quantizes to symmetric int4 (half the size); required "
+                        "unless --verify")
+    p.add_argument("--group-size", type=cli.int_type(1), metavar="G",
                    help="--bits 4 only: one scale per G input rows (e.g. 128, 64, 32; must "
-                        "divide the model widths); default one scale per output channel")
+                        "divide the model widths) (default: one scale per output channel)")
     p.add_argument("--attention", choices=("int8", "bf16"), default="int8",
                    help="attention weights: int8 as released (default) or dequantized bf16")
     p.add_argument("--tokenizer", type=Path, metavar="PATH",
-                   help="SentencePiece tokenizer.model to copy into the model directory")
+                   help="SentencePiece tokenizer.model to copy into the model directory "
+                        "(default: none; text prompts then need one)")
     cfg = p.add_mutually_exclusive_group()
     cfg.add_argument("--preset", choices=sorted(PRESETS),
                      help="model configuration the checkpoint must match (default: inferred "
                           "from the checkpoint's shapes)")
     cfg.add_argument("--config", metavar="JSON",
                      help="model configuration as a JSON file or a JSON object string "
-                          "(GrokConfig fields), instead of --preset")
+                          "(GrokConfig fields), instead of --preset (default: none)")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from MODEL_DIR.partial/: completed "
-                        "layers whose checksums verify are kept, the rest redone")
+                        "layers whose checksums verify are kept, the rest redone (default: off)")
     p.add_argument("--verify", metavar="MODEL_DIR", type=Path,
                    help="re-check every tensor checksum of a packed model directory; "
-                        "reports the first bad tensor and exits 1 (other options ignored)")
+                        "reports the first bad tensor and exits 1 (other options ignored; "
+                        "default: quantize)")
+    cli.add_verbosity(p)
     return p
 
 
@@ -170,10 +177,11 @@ def run_verify(model_dir: Path) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    parser = build_parser()
+def main(argv: list[str] | None = None, prog: str = "python -m lowmem.quantize") -> int:
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.ERROR if args.quiet else logging.INFO, format="%(message)s",
+                        stream=sys.stderr)
     try:
         if args.verify is not None:
             return run_verify(args.verify)

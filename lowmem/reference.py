@@ -311,34 +311,44 @@ def load_params(ckpt_dir: str | os.PathLike, cfg: GrokConfig) -> dict:
     return params
 
 
-def main(argv=None) -> int:
-    """``python -m lowmem.reference``: the oracle on a small release-format checkpoint."""
-    import argparse
-    import sys
+def build_parser(prog: str = "python -m lowmem.reference"):
+    from lowmem import cli
+    p = cli.Parser(prog=prog, description="Dense reference forward pass (SPEC.md section 2) "
+                                          "over a release-format checkpoint; small presets only.")
+    p.add_argument("--checkpoint", required=True, metavar="CKPT_DIR",
+                   help="ckpt-0-style directory (required)")
+    cli.add_config_arguments(p)
+    p.add_argument("--prompt-ids", "--tokens", default="5,17,99,3", metavar="IDS",
+                   help="comma-separated token ids (default 5,17,99,3)")
+    p.add_argument("--mode", default="bf16", choices=MODES,
+                   help="activation precision (default bf16)")
+    cli.add_verbosity(p)
+    return p
 
-    from quant.config import PRESETS, preset
-    from quant.checkpoint import CheckpointError
-    p = argparse.ArgumentParser(prog="python -m lowmem.reference",
-                                description="Dense reference forward pass (SPEC.md section 2) "
-                                            "over a release-format checkpoint; small presets only.")
-    p.add_argument("--checkpoint", required=True, help="ckpt-0-style directory")
-    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="its config")
-    p.add_argument("--tokens", default="5,17,99,3", help="comma-separated token ids")
-    p.add_argument("--mode", default="bf16", choices=MODES, help="activation precision")
-    args = p.parse_args(argv)
-    cfg = preset(args.preset)
-    try:
-        tokens = np.array([int(t) for t in args.tokens.split(",")])
+
+def main(argv=None, prog: str = "python -m lowmem.reference") -> int:
+    """lowmem reference: the oracle on a small release-format checkpoint."""
+    from lowmem import cli
+    args = build_parser(prog).parse_args(argv)
+    cli.setup_cli(args)
+    args.prompt = args.prompt_file = None
+
+    def run(args) -> int:
+        cfg = cli.load_config(args.preset, args.config)
+        tokens = np.array(cli.read_prompt(args))
+        bad = tokens[(tokens < 0) | (tokens >= cfg.vocab_size)]
+        if bad.size:
+            raise cli.CLIError(f"--prompt-ids: expected ids in [0, {cfg.vocab_size}), found "
+                               f"{bad[:5].tolist()}")
         logits = forward(cfg, load_params(args.checkpoint, cfg), tokens, args.mode)[0]  # (T, V)
-    except (CheckpointError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    for pos, row in enumerate(logits):
-        top = np.argsort(-row)[:5]
-        values = ", ".join(f"{v:.3f}" for v in row[top])
-        print(f"position {pos} (token {tokens[pos]}): top-5 next tokens {top.tolist()}, "
-              f"logits [{values}]")
-    return 0
+        for pos, row in enumerate(logits):
+            top = np.argsort(-row)[:5]
+            values = ", ".join(f"{v:.3f}" for v in row[top])
+            print(f"position {pos} (token {tokens[pos]}): top-5 next tokens {top.tolist()}, "
+                  f"logits [{values}]")
+        return 0
+
+    return cli.run_main(run, args)
 
 
 if __name__ == "__main__":

@@ -94,3 +94,22 @@ def test_generation_stopped_early_leaves_the_engine_usable(demo_model):
     tokens.close()
     again = list(rt.generate("Hello world", max_new_tokens=3, temperature=0.0))
     assert again[0] == first and len(again) == 3
+
+
+def test_generate_and_generate_text_share_arguments_and_stop(demo_model):
+    """Same keywords; text keeps SentencePiece's spacing; a stop string ends both."""
+    rt = lowmem.load(demo_model)
+    kw = dict(max_new_tokens=6, temperature=0.0, stop_at_eos=False)
+    ids = list(rt.generate("Hello world", **kw))
+    text = "".join(rt.generate_text("Hello world", **kw))
+    prompt = rt.tokenizer.encode("Hello world")
+    assert text == rt.tokenizer.decode(prompt + ids)[len(rt.tokenizer.decode(prompt)):]
+    stop = text.strip()[:2]
+    cut = text.find(stop)
+    assert "".join(rt.generate_text("Hello world", stop=[stop], **kw)) == text[:cut]
+    stopped = list(rt.generate("Hello world", stop=(stop,), **kw))
+    assert stopped == ids[:len(stopped)] and len(stopped) < len(ids)
+    assert stop not in rt.tokenizer.decode(prompt + stopped)[len(rt.tokenizer.decode(prompt)):]
+    with pytest.raises(ValueError, match="top_p"):
+        next(rt.generate("Hello", top_p=0))
+    assert lowmem.__version__.count(".") == 2

@@ -6,6 +6,7 @@ import sys
 import pytest
 
 from lowmem import plan as PL
+from lowmem.cli import CLIError
 from lowmem.api import load
 from quant.config import preset
 from lowmem.profiler import run_profile
@@ -103,13 +104,14 @@ def test_decode_estimate_scales_with_misses():
 
 
 def test_parse_size():
+    """plan re-exports the one size parser of lowmem.cli."""
     assert PL.parse_size("80GB") == 80 * 10**9
     assert PL.parse_size("80GiB") == 80 * 2**30
     assert PL.parse_size("1.5 gb") == 1_500_000_000
     assert PL.parse_size("512MB") == 512 * 10**6
     assert PL.parse_size("7") == 7 * 10**9
     for bad in ("abc", "80XB", "", "-3GB"):
-        with pytest.raises(PL.PlanError, match="expected a size like 80GB"):
+        with pytest.raises(CLIError, match="expected a size like 80GB"):
             PL.parse_size(bad, "--device-memory")
 
 
@@ -118,18 +120,20 @@ def test_cli_bad_input_is_one_line_and_exit_2():
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0
-    assert proc.stderr.startswith("error: --device-memory: expected a size like 80GB")
+    assert proc.stderr.startswith("error: argument --device-memory: expected a size like 80GB")
     assert proc.stdout == ""
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--bits", "5"], "bits must be 8 or 4"),
-    (["--hit-rate", "1.5"], "hit rate must be in [0, 1]"),
+    (["--bits", "5"], "argument --bits: invalid choice: 5"),
+    (["--hit-rate", "1.5"], "--hit-rate: expected a finite number in [0, 1]"),
     (["--context", "x"], "--context: expected a whole number"),
-    (["--link-gbps", "0"], "link bandwidth must be > 0"),
+    (["--link-gbps", "0"], "--link-gbps: expected a finite number > 0"),
 ])
 def test_cli_rejects_bad_settings(capsys, argv, message):
-    assert PL.main(argv) == 2
+    with pytest.raises(SystemExit) as e:
+        PL.main(argv)
+    assert e.value.code == 2
     err = capsys.readouterr().err
     assert message in err and err.strip().count("\n") == 0
 

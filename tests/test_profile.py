@@ -112,7 +112,7 @@ def test_bad_inputs_exit_2(int8_dir, capsys):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--prompt-ids" in err
     assert P.main(["--model", str(int8_dir), "--prompt-ids", "5", "--max-new-tokens", "1"]) == 2
-    assert "max_new_tokens must be >= 2" in capsys.readouterr().err
+    assert "--max-new-tokens: expected >= 2" in capsys.readouterr().err
 
 
 def test_lru_simulation_replays_the_engines_cache(int8_dir):

@@ -464,7 +464,7 @@ def test_synthetic_checkpoint_through_reference(tiny_ckpt, tiny_cfg):
 
 def test_reference_cli(tiny_ckpt, tmp_path, capsys):
     from lowmem.reference import main
-    assert main(["--checkpoint", str(tiny_ckpt), "--tokens", "5,17,99"]) == 0
+    assert main(["--checkpoint", str(tiny_ckpt), "--preset", "tiny", "--tokens", "5,17,99"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 3 and lines[0].startswith("position 0 (token 5): top-5 next tokens")
     assert main(["--checkpoint", str(tmp_path)]) == 2
