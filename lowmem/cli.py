@@ -8,6 +8,9 @@ from __future__ import annotations
 import logging
 import os
 
+from lowmem.engine import DEFAULT_PRECISION
+from lowmem.model import PRECISIONS
+
 
 def setup_cli(verbose: bool) -> None:
     """Logging for a CLI, and JAX's GPU allocator at 95% of the device, not 75%.
@@ -36,9 +39,13 @@ def add_engine_arguments(p) -> None:
                    help="host = numba kernels on the mapped files (CPU default); "
                         "device = experts streamed into an accelerator cache (GPU default)")
     p.add_argument("--no-prefetch", action="store_true", help="disable speculative expert prefetch")
+    p.add_argument("--precision", choices=PRECISIONS, default=DEFAULT_PRECISION,
+                   help="activations: fp32 = the exact math of the weights; bf16 = as the "
+                        f"release runs (default {DEFAULT_PRECISION}; docs/FIDELITY.md)")
 
 
 def engine_kwargs(args) -> dict:
     """EngineOptions fields from arguments added by add_engine_arguments."""
     return dict(backend=args.backend, expert_cache_gb=args.expert_cache_gb, context=args.context,
-                prefetch=not args.no_prefetch, cache_policy=args.cache_policy)
+                prefetch=not args.no_prefetch, cache_policy=args.cache_policy,
+                precision=args.precision)
