@@ -34,7 +34,7 @@ from quant.packed import PackedModel
 log = logging.getLogger(__name__)
 PREFILL_BUCKETS = (16, 64, 256)   # prompt chunk lengths compiled; the largest is the chunk
 HEADROOM_GIB = 2.0                # device memory the default expert budget leaves free
-DEFAULT_PRECISION = "bf16"        # chosen from the decode-cost measurement in docs/FIDELITY.md
+DEFAULT_PRECISION = "fp32"        # the exact math: decode cost within noise of bf16 (docs/FIDELITY.md)
 
 
 class EngineError(ValueError):

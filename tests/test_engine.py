@@ -1,6 +1,8 @@
 """The streaming engine on CPU: both expert paths, the cache, and the reference.
 
-Tolerances. The engine runs the reference's bf16 mode. Its device path is the
+Tolerances. The engine's bf16 mode (what most tests here build) runs the
+reference's bf16 mode; its fp32 mode (the default) must equal the fp32
+reference to 2e-6. Its device path is the
 same arithmetic as lowmem.reference in bf16 mode except where XLA keeps excess
 precision between fused bf16 ops, and the host path's numba kernels use the
 exact int8 * scale weights (the reference rounds them to bf16). Either changes
@@ -42,9 +44,11 @@ def ref_params(tiny_cfg, tiny_ckpt):
     return R.load_params(tiny_ckpt, tiny_cfg)
 
 
-def _engine(model, backend="device", slots=None, **kw):
+def _engine(model, backend="device", slots=None, precision="bf16", **kw):
+    """An engine in the release's bf16 mode unless asked (the default is fp32)."""
     gb = None if slots is None else slots * model.expert_block_nbytes / (1 << 30)
-    return Engine(model, EngineOptions(backend=backend, expert_cache_gb=gb or 1.0, **kw))
+    return Engine(model, EngineOptions(backend=backend, expert_cache_gb=gb or 1.0,
+                                       precision=precision, **kw))
 
 
 def _rel(a, b):
