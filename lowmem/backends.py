@@ -80,11 +80,12 @@ class _HostMatmul:
         return matmul(np.asarray(x, np.float32), weight)
 
 
-def host_linear(x: jax.Array, w: HostWeight) -> jax.Array:
-    """``x @ W`` for a HostWeight: the numba kernel on the mapped weight, bf16 out."""
+def host_linear(x: jax.Array, w: HostWeight, precision: str = "bf16") -> jax.Array:
+    """``x @ W`` for a HostWeight: the numba kernel (exact weights, fp32 accumulation) on
+    the mapped weight; out in the activation dtype (bf16: a bf16 matmul's output)."""
     shape = jax.ShapeDtypeStruct((x.shape[0], w.out_features), F32)
     out = jax.pure_callback(_HostMatmul(w.role), shape, x.astype(F32), w.handle, w.layer)
-    return out.astype(jnp.bfloat16)   # a bf16 matmul's output
+    return out.astype(M.act_dtype(precision))
 
 
 def _host_logits_callback(x, handle):
@@ -92,10 +93,16 @@ def _host_logits_callback(x, handle):
     return matmul_nt(np.asarray(x, np.float32), _HOST_BACKENDS[int(handle)].embed)
 
 
-def host_logits(cfg, hn: jax.Array, handle: jax.Array) -> jax.Array:
-    """Tied output logits of hn (T, D) with the numba kernel on the mapped table -> fp32 (T, V)."""
+def host_logits(cfg, hn: jax.Array, handle: jax.Array, precision: str = "bf16") -> jax.Array:
+    """Tied output logits of hn (T, D) with the numba kernel on the mapped table -> fp32 (T, V).
+
+    The kernel accumulates in fp32; 'bf16' then rounds as a bf16 product and
+    multiplier would, 'fp32' keeps it and multiplies by the exact constant.
+    """
     shape = jax.ShapeDtypeStruct((hn.shape[0], cfg.vocab_size), F32)
-    logits = jax.pure_callback(_host_logits_callback, shape, hn.astype(F32), handle)
+    logits = jax.pure_callback(_host_logits_callback, shape, hn.astype(F32), handle)  # (T, V)
+    if precision == "fp32":
+        return logits * jnp.float32(cfg.output_multiplier_scale)
     return M.bf16_mul(logits.astype(jnp.bfloat16), cfg.output_multiplier_scale).astype(F32)
 
 
@@ -125,7 +132,7 @@ class HostBackend:
         return self.embed[tokens]                                         # (T, D) bf16
 
     def make_moe(self, options, fetch_hook: Callable | None = None) -> HostMoE:
-        return HostMoE(self.model)
+        return HostMoE(self.model, options.precision)
 
     def close(self) -> None:
         _HOST_BACKENDS.pop(self.handle, None)
@@ -133,8 +140,8 @@ class HostBackend:
 
 # --- device --------------------------------------------------------------------------
 
-def device_logits(cfg, hn: jax.Array, table: jax.Array) -> jax.Array:
-    return M.output_logits(cfg, hn, table)
+def device_logits(cfg, hn: jax.Array, table: jax.Array, precision: str = "bf16") -> jax.Array:
+    return M.output_logits(cfg, hn, table, precision)
 
 
 class DeviceBackend:
@@ -173,7 +180,8 @@ class DeviceBackend:
                             slots=DeviceSlots(capacity, nbytes, self.device))
         log.info("expert cache: %d slots of %.1f MB, policy %s%s", capacity, nbytes / 1e6,
                  policy, " (auto)" if options.cache_policy == "auto" else "")
-        return DeviceMoE(self.model, cache, prefetch=options.prefetch)
+        return DeviceMoE(self.model, cache, prefetch=options.prefetch,
+                         precision=options.precision)
 
     def close(self) -> None:
         pass

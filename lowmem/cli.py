@@ -19,6 +19,9 @@ import sys
 import time
 from pathlib import Path
 
+from lowmem.engine import DEFAULT_PRECISION
+from lowmem.model import PRECISIONS
+
 DEFAULT_PROMPT = "The answer to life the universe and everything is of course"
 DEFAULT_PRESET = "grok-1"
 GIB = 1 << 30
@@ -248,13 +251,17 @@ def add_engine_arguments(p) -> None:
                         "(default auto)")
     p.add_argument("--no-prefetch", action="store_true",
                    help="disable speculative expert prefetch (default: prefetch on)")
+    p.add_argument("--precision", choices=PRECISIONS, default=DEFAULT_PRECISION,
+                   help="activations: fp32 = the exact math of the weights; bf16 = as the "
+                        f"release runs (default {DEFAULT_PRECISION}; docs/FIDELITY.md)")
 
 
 def engine_kwargs(args) -> dict:
     """EngineOptions fields from arguments added by add_engine_arguments."""
     budget = None if args.expert_cache_gb is None else args.expert_cache_gb / GIB
     return dict(backend=args.backend, expert_cache_gb=budget, context=args.context,
-                prefetch=not args.no_prefetch, cache_policy=args.cache_policy)
+                prefetch=not args.no_prefetch, cache_policy=args.cache_policy,
+                precision=args.precision)
 
 
 # --- checks that need more than one option, or a file ---------------------------------

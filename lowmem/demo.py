@@ -24,6 +24,16 @@ DEMO_BITS = 4
 DEMO_GROUP = 64
 
 
+def _current(model_dir: Path) -> bool:
+    """Whether a demo model directory opens with this version's reader (format, seal)."""
+    from quant.packed import PackedFormatError, PackedModel
+    try:
+        PackedModel.open(model_dir)
+        return True
+    except PackedFormatError:
+        return False
+
+
 def ensure_demo_model(workdir: str | os.PathLike, progress=None) -> Path:
     """Write (once) the synthetic checkpoint and its packed int4 model under ``workdir``.
 
@@ -35,7 +45,10 @@ def ensure_demo_model(workdir: str | os.PathLike, progress=None) -> Path:
     workdir = Path(workdir)
     model_dir = workdir / f"demo-int{DEMO_BITS}"
     if (model_dir / MANIFEST).is_file():
-        return model_dir
+        if _current(model_dir):
+            return model_dir
+        stage("%s was written by another lowmem version: rebuilding it", model_dir)
+        shutil.rmtree(model_dir)
     tokenizer = release_tokenizer_path()
     cfg = preset(DEMO_PRESET)
     ckpt = workdir / "demo-ckpt-0"

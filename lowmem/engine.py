@@ -34,6 +34,7 @@ from quant.packed import PackedModel
 log = logging.getLogger(__name__)
 PREFILL_BUCKETS = (16, 64, 256)   # prompt chunk lengths compiled; the largest is the chunk
 HEADROOM_GIB = 2.0                # device memory the default expert budget leaves free
+DEFAULT_PRECISION = "fp32"        # the exact math: decode cost within noise of bf16 (docs/FIDELITY.md)
 
 
 class EngineError(ValueError):
@@ -51,8 +52,9 @@ class EngineOptions:
         bytes); None = what fits after resident weights, KV cache and headroom_gb.
     prefetch: device backend only; fetch the next layer's likely experts while
         this layer computes.
-    cache_policy: 'lru', or 'layer' (evict the layer whose turn comes last; far
-        better when the cache holds less than one token's experts).
+    cache_policy: 'lru', 'layer' (evict the layer whose turn comes last; far
+        better when the cache holds less than one token's experts), or 'auto'
+        ('layer' below two tokens' experts, else 'lru'; the choice is logged).
     context: KV cache length in tokens, 1 .. the model's sequence_len; None =
         sequence_len. Prompt plus generated tokens must fit.
     prefill_buckets: prompt chunk lengths in tokens compiled for prefill; the
@@ -63,6 +65,10 @@ class EngineOptions:
     profile: per-section timing (synchronizes at each section; slower).
     record_routing: keep (layer, experts of the real tokens) per layer step in
         ``Engine.routing_trace`` (for cache simulators).
+    verify: check each tensor's CRC-32 the first time it is read (about 0.4 s
+        per GiB, once per process).
+    precision: 'fp32' (activations in fp32, weights dequantized exactly: the
+        model's exact math) or 'bf16' (the release's bf16 mode).
     """
     backend: str = "auto"                 # 'auto', 'host' (numba on the mapped files), 'device'
     expert_cache_gb: float | None = None  # device backend, GiB; None = what fits
@@ -75,6 +81,7 @@ class EngineOptions:
     profile: bool = False                 # per-section timing (synchronizes each section)
     record_routing: bool = False          # keep (layer, experts of real tokens) per layer step
     verify: bool = True                   # check each tensor's CRC-32 when first read (packed.py)
+    precision: str = DEFAULT_PRECISION    # 'fp32' (exact math) or 'bf16' (the release's run)
 
 
 def cache_length(context: int, buckets: tuple[int, ...] = PREFILL_BUCKETS) -> int:
@@ -92,30 +99,38 @@ class _State:
 
 
 # Module-level jitted steps: static (config, backend functions), so shared by engines.
-_attention = jax.jit(M.attention_block, static_argnums=(0, 1), donate_argnames=("cache",))
-_residual = jax.jit(M.moe_residual, static_argnums=(0,))
+# The precision (a string) is static too: one compiled step per (config, precision).
+_attention = jax.jit(M.attention_block, static_argnums=(0, 1, 2), donate_argnames=("cache",))
+_residual = jax.jit(M.moe_residual, static_argnums=(0, 1))
 _mark_valid = jax.jit(M.mark_valid, donate_argnums=(0,))
-_embed = jax.jit(M.embed, static_argnums=(0,))
+_embed = jax.jit(M.embed, static_argnums=(0, 1))
 
 
-@partial(jax.jit, static_argnums=(0,))
-def _route(cfg, norm, router, next_norm, next_router, h):
+@partial(jax.jit, static_argnums=(0, 1))
+def _route(cfg, precision, norm, router, next_norm, next_router, h):
     """MoE input and routing of this layer, plus a guess at the next layer's experts.
 
     The experts and the guess come back as one (T, 2k) array: the step reads
     it to the host once per layer.
     """
-    moe_in = M.rms_norm(cfg, h, norm)                                      # (T, D) bf16
+    moe_in = M.rms_norm(cfg, h, norm, precision)                           # (T, D) activations
     _, gates, experts = M.route(cfg, moe_in, router)                       # (T, k), (T, k)
-    _, _, next_experts = M.route(cfg, M.rms_norm(cfg, h, next_norm), next_router)
+    _, _, next_experts = M.route(cfg, M.rms_norm(cfg, h, next_norm, precision), next_router)
     return moe_in, gates, experts, jnp.concatenate([experts, next_experts], axis=1)
 
 
-@partial(jax.jit, static_argnums=(0, 1))
-def _last_logits(cfg, logits_fn, h, final_norm, table, index):
+@partial(jax.jit, static_argnums=(0, 1, 2))
+def _last_logits(cfg, logits_fn, precision, h, final_norm, table, index):
     """Final norm and tied output logits for one row of h -> fp32 (V,)."""
-    hn = M.final_hidden(cfg, jax.lax.dynamic_slice_in_dim(h, index, 1, 0), final_norm)  # (1, D)
-    return logits_fn(cfg, hn, table)[0]
+    row = jax.lax.dynamic_slice_in_dim(h, index, 1, 0)                     # (1, D)
+    hn = M.final_hidden(cfg, row, final_norm, precision)
+    return logits_fn(cfg, hn, table, precision)[0]
+
+
+@partial(jax.jit, static_argnums=(0, 1, 2))
+def _all_logits(cfg, logits_fn, precision, h, final_norm, table):
+    """Final norm and tied output logits of every row of h -> fp32 (T, V)."""
+    return logits_fn(cfg, M.final_hidden(cfg, h, final_norm, precision), table, precision)
 
 
 class Engine:
@@ -124,6 +139,10 @@ class Engine:
     def __init__(self, model: PackedModel, options: EngineOptions | None = None, device=None):
         self.model, self.options = model, options or EngineOptions()
         self.cfg = model.cfg
+        if self.options.precision not in M.PRECISIONS:
+            raise EngineError(f"precision must be one of {M.PRECISIONS}, "
+                              f"got {self.options.precision!r}")
+        self.precision = self.options.precision
         self.device = device or jax.devices()[0]
         try:
             self.backend = make_backend(self.options.backend, model, self.device, self.options)
@@ -141,7 +160,7 @@ class Engine:
 
     # --- set-up and lifetime ------------------------------------------------
     def _new_state(self) -> _State:
-        caches = M.init_kv_cache(self.cfg, self.cache_len, self.device)
+        caches = M.init_kv_cache(self.cfg, self.cache_len, self.device, self.precision)
         valid = jax.device_put(jnp.zeros((self.cache_len,), bool), self.device)
         return _State(caches, valid, 0)
 
@@ -206,42 +225,59 @@ class Engine:
         step fails midway, its donated KV buffers are gone: the sequence is
         reset onto a fresh cache so that later calls still work.
         """
+        return self._feed(tokens, all_logits=False)
+
+    def feed_all(self, tokens) -> np.ndarray:
+        """Append tokens like ``feed``; fp32 logits (T, V) after EACH of them.
+
+        Teacher forcing for quality checks (``lowmem.eval``): one batched
+        prefill that also reads the output embedding for every position.
+        """
+        return self._feed(tokens, all_logits=True)
+
+    def _feed(self, tokens, all_logits: bool):
         tokens = np.asarray(tokens, np.int32).reshape(-1)
         if self.position + len(tokens) > self.context:
             raise EngineError(f"sequence of {self.position + len(tokens)} tokens exceeds the "
                               f"context of {self.context}")
         chunk = max(self.options.prefill_buckets)
-        logits = None
+        logits, rows = None, []
         try:
             for start in range(0, len(tokens), chunk):
                 part = tokens[start:start + chunk]
                 size = 1 if len(part) == 1 else self._bucket(len(part))
                 padded = np.zeros(size, np.int32)
                 padded[:len(part)] = part
-                last = start + chunk >= len(tokens)
-                logits, self._state = self._forward_chunk(self._state, padded, len(part), last)
+                want = "all" if all_logits else ("last" if start + chunk >= len(tokens) else None)
+                logits, self._state = self._forward_chunk(self._state, padded, len(part), want)
+                if all_logits:
+                    rows.append(np.asarray(logits)[:len(part)])
         except BaseException:
             self._state = self._new_state()
             raise
-        return logits
+        return np.concatenate(rows) if all_logits else logits
 
     # --- forward ----------------------------------------------------------
     def _bucket(self, n: int) -> int:
         return next((b for b in self.options.prefill_buckets if n <= b),
                     max(self.options.prefill_buckets))
 
-    def _forward_chunk(self, state: _State, tokens: np.ndarray, n: int, want_logits: bool):
+    def _forward_chunk(self, state: _State, tokens: np.ndarray, n: int, want: str | None):
+        """One padded chunk through every layer; logits of its last real row ('last'),
+        of every row ('all', (T, V) padded rows included) or none."""
         cfg, timer, pos, backend = self.cfg, self.timer, state.pos, self.backend
-        h = _embed(cfg, backend.embed_rows(tokens))                       # (T, D) bf16
+        prec = self.precision
+        h = _embed(cfg, prec, backend.embed_rows(tokens))                 # (T, D) activations
         valid = _mark_valid(state.valid, tokens, pos, n)
         timer.mark("embedding", h, valid)
         caches = list(state.caches)
         for layer, lp in enumerate(self.layers):
             nxt = self.layers[min(layer + 1, len(self.layers) - 1)]
-            h, caches[layer] = _attention(cfg, backend.linear, lp, h, caches[layer], valid, pos)
+            h, caches[layer] = _attention(cfg, backend.linear, prec, lp, h, caches[layer],
+                                          valid, pos)
             timer.mark("attention", h)
             moe_in, gates, experts, routing = _route(
-                cfg, lp["moe_norm"], lp["router"], nxt["moe_norm"], nxt["router"], h)
+                cfg, prec, lp["moe_norm"], lp["router"], nxt["moe_norm"], nxt["router"], h)
             routing = self.to_host(routing)                                 # (T, 2k) sync
             k = cfg.num_selected_experts
             experts_host = routing[:, :k]                                   # (T, k)
@@ -251,14 +287,18 @@ class Engine:
             guess = (layer + 1, routing[:n, k:]) if layer + 1 < len(self.layers) else None
             waited = self.expert_stats.wait_s
             moe = self.experts.moe(layer, moe_in, gates, experts_host, experts, n, guess)
-            h = _residual(cfg, h, moe, lp["moe_post_norm"])
+            h = _residual(cfg, prec, h, moe, lp["moe_post_norm"])
             timer.mark("experts", h)
             timer.add("experts", -(self.expert_stats.wait_s - waited))
             timer.add("transfer_wait", self.expert_stats.wait_s - waited)
         logits = None
-        if want_logits:   # only the last chunk's: the output embedding is 1.6 GB to read
-            logits = _last_logits(cfg, backend.logits_fn, h, self.final_norm,
+        if want == "last":   # only the last chunk's: the output embedding is 1.6 GB to read
+            logits = _last_logits(cfg, backend.logits_fn, prec, h, self.final_norm,
                                   backend.logits_table, n - 1)
+            timer.mark("logits", logits)
+        elif want == "all":
+            logits = _all_logits(cfg, backend.logits_fn, prec, h, self.final_norm,
+                                 backend.logits_table)
             timer.mark("logits", logits)
         return logits, _State(caches, valid, pos + n)
 

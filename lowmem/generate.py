@@ -11,7 +11,7 @@ import logging
 import sys
 
 from lowmem import cli
-from lowmem.cli import CLIError, stage
+from lowmem.cli import CLIError
 
 log = logging.getLogger(__name__)
 

@@ -5,6 +5,12 @@ takes the config explicitly, and follows SPEC.md section 2 in the reference's
 bf16 mode: bf16 activations, fp32 norms/router/softmax, soft-capped attention
 logits, raw top-2 gates.
 
+``precision`` ('bf16' or 'fp32', a static argument of every jitted step) picks
+the activation dtype: 'bf16' is the release's default run; 'fp32' is the exact
+math (activations, norms, softmax, gelu, the MoE sum and the logits in fp32,
+weights dequantized exactly, constants unrounded), what ``lowmem.reference``
+computes in its fp32 mode.
+
 Matrix products go through a ``linear(x, w)`` function chosen by the engine, so
 the same attention code runs with weights on the accelerator (``dense_linear``:
 dequantize inside the jitted function) or on the host (numba kernels reached
@@ -23,6 +29,14 @@ from quant.qweight import QWeight
 BF16 = jnp.bfloat16
 F32 = jnp.float32
 MASK_VALUE = -1e30
+PRECISIONS = ("fp32", "bf16")
+
+
+def act_dtype(precision: str):
+    """The activation dtype of a precision ('bf16' or 'fp32')."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    return F32 if precision == "fp32" else BF16
 
 
 class KVCache(NamedTuple):
@@ -31,9 +45,11 @@ class KVCache(NamedTuple):
     v: jax.Array  # (S, Hkv, K) bf16
 
 
-def init_kv_cache(cfg: GrokConfig, length: int, device=None) -> list[KVCache]:
+def init_kv_cache(cfg: GrokConfig, length: int, device=None, precision: str = "bf16"
+                  ) -> list[KVCache]:
     shape = (length, cfg.num_kv_heads, cfg.key_size)
-    zeros = lambda: jax.device_put(jnp.zeros(shape, BF16), device)  # noqa: E731
+    dtype = act_dtype(precision)
+    zeros = lambda: jax.device_put(jnp.zeros(shape, dtype), device)  # noqa: E731
     return [KVCache(zeros(), zeros()) for _ in range(cfg.num_layers)]
 
 
@@ -42,18 +58,28 @@ def bf16_mul(x: jax.Array, constant: float) -> jax.Array:
     return x.astype(BF16) * jnp.asarray(constant, BF16)
 
 
-def rms_norm(cfg: GrokConfig, x: jax.Array, scale: jax.Array) -> jax.Array:
-    """fp32 RMSNorm with the scale used as stored, cast back to bf16."""
+def scale_act(x: jax.Array, constant: float, precision: str) -> jax.Array:
+    """An activation times a python float: rounded to bf16 in 'bf16', exact fp32 in 'fp32'."""
+    if precision == "fp32":
+        return x.astype(F32) * jnp.float32(constant)
+    return bf16_mul(x, constant)
+
+
+def rms_norm(cfg: GrokConfig, x: jax.Array, scale: jax.Array, precision: str = "bf16"
+             ) -> jax.Array:
+    """fp32 RMSNorm with the scale used as stored, cast back to the activation dtype."""
     xf = x.astype(F32)
     ms = jnp.mean(xf * xf, axis=-1, keepdims=True)
-    return (xf * jax.lax.rsqrt(ms + cfg.rms_norm_eps) * scale.astype(F32)).astype(BF16)
+    out = xf * jax.lax.rsqrt(ms + cfg.rms_norm_eps) * scale.astype(F32)
+    return out.astype(act_dtype(precision))
 
 
 def dequantize(w: QWeight, dtype=BF16) -> jax.Array:
     """(K, N) weights from int8 or packed int4 values: ``int * scale`` rounded to dtype.
 
     The reference computes ``weight.astype(bf16) * scales`` in bf16, so the
-    dequantized weights themselves are bf16 values.
+    dequantized weights themselves are bf16 values; in fp32 the product of an
+    int8 (or int4) and a bf16 scale is exact.
     """
     v = w.values
     if w.bits == 4:
@@ -67,10 +93,16 @@ def dequantize(w: QWeight, dtype=BF16) -> jax.Array:
     return (q * w.scales.astype(dtype)[:, None, :]).reshape(k, n)
 
 
-def dense_linear(x: jax.Array, w) -> jax.Array:
-    """x @ W on the accelerator, W float (bf16) or QWeight; bf16 in, bf16 out."""
+def dense_linear(x: jax.Array, w, precision: str = "bf16") -> jax.Array:
+    """x @ W on the accelerator, W float (bf16) or QWeight; activation dtype in and out.
+
+    fp32 uses Precision.HIGHEST: a GPU would otherwise run the dot as TF32.
+    """
+    dtype = act_dtype(precision)
     if isinstance(w, QWeight):
-        w = dequantize(w)
+        w = dequantize(w, dtype)
+    if precision == "fp32":
+        return jnp.dot(x.astype(F32), w.astype(F32), precision=jax.lax.Precision.HIGHEST)
     return jnp.dot(x.astype(BF16), w.astype(BF16))
 
 
@@ -86,7 +118,7 @@ def rope(cfg: GrokConfig, x: jax.Array, positions: jax.Array) -> jax.Array:
 
 
 def attend(cfg: GrokConfig, q: jax.Array, cache: KVCache, valid: jax.Array,
-           positions: jax.Array) -> jax.Array:
+           positions: jax.Array, precision: str = "bf16") -> jax.Array:
     """Grouped-query attention of q (T, Hq, K) over the whole cache -> (T, Hq*K).
 
     A key is visible when it holds a real token (``valid``) at a position not
@@ -95,14 +127,15 @@ def attend(cfg: GrokConfig, q: jax.Array, cache: KVCache, valid: jax.Array,
     t = q.shape[0]
     s = cache.k.shape[0]
     qg = q.reshape(t, cfg.num_kv_heads, cfg.q_group, cfg.key_size)          # (T, Hkv, G, K)
-    logits = jnp.einsum("thgd,shd->hgts", qg, cache.k).astype(F32)           # (Hkv, G, T, S)
+    hi = jax.lax.Precision.HIGHEST if precision == "fp32" else None
+    logits = jnp.einsum("thgd,shd->hgts", qg, cache.k, precision=hi).astype(F32)  # (Hkv, G, T, S)
     logits = logits * cfg.attn_output_multiplier
     cap = cfg.attn_logit_softcap
     logits = cap * jnp.tanh(logits / cap)
     visible = valid[None, :] & (jnp.arange(s)[None, :] <= positions[:, None])  # (T, S)
     logits = jnp.where(visible[None, None], logits, MASK_VALUE)
-    weights = jax.nn.softmax(logits, axis=-1).astype(BF16)
-    out = jnp.einsum("hgts,shd->thgd", weights, cache.v)                     # (T, Hkv, G, K)
+    weights = jax.nn.softmax(logits, axis=-1).astype(act_dtype(precision))
+    out = jnp.einsum("hgts,shd->thgd", weights, cache.v, precision=hi)       # (T, Hkv, G, K)
     return out.reshape(t, cfg.q_width)
 
 
@@ -114,31 +147,32 @@ def route(cfg: GrokConfig, x: jax.Array, router: jax.Array):
     return probs, gates, experts
 
 
-def attention_block(cfg: GrokConfig, linear: Callable, lp: dict, h: jax.Array,
+def attention_block(cfg: GrokConfig, linear: Callable, precision: str, lp: dict, h: jax.Array,
                     cache: KVCache, valid: jax.Array, pos: jax.Array):
     """``h + rms_norm_1(attention(rms_norm(h)))`` with the KV cache -> (h, cache)."""
-    t = h.shape[0]
+    t, dtype = h.shape[0], act_dtype(precision)
     positions = pos + jnp.arange(t)                                          # (T,)
-    x = rms_norm(cfg, h, lp["attn_norm"])                                    # (T, D)
-    q = linear(x, lp["q"]).reshape(t, cfg.num_q_heads, cfg.key_size)
-    k = linear(x, lp["k"]).reshape(t, cfg.num_kv_heads, cfg.key_size)
-    v = linear(x, lp["v"]).reshape(t, cfg.num_kv_heads, cfg.key_size)
+    x = rms_norm(cfg, h, lp["attn_norm"], precision)                         # (T, D)
+    q = linear(x, lp["q"], precision).reshape(t, cfg.num_q_heads, cfg.key_size)
+    k = linear(x, lp["k"], precision).reshape(t, cfg.num_kv_heads, cfg.key_size)
+    v = linear(x, lp["v"], precision).reshape(t, cfg.num_kv_heads, cfg.key_size)
     q, k = rope(cfg, q, positions), rope(cfg, k, positions)
-    cache = KVCache(jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(BF16), pos, 0),
-                    jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(BF16), pos, 0))
-    attn = attend(cfg, q, cache, valid, positions)                           # (T, Hq*K)
-    h = h + rms_norm(cfg, linear(attn, lp["o"]), lp["attn_post_norm"])
+    cache = KVCache(jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(dtype), pos, 0),
+                    jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(dtype), pos, 0))
+    attn = attend(cfg, q, cache, valid, positions, precision)                # (T, Hq*K)
+    h = h + rms_norm(cfg, linear(attn, lp["o"], precision), lp["attn_post_norm"], precision)
     return h, cache
 
 
-def moe_residual(cfg: GrokConfig, h: jax.Array, moe_sum: jax.Array, scale: jax.Array):
-    """h + rms_norm_3(bf16(sum of gated expert outputs))."""
-    return h + rms_norm(cfg, moe_sum.astype(BF16), scale)
+def moe_residual(cfg: GrokConfig, precision: str, h: jax.Array, moe_sum: jax.Array,
+                 scale: jax.Array):
+    """h + rms_norm_3(sum of gated expert outputs cast to the activation dtype)."""
+    return h + rms_norm(cfg, moe_sum.astype(act_dtype(precision)), scale, precision)
 
 
-def embed(cfg: GrokConfig, rows: jax.Array) -> jax.Array:
-    """Embedding rows (T, D), any float dtype -> bf16 times the bf16-rounded multiplier."""
-    return bf16_mul(rows, cfg.embedding_multiplier_scale)
+def embed(cfg: GrokConfig, precision: str, rows: jax.Array) -> jax.Array:
+    """Embedding rows (T, D), any float dtype -> activations times the multiplier."""
+    return scale_act(rows, cfg.embedding_multiplier_scale, precision)
 
 
 def mark_valid(valid: jax.Array, tokens: jax.Array, pos: jax.Array, length: jax.Array):
@@ -148,16 +182,27 @@ def mark_valid(valid: jax.Array, tokens: jax.Array, pos: jax.Array, length: jax.
     return jax.lax.dynamic_update_slice_in_dim(valid, real, pos, 0)
 
 
-def gated_sum_update(acc: jax.Array, out: jax.Array, gate: jax.Array) -> jax.Array:
-    """acc + bf16(gate) * expert_out, in fp32 (the reference's weighted sum)."""
-    return acc + gate.astype(BF16).astype(F32)[:, None] * out
+def gated_sum_update(acc: jax.Array, out: jax.Array, gate: jax.Array,
+                     precision: str = "bf16") -> jax.Array:
+    """acc + gate * expert_out in fp32; the gate rounded to bf16 in 'bf16' (as the release)."""
+    return acc + gate.astype(act_dtype(precision)).astype(F32)[:, None] * out
 
 
-def final_hidden(cfg: GrokConfig, h: jax.Array, final_norm: jax.Array) -> jax.Array:
-    return rms_norm(cfg, h, final_norm)
+def final_hidden(cfg: GrokConfig, h: jax.Array, final_norm: jax.Array,
+                 precision: str = "bf16") -> jax.Array:
+    return rms_norm(cfg, h, final_norm, precision)
 
 
-def output_logits(cfg: GrokConfig, hn: jax.Array, embed_bf16: jax.Array) -> jax.Array:
-    """Tied output: (hn @ E^T in bf16) times the bf16-rounded multiplier -> fp32 (T, V)."""
+def output_logits(cfg: GrokConfig, hn: jax.Array, embed_bf16: jax.Array,
+                  precision: str = "bf16") -> jax.Array:
+    """Tied output: (hn @ E^T) times the output multiplier -> fp32 (T, V).
+
+    'bf16': bf16 product, multiplier rounded to bf16, as the release; 'fp32':
+    the bf16 table read exactly, fp32 accumulation and multiplier.
+    """
+    if precision == "fp32":
+        logits = jnp.dot(hn.astype(F32), embed_bf16.T.astype(F32),
+                         precision=jax.lax.Precision.HIGHEST)              # (T, V) fp32
+        return logits * jnp.float32(cfg.output_multiplier_scale)
     logits = jnp.dot(hn.astype(BF16), embed_bf16.T.astype(BF16))
     return bf16_mul(logits, cfg.output_multiplier_scale).astype(F32)

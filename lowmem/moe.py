@@ -42,43 +42,49 @@ def expert_weights_device(parts: tuple[TensorEntry, ...], block: jax.Array) -> d
             for role in EXPERT_ROLES}
 
 
-def expert_ffn_device(x: jax.Array, w: dict[str, QWeight]) -> jax.Array:
-    """GeGLU expert in the reference's bf16 mode -> fp32 (T, D).
+def expert_ffn_device(x: jax.Array, w: dict[str, QWeight], precision: str = "bf16"
+                      ) -> jax.Array:
+    """GeGLU expert -> fp32 (T, D).
 
-    gate/up outputs are bf16; gelu (tanh), the product and the down projection
-    run in fp32, as the reference's expert selection promotes them.
+    'bf16' (the reference's bf16 mode): gate/up outputs are bf16; gelu (tanh),
+    the product and the down projection run in fp32, as the reference's expert
+    selection promotes them, on bf16-rounded down weights. 'fp32': all fp32,
+    weights dequantized exactly.
     """
-    g = M.dense_linear(x, w["gate"]).astype(jnp.float32)                  # (T, F)
-    u = M.dense_linear(x, w["up"]).astype(jnp.float32)                    # (T, F)
+    g = M.dense_linear(x, w["gate"], precision).astype(jnp.float32)       # (T, F)
+    u = M.dense_linear(x, w["up"], precision).astype(jnp.float32)         # (T, F)
     hidden = jax.nn.gelu(g, approximate=True) * u
-    down = M.dequantize(w["down"]).astype(jnp.float32)                    # (F, D)
+    down = M.dequantize(w["down"], M.act_dtype(precision)).astype(jnp.float32)  # (F, D)
     return jnp.dot(hidden, down, precision=jax.lax.Precision.HIGHEST)     # (T, D)
 
 
-@partial(jax.jit, static_argnums=(0,), donate_argnums=(1,))
-def _experts_accumulate(parts, acc, slots, slot_ids, expert_ids, x, gates, experts):
-    """acc + sum over the group of bf16(gate of expert e per token) * e(x).
+@partial(jax.jit, static_argnums=(0, 1), donate_argnums=(2,))
+def _experts_accumulate(parts, precision, acc, slots, slot_ids, expert_ids, x, gates, experts):
+    """acc + sum over the group of gate(e) per token (bf16-rounded in 'bf16') * e(x).
 
     One call per group of ``len(slot_ids)`` experts (a decode step's k routed
     experts: one dispatch per layer). An expert id of -1 pads a group: its
     gate is 0 everywhere. Module-level and keyed on the (hashable) block
-    layout, so every engine of the same format shares one compiled function.
+    layout and the precision, so every engine of the same format shares one
+    compiled function.
     """
     for i in range(slot_ids.shape[0]):                                   # static: k
         block = jax.lax.dynamic_index_in_dim(slots, slot_ids[i], 0, keepdims=False)  # (nbytes,)
         gate = jnp.sum(jnp.where(experts == expert_ids[i], gates, 0.0), axis=-1)    # (T,)
-        out = expert_ffn_device(x, expert_weights_device(parts, block))  # (T, D)
-        acc = M.gated_sum_update(acc, out, gate)
+        out = expert_ffn_device(x, expert_weights_device(parts, block), precision)  # (T, D)
+        acc = M.gated_sum_update(acc, out, gate, precision)
     return acc
 
 
 class DeviceMoE:
     """MoE on the accelerator with experts streamed through an ExpertCache."""
 
-    def __init__(self, model: PackedModel, cache: ExpertCache, prefetch: bool = True):
+    def __init__(self, model: PackedModel, cache: ExpertCache, prefetch: bool = True,
+                 precision: str = "bf16"):
         self.model, self.cache, self.prefetch_enabled = model, cache, prefetch
         self._parts = tuple(model.expert_parts)
         self._group = model.cfg.num_selected_experts        # experts per jitted call
+        self.precision = precision
 
     @property
     def stats(self) -> CacheStats:
@@ -114,8 +120,8 @@ class DeviceMoE:
         pad = self._group - len(keys)
         slot_ids = np.array(slots + slots[:1] * pad, np.int32)            # (k,)
         expert_ids = np.array(ids + [-1] * pad, np.int32)                  # (k,)
-        return _experts_accumulate(self._parts, acc, self.cache.slots.array, slot_ids,
-                                   expert_ids, x, gates, masked)
+        return _experts_accumulate(self._parts, self.precision, acc, self.cache.slots.array,
+                                   slot_ids, expert_ids, x, gates, masked)
 
     def close(self) -> None:
         self.cache.close()
@@ -128,21 +134,26 @@ class HostMoE:
     read (as ``bytes_moved``); hits and misses stay 0, so the hit rate is None.
     """
 
-    def __init__(self, model: PackedModel):
+    def __init__(self, model: PackedModel, precision: str = "bf16"):
         self.model, self.stats = model, CacheStats()
+        self.precision = precision
 
     def moe(self, layer: int, x: jax.Array, gates: jax.Array, experts_host: np.ndarray,
             experts: jax.Array, n_real: int, next_guess: tuple | None = None) -> np.ndarray:
         """Like DeviceMoE.moe; nothing to prefetch: the kernels read the mapping."""
         from lowmem.cpu_kernels import expert_ffn
         xs = np.asarray(x[:n_real]).astype(np.float32)                    # (n, D)
-        g = np.asarray(gates[:n_real]).astype(jnp.bfloat16).astype(np.float32)  # (n, k)
+        g = np.asarray(gates[:n_real], np.float32)                         # (n, k)
+        bf16 = self.precision == "bf16"
+        if bf16:   # the release weights the experts by bf16(gate)
+            g = g.astype(jnp.bfloat16).astype(np.float32)
         routed = experts_host[:n_real]                                      # (n, k)
         acc = np.zeros((x.shape[0], x.shape[1]), np.float32)               # (T, D)
         for _, e in ExpertCache.needed(layer, routed):
             rows, slot = np.nonzero(routed == e)
             block = self.model.expert(layer, e)
-            out = expert_ffn(np.ascontiguousarray(xs[rows]), block.gate, block.up, block.down)
+            out = expert_ffn(np.ascontiguousarray(xs[rows]), block.gate, block.up, block.down,
+                             round_bf16=bf16)
             acc[rows] += g[rows, slot][:, None] * out
             self.stats.requests += 1
             self.stats.bytes_moved += block.nbytes

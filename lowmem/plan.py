@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, field
 
 from lowmem import cli
 from lowmem.backends import GIB
-from lowmem.cli import CLIError, parse_size  # noqa: F401  (parse_size: re-exported)
+from lowmem.cli import CLIError
 from lowmem.engine import HEADROOM_GIB, cache_length
 from quant.config import GrokConfig
 from quant.packed import QuantSettings, expert_block_layout, file_sizes, tensor_layout

@@ -11,9 +11,12 @@ from pathlib import Path
 import numpy as np
 
 PROMPT = [5, 17, 99, 3, 250, 42, 7, 300]
-# name -> (bits, group size, backend)
-CASES = {"int8-host": (8, None, "host"), "int8-device": (8, None, "device"),
-         "int4-host": (4, 32, "host"), "int4-device": (4, 32, "device")}
+# name -> (bits, group size, backend, precision). The bf16 cases are the numbers pinned
+# before issue 14 made fp32 the default: they pass precision='bf16' explicitly.
+CASES = {"int8-host": (8, None, "host", "bf16"), "int8-device": (8, None, "device", "bf16"),
+         "int4-host": (4, 32, "host", "bf16"), "int4-device": (4, 32, "device", "bf16"),
+         "int8-host-fp32": (8, None, "host", "fp32"), "int8-device-fp32": (8, None, "device", "fp32"),
+         "int4-host-fp32": (4, 32, "host", "fp32"), "int4-device-fp32": (4, 32, "device", "fp32")}
 
 
 def run_case(name: str, cfg, ckpt: Path, workdir: Path) -> dict:
@@ -23,9 +26,9 @@ def run_case(name: str, cfg, ckpt: Path, workdir: Path) -> dict:
     from lowmem.decoding import prompt_logits
     from quant.packed import QuantSettings
     from quant.pipeline import quantize_checkpoint
-    bits, group, backend = CASES[name]
+    bits, group, backend, precision = CASES[name]
     quantize_checkpoint(ckpt, workdir / "model", cfg, QuantSettings(bits, group))
-    rt = load(workdir / "model", backend=backend, expert_cache_gb=1.0)
+    rt = load(workdir / "model", backend=backend, expert_cache_gb=1.0, precision=precision)
     tokens = greedy_ids(rt.engine, PROMPT, 8)
     logits = prompt_logits(rt.engine, PROMPT)[-2:]
     return {"tokens": [int(t) for t in tokens], "logits": np.round(logits, 6).tolist()}

@@ -1,6 +1,8 @@
 """The streaming engine on CPU: both expert paths, the cache, and the reference.
 
-Tolerances. The engine runs the reference's bf16 mode. Its device path is the
+Tolerances. The engine's bf16 mode (what most tests here build) runs the
+reference's bf16 mode; its fp32 mode (the default) must equal the fp32
+reference to 2e-6. Its device path is the
 same arithmetic as lowmem.reference in bf16 mode except where XLA keeps excess
 precision between fused bf16 ops, and the host path's numba kernels use the
 exact int8 * scale weights (the reference rounds them to bf16). Either changes
@@ -42,9 +44,11 @@ def ref_params(tiny_cfg, tiny_ckpt):
     return R.load_params(tiny_ckpt, tiny_cfg)
 
 
-def _engine(model, backend="device", slots=None, **kw):
+def _engine(model, backend="device", slots=None, precision="bf16", **kw):
+    """An engine in the release's bf16 mode unless asked (the default is fp32)."""
     gb = None if slots is None else slots * model.expert_block_nbytes / (1 << 30)
-    return Engine(model, EngineOptions(backend=backend, expert_cache_gb=gb or 1.0, **kw))
+    return Engine(model, EngineOptions(backend=backend, expert_cache_gb=gb or 1.0,
+                                       precision=precision, **kw))
 
 
 def _rel(a, b):
@@ -78,6 +82,40 @@ def test_int8_engine_matches_reference_forward(packed, ref_params, tiny_cfg, bac
         ref32 = R.forward(tiny_cfg, ref_params, np.array(prompt), mode="fp32")[0]
         assert _rel(got, ref) < 1.5e-2
         assert _rel(got, ref32) <= 2 * _rel(ref, ref32)
+
+
+@pytest.fixture(scope="module")
+def ref_params_stored(ref_params):
+    """The reference's params with the embedding as the packed model stores it (bf16).
+
+    The packed format keeps the tied embedding in bf16 (docs/FORMAT.md); every
+    other weight of an int8 model is the release's int8 x bf16 scale, exact in
+    fp32, so the fp32 engine and this fp32 reference compute the same function.
+    """
+    return dict(ref_params, embed=R.bf16(ref_params["embed"]))
+
+
+@pytest.mark.parametrize("backend", ["device", "host"])
+def test_fp32_engine_equals_fp32_reference(packed, ref_params_stored, tiny_cfg, backend):
+    engine = _engine(packed["int8"], backend=backend, precision="fp32")
+    for prompt in PROMPTS:
+        got = prompt_logits(engine, prompt)                                   # (T, V)
+        ref32 = R.forward(tiny_cfg, ref_params_stored, np.array(prompt), mode="fp32")[0]
+        ref16 = R.forward(tiny_cfg, ref_params_stored, np.array(prompt), mode="bf16")[0]
+        assert _rel(got, ref32) <= 2e-6
+        assert _rel(ref16, ref32) > 1e-3      # the bound separates fp32 from bf16 math
+
+
+def test_fp32_prefill_equals_decode_steps(packed):
+    engine = _engine(packed["int8"], backend="host", precision="fp32")
+    stepwise = prompt_logits(engine, PROMPTS[0])[-1]
+    engine.reset()
+    assert _rel(np.asarray(engine.feed(PROMPTS[0])), stepwise) <= 2e-6
+
+
+def test_unknown_precision_is_a_clear_error(packed):
+    with pytest.raises(EngineError, match="precision must be one of"):
+        _engine(packed["int8"], precision="fp16")
 
 
 def _reference_greedy(cfg, params, prompt, n):

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from lowmem import plan as PL
-from lowmem.cli import CLIError
+from lowmem.cli import CLIError, parse_size
 from lowmem.api import load
 from quant.config import preset
 from lowmem.profiler import run_profile
@@ -77,7 +77,7 @@ def test_resident_kinds_are_the_layout_bytes(tiny_cfg):
 
 @pytest.mark.parametrize("bits, slots, floor", [(8, 113, 1.55), (4, 226, 0.77)])
 def test_grok1_matches_spec_section_6(bits, slots, floor):
-    plan = PL.make_plan(preset("grok-1"), QuantSettings(bits), PL.parse_size("80GB"),
+    plan = PL.make_plan(preset("grok-1"), QuantSettings(bits), parse_size("80GB"),
                         context=8192, link_gbps=50.0)
     assert plan.resident_params == pytest.approx(6.45e9, rel=0.01)        # "about 6.4B"
     assert plan.resident["attention"] + plan.resident["embedding"] == pytest.approx(
@@ -105,14 +105,14 @@ def test_decode_estimate_scales_with_misses():
 
 def test_parse_size():
     """plan re-exports the one size parser of lowmem.cli."""
-    assert PL.parse_size("80GB") == 80 * 10**9
-    assert PL.parse_size("80GiB") == 80 * 2**30
-    assert PL.parse_size("1.5 gb") == 1_500_000_000
-    assert PL.parse_size("512MB") == 512 * 10**6
-    assert PL.parse_size("7") == 7 * 10**9
+    assert parse_size("80GB") == 80 * 10**9
+    assert parse_size("80GiB") == 80 * 2**30
+    assert parse_size("1.5 gb") == 1_500_000_000
+    assert parse_size("512MB") == 512 * 10**6
+    assert parse_size("7") == 7 * 10**9
     for bad in ("abc", "80XB", "", "-3GB"):
         with pytest.raises(CLIError, match="expected a size like 80GB"):
-            PL.parse_size(bad, "--device-memory")
+            parse_size(bad, "--device-memory")
 
 
 def test_cli_bad_input_is_one_line_and_exit_2():

@@ -176,7 +176,7 @@ def format_rows(report: dict) -> str:
     lines = [f"device: {report['device']}",
              f"raw host->device: pageable {c['gbps']:.2f} GB/s, pinned "
              f"{c.get('pinned_gbps', float('nan')):.2f} GB/s{note}",
-             f"device copy bandwidth: "
+             "device copy bandwidth: "
              + (f"{report['hbm_gbps']:.0f} GB/s" if report["hbm_gbps"] else "n/a (dry run)"),
              f"{'bits':>4} {'block MB':>9} {'staging GB/s':>13} {'expert ms':>10} {'floor ms':>9} "
              f"{'tok/s 0 hits':>13} {'tok/s resident':>15} {'syncs/tok':>10} {'peak GB':>8}"]
