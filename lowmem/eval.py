@@ -145,15 +145,19 @@ def build_parser(prog: str = "python -m lowmem.eval") -> argparse.ArgumentParser
     p.add_argument("-m", "--model", required=True, metavar="MODEL_DIR",
                    help="packed model directory to evaluate (required)")
     ref = p.add_mutually_exclusive_group()
-    ref.add_argument("--reference", help="packed model directory to compare against")
+    ref.add_argument("--reference", metavar="MODEL_DIR",
+                     help="packed model directory to compare against (default: none, only "
+                          "the model's perplexity)")
     ref.add_argument("--release-oracle", metavar="LOGITS.npy",
-                     help="logits (T, V) from tools/release_oracle.py for the same tokens")
+                     help="logits (T, V) from tools/release_oracle.py for the same tokens "
+                          "(default: none)")
     p.add_argument("--reference-precision", choices=PRECISIONS, default="fp32",
                    help="precision of the --reference model (default fp32: the exact math)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--text", help="UTF-8 text file, tokenized with the model's tokenizer "
                      "(this or --prompt-ids is required)")
-    src.add_argument("--prompt-ids", help="comma-separated token ids (this or --text is required)")
+    src.add_argument("--prompt-ids", metavar="IDS",
+                     help="comma-separated token ids (this or --text is required)")
     p.add_argument("--bos", action="store_true", help="prepend BOS (default: off)")
     p.add_argument("--out", type=cli.output_file,
                    help="write the JSON report here (default: stdout)")

@@ -13,6 +13,7 @@ import pytest
 
 from lowmem import __main__ as dispatcher
 from lowmem import cli
+from lowmem import eval as EV
 from lowmem import generate as G
 from lowmem import plan as PL
 from lowmem import profile as P
@@ -22,7 +23,7 @@ from lowmem.api import Runtime
 from quant.packed import QuantSettings
 from quant.pipeline import quantize_checkpoint
 
-TOOLS = {"generate": G, "profile": P, "plan": PL, "quantize": Q, "reference": R}
+TOOLS = {"generate": G, "profile": P, "plan": PL, "quantize": Q, "reference": R, "eval": EV}
 
 
 @pytest.fixture(scope="module")
