@@ -3,10 +3,11 @@
 Two implementations behind one method, ``moe(layer, x, gates, experts, n_real,
 next_guess)`` -> fp32 (T, D) sum of gated expert outputs:
 
-- ``DeviceMoE``: expert blocks come through an ``ExpertCache`` (device
-  memory); a jitted function slices and dequantizes a block and runs the
-  expert. The next layer's guessed experts are prefetched while this layer
-  computes.
+- ``DeviceMoE``: expert blocks come through an ``ExpertCache`` (one slot
+  array in device memory); one jitted call per layer runs the k routed
+  experts straight from their slots, dequantizing a chunk of rows at a time
+  so that temporaries stay a fraction of a block. The next layer's guessed
+  experts are prefetched while this layer computes.
 - ``HostMoE``: numba kernels compute straight from the memory-mapped files.
   On a CPU the "device" is host memory, so a transfer would only copy bytes
   that are already there.
@@ -25,37 +26,78 @@ from lowmem import model as M
 from lowmem.expert_cache import CacheStats, ExpertCache
 from quant.packed import DTYPES, PackedModel, TensorEntry
 from quant.qweight import QWeight
-from quant.spec import EXPERT_ROLES
 
 
-def expert_weights_device(parts: tuple[TensorEntry, ...], block: jax.Array) -> dict[str, QWeight]:
-    """Slice and bitcast a device uint8 block into gate/up/down QWeights (inside jit)."""
-    arrays = {}
-    for p in parts:
-        raw = jax.lax.slice(block, (p.offset,), (p.offset + p.nbytes,))    # (nbytes,) uint8
-        itemsize = DTYPES[p.dtype].itemsize
-        if itemsize > 1:
-            raw = raw.reshape(-1, itemsize)
-        arrays[(p.role, p.part)] = jax.lax.bitcast_convert_type(raw, DTYPES[p.dtype]).reshape(p.shape)
-    bits = {p.role: (p.bits, p.group_size) for p in parts}
-    return {role: QWeight(arrays[(role, "values")], arrays[(role, "scales")], *bits[role])
-            for role in EXPERT_ROLES}
+CHUNK_BYTES = 32 << 20    # dequantized weight rows per step of a chunked expert matmul
 
 
-def expert_ffn_device(x: jax.Array, w: dict[str, QWeight], precision: str = "bf16"
-                      ) -> jax.Array:
-    """GeGLU expert -> fp32 (T, D).
+def _slot_rows(slots, slot, part: TensorEntry, row0, rows: int) -> jax.Array:
+    """Stored rows [row0, row0 + rows) of one part of a slot's block, as its dtype (rows, N)."""
+    n = part.shape[1]
+    itemsize = DTYPES[part.dtype].itemsize
+    start = part.offset + row0 * n * itemsize
+    raw = jax.lax.dynamic_slice(slots, (slot, start), (1, rows * n * itemsize))[0]
+    if itemsize > 1:
+        raw = raw.reshape(-1, itemsize)
+    return jax.lax.bitcast_convert_type(raw, DTYPES[part.dtype]).reshape(rows, n)
 
-    'bf16' (the reference's bf16 mode): gate/up outputs are bf16; gelu (tanh),
-    the product and the down projection run in fp32, as the reference's expert
-    selection promotes them, on bf16-rounded down weights. 'fp32': all fp32,
-    weights dequantized exactly.
+
+def _chunk_rows(k: int, group: int, n: int, itemsize: int) -> int:
+    """Input rows per chunk: about CHUNK_BYTES dequantized, dividing K, aligned to the
+    scale groups (a multiple of the group, or a divisor of it), even (int4 pairs)."""
+    rows = max(2, min(k, CHUNK_BYTES // (n * itemsize)))
+    while rows > 2 and (k % rows or (group % rows and rows % group) or rows % 2):
+        rows -= 1
+    return rows if k % rows == 0 else k
+
+
+def chunked_qmatmul(x: jax.Array, slots, slot, values: TensorEntry, scales: TensorEntry,
+                    weight_dtype, dtype) -> jax.Array:
+    """x (T, K) @ W (K, N) -> fp32 (T, N), W read from a slot a chunk of rows at a time.
+
+    W is dequantized to ``weight_dtype`` (bf16 in the release's bf16 mode),
+    then both operands are taken as ``dtype``. Only one chunk of W is ever
+    dequantized (``CHUNK_BYTES``), so an expert call's temporaries stay a small
+    fraction of its block instead of several times it; partial products are
+    summed in fp32 (a GEMM with fp32 accumulation; the caller rounds).
     """
-    g = M.dense_linear(x, w["gate"], precision).astype(jnp.float32)       # (T, F)
-    u = M.dense_linear(x, w["up"], precision).astype(jnp.float32)         # (T, F)
+    k, n = x.shape[1], values.shape[1]
+    group, bits = values.group_size, values.bits
+    rows = _chunk_rows(k, group, n, jnp.dtype(dtype).itemsize)
+    hp = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
+    vrows = rows // 2 if bits == 4 else rows                   # stored rows per chunk
+    srows = max(rows // group, 1)
+
+    def body(i, acc):
+        q = _slot_rows(slots, slot, values, i * vrows, vrows)              # (vrows, N)
+        s = _slot_rows(slots, slot, scales, (i * rows) // group, srows)    # (srows, N) bf16
+        w = M.dequantize(QWeight(q, s, bits, min(rows, group)), weight_dtype).astype(dtype)
+        xc = jax.lax.dynamic_slice_in_dim(x, i * rows, rows, axis=1)      # (T, rows)
+        return acc + jnp.dot(xc.astype(dtype), w, precision=hp,
+                             preferred_element_type=jnp.float32)          # (T, N) fp32
+    acc = jnp.zeros((x.shape[0], n), jnp.float32)
+    return jax.lax.fori_loop(0, k // rows, body, acc)
+
+
+def expert_ffn_slot(x: jax.Array, slots, slot, parts: tuple[TensorEntry, ...],
+                    precision: str) -> jax.Array:
+    """The GeGLU expert in a slot -> fp32 (T, D), reading its weights in chunks.
+
+    'bf16' (the release's bf16 mode): gate/up outputs rounded to bf16, gelu
+    (tanh), the product and the down projection in fp32 on bf16-rounded down
+    weights, as the release's expert selection promotes them. 'fp32': all
+    fp32, weights dequantized exactly.
+    """
+    p = {(e.role, e.part): e for e in parts}
+    act = M.act_dtype(precision)
+
+    def mm(a, role, dtype):
+        return chunked_qmatmul(a, slots, slot, p[(role, "values")], p[(role, "scales")], act,
+                               dtype)
+    g = mm(x, "gate", act).astype(act).astype(jnp.float32)               # (T, F)
+    u = mm(x, "up", act).astype(act).astype(jnp.float32)                 # (T, F)
     hidden = jax.nn.gelu(g, approximate=True) * u
-    down = M.dequantize(w["down"], M.act_dtype(precision)).astype(jnp.float32)  # (F, D)
-    return jnp.dot(hidden, down, precision=jax.lax.Precision.HIGHEST)     # (T, D)
+    return mm(hidden, "down", jnp.float32)                                # (T, D)
 
 
 @partial(jax.jit, static_argnums=(0, 1), donate_argnums=(2,))
@@ -69,9 +111,8 @@ def _experts_accumulate(parts, precision, acc, slots, slot_ids, expert_ids, x, g
     compiled function.
     """
     for i in range(slot_ids.shape[0]):                                   # static: k
-        block = jax.lax.dynamic_index_in_dim(slots, slot_ids[i], 0, keepdims=False)  # (nbytes,)
         gate = jnp.sum(jnp.where(experts == expert_ids[i], gates, 0.0), axis=-1)    # (T,)
-        out = expert_ffn_device(x, expert_weights_device(parts, block), precision)  # (T, D)
+        out = expert_ffn_slot(x, slots, slot_ids[i], parts, precision)  # (T, D)
         acc = M.gated_sum_update(acc, out, gate, precision)
     return acc
 

@@ -116,3 +116,24 @@ def test_accelerator_without_a_memory_limit_needs_a_budget(model):
     assert expert_slots(model, EngineOptions(headroom_gb=0.0), 7 * nbytes + 1) == 7
     with pytest.raises(BackendError, match="holds 1 experts"):
         expert_slots(model, EngineOptions(headroom_gb=0.0), nbytes)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_expert_call_temporaries_at_grok1_shapes(bits):
+    """Compiled from abstract Grok-1 shapes on XLA:CPU: the jitted expert call never
+    dequantizes a whole matrix (its temporaries < 25% of one expert block)."""
+    import jax.numpy as jnp
+
+    from lowmem import moe
+    from quant.config import preset
+    from quant.packed import expert_block_layout
+    cfg = preset("grok-1")
+    parts, nbytes = expert_block_layout(cfg, QuantSettings(bits))
+    shape = jax.ShapeDtypeStruct
+    k = cfg.num_selected_experts
+    for precision in ("bf16", "fp32"):
+        compiled = moe._experts_accumulate.lower(
+            parts, precision, shape((1, cfg.emb_size), jnp.float32), shape((4, nbytes), jnp.uint8),
+            shape((k,), jnp.int32), shape((k,), jnp.int32), shape((1, cfg.emb_size), jnp.bfloat16),
+            shape((1, k), jnp.float32), shape((1, k), jnp.int32)).compile()
+        assert compiled.memory_analysis().temp_size_in_bytes < 0.25 * nbytes, precision
