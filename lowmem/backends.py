@@ -38,6 +38,7 @@ from quant.spec import ATTENTION_ROLES
 log = logging.getLogger(__name__)
 F32 = jnp.float32
 GIB = 1 << 30
+HEADROOM_GIB = 2.0    # the steps' headroom where it is not measured (a CPU "device")
 BACKENDS = ("auto", "host", "device")
 
 
@@ -140,8 +141,25 @@ class HostBackend:
 
 # --- device --------------------------------------------------------------------------
 
+LOGIT_ROWS = 8192   # vocabulary rows per step of the device logits
+
+
 def device_logits(cfg, hn: jax.Array, table: jax.Array, precision: str = "bf16") -> jax.Array:
-    return M.output_logits(cfg, hn, table, precision)
+    """Tied output logits (T, V) fp32, a block of vocabulary rows at a time.
+
+    Each logit is still one dot over D; blocking only bounds the temporaries
+    (fp32 would otherwise upcast the whole 1.6 GB table: 3.2 GB per step).
+    """
+    v = table.shape[0]
+    rows = LOGIT_ROWS if v % LOGIT_ROWS == 0 else v
+    bits = jax.lax.bitcast_convert_type(table, jnp.uint16)   # XLA:CPU would upcast a bf16 table
+
+    def body(i, out):
+        chunk = jax.lax.dynamic_slice_in_dim(bits, i * rows, rows, 0)        # (rows, D) u16
+        chunk = jax.lax.bitcast_convert_type(chunk, jnp.bfloat16)            # (rows, D) bf16
+        part = M.output_logits(cfg, hn, chunk, precision)                    # (T, rows) fp32
+        return jax.lax.dynamic_update_slice_in_dim(out, part, i * rows, 1)
+    return jax.lax.fori_loop(0, v // rows, body, jnp.zeros((hn.shape[0], v), F32))
 
 
 class DeviceBackend:
@@ -172,7 +190,8 @@ class DeviceBackend:
         """A DeviceMoE with an empty cache; ``fetch_hook(fetch)`` may wrap the transfers."""
         cfg, nbytes = self.model.cfg, self.model.expert_block_nbytes
         fetch = Stager(self.model, self.device, options.staging_buffers)
-        capacity = expert_slots(self.model, options, free_device_bytes(self.device))
+        capacity = expert_slots(self.model, options, free_device_bytes(self.device),
+                                self.headroom_bytes(options))
         policy = choose_policy(options.cache_policy, capacity, cfg.num_layers,
                                cfg.num_selected_experts)
         cache = ExpertCache(fetch_hook(fetch) if fetch_hook else fetch, nbytes, capacity,
@@ -183,12 +202,28 @@ class DeviceBackend:
         return DeviceMoE(self.model, cache, prefetch=options.prefetch,
                          precision=options.precision)
 
+    def headroom_bytes(self, options) -> int:
+        """Device memory the default expert budget leaves to the steps' temporaries.
+
+        ``options.headroom_gb`` when given; else, on an accelerator, measured by
+        compiling every step at the configured shapes (``lowmem.step_memory``);
+        on a CPU "device", HEADROOM_GIB.
+        """
+        if options.headroom_gb is not None:
+            return int(options.headroom_gb * GIB)
+        if options.expert_cache_gb is not None or self.device.platform == "cpu":
+            return int(HEADROOM_GIB * GIB)
+        from lowmem.step_memory import measured_headroom
+        return measured_headroom(self.model.cfg, self.model.settings, options.precision,
+                                 options.context, options.prefill_buckets)
+
     def close(self) -> None:
         pass
 
 
-def expert_slots(model: PackedModel, options, free_bytes: int | None) -> int:
-    """Expert slots in the budget: the option's GiB, or what is free minus headroom."""
+def expert_slots(model: PackedModel, options, free_bytes: int | None,
+                 headroom: int = int(2.0 * GIB)) -> int:
+    """Expert slots in the budget: the option's GiB, or what is free minus ``headroom``."""
     cfg, nbytes = model.cfg, model.expert_block_nbytes
     if options.expert_cache_gb is not None:
         budget = int(options.expert_cache_gb * GIB)
@@ -196,7 +231,7 @@ def expert_slots(model: PackedModel, options, free_bytes: int | None) -> int:
         raise BackendError("the device reports no memory limit; give the expert cache budget "
                            "(--expert-cache-gb)")
     else:
-        budget = free_bytes - int(options.headroom_gb * GIB)
+        budget = free_bytes - headroom
     capacity = min(cfg.num_layers * cfg.num_experts, max(budget, 0) // nbytes)
     if capacity < cfg.num_selected_experts:
         raise BackendError(

@@ -251,9 +251,14 @@ def add_engine_arguments(p) -> None:
                         "(default auto)")
     p.add_argument("--no-prefetch", action="store_true",
                    help="disable speculative expert prefetch (default: prefetch on)")
+    add_precision_argument(p)
+
+
+def add_precision_argument(p) -> None:
     p.add_argument("--precision", choices=PRECISIONS, default=DEFAULT_PRECISION,
-                   help="activations: fp32 = the exact math of the weights; bf16 = as the "
-                        f"release runs (default {DEFAULT_PRECISION}; docs/FIDELITY.md)")
+                   help="activations and KV cache: fp32 = the exact math of the weights; "
+                        f"bf16 = as the release runs (default {DEFAULT_PRECISION}; "
+                        f"docs/FIDELITY.md)")
 
 
 def engine_kwargs(args) -> dict:

@@ -33,7 +33,6 @@ from quant.packed import PackedModel
 
 log = logging.getLogger(__name__)
 PREFILL_BUCKETS = (16, 64, 256)   # prompt chunk lengths compiled; the largest is the chunk
-HEADROOM_GIB = 2.0                # device memory the default expert budget leaves free
 DEFAULT_PRECISION = "fp32"        # the exact math: decode cost within noise of bf16 (docs/FIDELITY.md)
 
 
@@ -61,7 +60,10 @@ class EngineOptions:
         largest is the chunk size.
     staging_buffers: device backend only; expert blocks held in host staging
         buffers at once (count).
-    headroom_gb: device memory in GiB the default expert budget leaves free.
+    headroom_gb: device memory in GiB the default expert budget leaves to the
+        steps' temporaries; None = measured at start-up on an accelerator by
+        compiling every step at the configured shapes (lowmem.step_memory),
+        2 GiB on a CPU "device".
     profile: per-section timing (synchronizes at each section; slower).
     record_routing: keep (layer, experts of the real tokens) per layer step in
         ``Engine.routing_trace`` (for cache simulators).
@@ -77,7 +79,7 @@ class EngineOptions:
     context: int | None = None            # KV cache length in tokens; None = the model's sequence_len
     prefill_buckets: tuple[int, ...] = PREFILL_BUCKETS
     staging_buffers: int = 2              # device backend: expert blocks in host staging at once
-    headroom_gb: float = HEADROOM_GIB     # GiB left free on the device by the default budget
+    headroom_gb: float | None = None      # GiB left to step temporaries; None = measured
     profile: bool = False                 # per-section timing (synchronizes each section)
     record_routing: bool = False          # keep (layer, experts of real tokens) per layer step
     verify: bool = True                   # check each tensor's CRC-32 when first read (packed.py)

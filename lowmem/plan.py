@@ -5,7 +5,7 @@ quantizer writes and the engine maps (``quant.packed.tensor_layout``), so its
 byte counts are exact, not estimates:
 
 - resident weights (attention, embeddings, norms, routers) by kind;
-- the KV cache: bf16 keys and values, layers * length * kv_heads * key_size * 2 * 2
+- the KV cache: keys and values in the activation dtype (fp32 or bf16), layers * length * kv_heads * key_size * 2 * itemsize
   bytes per sequence, at the engine's cache length (the context rounded up to
   whole prefill chunks);
 - the expert cache: (device memory - resident - KV - headroom) // expert block
@@ -30,13 +30,16 @@ import json
 import logging
 import math
 import sys
-from pathlib import Path
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import jax.numpy as jnp
 
 from lowmem import cli
-from lowmem.backends import GIB
+from lowmem.backends import GIB, HEADROOM_GIB
 from lowmem.cli import CLIError
-from lowmem.engine import HEADROOM_GIB, cache_length
+from lowmem.engine import DEFAULT_PRECISION, cache_length
+from lowmem.model import act_dtype
 from quant.config import GrokConfig
 from quant.packed import QuantSettings, expert_block_layout, file_sizes, tensor_layout
 from quant.spec import ATTENTION_ROLES
@@ -77,10 +80,13 @@ def resident_params(cfg: GrokConfig, settings: QuantSettings) -> int:
     return n
 
 
-def kv_cache_bytes(cfg: GrokConfig, context: int, batch: int = 1) -> int:
-    """bf16 k and v for every layer at the engine's cache length (context in whole chunks)."""
+def kv_cache_bytes(cfg: GrokConfig, context: int, batch: int = 1,
+                   precision: str = DEFAULT_PRECISION) -> int:
+    """k and v (in the activation dtype) for every layer at the engine's cache length
+    (context in whole chunks)."""
     length = cache_length(context)
-    return cfg.num_layers * length * cfg.num_kv_heads * cfg.key_size * 2 * 2 * batch
+    itemsize = jnp.dtype(act_dtype(precision)).itemsize
+    return cfg.num_layers * length * cfg.num_kv_heads * cfg.key_size * 2 * itemsize * batch
 
 
 def distinct_experts(cfg: GrokConfig, batch: int) -> float:
@@ -129,6 +135,7 @@ class MemoryPlan:
     link_gbps: float
     device_gbps: float | None
     uniform_hit_rate: float
+    precision: str = DEFAULT_PRECISION     # the KV cache's dtype follows it
     decode: list[DecodeEstimate] = field(default_factory=list)
 
     def as_dict(self) -> dict:
@@ -157,7 +164,8 @@ def make_plan(cfg: GrokConfig, settings: QuantSettings, device_memory: int, *,
               context: int | None = None, batch: int = 1, headroom: int = int(HEADROOM_GIB * GIB),
               host_memory: int | None = None, link_gbps: float = 50.0,
               hit_rates: tuple[float, ...] = (0.0,), device_gbps: float | None = None,
-              expert_cache_bytes: int | None = None) -> MemoryPlan:
+              expert_cache_bytes: int | None = None,
+              precision: str = DEFAULT_PRECISION) -> MemoryPlan:
     """The plan for one device. ``expert_cache_bytes`` replaces the derived budget
     (the engine's ``expert_cache_gb * 2**30``)."""
     context = context or cfg.sequence_len
@@ -167,7 +175,7 @@ def make_plan(cfg: GrokConfig, settings: QuantSettings, device_memory: int, *,
     _, block = expert_block_layout(cfg, settings)
     resident = resident_bytes_by_kind(cfg, settings)
     res_total = sum(resident.values())
-    kv = kv_cache_bytes(cfg, context, batch)
+    kv = kv_cache_bytes(cfg, context, batch, precision)
     total = cfg.num_layers * cfg.num_experts
     budget = (device_memory - res_total - kv - headroom if expert_cache_bytes is None
               else expert_cache_bytes)
@@ -186,7 +194,8 @@ def make_plan(cfg: GrokConfig, settings: QuantSettings, device_memory: int, *,
         host_expert_bytes=host_experts, host_file_bytes=sum(sizes.values()),
         host_memory=host_memory,
         host_fits=None if host_memory is None else sum(sizes.values()) <= host_memory,
-        link_gbps=link_gbps, device_gbps=device_gbps, uniform_hit_rate=slots / total)
+        link_gbps=link_gbps, device_gbps=device_gbps, uniform_hit_rate=slots / total,
+        precision=precision)
     rates = sorted(set(hit_rates) | {0.0, round(plan.uniform_hit_rate, 4)})
     if plan.fits:     # no speed for a model that cannot run
         plan.decode = [decode_estimate(cfg, block, h, link_gbps, batch, read, device_gbps)
@@ -210,7 +219,7 @@ def format_plan(plan: MemoryPlan) -> str:
         lines.append(f"  {kind:<22}{_gb(n)}  ({n:,} bytes)")
     lines += [f"  {'total':<22}{_gb(plan.resident_total)}  ({plan.resident_total:,} bytes; "
               f"{plan.resident_params / 1e9:.2f}B weights)",
-              f"KV cache (bf16 k+v)     {_gb(plan.kv_cache)}  ({plan.kv_cache:,} bytes)",
+              f"KV cache ({plan.precision} k+v)     {_gb(plan.kv_cache)}  ({plan.kv_cache:,} bytes)",
               f"expert block            {_gb(plan.expert_block_nbytes)}  "
               f"({plan.expert_block_nbytes:,} bytes)",
               f"expert cache            {plan.cache_slots} slots of {plan.experts_total} "
@@ -258,11 +267,15 @@ def build_parser(prog: str = "python -m lowmem.plan") -> cli.Parser:
     p.add_argument("--context", type=cli.int_type(1), default=None, metavar="TOKENS",
                    help="KV cache length in tokens, 1 .. the model's sequence length "
                         "(default: the model's sequence length)")
+    cli.add_precision_argument(p)
     p.add_argument("--batch", type=cli.int_type(1), default=1,
                    help="sequences decoded together, >= 1 (default 1)")
-    p.add_argument("--headroom", type=size("--headroom"), default=f"{HEADROOM_GIB:g}GiB",
-                   metavar="SIZE", help=f"left free on the device (default {HEADROOM_GIB:g}GiB, "
-                                        f"the engine's headroom_gb)")
+    p.add_argument("--headroom", type=_headroom_type, default=f"{HEADROOM_GIB:g}GiB",
+                   metavar="SIZE|measured",
+                   help=f"left free on the device for the steps' temporaries, or 'measured': "
+                        f"compile every step at these shapes on this machine and take the "
+                        f"largest temporary plus a margin, as the engine does on a GPU (about "
+                        f"10 s) (default {HEADROOM_GIB:g}GiB)")
     p.add_argument("--expert-cache-gb", type=size("--expert-cache-gb", bare="gib"), default=None,
                    metavar="SIZE", help="explicit expert cache budget, as the engine's option; "
                                         "a bare number is GiB (default: what fits)")
@@ -284,6 +297,13 @@ def build_parser(prog: str = "python -m lowmem.plan") -> cli.Parser:
     return p
 
 
+def _headroom_type(text: str):
+    return "measured" if text == "measured" else cli.size_type("--headroom")(text)
+
+
+_headroom_type.__name__ = "size"
+
+
 def plan_from_args(args) -> MemoryPlan:
     """Check the arguments against the model, then plan (CLIError/PlanError on bad input)."""
     if args.model:
@@ -297,12 +317,16 @@ def plan_from_args(args) -> MemoryPlan:
         except ValueError as e:
             raise CLIError(str(e)) from None
     cli.check_context(args, cfg)
+    headroom = args.headroom
+    if headroom == "measured":
+        from lowmem.step_memory import measured_headroom
+        headroom = measured_headroom(cfg, settings, args.precision, args.context)
     try:    # settings the layout cannot take (a group size that does not divide a width)
         return make_plan(
             cfg, settings, args.device_memory, context=args.context, batch=args.batch,
-            headroom=args.headroom, host_memory=args.host_memory, link_gbps=args.link_gbps,
+            headroom=headroom, host_memory=args.host_memory, link_gbps=args.link_gbps,
             hit_rates=tuple(args.hit_rate or ()), device_gbps=args.device_gbps,
-            expert_cache_bytes=args.expert_cache_gb)
+            expert_cache_bytes=args.expert_cache_gb, precision=args.precision)
     except ValueError as e:
         raise CLIError(str(e)) from None
 

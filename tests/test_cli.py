@@ -233,7 +233,7 @@ def test_dispatcher_lists_every_command_and_forwards():
     for name in TOOLS:
         assert name.encode() in proc.stdout
     assert set(dispatcher.COMMANDS) == set(TOOLS)
-    proc = _run("plan", "--json", "--bits", "8", cwd=None)
+    proc = _run("plan", "--json", "--bits", "8", "--precision", "bf16", cwd=None)
     assert proc.returncode == 0 and b'"cache_slots": 113' in proc.stdout
 
 

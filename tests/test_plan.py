@@ -37,10 +37,13 @@ def profiled(int4_dir):
 def test_plan_agrees_with_the_engine_exactly(profiled):
     engine, report, budget_gb = profiled
     plan = PL.make_plan(engine.cfg, engine.model.settings, device_memory=0, context=100,
-                        expert_cache_bytes=int(budget_gb * GIB))
+                        expert_cache_bytes=int(budget_gb * GIB),
+                        precision=engine.options.precision)
     assert plan.resident_total == engine.placed_resident_bytes
     assert plan.cache_slots == engine.experts.cache.capacity == 3
-    kv = engine.cfg.num_layers * 2 * engine.cache_len * engine.cfg.num_kv_heads * engine.cfg.key_size * 2
+    itemsize = {"fp32": 4, "bf16": 2}[engine.options.precision]
+    kv = (engine.cfg.num_layers * 2 * engine.cache_len * engine.cfg.num_kv_heads
+          * engine.cfg.key_size * itemsize)
     assert plan.kv_cache == kv == engine.kv_cache_bytes == report["memory"]["kv_cache_bytes"]
     t = report["traffic"]
     assert t["misses"] > 0 and t["prefetches"] == 0
@@ -78,7 +81,7 @@ def test_resident_kinds_are_the_layout_bytes(tiny_cfg):
 @pytest.mark.parametrize("bits, slots, floor", [(8, 113, 1.55), (4, 226, 0.77)])
 def test_grok1_matches_spec_section_6(bits, slots, floor):
     plan = PL.make_plan(preset("grok-1"), QuantSettings(bits), parse_size("80GB"),
-                        context=8192, link_gbps=50.0)
+                        context=8192, link_gbps=50.0, precision="bf16")  # SPEC: the release's
     assert plan.resident_params == pytest.approx(6.45e9, rel=0.01)        # "about 6.4B"
     assert plan.resident["attention"] + plan.resident["embedding"] == pytest.approx(
         7.25e9, rel=0.01)                                                 # int8 attn + bf16 emb
@@ -144,4 +147,19 @@ def test_cli_prints_plan_for_a_model_dir(int4_dir, capsys):
     assert "int4 experts (group 32), bf16 attention" in out and "fits: yes" in out
     assert PL.main(["--json", "--bits", "8"]) == 0
     import json
-    assert json.loads(capsys.readouterr().out)["cache_slots"] == 113
+    assert json.loads(capsys.readouterr().out)["cache_slots"] == 109   # fp32 KV: 4.3 GB
+
+
+def test_grok1_fits_80_and_141_gb_with_the_measured_headroom():
+    """The steps compiled at Grok-1 shapes (abstract, on CPU) leave room for the cache."""
+    from lowmem.step_memory import measured_headroom, step_temporaries
+    cfg = preset("grok-1")
+    for bits in (8, 4):
+        settings = QuantSettings(bits)
+        temps = step_temporaries(cfg, settings, "fp32", 8192)
+        headroom = measured_headroom(cfg, settings, "fp32", 8192)
+        assert max(temps.values()) < headroom < 4 * 2**30
+        for memory in (80e9, 141e9):
+            plan = PL.make_plan(cfg, settings, int(memory), context=8192, headroom=headroom)
+            assert plan.fits and plan.cache_slots >= cfg.num_selected_experts, (bits, memory)
+            assert plan.device_used + headroom <= memory
