@@ -131,6 +131,34 @@ def attention_block(cfg: GrokConfig, linear: Callable, lp: dict, h: jax.Array,
     return h, cache
 
 
+def attention_qkv(cfg: GrokConfig, linear: Callable, lp: dict, h: jax.Array,
+                  positions: jax.Array):
+    """The projections of ``attention_block`` for rows at their own positions (T,).
+
+    Batched decode runs these once over B sequences' rows (one read of the
+    weights), then attends per sequence (``kv_write``, ``attend``); keep in
+    step with ``attention_block``.
+    """
+    t = h.shape[0]
+    x = rms_norm(cfg, h, lp["attn_norm"])                                    # (T, D)
+    q = linear(x, lp["q"]).reshape(t, cfg.num_q_heads, cfg.key_size)
+    k = linear(x, lp["k"]).reshape(t, cfg.num_kv_heads, cfg.key_size)
+    v = linear(x, lp["v"]).reshape(t, cfg.num_kv_heads, cfg.key_size)
+    return rope(cfg, q, positions), rope(cfg, k, positions), v
+
+
+def kv_write(cache: KVCache, k: jax.Array, v: jax.Array, pos: jax.Array) -> KVCache:
+    """The cache with rows k, v (T, Hkv, K) written from position pos."""
+    return KVCache(jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(BF16), pos, 0),
+                   jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(BF16), pos, 0))
+
+
+def attention_output(cfg: GrokConfig, linear: Callable, lp: dict, h: jax.Array,
+                     attn: jax.Array) -> jax.Array:
+    """``h + rms_norm_1(attn @ o)``: the end of ``attention_block``; attn (T, Hq*K)."""
+    return h + rms_norm(cfg, linear(attn, lp["o"]), lp["attn_post_norm"])
+
+
 def moe_residual(cfg: GrokConfig, h: jax.Array, moe_sum: jax.Array, scale: jax.Array):
     """h + rms_norm_3(bf16(sum of gated expert outputs))."""
     return h + rms_norm(cfg, moe_sum.astype(BF16), scale)

@@ -1,0 +1,188 @@
+"""Batched decode: B sequences advance one token each in one step, sharing every expert load.
+
+A ``BatchEngine`` is built on an ``Engine`` (its backend, placed layers,
+final norm and MoE) and holds ``max_batch`` KV cache slots, preallocated
+once. A decode step takes the slots of the running sequences and one token
+for each; per layer it
+
+1. projects q/k/v for all B rows at once (one read of the attention weights;
+   on the host backend these are numba callbacks),
+2. writes each row's key/value into its own slot at its own position and
+   attends over that slot alone (an unrolled loop of the single-sequence
+   ``model.attend``: exactly the arithmetic of a solo decode step),
+3. routes the B rows together and makes ONE MoE call (``Engine.moe_layer``):
+   the union of the experts they need is fetched once and each expert is
+   applied to exactly the rows routed to it.
+
+Prefill of a new request runs on its slot through the single-sequence path
+(``Engine.advance``), one chunk at a time, so the scheduler can interleave
+it with the running decodes. Shapes are fixed per batch size (1 to
+``max_batch``), so each compiles once and no step recompiles.
+
+``sample_rows`` draws one token per row with that row's own settings and its
+own PRNG key, split exactly as ``decoding.generate_tokens`` splits a solo
+run's key: a batched request gives the tokens of the same request run alone.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lowmem import model as M
+from lowmem.engine import Engine, EngineError
+from lowmem.sampling import sample
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SeqState:
+    """One slot's sequence: KV caches per layer, key validity (S,) bool, position.
+
+    Same fields as the engine's own sequence state, so ``Engine.advance``
+    takes it."""
+    caches: list
+    valid: jax.Array
+    pos: int = 0
+
+
+@partial(jax.jit, static_argnums=(0, 1), donate_argnames=("caches",))
+def _attention_rows(cfg, linear, lp, h, caches, valids, pos):
+    """Attention for B rows of B sequences: shared projections, per-sequence attend.
+
+    h (B, D); caches: B KVCaches (donated, updated in place); valids: B (S,)
+    masks; pos (B,) int32 -> (h (B, D), the B updated caches).
+    """
+    q, k, v = M.attention_qkv(cfg, linear, lp, h, pos)                       # (B, H, K)
+    outs, updated = [], []
+    for i in range(h.shape[0]):                                              # static: B
+        cache = M.kv_write(caches[i], k[i:i + 1], v[i:i + 1], pos[i])
+        outs.append(M.attend(cfg, q[i:i + 1], cache, valids[i], pos[i:i + 1]))  # (1, Hq*K)
+        updated.append(cache)
+    return M.attention_output(cfg, linear, lp, h, jnp.concatenate(outs)), tuple(updated)
+
+
+@partial(jax.jit, donate_argnums=(0,))
+def _mark_rows(valids, tokens, pos):
+    """Each sequence's new key position is valid when it holds a real token (id > 0)."""
+    return tuple(jax.lax.dynamic_update_slice_in_dim(v, tokens[i:i + 1] > 0, pos[i], 0)
+                 for i, v in enumerate(valids))
+
+
+_embed = jax.jit(M.embed, static_argnums=(0,))
+
+
+@partial(jax.jit, static_argnums=(0, 1))
+def _rows_logits(cfg, logits_fn, h, final_norm, table):
+    """Final norm and tied output logits of every row -> fp32 (B, V): one read of the table."""
+    return logits_fn(cfg, M.final_hidden(cfg, h, final_norm), table)
+
+
+def _sample_one(logits, key, temperature, top_p, top_k):
+    key, sub = jax.random.split(key)
+    token = sample(logits[None], sub, temperature, top_p, top_k)[0]
+    return token, jax.nn.log_softmax(logits)[token], jax.random.key_data(key)
+
+
+@jax.jit
+def sample_rows(logits, key_data, temperature, top_p, top_k):
+    """One token per row, each with its own key and settings.
+
+    logits (B, V) fp32; key_data (B, 2) uint32 (``jax.random.key_data`` of
+    each row's key); settings (B,) -> (tokens (B,) int32, the chosen tokens'
+    log-probabilities under the model (B,) fp32, next key_data (B, 2)).
+    """
+    keys = jax.vmap(jax.random.wrap_key_data)(key_data)
+    return jax.vmap(_sample_one)(logits, keys, temperature, top_p, top_k)
+
+
+def seed_key_data(seed: int) -> np.ndarray:
+    """The raw key a solo run starts from (``jax.random.key(seed)``), (2,) uint32."""
+    return np.asarray(jax.random.key_data(jax.random.key(seed)))
+
+
+class BatchEngine:
+    """``max_batch`` KV cache slots on one engine; prefill per slot, decode per batch."""
+
+    def __init__(self, engine: Engine, max_batch: int):
+        if max_batch < 1:
+            raise EngineError(f"max_batch must be >= 1, got {max_batch}")
+        self.engine, self.max_batch = engine, max_batch
+        self.cfg = engine.cfg
+        self.states = [self._fresh() for _ in range(max_batch)]
+
+    def _fresh(self) -> SeqState:
+        eng = self.engine
+        caches = M.init_kv_cache(self.cfg, eng.cache_len, eng.device)
+        return SeqState(caches, jax.device_put(jnp.zeros((eng.cache_len,), bool), eng.device))
+
+    @property
+    def context(self) -> int:
+        return self.engine.context
+
+    @property
+    def chunk(self) -> int:
+        """The longest prefill chunk (as ``Engine.feed`` splits a prompt)."""
+        return max(self.engine.options.prefill_buckets)
+
+    @property
+    def kv_slot_bytes(self) -> int:
+        return sum(c.k.nbytes + c.v.nbytes for c in self.states[0].caches)
+
+    def position(self, slot: int) -> int:
+        return self.states[slot].pos
+
+    def reset(self, slot: int) -> None:
+        """Start a new sequence in a slot (its cache reused, every key marked invalid)."""
+        st = self.states[slot]
+        self.states[slot] = SeqState(st.caches, jnp.zeros_like(st.valid), 0)
+
+    def prefill(self, slot: int, tokens) -> jax.Array:
+        """Feed one prompt chunk (<= ``chunk`` tokens) to a slot -> fp32 logits (V,)."""
+        try:
+            logits, st = self.engine.advance(self.states[slot], tokens)
+        except BaseException:
+            self.states[slot] = self._fresh()   # the donated cache may be gone
+            raise
+        self.states[slot] = SeqState(st.caches, st.valid, st.pos)
+        return logits
+
+    def decode(self, slots: list[int], tokens: list[int]) -> jax.Array:
+        """Advance each slot's sequence by its token -> fp32 logits (B, V).
+
+        If the step fails midway the slots' donated caches are gone: they
+        are replaced by fresh ones (their sequences cannot go on).
+        """
+        eng, cfg, backend = self.engine, self.cfg, self.engine.backend
+        if len(set(slots)) != len(slots) or not 0 < len(slots) <= self.max_batch:
+            raise EngineError(f"decode needs 1 to {self.max_batch} distinct slots, got {slots}")
+        states = [self.states[s] for s in slots]
+        pos = np.array([st.pos for st in states], np.int32)                      # (B,)
+        if int(pos.max()) >= self.context:
+            raise EngineError(f"a sequence would exceed the context of {self.context}")
+        toks = np.asarray(tokens, np.int32).reshape(len(slots))                  # (B,)
+        try:
+            valids = _mark_rows(tuple(st.valid for st in states), toks, pos)
+            caches = [list(st.caches) for st in states]
+            h = _embed(cfg, backend.embed_rows(toks))                            # (B, D) bf16
+            for layer, lp in enumerate(eng.layers):
+                layer_caches = tuple(c[layer] for c in caches)
+                h, updated = _attention_rows(cfg, backend.linear, lp, h, layer_caches,
+                                             valids, pos)
+                for c, new in zip(caches, updated):
+                    c[layer] = new
+                h = eng.moe_layer(layer, h, len(slots))
+            logits = _rows_logits(cfg, backend.logits_fn, h, eng.final_norm,
+                                  backend.logits_table)                           # (B, V)
+        except BaseException:
+            for s in slots:
+                self.states[s] = self._fresh()
+            raise
+        for s, c, v, p in zip(slots, caches, valids, pos):
+            self.states[s] = SeqState(c, v, int(p) + 1)
+        return logits
