@@ -16,8 +16,9 @@ for each; per layer it
 
 Prefill of a new request runs on its slot through the single-sequence path
 (``Engine.advance``), one chunk at a time, so the scheduler can interleave
-it with the running decodes. Shapes are fixed per batch size (1 to
-``max_batch``), so each compiles once and no step recompiles.
+it with the running decodes. A step's rows are padded to a few fixed batch
+sizes (powers of two and ``max_batch``) with spare (free) slots, whose rows
+the MoE ignores, so each size compiles once and no step recompiles.
 
 ``sample_rows`` draws one token per row with that row's own settings and its
 own PRNG key, split exactly as ``decoding.generate_tokens`` splits a solo
@@ -35,7 +36,7 @@ import numpy as np
 
 from lowmem import model as M
 from lowmem.engine import Engine, EngineError
-from lowmem.sampling import sample
+from lowmem.sampling import filter_logits
 
 log = logging.getLogger(__name__)
 
@@ -83,22 +84,41 @@ def _rows_logits(cfg, logits_fn, h, final_norm, table):
     return logits_fn(cfg, M.final_hidden(cfg, h, final_norm), table)
 
 
-def _sample_one(logits, key, temperature, top_p, top_k):
-    key, sub = jax.random.split(key)
-    token = sample(logits[None], sub, temperature, top_p, top_k)[0]
-    return token, jax.nn.log_softmax(logits)[token], jax.random.key_data(key)
-
-
 @jax.jit
 def sample_rows(logits, key_data, temperature, top_p, top_k):
-    """One token per row, each with its own key and settings.
+    """One token per row, each with its own key and settings, drawn as a solo run draws it.
 
     logits (B, V) fp32; key_data (B, 2) uint32 (``jax.random.key_data`` of
     each row's key); settings (B,) -> (tokens (B,) int32, the chosen tokens'
     log-probabilities under the model (B,) fp32, next key_data (B, 2)).
+    Each row's key is split and its draw made on a (1, V) row exactly as
+    ``sampling.sample`` does for one sequence; like it, the sorting filter
+    runs only when some row needs it (filtering an unfiltered row changes
+    nothing, so the draws are the same either way).
     """
-    keys = jax.vmap(jax.random.wrap_key_data)(key_data)
-    return jax.vmap(_sample_one)(logits, keys, temperature, top_p, top_k)
+    keys = jax.vmap(jax.random.split)(jax.vmap(jax.random.wrap_key_data)(key_data))  # (B, 2)
+    subs = keys[:, 1]
+    greedy = temperature <= 0                                                        # (B,)
+    unfiltered = (top_k <= 0) & (top_p >= 1)                                         # (B,)
+
+    def full(_):
+        draw = lambda l, k, t, p, kk: jax.random.categorical(  # noqa: E731
+            k, filter_logits(l[None], t, p, kk), axis=-1)[0]
+        return jax.vmap(draw)(logits, subs, temperature, top_p, top_k)
+
+    def plain(_):
+        draw = lambda l, k, t: jax.random.categorical(  # noqa: E731
+            k, (l / jnp.where(t <= 0, 1.0, t))[None], axis=-1)[0]
+        return jax.vmap(draw)(logits, subs, temperature)
+
+    def argmax(_):
+        return jnp.argmax(logits, axis=-1)
+
+    branch = jnp.where(jnp.all(greedy), 0, jnp.where(jnp.all(unfiltered | greedy), 1, 2))
+    drawn = jax.lax.switch(branch, [argmax, plain, full], None)                      # (B,)
+    tokens = jnp.where(greedy, jnp.argmax(logits, axis=-1), drawn).astype(jnp.int32)
+    logprobs = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], 1)
+    return tokens, logprobs[:, 0], jax.vmap(jax.random.key_data)(keys[:, 0])
 
 
 def seed_key_data(seed: int) -> np.ndarray:
@@ -152,15 +172,40 @@ class BatchEngine:
         self.states[slot] = SeqState(st.caches, st.valid, st.pos)
         return logits
 
-    def decode(self, slots: list[int], tokens: list[int]) -> jax.Array:
+    @property
+    def batch_sizes(self) -> tuple[int, ...]:
+        """The step sizes compiled: powers of two below ``max_batch``, and ``max_batch``."""
+        return tuple(b for b in (1, 2, 4, 8, 16, 32, 64, 128) if b < self.max_batch) + (
+            self.max_batch,)
+
+    def _padding(self, slots: list[int], spare) -> list[int]:
+        """Spare slots (reset) that pad this step to the next batch size; [] if too few."""
+        size = next(b for b in self.batch_sizes if b >= len(slots))
+        pad = [s for s in spare if s not in slots][:size - len(slots)]
+        if len(pad) < size - len(slots):
+            return []
+        for s in pad:
+            self.reset(s)
+        return pad
+
+    def decode(self, slots: list[int], tokens: list[int], spare=()) -> jax.Array:
         """Advance each slot's sequence by its token -> fp32 logits (B, V).
 
-        If the step fails midway the slots' donated caches are gone: they
-        are replaced by fresh ones (their sequences cannot go on).
+        ``spare``: free slots that may pad the step to a compiled batch size
+        (their contents are discarded). If the step fails midway the slots'
+        donated caches are gone: they are replaced by fresh ones (their
+        sequences cannot go on).
         """
-        eng, cfg, backend = self.engine, self.cfg, self.engine.backend
         if len(set(slots)) != len(slots) or not 0 < len(slots) <= self.max_batch:
             raise EngineError(f"decode needs 1 to {self.max_batch} distinct slots, got {slots}")
+        n = len(slots)
+        pad = self._padding(list(slots), spare)
+        logits = self._decode(list(slots) + pad, list(tokens) + [0] * len(pad), n)
+        return logits[:n] if pad else logits
+
+    def _decode(self, slots: list[int], tokens: list[int], n: int) -> jax.Array:
+        """The step over every row; rows >= n pad it (the MoE skips them)."""
+        eng, cfg, backend = self.engine, self.cfg, self.engine.backend
         states = [self.states[s] for s in slots]
         pos = np.array([st.pos for st in states], np.int32)                      # (B,)
         if int(pos.max()) >= self.context:
@@ -176,7 +221,7 @@ class BatchEngine:
                                              valids, pos)
                 for c, new in zip(caches, updated):
                     c[layer] = new
-                h = eng.moe_layer(layer, h, len(slots))
+                h = eng.moe_layer(layer, h, n)
             logits = _rows_logits(cfg, backend.logits_fn, h, eng.final_norm,
                                   backend.logits_table)                           # (B, V)
         except BaseException:

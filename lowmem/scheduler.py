@@ -193,7 +193,8 @@ class Scheduler:
         if not ready:
             return False
         try:
-            logits = self.batch.decode([s.slot for s in ready], [s.pending for s in ready])
+            logits = self.batch.decode([s.slot for s in ready], [s.pending for s in ready],
+                                       spare=list(self.free))
         except Exception as e:   # noqa: BLE001 - the step's sequences cannot go on
             log.exception("decode step failed")
             for s in ready:
@@ -245,7 +246,7 @@ class Scheduler:
             "queue_depth": len(self.waiting),
             "running_sequences": len(self.running),
             "kv_slots_in_use": self.batch.max_batch - len(self.free),
-            "kv_slots_total": self.batch.max_batch,
+            "kv_slots_capacity": self.batch.max_batch,
             "tokens_generated_total": self.tokens_out,
             "tokens_per_second": self.tokens_out / self.busy_s if self.busy_s else 0.0,
             "steps_total": self.steps,

@@ -184,7 +184,8 @@ class Server:
             if value is None:
                 continue
             kind = "counter" if name.endswith("_total") else "gauge"
-            lines += [f"# TYPE lowmem_{name} {kind}", f"lowmem_{name} {float(value):g}"]
+            text = str(value) if isinstance(value, int) else f"{value:.6g}"
+            lines += [f"# TYPE lowmem_{name} {kind}", f"lowmem_{name} {text}"]
         return "\n".join(lines) + "\n"
 
 

@@ -76,8 +76,11 @@ def test_mixed_lengths_settings_seeds_equal_single_runs(model, backend):
     engine = _engine(model, backend)
     reqs = _mixed_requests()
     solo = [_solo(engine, r) for r in reqs]
-    # 3 slots for 6 requests: they queue, join as others leave, prefill between decodes
-    tokens, _ = _run_all(Scheduler(BatchEngine(engine, 3), max_queue=8), reqs)
+    # 5 slots for 6 requests: they queue, join as others leave, prefill between decodes,
+    # and steps of 3 sequences are padded to 4 rows with a free slot
+    batch = BatchEngine(engine, 5)
+    assert batch.batch_sizes == (1, 2, 4, 5)
+    tokens, _ = _run_all(Scheduler(batch, max_queue=8), reqs)
     assert tokens == solo
     assert [len(t) for t in tokens] == [r.max_tokens for r in reqs]
 
@@ -158,3 +161,16 @@ def test_decode_rejects_bad_slots(model):
         batch.decode([0, 0], [1, 2])
     with pytest.raises(EngineError, match="distinct"):
         batch.decode([0, 1, 2], [1, 2, 3])
+
+
+def test_padded_step_gives_the_rows_of_the_exact_step(model):
+    engine = _engine(model, "host")
+    exact, padded = BatchEngine(engine, 3), BatchEngine(engine, 4)
+    for batch in (exact, padded):
+        for slot, prompt in enumerate(PROMPTS[:3]):
+            batch.prefill(slot, prompt[:4])
+    want = np.asarray(exact.decode([0, 1, 2], [5, 6, 7]))
+    got = np.asarray(padded.decode([0, 1, 2], [5, 6, 7], spare=[3]))
+    assert got.shape == want.shape == (3, model.cfg.vocab_size)
+    np.testing.assert_array_equal(got, want)
+    assert [padded.position(s) for s in range(3)] == [5, 4, 5]   # prompts of 4, 3, 4

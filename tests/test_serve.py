@@ -130,7 +130,7 @@ def test_models_health_metrics(client):
     for name in ("queue_depth", "running_sequences", "kv_slots_in_use", "tokens_per_second",
                  "expert_bytes_moved_total", "tokens_generated_total"):
         assert f"\nlowmem_{name} " in "\n" + metrics, name
-    assert "lowmem_kv_slots_total 4" in metrics
+    assert "lowmem_kv_slots_capacity 4" in metrics
 
 
 @pytest.mark.parametrize("body, param, words", [
