@@ -14,6 +14,7 @@ COMMANDS = {   # name -> one-line summary (module lowmem.<name>)
     "profile": "where a token's time, bytes and memory go",
     "plan": "what a device can hold, and how fast it should decode",
     "reference": "the dense numpy reference forward pass on a small checkpoint",
+    "serve": "an OpenAI-compatible HTTP server with continuous batching",
     "eval": "how far a model's predictions are from a reference's (KL, top-1, perplexity)",
 }
 

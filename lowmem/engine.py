@@ -259,6 +259,50 @@ class Engine:
             raise
         return np.concatenate(rows) if all_logits else logits
 
+    # --- sequences held outside the engine (lowmem.batch) ---------------------
+    def advance(self, state, tokens):
+        """Feed one prompt chunk to a sequence state held by the caller -> (logits, state).
+
+        Continuous batching keeps one state per KV cache slot and prefills a
+        new request chunk by chunk between decode steps; the state's KV
+        cache is donated. A chunk is at most the largest prefill bucket.
+        """
+        tokens = np.asarray(tokens, np.int32).reshape(-1)
+        if not 0 < len(tokens) <= max(self.options.prefill_buckets):
+            raise EngineError(f"a chunk holds 1 to {max(self.options.prefill_buckets)} tokens, "
+                              f"got {len(tokens)}")
+        if state.pos + len(tokens) > self.context:
+            raise EngineError(f"sequence of {state.pos + len(tokens)} tokens exceeds the "
+                              f"context of {self.context}")
+        size = 1 if len(tokens) == 1 else self._bucket(len(tokens))
+        padded = np.zeros(size, np.int32)
+        padded[:len(tokens)] = tokens
+        return self._forward_chunk(state, padded, len(tokens), "last")
+
+    def moe_layer(self, layer: int, h: jax.Array, n: int) -> jax.Array:
+        """Route rows h (T, D) of one layer and add their experts' outputs -> (T, D).
+
+        The rows may belong to one sequence (a prompt chunk) or to several
+        (batched decode): one routing read, one MoE call, each needed expert
+        fetched once for all rows. Rows >= n are padding.
+        """
+        cfg, k, timer = self.cfg, self.cfg.num_selected_experts, self.timer
+        lp, nxt = self.layers[layer], self.layers[min(layer + 1, len(self.layers) - 1)]
+        moe_in, gates, experts, routing = _route(
+            cfg, self.precision, lp["moe_norm"], lp["router"], nxt["moe_norm"], nxt["router"], h)
+        routing = self.to_host(routing)                                     # (T, 2k) sync
+        timer.mark("routing")
+        if self.options.record_routing:
+            self.routing_trace.append((layer, routing[:n, :k].copy()))
+        guess = (layer + 1, routing[:n, k:]) if layer + 1 < len(self.layers) else None
+        waited = self.expert_stats.wait_s
+        moe = self.experts.moe(layer, moe_in, gates, routing[:, :k], experts, n, guess)
+        h = _residual(cfg, self.precision, h, moe, lp["moe_post_norm"])
+        timer.mark("experts", h)
+        timer.add("experts", -(self.expert_stats.wait_s - waited))
+        timer.add("transfer_wait", self.expert_stats.wait_s - waited)
+        return h
+
     # --- forward ----------------------------------------------------------
     def _bucket(self, n: int) -> int:
         return next((b for b in self.options.prefill_buckets if n <= b),
@@ -274,25 +318,10 @@ class Engine:
         timer.mark("embedding", h, valid)
         caches = list(state.caches)
         for layer, lp in enumerate(self.layers):
-            nxt = self.layers[min(layer + 1, len(self.layers) - 1)]
             h, caches[layer] = _attention(cfg, backend.linear, prec, lp, h, caches[layer],
                                           valid, pos)
             timer.mark("attention", h)
-            moe_in, gates, experts, routing = _route(
-                cfg, prec, lp["moe_norm"], lp["router"], nxt["moe_norm"], nxt["router"], h)
-            routing = self.to_host(routing)                                 # (T, 2k) sync
-            k = cfg.num_selected_experts
-            experts_host = routing[:, :k]                                   # (T, k)
-            timer.mark("routing")
-            if self.options.record_routing:
-                self.routing_trace.append((layer, experts_host[:n].copy()))
-            guess = (layer + 1, routing[:n, k:]) if layer + 1 < len(self.layers) else None
-            waited = self.expert_stats.wait_s
-            moe = self.experts.moe(layer, moe_in, gates, experts_host, experts, n, guess)
-            h = _residual(cfg, prec, h, moe, lp["moe_post_norm"])
-            timer.mark("experts", h)
-            timer.add("experts", -(self.expert_stats.wait_s - waited))
-            timer.add("transfer_wait", self.expert_stats.wait_s - waited)
+            h = self.moe_layer(layer, h, n)
         logits = None
         if want == "last":   # only the last chunk's: the output embedding is 1.6 GB to read
             logits = _last_logits(cfg, backend.logits_fn, prec, h, self.final_norm,

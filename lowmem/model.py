@@ -150,18 +150,38 @@ def route(cfg: GrokConfig, x: jax.Array, router: jax.Array):
 def attention_block(cfg: GrokConfig, linear: Callable, precision: str, lp: dict, h: jax.Array,
                     cache: KVCache, valid: jax.Array, pos: jax.Array):
     """``h + rms_norm_1(attention(rms_norm(h)))`` with the KV cache -> (h, cache)."""
-    t, dtype = h.shape[0], act_dtype(precision)
-    positions = pos + jnp.arange(t)                                          # (T,)
+    positions = pos + jnp.arange(h.shape[0])                                 # (T,)
+    q, k, v = attention_qkv(cfg, linear, precision, lp, h, positions)       # (T, H, K)
+    cache = kv_write(cache, k, v, pos)
+    attn = attend(cfg, q, cache, valid, positions, precision)                # (T, Hq*K)
+    return attention_output(cfg, linear, precision, lp, h, attn), cache
+
+
+def attention_qkv(cfg: GrokConfig, linear: Callable, precision: str, lp: dict, h: jax.Array,
+                  positions: jax.Array):
+    """Queries, keys (both after RoPE) and values of rows at their own positions (T,).
+
+    Batched decode runs these once over B sequences' rows (one read of the
+    weights), then writes and attends per sequence.
+    """
+    t = h.shape[0]
     x = rms_norm(cfg, h, lp["attn_norm"], precision)                         # (T, D)
     q = linear(x, lp["q"], precision).reshape(t, cfg.num_q_heads, cfg.key_size)
     k = linear(x, lp["k"], precision).reshape(t, cfg.num_kv_heads, cfg.key_size)
     v = linear(x, lp["v"], precision).reshape(t, cfg.num_kv_heads, cfg.key_size)
-    q, k = rope(cfg, q, positions), rope(cfg, k, positions)
-    cache = KVCache(jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(dtype), pos, 0),
-                    jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(dtype), pos, 0))
-    attn = attend(cfg, q, cache, valid, positions, precision)                # (T, Hq*K)
-    h = h + rms_norm(cfg, linear(attn, lp["o"], precision), lp["attn_post_norm"], precision)
-    return h, cache
+    return rope(cfg, q, positions), rope(cfg, k, positions), v
+
+
+def kv_write(cache: KVCache, k: jax.Array, v: jax.Array, pos: jax.Array) -> KVCache:
+    """The cache with rows k, v (T, Hkv, K) written from position pos (in the cache's dtype)."""
+    return KVCache(jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype), pos, 0),
+                   jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), pos, 0))
+
+
+def attention_output(cfg: GrokConfig, linear: Callable, precision: str, lp: dict, h: jax.Array,
+                     attn: jax.Array) -> jax.Array:
+    """``h + rms_norm_1(attn @ o)``: the end of an attention block; attn (T, Hq*K)."""
+    return h + rms_norm(cfg, linear(attn, lp["o"], precision), lp["attn_post_norm"], precision)
 
 
 def moe_residual(cfg: GrokConfig, precision: str, h: jax.Array, moe_sum: jax.Array,

@@ -14,6 +14,7 @@ import pytest
 from lowmem import __main__ as dispatcher
 from lowmem import cli
 from lowmem import eval as EV
+from lowmem import serve as SV
 from lowmem import generate as G
 from lowmem import plan as PL
 from lowmem import profile as P
@@ -23,7 +24,7 @@ from lowmem.api import Runtime
 from quant.packed import QuantSettings
 from quant.pipeline import quantize_checkpoint
 
-TOOLS = {"generate": G, "profile": P, "plan": PL, "quantize": Q, "reference": R, "eval": EV}
+TOOLS = {"generate": G, "profile": P, "plan": PL, "quantize": Q, "reference": R, "eval": EV, "serve": SV}
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,235 @@
+"""Batched decode: B sequences advance one token each in one step, sharing every expert load.
+
+A ``BatchEngine`` is built on an ``Engine`` (its backend, placed layers,
+final norm and MoE) and holds ``max_batch`` KV cache slots, preallocated
+once. A decode step takes the slots of the running sequences and one token
+for each; per layer it
+
+1. projects q/k/v for all B rows at once (one read of the attention weights;
+   on the host backend these are numba callbacks),
+2. writes each row's key/value into its own slot at its own position and
+   attends over that slot alone (an unrolled loop of the single-sequence
+   ``model.attend``: exactly the arithmetic of a solo decode step),
+3. routes the B rows together and makes ONE MoE call (``Engine.moe_layer``):
+   the union of the experts they need is fetched once and each expert is
+   applied to exactly the rows routed to it.
+
+Prefill of a new request runs on its slot through the single-sequence path
+(``Engine.advance``), one chunk at a time, so the scheduler can interleave
+it with the running decodes. A step's rows are padded to a few fixed batch
+sizes (powers of two and ``max_batch``) with spare (free) slots, whose rows
+the MoE ignores, so each size compiles once and no step recompiles.
+
+``sample_rows`` draws one token per row with that row's own settings and its
+own PRNG key, split exactly as ``decoding.generate_tokens`` splits a solo
+run's key: a batched request gives the tokens of the same request run alone.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lowmem import model as M
+from lowmem.engine import Engine, EngineError
+from lowmem.sampling import filter_logits
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SeqState:
+    """One slot's sequence: KV caches per layer, key validity (S,) bool, position.
+
+    Same fields as the engine's own sequence state, so ``Engine.advance``
+    takes it."""
+    caches: list
+    valid: jax.Array
+    pos: int = 0
+
+
+@partial(jax.jit, static_argnums=(0, 1, 2), donate_argnames=("caches",))
+def _attention_rows(cfg, linear, precision, lp, h, caches, valids, pos):
+    """Attention for B rows of B sequences: shared projections, per-sequence attend.
+
+    h (B, D); caches: B KVCaches (donated, updated in place); valids: B (S,)
+    masks; pos (B,) int32 -> (h (B, D), the B updated caches).
+    """
+    q, k, v = M.attention_qkv(cfg, linear, precision, lp, h, pos)            # (B, H, K)
+    outs, updated = [], []
+    for i in range(h.shape[0]):                                              # static: B
+        cache = M.kv_write(caches[i], k[i:i + 1], v[i:i + 1], pos[i])
+        outs.append(M.attend(cfg, q[i:i + 1], cache, valids[i], pos[i:i + 1],
+                             precision))                                     # (1, Hq*K)
+        updated.append(cache)
+    attn = jnp.concatenate(outs)                                             # (B, Hq*K)
+    return M.attention_output(cfg, linear, precision, lp, h, attn), tuple(updated)
+
+
+@partial(jax.jit, donate_argnums=(0,))
+def _mark_rows(valids, tokens, pos):
+    """Each sequence's new key position is valid when it holds a real token (id > 0)."""
+    return tuple(jax.lax.dynamic_update_slice_in_dim(v, tokens[i:i + 1] > 0, pos[i], 0)
+                 for i, v in enumerate(valids))
+
+
+_embed = jax.jit(M.embed, static_argnums=(0, 1))
+
+
+@partial(jax.jit, static_argnums=(0, 1, 2))
+def _rows_logits(cfg, logits_fn, precision, h, final_norm, table):
+    """Final norm and tied output logits of every row -> fp32 (B, V): one read of the table."""
+    return logits_fn(cfg, M.final_hidden(cfg, h, final_norm, precision), table, precision)
+
+
+@jax.jit
+def sample_rows(logits, key_data, temperature, top_p, top_k):
+    """One token per row, each with its own key and settings, drawn as a solo run draws it.
+
+    logits (B, V) fp32; key_data (B, 2) uint32 (``jax.random.key_data`` of
+    each row's key); settings (B,) -> (tokens (B,) int32, the chosen tokens'
+    log-probabilities under the model (B,) fp32, next key_data (B, 2)).
+    Each row's key is split and its draw made on a (1, V) row exactly as
+    ``sampling.sample`` does for one sequence; like it, the sorting filter
+    runs only when some row needs it (filtering an unfiltered row changes
+    nothing, so the draws are the same either way).
+    """
+    keys = jax.vmap(jax.random.split)(jax.vmap(jax.random.wrap_key_data)(key_data))  # (B, 2)
+    subs = keys[:, 1]
+    greedy = temperature <= 0                                                        # (B,)
+    unfiltered = (top_k <= 0) & (top_p >= 1)                                         # (B,)
+
+    def full(_):
+        draw = lambda l, k, t, p, kk: jax.random.categorical(  # noqa: E731
+            k, filter_logits(l[None], t, p, kk), axis=-1)[0]
+        return jax.vmap(draw)(logits, subs, temperature, top_p, top_k)
+
+    def plain(_):
+        draw = lambda l, k, t: jax.random.categorical(  # noqa: E731
+            k, (l / jnp.where(t <= 0, 1.0, t))[None], axis=-1)[0]
+        return jax.vmap(draw)(logits, subs, temperature)
+
+    def argmax(_):
+        return jnp.argmax(logits, axis=-1)
+
+    branch = jnp.where(jnp.all(greedy), 0, jnp.where(jnp.all(unfiltered | greedy), 1, 2))
+    drawn = jax.lax.switch(branch, [argmax, plain, full], None)                      # (B,)
+    tokens = jnp.where(greedy, jnp.argmax(logits, axis=-1), drawn).astype(jnp.int32)
+    logprobs = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], 1)
+    return tokens, logprobs[:, 0], jax.vmap(jax.random.key_data)(keys[:, 0])
+
+
+def seed_key_data(seed: int) -> np.ndarray:
+    """The raw key a solo run starts from (``jax.random.key(seed)``), (2,) uint32."""
+    return np.asarray(jax.random.key_data(jax.random.key(seed)))
+
+
+class BatchEngine:
+    """``max_batch`` KV cache slots on one engine; prefill per slot, decode per batch."""
+
+    def __init__(self, engine: Engine, max_batch: int):
+        if max_batch < 1:
+            raise EngineError(f"max_batch must be >= 1, got {max_batch}")
+        self.engine, self.max_batch = engine, max_batch
+        self.cfg = engine.cfg
+        self.states = [self._fresh() for _ in range(max_batch)]
+
+    def _fresh(self) -> SeqState:
+        eng = self.engine
+        caches = M.init_kv_cache(self.cfg, eng.cache_len, eng.device, eng.precision)
+        return SeqState(caches, jax.device_put(jnp.zeros((eng.cache_len,), bool), eng.device))
+
+    @property
+    def context(self) -> int:
+        return self.engine.context
+
+    @property
+    def chunk(self) -> int:
+        """The longest prefill chunk (as ``Engine.feed`` splits a prompt)."""
+        return max(self.engine.options.prefill_buckets)
+
+    @property
+    def kv_slot_bytes(self) -> int:
+        return sum(c.k.nbytes + c.v.nbytes for c in self.states[0].caches)
+
+    def position(self, slot: int) -> int:
+        return self.states[slot].pos
+
+    def reset(self, slot: int) -> None:
+        """Start a new sequence in a slot (its cache reused, every key marked invalid)."""
+        st = self.states[slot]
+        self.states[slot] = SeqState(st.caches, jnp.zeros_like(st.valid), 0)
+
+    def prefill(self, slot: int, tokens) -> jax.Array:
+        """Feed one prompt chunk (<= ``chunk`` tokens) to a slot -> fp32 logits (V,)."""
+        try:
+            logits, st = self.engine.advance(self.states[slot], tokens)
+        except BaseException:
+            self.states[slot] = self._fresh()   # the donated cache may be gone
+            raise
+        self.states[slot] = SeqState(st.caches, st.valid, st.pos)
+        return logits
+
+    @property
+    def batch_sizes(self) -> tuple[int, ...]:
+        """The step sizes compiled: powers of two below ``max_batch``, and ``max_batch``."""
+        return tuple(b for b in (1, 2, 4, 8, 16, 32, 64, 128) if b < self.max_batch) + (
+            self.max_batch,)
+
+    def _padding(self, slots: list[int], spare) -> list[int]:
+        """Spare slots (reset) that pad this step to the next batch size; [] if too few."""
+        size = next(b for b in self.batch_sizes if b >= len(slots))
+        pad = [s for s in spare if s not in slots][:size - len(slots)]
+        if len(pad) < size - len(slots):
+            return []
+        for s in pad:
+            self.reset(s)
+        return pad
+
+    def decode(self, slots: list[int], tokens: list[int], spare=()) -> jax.Array:
+        """Advance each slot's sequence by its token -> fp32 logits (B, V).
+
+        ``spare``: free slots that may pad the step to a compiled batch size
+        (their contents are discarded). If the step fails midway the slots'
+        donated caches are gone: they are replaced by fresh ones (their
+        sequences cannot go on).
+        """
+        if len(set(slots)) != len(slots) or not 0 < len(slots) <= self.max_batch:
+            raise EngineError(f"decode needs 1 to {self.max_batch} distinct slots, got {slots}")
+        n = len(slots)
+        pad = self._padding(list(slots), spare)
+        logits = self._decode(list(slots) + pad, list(tokens) + [0] * len(pad), n)
+        return logits[:n] if pad else logits
+
+    def _decode(self, slots: list[int], tokens: list[int], n: int) -> jax.Array:
+        """The step over every row; rows >= n pad it (the MoE skips them)."""
+        eng, cfg, backend, prec = self.engine, self.cfg, self.engine.backend, self.engine.precision
+        states = [self.states[s] for s in slots]
+        pos = np.array([st.pos for st in states], np.int32)                      # (B,)
+        if int(pos.max()) >= self.context:
+            raise EngineError(f"a sequence would exceed the context of {self.context}")
+        toks = np.asarray(tokens, np.int32).reshape(len(slots))                  # (B,)
+        try:
+            valids = _mark_rows(tuple(st.valid for st in states), toks, pos)
+            caches = [list(st.caches) for st in states]
+            h = _embed(cfg, prec, backend.embed_rows(toks))                      # (B, D)
+            for layer, lp in enumerate(eng.layers):
+                layer_caches = tuple(c[layer] for c in caches)
+                h, updated = _attention_rows(cfg, backend.linear, prec, lp, h, layer_caches,
+                                             valids, pos)
+                for c, new in zip(caches, updated):
+                    c[layer] = new
+                h = eng.moe_layer(layer, h, n)
+            logits = _rows_logits(cfg, backend.logits_fn, prec, h, eng.final_norm,
+                                  backend.logits_table)                           # (B, V)
+        except BaseException:
+            for s in slots:
+                self.states[s] = self._fresh()
+            raise
+        for s, c, v, p in zip(slots, caches, valids, pos):
+            self.states[s] = SeqState(c, v, int(p) + 1)
+        return logits

@@ -1,0 +1,256 @@
+"""Continuous batching: requests join and leave a ``BatchEngine`` between steps.
+
+One worker thread owns the engine. Each iteration of its loop
+
+1. drops cancelled sequences (a client that went away frees its slot within
+   one step) and admits queued requests into free KV cache slots,
+2. runs ONE prefill chunk of the oldest sequence still reading its prompt
+   (a long prompt never stalls the running decodes for more than a chunk),
+3. runs ONE decode step over every sequence that has its next token
+   pending, then samples each row with its own settings and key.
+
+Submitting never blocks: the waiting queue is bounded (``QueueFull``), and a
+request that cannot fit the context is refused at once (``EngineError``).
+Results go back through each sequence's ``on_event`` callback, called on the
+worker thread: ``("token", id, logprob)`` per token, then exactly one
+``("done", finish_reason, None)`` ('stop', 'length' or 'cancelled') or
+``("error", message, None)``.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from lowmem.batch import BatchEngine, sample_rows, seed_key_data
+from lowmem.engine import EngineError
+from lowmem.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+_IDS = itertools.count()
+
+
+class QueueFull(RuntimeError):
+    """The waiting queue holds ``max_queue`` requests already."""
+
+
+@dataclass(frozen=True)
+class Request:
+    prompt_ids: tuple[int, ...]
+    max_tokens: int = 16
+    sampling: SamplingParams = SamplingParams()
+    seed: int = 0
+    stop_at_eos: bool = True
+
+
+@dataclass(eq=False)
+class Sequence:
+    """A request's life in the scheduler; ``cancel()`` may be called from any thread."""
+    request: Request
+    on_event: Callable
+    id: int = field(default_factory=lambda: next(_IDS))
+    slot: int | None = None
+    fed: int = 0                      # prompt tokens prefilled
+    generated: list = field(default_factory=list)
+    pending: int | None = None        # sampled, not yet fed
+    key_data: np.ndarray | None = None
+    cancelled: bool = False
+    finished: bool = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class Scheduler:
+    """Bounded queue, ``max_batch`` running sequences, one worker thread."""
+
+    def __init__(self, batch: BatchEngine, max_queue: int = 64):
+        self.batch, self.max_queue = batch, max_queue
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.free = list(range(batch.max_batch))
+        self._wake = threading.Condition()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self.tokens_out = 0
+        self.steps = 0
+        self.busy_s = 0.0             # time spent in steps that did work
+        self.started = time.monotonic()
+
+    # --- client side (any thread) ----------------------------------------------
+    def check(self, req: Request) -> None:
+        """Raise EngineError when a request cannot run (empty or too long a prompt)."""
+        vocab = self.batch.cfg.vocab_size
+        if not req.prompt_ids:
+            raise EngineError("the prompt is empty (no tokens)")
+        if any(not 0 <= t < vocab for t in req.prompt_ids):
+            raise EngineError(f"token ids must be in [0, {vocab})")
+        if len(req.prompt_ids) > self.batch.context - 1:
+            raise EngineError(f"prompt of {len(req.prompt_ids)} tokens does not fit the context "
+                              f"of {self.batch.context} tokens (at most "
+                              f"{self.batch.context - 1} prompt tokens)")
+        if req.max_tokens < 1:
+            raise EngineError(f"max_tokens must be >= 1, got {req.max_tokens}")
+
+    def submit(self, req: Request, on_event: Callable) -> Sequence:
+        self.check(req)
+        seq = Sequence(req, on_event)
+        with self._wake:
+            if self._stop:
+                raise QueueFull("the server is shutting down")
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self.waiting)} requests already waiting "
+                                f"(--max-queue {self.max_queue})")
+            self.waiting.append(seq)
+            self._wake.notify()
+        return seq
+
+    def cancel(self, seq: Sequence) -> None:
+        seq.cancel()
+        with self._wake:
+            self._wake.notify()
+
+    # --- worker ----------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="lowmem-scheduler", daemon=True)
+        self._thread.start()
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Cancel every waiting and running sequence (each gets its 'done' event) and stop."""
+        with self._wake:
+            self._stop = True
+            for seq in list(self.waiting) + self.running:
+                seq.cancel()
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._stop and not self.waiting and not self.running:
+                    self._wake.wait()
+            worked = self.step()
+            if self._stop and not self.running and not self.waiting:
+                return
+            if not worked:
+                time.sleep(0.001)
+
+    def step(self) -> bool:
+        """One iteration: clean up and admit, one prefill chunk, one decode step."""
+        t0 = time.perf_counter()
+        self._drop_cancelled()
+        self._admit()
+        worked = self._prefill_one()
+        worked = self._decode() or worked
+        if worked:
+            self.steps += 1
+            self.busy_s += time.perf_counter() - t0
+        return worked
+
+    def _drop_cancelled(self) -> None:
+        with self._wake:
+            gone = [s for s in self.waiting if s.cancelled]
+            for s in gone:
+                self.waiting.remove(s)
+        for s in gone + [s for s in self.running if s.cancelled]:
+            self._finish(s, "cancelled")
+
+    def _admit(self) -> None:
+        with self._wake:
+            while self.free and self.waiting:
+                seq = self.waiting.popleft()
+                seq.slot = self.free.pop(0)
+                seq.key_data = seed_key_data(seq.request.seed)
+                self.batch.reset(seq.slot)
+                self.running.append(seq)
+
+    def _prefill_one(self) -> bool:
+        seq = next((s for s in self.running if s.fed < len(s.request.prompt_ids)), None)
+        if seq is None:
+            return False
+        ids = seq.request.prompt_ids
+        part = ids[seq.fed:seq.fed + self.batch.chunk]
+        try:
+            logits = self.batch.prefill(seq.slot, part)
+        except Exception as e:   # noqa: BLE001 - reported to that request alone
+            log.exception("prefill failed")
+            self._finish(seq, None, error=f"prefill failed: {e}")
+            return True
+        seq.fed += len(part)
+        if seq.fed == len(ids):
+            self._sample([seq], logits[None])
+        return True
+
+    def _decode(self) -> bool:
+        ready = [s for s in self.running if s.pending is not None]
+        if not ready:
+            return False
+        try:
+            logits = self.batch.decode([s.slot for s in ready], [s.pending for s in ready],
+                                       spare=list(self.free))
+        except Exception as e:   # noqa: BLE001 - the step's sequences cannot go on
+            log.exception("decode step failed")
+            for s in ready:
+                self._finish(s, None, error=f"decode step failed: {e}")
+            return True
+        self._sample(ready, logits)
+        return True
+
+    def _sample(self, seqs: list[Sequence], logits) -> None:
+        """Draw each row's token, emit it, and end the sequences that are done."""
+        params = [s.request.sampling.as_args() for s in seqs]
+        temp, top_p, top_k = (np.array(col) for col in zip(*params))
+        keys = np.stack([s.key_data for s in seqs])                                # (B, 2)
+        tokens, logprobs, keys = sample_rows(logits, keys, temp, top_p, top_k)
+        tokens, logprobs, keys = np.asarray(tokens), np.asarray(logprobs), np.asarray(keys)
+        eos = self.batch.cfg.eos_token_id
+        for i, seq in enumerate(seqs):
+            token = int(tokens[i])
+            seq.key_data, seq.pending = keys[i], token
+            seq.generated.append(token)
+            self.tokens_out += 1
+            seq.on_event(("token", token, float(logprobs[i])))
+            req = seq.request
+            if req.stop_at_eos and token == eos:
+                self._finish(seq, "stop")
+            elif (len(seq.generated) >= req.max_tokens
+                  or self.batch.position(seq.slot) >= self.batch.context):
+                self._finish(seq, "length")
+
+    def _finish(self, seq: Sequence, reason: str | None, error: str | None = None) -> None:
+        if seq.finished:
+            return
+        seq.finished, seq.pending = True, None
+        if seq in self.running:
+            self.running.remove(seq)
+        if seq.slot is not None:
+            with self._wake:
+                self.free.append(seq.slot)
+                self.free.sort()
+        try:
+            seq.on_event(("error", error, None) if error else ("done", reason, None))
+        except Exception:   # noqa: BLE001 - a broken callback must not stop the worker
+            log.exception("event callback failed")
+
+    # --- metrics -------------------------------------------------------------------
+    def metrics(self) -> dict:
+        stats = self.batch.engine.expert_stats.as_dict()
+        return {
+            "queue_depth": len(self.waiting),
+            "running_sequences": len(self.running),
+            "kv_slots_in_use": self.batch.max_batch - len(self.free),
+            "kv_slots_capacity": self.batch.max_batch,
+            "tokens_generated_total": self.tokens_out,
+            "tokens_per_second": self.tokens_out / self.busy_s if self.busy_s else 0.0,
+            "steps_total": self.steps,
+            "expert_requests_total": stats["requests"],
+            "expert_hit_rate": stats["hit_rate"],
+            "expert_bytes_moved_total": stats["bytes_moved"],
+        }

@@ -1,0 +1,176 @@
+"""Batched decode and continuous batching against solo runs of the same requests.
+
+The reference is ``lowmem.decoding.generate_tokens`` on a plain Engine: a
+request run in a batch, joining and leaving between steps, must give exactly
+the tokens (and the PRNG draws) it gives alone.
+"""
+import numpy as np
+import pytest
+
+from lowmem.batch import BatchEngine
+from lowmem.decoding import GenerationRequest, generate_tokens
+from lowmem.engine import Engine, EngineError, EngineOptions
+from lowmem.sampling import SamplingParams
+from lowmem.scheduler import QueueFull, Request, Scheduler
+from quant.packed import PackedModel, QuantSettings
+from quant.pipeline import quantize_checkpoint
+
+PROMPTS = [[5, 17, 99, 3, 250, 42, 7, 300], [11, 12, 13], [400, 1, 2, 77, 77, 8], [9],
+           list(range(20, 60))]   # 40 tokens: three chunks with buckets (4, 16)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_cfg, tiny_ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("batch") / "int4"
+    quantize_checkpoint(tiny_ckpt, out, tiny_cfg, QuantSettings(4, 32))
+    return PackedModel.open(out)
+
+
+def _engine(model, backend):
+    # small prefill buckets: long prompts are prefilled in several chunks
+    return Engine(model, EngineOptions(backend=backend, expert_cache_gb=1.0, context=64,
+                                       prefill_buckets=(4, 16)))
+
+
+def _solo(engine, req: Request) -> list[int]:
+    gen = GenerationRequest(max_new_tokens=req.max_tokens, sampling=req.sampling, seed=req.seed,
+                            stop_at_eos=req.stop_at_eos)
+    return list(generate_tokens(engine, list(req.prompt_ids), gen))
+
+
+def _run_all(sched: Scheduler, reqs, max_steps=500):
+    """Submit every request, step the scheduler until all are done (bounded)."""
+    events = [[] for _ in reqs]
+    seqs = [sched.submit(r, events[i].append) for i, r in enumerate(reqs)]
+    for _ in range(max_steps):
+        if all(s.finished for s in seqs):
+            break
+        sched.step()
+    assert all(s.finished for s in seqs)
+    return [[e[1] for e in ev if e[0] == "token"] for ev in events], events
+
+
+def _mixed_requests():
+    greedy = SamplingParams(temperature=0.0)
+    return [Request(tuple(PROMPTS[0]), 6, greedy, 0, False),
+            Request(tuple(PROMPTS[1]), 3, SamplingParams(0.9, 0.8, 0), 7, False),
+            Request(tuple(PROMPTS[2]), 8, SamplingParams(1.3, 1.0, 5), 123, False),
+            Request(tuple(PROMPTS[3]), 5, SamplingParams(0.7), 1, False),
+            Request(tuple(PROMPTS[4]), 4, greedy, 0, False),
+            Request(tuple(PROMPTS[1]), 7, SamplingParams(1.0), 99, False)]
+
+
+@pytest.mark.parametrize("backend", ["host", "device"])
+def test_identical_greedy_batch_equals_single_runs(model, backend):
+    engine = _engine(model, backend)
+    req = Request(tuple(PROMPTS[0]), 6, SamplingParams(temperature=0.0), 0, False)
+    solo = _solo(engine, req)
+    sched = Scheduler(BatchEngine(engine, 4), max_queue=8)
+    tokens, events = _run_all(sched, [req] * 4)
+    assert tokens == [solo] * 4
+    assert all(ev[-1] == ("done", "length", None) for ev in events)
+
+
+@pytest.mark.parametrize("backend", ["host", "device"])
+def test_mixed_lengths_settings_seeds_equal_single_runs(model, backend):
+    engine = _engine(model, backend)
+    reqs = _mixed_requests()
+    solo = [_solo(engine, r) for r in reqs]
+    # 5 slots for 6 requests: they queue, join as others leave, prefill between decodes,
+    # and steps of 3 sequences are padded to 4 rows with a free slot
+    batch = BatchEngine(engine, 5)
+    assert batch.batch_sizes == (1, 2, 4, 5)
+    tokens, _ = _run_all(Scheduler(batch, max_queue=8), reqs)
+    assert tokens == solo
+    assert [len(t) for t in tokens] == [r.max_tokens for r in reqs]
+
+
+def test_logprobs_are_the_models_log_softmax(model):
+    engine = _engine(model, "host")
+    req = Request(tuple(PROMPTS[1]), 1, SamplingParams(temperature=0.0), 0, False)
+    _, events = _run_all(Scheduler(BatchEngine(engine, 1)), [req])
+    engine.reset()
+    logits = np.asarray(engine.feed(PROMPTS[1]), np.float64)
+    expected = logits - logits.max() - np.log(np.exp(logits - logits.max()).sum())
+    token, logprob = events[0][0][1], events[0][0][2]
+    assert token == int(np.argmax(logits))
+    assert logprob == pytest.approx(expected[token], abs=1e-4)
+
+
+def test_each_expert_requested_once_per_step_for_the_whole_batch(model):
+    engine = Engine(model, EngineOptions(backend="host", context=64, record_routing=True))
+    batch = BatchEngine(engine, 4)
+    for slot, prompt in enumerate(PROMPTS[:4]):
+        batch.prefill(slot, prompt[:4])
+    engine.routing_trace.clear()
+    before = engine.expert_stats.requests
+    batch.decode([0, 1, 2, 3], [5, 6, 7, 8])
+    trace = engine.routing_trace
+    assert [layer for layer, _ in trace] == list(range(model.cfg.num_layers))
+    assert all(experts.shape == (4, model.cfg.num_selected_experts) for _, experts in trace)
+    union = sum(len(np.unique(experts)) for _, experts in trace)
+    assert engine.expert_stats.requests - before == union
+    assert union < 4 * model.cfg.num_selected_experts * model.cfg.num_layers
+
+
+def test_device_backend_fetches_each_expert_once_per_step(model):
+    engine = Engine(model, EngineOptions(backend="device", expert_cache_gb=1.0, context=64,
+                                         record_routing=True, prefetch=False))
+    batch = BatchEngine(engine, 4)
+    for slot, prompt in enumerate(PROMPTS[:4]):
+        batch.prefill(slot, prompt[:4])
+    engine.routing_trace.clear()
+    before = engine.expert_stats.requests
+    batch.decode([0, 1, 2, 3], [5, 6, 7, 8])
+    union = sum(len(np.unique(experts)) for _, experts in engine.routing_trace)
+    assert engine.expert_stats.requests - before == union
+
+
+def test_queue_bound_and_bad_requests(model):
+    sched = Scheduler(BatchEngine(_engine(model, "host"), 1), max_queue=2)
+    ok = Request((1, 2, 3), 2, SamplingParams(temperature=0.0))
+    sched.submit(ok, lambda e: None)
+    sched.submit(ok, lambda e: None)
+    with pytest.raises(QueueFull):
+        sched.submit(ok, lambda e: None)
+    with pytest.raises(EngineError, match="context of 64"):
+        sched.check(Request(tuple(range(1, 65)), 2))
+    with pytest.raises(EngineError, match="empty"):
+        sched.check(Request((), 2))
+    with pytest.raises(EngineError, match=r"\[0, 512\)"):
+        sched.check(Request((1, 512), 2))
+
+
+def test_cancelled_sequence_frees_its_slot_within_one_step(model):
+    sched = Scheduler(BatchEngine(_engine(model, "host"), 1), max_queue=4)
+    events = []
+    first = sched.submit(Request((1, 2, 3), 50, SamplingParams(temperature=0.0)), events.append)
+    second = sched.submit(Request((4, 5), 2, SamplingParams(temperature=0.0)), lambda e: None)
+    for _ in range(3):
+        sched.step()
+    assert first.slot == 0 and second.slot is None
+    sched.cancel(first)
+    sched.step()
+    assert events[-1] == ("done", "cancelled", None)
+    assert second.slot == 0
+
+
+def test_decode_rejects_bad_slots(model):
+    batch = BatchEngine(_engine(model, "host"), 2)
+    with pytest.raises(EngineError, match="distinct"):
+        batch.decode([0, 0], [1, 2])
+    with pytest.raises(EngineError, match="distinct"):
+        batch.decode([0, 1, 2], [1, 2, 3])
+
+
+def test_padded_step_gives_the_rows_of_the_exact_step(model):
+    engine = _engine(model, "host")
+    exact, padded = BatchEngine(engine, 3), BatchEngine(engine, 4)
+    for batch in (exact, padded):
+        for slot, prompt in enumerate(PROMPTS[:3]):
+            batch.prefill(slot, prompt[:4])
+    want = np.asarray(exact.decode([0, 1, 2], [5, 6, 7]))
+    got = np.asarray(padded.decode([0, 1, 2], [5, 6, 7], spare=[3]))
+    assert got.shape == want.shape == (3, model.cfg.vocab_size)
+    np.testing.assert_array_equal(got, want)
+    assert [padded.position(s) for s in range(3)] == [5, 4, 5]   # prompts of 4, 3, 4

@@ -1,0 +1,95 @@
+"""Aggregate decode throughput of a live ``python -m lowmem.serve`` at several concurrencies.
+
+    python -m lowmem.serve --model DIR --max-batch 16 --port 8000 &
+    python tools/bench_serve.py --url http://127.0.0.1:8000 --concurrency 1,2,4,8,16
+
+For each concurrency c, c streaming requests (short distinct prompts, sampled
+at temperature 1 with distinct seeds, so routing differs between sequences)
+run at once; it reports aggregate output tokens/s, mean time per output
+token of one stream, and the expert bytes the server moved (read from
+/metrics, prefill included) per output token. Prints a markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+
+
+def metric(url: str, name: str) -> float:
+    text = httpx.get(url + "/metrics", timeout=30).text
+    m = re.search(rf"^lowmem_{name} (\S+)$", text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def one_stream(url: str, i: int, max_tokens: int) -> tuple[int, float]:
+    """(tokens received, seconds from the first token to the last)."""
+    body = {"prompt": f"Request {i}: the weather today is", "max_tokens": max_tokens,
+            "temperature": 1.0, "seed": i, "stream": True, "logprobs": 1}
+    tokens, first, last = 0, None, None
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=600) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            lp = json.loads(line[6:])["choices"][0]["logprobs"]
+            if lp and lp["tokens"]:
+                now = time.perf_counter()
+                first = first or now
+                last = now
+                tokens += len(lp["tokens"])
+    return tokens, (last - first) if tokens > 1 else 0.0
+
+
+def run_level(url: str, c: int, max_tokens: int) -> dict:
+    bytes0, toks0 = metric(url, "expert_bytes_moved_total"), metric(url, "tokens_generated_total")
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(c) as pool:
+        results = list(pool.map(lambda i: one_stream(url, i, max_tokens), range(c)))
+    wall = time.perf_counter() - t0
+    tokens = sum(t for t, _ in results)
+    per_token = [s / (t - 1) for t, s in results if t > 1]
+    moved = metric(url, "expert_bytes_moved_total") - bytes0
+    counted = metric(url, "tokens_generated_total") - toks0
+    return {"concurrency": c, "tokens": tokens, "tok_s": tokens / wall,
+            "tpot_ms": 1e3 * sum(per_token) / max(len(per_token), 1),
+            "expert_mb_per_token": moved / max(counted, 1) / 1e6}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL")
+    p.add_argument("--concurrency", default="1,2,4,8,16", help="comma-separated levels")
+    p.add_argument("--max-tokens", type=int, default=32, help="tokens per request (default 32)")
+    args = p.parse_args(argv)
+    try:
+        levels = [int(c) for c in args.concurrency.split(",")]
+        httpx.get(args.url + "/health", timeout=10).raise_for_status()
+    except ValueError:
+        print(f"error: --concurrency expects integers like 1,2,4, got {args.concurrency!r}",
+              file=sys.stderr)
+        return 2
+    except httpx.HTTPError as e:
+        print(f"error: --url {args.url}: no server answers /health ({e})", file=sys.stderr)
+        return 2
+    run_level(args.url, 1, 2)   # warm-up: compile the batch-1 shapes
+    rows = [run_level(args.url, c, args.max_tokens) for c in levels]
+    base = rows[0]
+    print("| concurrency | aggregate tok/s | x c=1 | time/token per stream (ms) | "
+          "expert MB / output token | x c=1 |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['concurrency']} | {r['tok_s']:.1f} | {r['tok_s'] / base['tok_s']:.2f} | "
+              f"{r['tpot_ms']:.1f} | {r['expert_mb_per_token']:.3f} | "
+              f"{r['expert_mb_per_token'] / base['expert_mb_per_token']:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
