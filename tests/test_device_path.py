@@ -113,9 +113,10 @@ def test_accelerator_without_a_memory_limit_needs_a_budget(model):
         expert_slots(model, EngineOptions(), None)
     nbytes = model.expert_block_nbytes
     assert expert_slots(model, EngineOptions(expert_cache_gb=5.5 * nbytes / GIB), None) == 5
-    assert expert_slots(model, EngineOptions(headroom_gb=0.0), 7 * nbytes + 1) == 7
+    assert expert_slots(model, EngineOptions(), 7 * nbytes + 1, headroom=0) == 7
+    assert expert_slots(model, EngineOptions(), 9 * nbytes, headroom=2 * nbytes) == 7
     with pytest.raises(BackendError, match="holds 1 experts"):
-        expert_slots(model, EngineOptions(headroom_gb=0.0), nbytes)
+        expert_slots(model, EngineOptions(), nbytes, headroom=0)
 
 
 @pytest.mark.parametrize("bits", [8, 4])

@@ -121,7 +121,7 @@ def test_lru_simulation_replays_the_engines_cache(int8_dir):
     from lowmem.decoding import prompt_logits
     block = PackedModel.open(int8_dir).expert_block_nbytes
     rt = load(int8_dir, backend="device", prefetch=False, record_routing=True,
-              expert_cache_gb=5.5 * block / GIB, prefill_buckets=(4,))
+              expert_cache_gb=5.5 * block / GIB, prefill_buckets=(4,), cache_policy="lru")
     prompt_logits(rt.engine, [5, 17, 99, 3, 250, 42, 7, 300, 11, 12, 13, 400, 77])
     trace = C.trace_keys(rt.engine.routing_trace)
     stats = rt.engine.expert_stats
