@@ -113,11 +113,7 @@ def teacher_forced_logits(engine, tokens: list[int], progress: bool = True) -> n
 def read_tokens(args, runtime) -> list[int]:
     """The token ids of --prompt-ids, or of --text through the model's tokenizer."""
     if args.prompt_ids is not None:
-        try:
-            prompt = [int(t) for t in args.prompt_ids.split(",") if t.strip()]
-        except ValueError:
-            raise EvalError(f"--prompt-ids: expected comma-separated integers, found "
-                            f"{args.prompt_ids!r}") from None
+        prompt = cli.parse_ids(args.prompt_ids)
     else:
         try:
             prompt = Path(args.text).read_text(encoding="utf-8")

@@ -13,14 +13,13 @@ stderr, no traceback), 130 interrupted (rerun with --resume).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
 from pathlib import Path
 
 from lowmem import cli
-from quant.config import PRESETS, GrokConfig, preset
+from quant.config import PRESETS, GrokConfig
 from quant.checkpoint import CheckpointError
 from quant.packed import PackedFormatError, QuantSettings, verify_model
 from quant.pipeline import Progress, QuantizeError, quantize_checkpoint
@@ -72,19 +71,12 @@ def build_parser(prog: str = "python -m lowmem.quantize") -> argparse.ArgumentPa
 
 def load_config(args: argparse.Namespace) -> GrokConfig | None:
     """The config given (a check on the checkpoint), or None: infer it from the shapes."""
-    if args.config is None:
-        return preset(args.preset) if args.preset else None
-    text = args.config
-    if not text.lstrip().startswith("{"):
-        try:
-            text = Path(text).read_text()
-        except OSError as e:
-            raise QuantizeError(f"{args.config}: cannot read config file ({e.strerror})") from None
+    if args.config is None and args.preset is None:
+        return None
     try:
-        return GrokConfig.from_dict(json.loads(text))
-    except (ValueError, TypeError) as e:
-        raise QuantizeError(f"{args.config}: expected a JSON object of GrokConfig fields "
-                            f"({e})") from None
+        return cli.load_config(args.preset, args.config)
+    except cli.CLIError as e:
+        raise QuantizeError(str(e)) from None
 
 
 def fmt_bytes(n: float) -> str:
