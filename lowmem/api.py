@@ -37,7 +37,10 @@ class Runtime:
             if self.tokenizer is None:
                 raise EngineError(f"{self.engine.model.model_dir}: no tokenizer.model in the "
                                   f"model directory; pass token ids instead of text")
-            ids = self.tokenizer.encode(prompt)
+            try:
+                ids = self.tokenizer.encode(prompt)
+            except TokenizerError as e:
+                raise EngineError(str(e)) from None
         else:
             ids = [int(t) for t in prompt]
         bad = [t for t in ids if not 0 <= t < self.engine.cfg.vocab_size]

@@ -41,6 +41,13 @@ class Tokenizer:
         return self.sp.get_piece_size()
 
     def encode(self, text: str) -> list[int]:
+        """Token ids of text; text that is not valid Unicode (lone surrogates, as from
+        undecodable bytes) is a TokenizerError, not sentencepiece's cast error."""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise TokenizerError(f"the prompt is not valid UTF-8 text ({e.reason} at "
+                                 f"character {e.start})") from None
         return self.sp.encode(text)
 
     def decode(self, ids: list[int]) -> str:

@@ -47,3 +47,11 @@ def test_decode_round_trip(sp, text):
 def test_digits_are_split(sp):
     pieces = sp.encode("2024", out_type=str)
     assert [p.lstrip("\u2581") for p in pieces if p.lstrip("\u2581")] == ["2", "0", "2", "4"]
+
+
+def test_text_that_is_not_unicode_is_a_clear_error():
+    from lowmem.tokenizer import Tokenizer, TokenizerError
+    with pytest.raises(TokenizerError, match="not valid UTF-8 text"):
+        Tokenizer(TOKENIZER).encode("abc\udcff")
+    assert Tokenizer(TOKENIZER).encode("abc") == spm.SentencePieceProcessor(
+        model_file=str(TOKENIZER)).encode("abc")
