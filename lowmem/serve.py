@@ -33,6 +33,7 @@ from lowmem.scheduler import QueueFull, Request, Scheduler
 
 log = logging.getLogger(__name__)
 RETRY_AFTER_S = 1
+DISCONNECT_POLL_S = 0.2      # how often a non-streaming request checks its client
 
 
 def _error(exc: ApiError, headers: dict | None = None):
@@ -142,6 +143,7 @@ class Server:
         if params["stream"]:
             return StreamingResponse(self._stream(gen, chat, rid), media_type="text/event-stream")
         text, ids, lps = [], [], []
+        watcher = asyncio.create_task(self._cancel_on_disconnect(request, gen))
         try:
             async for piece, t, lp in gen.pieces():
                 text.append(piece)
@@ -149,11 +151,19 @@ class Server:
                 lps += lp
         except RuntimeError as e:
             return _error(ApiError(str(e), status=500, kind="server_error"))
+        finally:
+            watcher.cancel()
         choice = self.completion_choice(gen, "".join(text), ids, lps, chat, False,
                                         gen.finish_reason)
         out = self.envelope(chat, False, rid, [choice])
         out["usage"] = gen.usage()
         return JSONResponse(out)
+
+    async def _cancel_on_disconnect(self, request, gen: Generation) -> None:
+        """A non-streaming client that hangs up frees its KV slot within a step or so."""
+        while not await request.is_disconnected():
+            await asyncio.sleep(DISCONNECT_POLL_S)
+        self.scheduler.cancel(gen.seq)
 
     async def _stream(self, gen: Generation, chat: bool, rid: str):
         def event(obj) -> str:

@@ -235,6 +235,34 @@ def test_concurrent_streams_each_equal_their_solo_run(live_server, runtime):
     assert "lowmem_running_sequences 0" in metrics and "lowmem_queue_depth 0" in metrics
 
 
+def test_non_streaming_client_that_hangs_up_is_cancelled():
+    """The watcher a non-streaming request runs: a client gone -> its sequence cancelled."""
+    import asyncio
+
+    from lowmem.serve import Server
+
+    class Sched:
+        cancelled = []
+
+        def cancel(self, seq):
+            self.cancelled.append(seq)
+
+    class Req:
+        def __init__(self):
+            self.polls = 0
+
+        async def is_disconnected(self):
+            self.polls += 1
+            return self.polls >= 3          # connected for two polls, then gone
+
+    class Gen:
+        seq = "seq-7"
+    server = Server(Sched(), tokenizer=None, model_name="x")
+    request = Req()
+    asyncio.run(asyncio.wait_for(server._cancel_on_disconnect(request, Gen()), timeout=5))
+    assert Sched.cancelled == ["seq-7"] and request.polls == 3
+
+
 def test_raw_http_errors_and_sigterm(live_server):
     proc, url = live_server
     r = httpx.post(url + "/v1/chat/completions", content=b"[1,", timeout=30,
