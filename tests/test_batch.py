@@ -97,8 +97,10 @@ def test_logprobs_are_the_models_log_softmax(model):
     assert logprob == pytest.approx(expected[token], abs=1e-4)
 
 
-def test_each_expert_requested_once_per_step_for_the_whole_batch(model):
-    engine = Engine(model, EngineOptions(backend="host", context=64, record_routing=True))
+@pytest.mark.parametrize("backend", ["host", "device"])
+def test_each_expert_requested_once_per_step_for_the_whole_batch(model, backend):
+    engine = Engine(model, EngineOptions(backend=backend, expert_cache_gb=1.0, context=64,
+                                         record_routing=True, prefetch=False))
     batch = BatchEngine(engine, 4)
     for slot, prompt in enumerate(PROMPTS[:4]):
         batch.prefill(slot, prompt[:4])
@@ -111,19 +113,6 @@ def test_each_expert_requested_once_per_step_for_the_whole_batch(model):
     union = sum(len(np.unique(experts)) for _, experts in trace)
     assert engine.expert_stats.requests - before == union
     assert union < 4 * model.cfg.num_selected_experts * model.cfg.num_layers
-
-
-def test_device_backend_fetches_each_expert_once_per_step(model):
-    engine = Engine(model, EngineOptions(backend="device", expert_cache_gb=1.0, context=64,
-                                         record_routing=True, prefetch=False))
-    batch = BatchEngine(engine, 4)
-    for slot, prompt in enumerate(PROMPTS[:4]):
-        batch.prefill(slot, prompt[:4])
-    engine.routing_trace.clear()
-    before = engine.expert_stats.requests
-    batch.decode([0, 1, 2, 3], [5, 6, 7, 8])
-    union = sum(len(np.unique(experts)) for _, experts in engine.routing_trace)
-    assert engine.expert_stats.requests - before == union
 
 
 def test_queue_bound_and_bad_requests(model):
