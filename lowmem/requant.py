@@ -77,9 +77,11 @@ def dense_params(model: PackedModel, scheme: str | None = None) -> dict:
 
 
 def expert_bytes_per_token(model: PackedModel, scheme: str | None = None) -> int:
-    """Expert bytes one decode token reads: layers x routed experts x one expert's bytes."""
+    """Expert bytes one decode token reads: layers x routed experts x one expert's data
+    (values and scales; not the block's alignment padding, which the host kernels
+    never read and which is negligible at Grok-1 size)."""
     cfg = model.cfg
-    per_expert = model.expert_block_nbytes
+    per_expert = sum(p.nbytes for p in model.expert_parts)
     if scheme == "q4_0":
         weights = 3 * cfg.emb_size * cfg.ffn_size
         per_expert = weights // Q4_0_GROUP * Q4_0_GROUP_BYTES
