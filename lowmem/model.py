@@ -8,9 +8,11 @@ softmax, soft-capped attention logits, raw top-2 gates.
 ``lowmem.reference``'s modes: 'fp32' is the exact math (activations, norms,
 softmax, gelu, the MoE sum and the logits in fp32, weights dequantized exactly,
 constants unrounded). 'bf16' is the release's default run as it executes under
-jit (docs/FIDELITY.md): the same fp32 arithmetic, except that the KV cache holds
-keys (after RoPE) and values in bf16, the logits are rounded to bf16 after a
-bf16 output multiplier, and python-float constants are bf16 values.
+jit (docs/FIDELITY.md: the roundings its optimized HLO keeps): the same fp32
+arithmetic, except that the q, k and v projection outputs are rounded to bf16,
+the KV cache holds keys (after RoPE) and values in bf16, the attention output
+is rounded to bf16, the logits are rounded to bf16 after a bf16 output
+multiplier, and python-float constants are bf16 values.
 
 Matrix products go through a ``linear(x, w)`` function chosen by the engine, so
 the same attention code runs with weights on the accelerator (``dense_linear``:
@@ -38,6 +40,11 @@ def act_dtype(precision: str):
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     return F32 if precision == "fp32" else BF16
+
+
+def round_act(x: jax.Array, precision: str) -> jax.Array:
+    """fp32 x rounded to bf16 values in 'bf16' (one of the release's kept roundings)."""
+    return x.astype(BF16).astype(F32) if act_dtype(precision) == BF16 else x.astype(F32)
 
 
 def moe_precision(precision: str) -> str:
@@ -140,7 +147,7 @@ def attend(cfg: GrokConfig, q: jax.Array, cache: KVCache, valid: jax.Array,
     logits = jnp.where(visible[None, None], logits, MASK_VALUE)
     weights = jax.nn.softmax(logits, axis=-1)                                # fp32
     out = jnp.einsum("hgts,shd->thgd", weights, cache.v.astype(F32), precision=hi)  # (T, Hkv, G, K)
-    return out.reshape(t, cfg.q_width)
+    return round_act(out.reshape(t, cfg.q_width), precision)                # (T, Hq*K)
 
 
 def route(cfg: GrokConfig, x: jax.Array, router: jax.Array):
@@ -170,9 +177,10 @@ def attention_qkv(cfg: GrokConfig, linear: Callable, precision: str, lp: dict, h
     """
     t = h.shape[0]
     x = rms_norm(cfg, h, lp["attn_norm"], precision)                         # (T, D)
-    q = linear(x, lp["q"], precision).reshape(t, cfg.num_q_heads, cfg.key_size)
-    k = linear(x, lp["k"], precision).reshape(t, cfg.num_kv_heads, cfg.key_size)
-    v = linear(x, lp["v"], precision).reshape(t, cfg.num_kv_heads, cfg.key_size)
+    proj = lambda role: round_act(linear(x, lp[role], precision), precision)  # noqa: E731
+    q = proj("q").reshape(t, cfg.num_q_heads, cfg.key_size)                  # (T, Hq, K)
+    k = proj("k").reshape(t, cfg.num_kv_heads, cfg.key_size)                 # (T, Hkv, K)
+    v = proj("v").reshape(t, cfg.num_kv_heads, cfg.key_size)                 # (T, Hkv, K)
     return rope(cfg, q, positions), rope(cfg, k, positions), v
 
 

@@ -14,15 +14,18 @@ code asks for never happen (docs/FIDELITY.md: the optimized HLO and the
 bit-level evidence). What stays, and what this mode rounds (ml_dtypes,
 round-to-nearest-even):
 
+- the q, k and v projection outputs (RoPE then runs in fp32 on them);
 - the keys after RoPE and the values, as a bf16 KV cache holds them;
+- the attention output (weights times values), before the output projection;
 - the logits: fp32 product times the output multiplier rounded to bf16
   (0.578125 for Grok-1), the result rounded to bf16;
 - ``bf16_activation * python_float`` constants are bf16 values (the embedding
   multiplier is 78.5 for Grok-1).
 
 Everything else is fp32 as in the fp32 mode: the residual stream, the norm
-outputs, the projections, the dequantized weights (``int8 * bf16 scale`` is
-exact), attention weights and output, gates, the expert FFN and the MoE sum.
+outputs, the queries after RoPE, the attention logits and weights, the output
+projection, the dequantized weights (``int8 * bf16 scale`` is exact), the
+router, gates, the expert FFN and the MoE sum.
 
 ``mode='fp32'`` is the mathematical model in fp32: no bf16 rounding anywhere,
 constants used at fp32 precision (78.38367..., 0.57735...), gates not rounded,
@@ -70,7 +73,8 @@ def act(x, mode: str) -> np.ndarray:
 
 
 def kv(x, mode: str) -> np.ndarray:
-    """A key (after RoPE) or value as the KV cache holds it: bf16 values in 'bf16' mode."""
+    """One of the release's kept roundings (q/k/v projections, keys after RoPE, values,
+    attention output, logits): bf16 values in 'bf16' mode, float32 otherwise."""
     return bf16(x) if mode == "bf16" else np.asarray(x, np.float32)
 
 
@@ -143,9 +147,10 @@ def attention(x: np.ndarray, wq: np.ndarray, wk: np.ndarray, wv: np.ndarray, wo:
     b, t, _ = x.shape
     hkv, g, k = cfg.num_kv_heads, cfg.q_group, cfg.key_size
     positions = np.arange(t)
-    q = rope(matmul(x, wq, mode).reshape(b, t, hkv * g, k), positions, cfg.rope_base, mode)
-    kh = kv(rope(matmul(x, wk, mode).reshape(b, t, hkv, k), positions, cfg.rope_base, mode),
-            mode)                                                       # (B, S, Hkv, K)
+    q = rope(kv(matmul(x, wq, mode), mode).reshape(b, t, hkv * g, k), positions,
+             cfg.rope_base, mode)                                       # (B, T, Hq, K) fp32
+    kh = kv(rope(kv(matmul(x, wk, mode), mode).reshape(b, t, hkv, k), positions,
+                 cfg.rope_base, mode), mode)                            # (B, S, Hkv, K)
     v = kv(matmul(x, wv, mode).reshape(b, t, hkv, k), mode)             # (B, S, Hkv, K)
     q = q.reshape(b, t, hkv, g, k)                                      # (B, T, Hkv, G, K)
     logits = act(np.einsum("bthgd,bshd->bhgts", q, kh), mode)           # (B, Hkv, G, T, S)
@@ -154,7 +159,7 @@ def attention(x: np.ndarray, wq: np.ndarray, wk: np.ndarray, wv: np.ndarray, wo:
     logits = cap * np.tanh(logits / cap)
     logits = np.where(mask[:, None, None, :, :], logits, np.float32(MASK_VALUE))
     weights = act(softmax(logits), mode)                                # (B, Hkv, G, T, S)
-    out = act(np.einsum("bhgts,bshd->bthgd", weights, v), mode)         # (B, T, Hkv, G, K)
+    out = kv(np.einsum("bhgts,bshd->bthgd", weights, v), mode)          # (B, T, Hkv, G, K)
     return matmul(out.reshape(b, t, hkv * g * k), wo, mode)             # (B, T, D)
 
 
