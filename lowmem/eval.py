@@ -161,7 +161,7 @@ def build_parser(prog: str = "python -m lowmem.eval") -> argparse.ArgumentParser
     src.add_argument("--prompt-ids", metavar="IDS",
                      help="comma-separated token ids (this or --text is required)")
     p.add_argument("--bos", action="store_true", help="prepend BOS (default: off)")
-    p.add_argument("--requant-experts", choices=("q4_0",),
+    p.add_argument("--requant-experts", choices=("q4_0", "q4_0_bf16"),
                    help="requantize the (int8) model's experts in memory with this baseline "
                         "scheme and run it densely with lowmem.reference (small presets; "
                         "default: the model as stored)")

@@ -12,6 +12,8 @@ forward holds every expert in fp32).
   ``max`` is the signed value of largest magnitude, codes
   ``min(15, int(x / d + 8.5))``, value ``(code - 8) * fp16(d)``. 18 bytes per
   32 weights: 4.5 bits.
+- ``q4_0_bf16``: the same with the scale stored in bf16 (what lowmem's format
+  holds), to tell the -8 level trick from the fp16 scale's precision.
 
 The resident weights (attention, router, norms, the bf16 embedding) are used
 exactly as the packed model stores them, so a model without ``--requant-experts``
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import logging
 
+import ml_dtypes
 import numpy as np
 
 from quant.packed import PackedModel
@@ -30,11 +33,12 @@ log = logging.getLogger(__name__)
 
 Q4_0_GROUP = 32
 Q4_0_GROUP_BYTES = 18          # fp16 scale + 32 four-bit codes
-SCHEMES = ("q4_0",)
+SCHEMES = ("q4_0", "q4_0_bf16")
 
 
-def q4_0(w: np.ndarray) -> np.ndarray:
-    """(K, N) fp32 weights -> the (K, N) fp32 values a Q4_0 GGUF stores for them."""
+def q4_0(w: np.ndarray, scale_dtype=np.float16) -> np.ndarray:
+    """(K, N) fp32 weights -> the (K, N) fp32 values a Q4_0 GGUF stores for them
+    (``scale_dtype`` float16 as llama.cpp; ml_dtypes.bfloat16 for the variant)."""
     k, n = w.shape
     if k % Q4_0_GROUP:
         raise ValueError(f"Q4_0 needs K divisible by {Q4_0_GROUP}, got K={k}")
@@ -44,7 +48,7 @@ def q4_0(w: np.ndarray) -> np.ndarray:
     d = mx / np.float32(-8.0)
     inv = np.divide(np.float32(1.0), d, out=np.zeros_like(d), where=d != 0)
     codes = np.minimum(15, np.trunc(g * inv[:, None, :] + np.float32(8.5)))  # (G, 32, N)
-    d16 = d.astype(np.float16).astype(np.float32)
+    d16 = d.astype(scale_dtype).astype(np.float32)
     return ((codes - np.float32(8.0)) * d16[:, None, :]).reshape(k, n)
 
 
@@ -64,13 +68,14 @@ def dense_params(model: PackedModel, scheme: str | None = None) -> dict:
         raise ValueError(f"requantizing experts needs an int8 model, found "
                          f"{model.settings.bits}-bit experts in {model.model_dir}")
     cfg = model.cfg
+    dtype = ml_dtypes.bfloat16 if scheme == "q4_0_bf16" else np.float16
     layers = []
     for layer in range(cfg.num_layers):
         p = {role: _dense(w) for role, w in model.layer(layer).items()}
         blocks = [model.expert(layer, e) for e in range(cfg.num_experts)]
         for role in ("gate", "up", "down"):
             mats = [_dense(getattr(b, role)) for b in blocks]                  # E x (K, N)
-            p[role] = np.stack([q4_0(m) for m in mats] if scheme else mats)  # (E, K, N)
+            p[role] = np.stack([q4_0(m, dtype) for m in mats] if scheme else mats)  # (E, K, N)
         layers.append(p)
     return {"embed": _dense(model.embed()), "final_norm": _dense(model.final_norm()),
             "layers": layers}
@@ -82,7 +87,7 @@ def expert_bytes_per_token(model: PackedModel, scheme: str | None = None) -> int
     never read and which is negligible at Grok-1 size)."""
     cfg = model.cfg
     per_expert = sum(p.nbytes for p in model.expert_parts)
-    if scheme == "q4_0":
+    if scheme in SCHEMES:
         weights = 3 * cfg.emb_size * cfg.ffn_size
         per_expert = weights // Q4_0_GROUP * Q4_0_GROUP_BYTES
     return cfg.num_layers * cfg.num_selected_experts * per_expert
