@@ -1,6 +1,7 @@
 """Baseline expert quantizers (lowmem.requant) and ``lowmem.eval --requant-experts``."""
 import json
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -15,7 +16,7 @@ from quant.pipeline import quantize_checkpoint
 PROMPT = [5, 17, 99, 3, 250, 42, 7, 300, 11, 12]
 
 
-def llama_cpp_q4_0_row(x: np.ndarray) -> np.ndarray:
+def llama_cpp_q4_0_row(x: np.ndarray, scale_dtype=np.float16) -> np.ndarray:
     """quantize_row_q4_0_ref then dequantize_row_q4_0 (ggml-quants.c), one scalar at a time."""
     out = np.empty_like(x, dtype=np.float32)
     for b in range(0, len(x), 32):
@@ -25,7 +26,7 @@ def llama_cpp_q4_0_row(x: np.ndarray) -> np.ndarray:
                 amax, mx = abs(float(v)), float(v)
         d = np.float32(mx) / np.float32(-8)
         idd = np.float32(1) / d if d else np.float32(0)
-        d16 = float(np.float16(d))
+        d16 = float(np.asarray(d).astype(scale_dtype).astype(np.float32))
         for j in range(32):
             code = min(15, int(np.float32(x[b + j]) * idd + np.float32(8.5)))  # C (int8_t) cast
             out[b + j] = (code - 8) * d16
@@ -44,6 +45,9 @@ def test_q4_0_is_llama_cpps_reference_quantizer():
     assert np.array_equal(got, want)
     assert np.all(got[32:64, 1] == 0)
     assert got[5, 3] == pytest.approx(2.0, rel=1e-3) and got[9, 3] == pytest.approx(-2.0, rel=0.2)
+    bf = ml_dtypes.bfloat16          # the variant: the scale stored in bf16
+    want_bf = np.stack([llama_cpp_q4_0_row(w[:, n], bf) for n in range(w.shape[1])], axis=1)
+    assert np.array_equal(q4_0(w, bf), want_bf) and not np.array_equal(want_bf, want)
     with pytest.raises(ValueError, match="divisible by 32"):
         q4_0(w[:40])
 
