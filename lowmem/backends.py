@@ -83,10 +83,11 @@ class _HostMatmul:
 
 def host_linear(x: jax.Array, w: HostWeight, precision: str = "bf16") -> jax.Array:
     """``x @ W`` for a HostWeight: the numba kernel (exact weights, fp32 accumulation) on
-    the mapped weight; out in the activation dtype (bf16: a bf16 matmul's output)."""
+    the mapped weight; fp32 out in both precisions (the release as executed)."""
     shape = jax.ShapeDtypeStruct((x.shape[0], w.out_features), F32)
     out = jax.pure_callback(_HostMatmul(w.role), shape, x.astype(F32), w.handle, w.layer)
-    return out.astype(M.act_dtype(precision))
+    M.act_dtype(precision)
+    return out
 
 
 def _host_logits_callback(x, handle):
@@ -97,14 +98,11 @@ def _host_logits_callback(x, handle):
 def host_logits(cfg, hn: jax.Array, handle: jax.Array, precision: str = "bf16") -> jax.Array:
     """Tied output logits of hn (T, D) with the numba kernel on the mapped table -> fp32 (T, V).
 
-    The kernel accumulates in fp32; 'bf16' then rounds as a bf16 product and
-    multiplier would, 'fp32' keeps it and multiplies by the exact constant.
+    The kernel accumulates in fp32; ``model.round_logits`` applies the multiplier.
     """
     shape = jax.ShapeDtypeStruct((hn.shape[0], cfg.vocab_size), F32)
     logits = jax.pure_callback(_host_logits_callback, shape, hn.astype(F32), handle)  # (T, V)
-    if precision == "fp32":
-        return logits * jnp.float32(cfg.output_multiplier_scale)
-    return M.bf16_mul(logits.astype(jnp.bfloat16), cfg.output_multiplier_scale).astype(F32)
+    return M.round_logits(cfg, logits, precision)
 
 
 class HostBackend:
@@ -133,7 +131,7 @@ class HostBackend:
         return self.embed[tokens]                                         # (T, D) bf16
 
     def make_moe(self, options, fetch_hook: Callable | None = None) -> HostMoE:
-        return HostMoE(self.model, options.precision)
+        return HostMoE(self.model, M.moe_precision(options.precision))
 
     def close(self) -> None:
         _HOST_BACKENDS.pop(self.handle, None)
@@ -200,7 +198,7 @@ class DeviceBackend:
         log.info("expert cache: %d slots of %.1f MB, policy %s%s", capacity, nbytes / 1e6,
                  policy, " (auto)" if options.cache_policy == "auto" else "")
         return DeviceMoE(self.model, cache, prefetch=options.prefetch,
-                         precision=options.precision)
+                         precision=M.moe_precision(options.precision))
 
     def headroom_bytes(self, options) -> int:
         """Device memory the default expert budget leaves to the steps' temporaries.

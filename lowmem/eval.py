@@ -11,6 +11,12 @@ the release's own code). Reported per position and overall:
 - relative logit error: max |model - reference| over max |reference|;
 - perplexity of each model on the text (its own tokens after the first).
 
+Each report also gives the expert bytes one decode token reads
+(``expert_bytes_per_token``), so quality is seen next to its cost.
+``--requant-experts q4_0`` evaluates a baseline instead of the packed model as
+stored: the int8 model's experts requantized in memory with llama.cpp's Q4_0
+and run densely by ``lowmem.reference`` (small presets; ``lowmem.requant``).
+
 This is how a user decides between int8, int4 and group sizes, and how
 tests assert quality.
 
@@ -155,6 +161,10 @@ def build_parser(prog: str = "python -m lowmem.eval") -> argparse.ArgumentParser
     src.add_argument("--prompt-ids", metavar="IDS",
                      help="comma-separated token ids (this or --text is required)")
     p.add_argument("--bos", action="store_true", help="prepend BOS (default: off)")
+    p.add_argument("--requant-experts", choices=("q4_0", "q4_0_bf16"),
+                   help="requantize the (int8) model's experts in memory with this baseline "
+                        "scheme and run it densely with lowmem.reference (small presets; "
+                        "default: the model as stored)")
     p.add_argument("--out", type=cli.output_file,
                    help="write the JSON report here (default: stdout)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown)")
@@ -172,10 +182,16 @@ def run(args) -> dict:
         tokens = read_tokens(args, rt)
         if not tokens:
             raise EvalError("no tokens to evaluate")
-        logits = teacher_forced_logits(rt.engine, tokens, not args.no_progress)
+        if args.requant_experts:
+            logits = requant_logits(rt.engine.model, args.requant_experts, tokens, args.precision)
+        else:
+            logits = teacher_forced_logits(rt.engine, tokens, not args.no_progress)
+        from lowmem.requant import expert_bytes_per_token
+        nbytes = expert_bytes_per_token(rt.engine.model, args.requant_experts)
     finally:
         rt.close()
-    report = {"model": str(args.model), "precision": args.precision, "tokens": tokens}
+    report = {"model": str(args.model), "precision": args.precision, "tokens": tokens,
+              "requant_experts": args.requant_experts, "expert_bytes_per_token": nbytes}
     if args.release_oracle:
         ref = load_oracle(args.release_oracle, len(tokens), logits.shape[1])
         report["reference"] = {"release_oracle": str(args.release_oracle)}
@@ -192,6 +208,17 @@ def run(args) -> dict:
         return report
     report.update(compare(logits, ref, tokens))
     return report
+
+
+def requant_logits(model, scheme: str, tokens: list[int], precision: str) -> np.ndarray:
+    """(T, V) logits of ``model`` with its experts requantized by ``scheme``, run densely."""
+    from lowmem import reference as R
+    from lowmem.requant import dense_params
+    try:
+        params = dense_params(model, scheme)
+    except ValueError as e:
+        raise EvalError(f"--requant-experts: {e}") from None
+    return R.forward(model.cfg, params, np.asarray(tokens), precision)[0]
 
 
 def write_atomic(path: str, text: str) -> None:

@@ -1,15 +1,18 @@
 """Grok-1's resident computation in JAX: embedding, attention, routing, logits.
 
 Everything except the routed experts. Each function is pure and jit-friendly,
-takes the config explicitly, and follows SPEC.md section 2 in the reference's
-bf16 mode: bf16 activations, fp32 norms/router/softmax, soft-capped attention
-logits, raw top-2 gates.
+takes the config explicitly, and follows SPEC.md section 2: fp32 norms/router/
+softmax, soft-capped attention logits, raw top-2 gates.
 
-``precision`` ('bf16' or 'fp32', a static argument of every jitted step) picks
-the activation dtype: 'bf16' is the release's default run; 'fp32' is the exact
-math (activations, norms, softmax, gelu, the MoE sum and the logits in fp32,
-weights dequantized exactly, constants unrounded), what ``lowmem.reference``
-computes in its fp32 mode.
+``precision`` ('bf16' or 'fp32', a static argument of every jitted step), as
+``lowmem.reference``'s modes: 'fp32' is the exact math (activations, norms,
+softmax, gelu, the MoE sum and the logits in fp32, weights dequantized exactly,
+constants unrounded). 'bf16' is the release's default run as it executes under
+jit (docs/FIDELITY.md: the roundings its optimized HLO keeps): the same fp32
+arithmetic, except that the q, k and v projection outputs are rounded to bf16,
+the KV cache holds keys (after RoPE) and values in bf16, the attention output
+is rounded to bf16, the logits are rounded to bf16 after a bf16 output
+multiplier, and python-float constants are bf16 values.
 
 Matrix products go through a ``linear(x, w)`` function chosen by the engine, so
 the same attention code runs with weights on the accelerator (``dense_linear``:
@@ -33,10 +36,22 @@ PRECISIONS = ("fp32", "bf16")
 
 
 def act_dtype(precision: str):
-    """The activation dtype of a precision ('bf16' or 'fp32')."""
+    """The KV cache's dtype in a precision ('bf16' or 'fp32'); activations are fp32 in both."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     return F32 if precision == "fp32" else BF16
+
+
+def round_act(x: jax.Array, precision: str) -> jax.Array:
+    """fp32 x rounded to bf16 values in 'bf16' (one of the release's kept roundings)."""
+    return x.astype(BF16).astype(F32) if act_dtype(precision) == BF16 else x.astype(F32)
+
+
+def moe_precision(precision: str) -> str:
+    """The expert FFNs' precision: 'fp32' in both modes (the release as executed rounds
+    neither the expert products, the gates nor the MoE sum)."""
+    act_dtype(precision)
+    return "fp32"
 
 
 class KVCache(NamedTuple):
@@ -53,25 +68,21 @@ def init_kv_cache(cfg: GrokConfig, length: int, device=None, precision: str = "b
     return [KVCache(zeros(), zeros()) for _ in range(cfg.num_layers)]
 
 
-def bf16_mul(x: jax.Array, constant: float) -> jax.Array:
-    """``x.astype(bf16) * python_float``: the constant is rounded to bf16 (SPEC 2)."""
-    return x.astype(BF16) * jnp.asarray(constant, BF16)
-
-
 def scale_act(x: jax.Array, constant: float, precision: str) -> jax.Array:
-    """An activation times a python float: rounded to bf16 in 'bf16', exact fp32 in 'fp32'."""
+    """fp32 activation times a python float, the constant a bf16 value in 'bf16'."""
     if precision == "fp32":
         return x.astype(F32) * jnp.float32(constant)
-    return bf16_mul(x, constant)
+    return x.astype(F32) * jnp.asarray(constant, BF16).astype(F32)
 
 
 def rms_norm(cfg: GrokConfig, x: jax.Array, scale: jax.Array, precision: str = "bf16"
              ) -> jax.Array:
-    """fp32 RMSNorm with the scale used as stored, cast back to the activation dtype."""
+    """fp32 RMSNorm with the scale used as stored; fp32 out in both precisions."""
     xf = x.astype(F32)
     ms = jnp.mean(xf * xf, axis=-1, keepdims=True)
     out = xf * jax.lax.rsqrt(ms + cfg.rms_norm_eps) * scale.astype(F32)
-    return out.astype(act_dtype(precision))
+    act_dtype(precision)
+    return out
 
 
 def dequantize(w: QWeight, dtype=BF16) -> jax.Array:
@@ -94,16 +105,15 @@ def dequantize(w: QWeight, dtype=BF16) -> jax.Array:
 
 
 def dense_linear(x: jax.Array, w, precision: str = "bf16") -> jax.Array:
-    """x @ W on the accelerator, W float (bf16) or QWeight; activation dtype in and out.
+    """x @ W on the accelerator, W float (bf16) or QWeight; fp32 in and out (both precisions).
 
-    fp32 uses Precision.HIGHEST: a GPU would otherwise run the dot as TF32.
+    Weights dequantized exactly; Precision.HIGHEST: a GPU would otherwise run the
+    dot as TF32 (or bf16), which the release as executed on CPU does not round.
     """
-    dtype = act_dtype(precision)
+    act_dtype(precision)
     if isinstance(w, QWeight):
-        w = dequantize(w, dtype)
-    if precision == "fp32":
-        return jnp.dot(x.astype(F32), w.astype(F32), precision=jax.lax.Precision.HIGHEST)
-    return jnp.dot(x.astype(BF16), w.astype(BF16))
+        w = dequantize(w, F32)
+    return jnp.dot(x.astype(F32), w.astype(F32), precision=jax.lax.Precision.HIGHEST)
 
 
 def rope(cfg: GrokConfig, x: jax.Array, positions: jax.Array) -> jax.Array:
@@ -127,16 +137,17 @@ def attend(cfg: GrokConfig, q: jax.Array, cache: KVCache, valid: jax.Array,
     t = q.shape[0]
     s = cache.k.shape[0]
     qg = q.reshape(t, cfg.num_kv_heads, cfg.q_group, cfg.key_size)          # (T, Hkv, G, K)
-    hi = jax.lax.Precision.HIGHEST if precision == "fp32" else None
-    logits = jnp.einsum("thgd,shd->hgts", qg, cache.k, precision=hi).astype(F32)  # (Hkv, G, T, S)
+    hi = jax.lax.Precision.HIGHEST
+    logits = jnp.einsum("thgd,shd->hgts", qg.astype(F32), cache.k.astype(F32),
+                        precision=hi)                                        # (Hkv, G, T, S) fp32
     logits = logits * cfg.attn_output_multiplier
     cap = cfg.attn_logit_softcap
     logits = cap * jnp.tanh(logits / cap)
     visible = valid[None, :] & (jnp.arange(s)[None, :] <= positions[:, None])  # (T, S)
     logits = jnp.where(visible[None, None], logits, MASK_VALUE)
-    weights = jax.nn.softmax(logits, axis=-1).astype(act_dtype(precision))
-    out = jnp.einsum("hgts,shd->thgd", weights, cache.v, precision=hi)       # (T, Hkv, G, K)
-    return out.reshape(t, cfg.q_width)
+    weights = jax.nn.softmax(logits, axis=-1)                                # fp32
+    out = jnp.einsum("hgts,shd->thgd", weights, cache.v.astype(F32), precision=hi)  # (T, Hkv, G, K)
+    return round_act(out.reshape(t, cfg.q_width), precision)                # (T, Hq*K)
 
 
 def route(cfg: GrokConfig, x: jax.Array, router: jax.Array):
@@ -166,9 +177,10 @@ def attention_qkv(cfg: GrokConfig, linear: Callable, precision: str, lp: dict, h
     """
     t = h.shape[0]
     x = rms_norm(cfg, h, lp["attn_norm"], precision)                         # (T, D)
-    q = linear(x, lp["q"], precision).reshape(t, cfg.num_q_heads, cfg.key_size)
-    k = linear(x, lp["k"], precision).reshape(t, cfg.num_kv_heads, cfg.key_size)
-    v = linear(x, lp["v"], precision).reshape(t, cfg.num_kv_heads, cfg.key_size)
+    proj = lambda role: round_act(linear(x, lp[role], precision), precision)  # noqa: E731
+    q = proj("q").reshape(t, cfg.num_q_heads, cfg.key_size)                  # (T, Hq, K)
+    k = proj("k").reshape(t, cfg.num_kv_heads, cfg.key_size)                 # (T, Hkv, K)
+    v = proj("v").reshape(t, cfg.num_kv_heads, cfg.key_size)                 # (T, Hkv, K)
     return rope(cfg, q, positions), rope(cfg, k, positions), v
 
 
@@ -186,8 +198,8 @@ def attention_output(cfg: GrokConfig, linear: Callable, precision: str, lp: dict
 
 def moe_residual(cfg: GrokConfig, precision: str, h: jax.Array, moe_sum: jax.Array,
                  scale: jax.Array):
-    """h + rms_norm_3(sum of gated expert outputs cast to the activation dtype)."""
-    return h + rms_norm(cfg, moe_sum.astype(act_dtype(precision)), scale, precision)
+    """h + rms_norm_3(fp32 sum of gated expert outputs), fp32 in both precisions."""
+    return h + rms_norm(cfg, moe_sum.astype(F32), scale, precision)
 
 
 def embed(cfg: GrokConfig, precision: str, rows: jax.Array) -> jax.Array:
@@ -204,8 +216,9 @@ def mark_valid(valid: jax.Array, tokens: jax.Array, pos: jax.Array, length: jax.
 
 def gated_sum_update(acc: jax.Array, out: jax.Array, gate: jax.Array,
                      precision: str = "bf16") -> jax.Array:
-    """acc + gate * expert_out in fp32; the gate rounded to bf16 in 'bf16' (as the release)."""
-    return acc + gate.astype(act_dtype(precision)).astype(F32)[:, None] * out
+    """acc + gate * expert_out in fp32, the gate unrounded in both precisions."""
+    act_dtype(precision)
+    return acc + gate.astype(F32)[:, None] * out
 
 
 def final_hidden(cfg: GrokConfig, h: jax.Array, final_norm: jax.Array,
@@ -217,12 +230,16 @@ def output_logits(cfg: GrokConfig, hn: jax.Array, embed_bf16: jax.Array,
                   precision: str = "bf16") -> jax.Array:
     """Tied output: (hn @ E^T) times the output multiplier -> fp32 (T, V).
 
-    'bf16': bf16 product, multiplier rounded to bf16, as the release; 'fp32':
-    the bf16 table read exactly, fp32 accumulation and multiplier.
+    The bf16 table read exactly, fp32 accumulation; then ``round_logits``.
     """
+    logits = jnp.dot(hn.astype(F32), embed_bf16.T.astype(F32),
+                     precision=jax.lax.Precision.HIGHEST)                  # (T, V) fp32
+    return round_logits(cfg, logits, precision)
+
+
+def round_logits(cfg: GrokConfig, logits: jax.Array, precision: str) -> jax.Array:
+    """fp32 logits (T, V) times the output multiplier: exact in 'fp32'; in 'bf16' the
+    multiplier is a bf16 value and the product is rounded to bf16 (as the release)."""
     if precision == "fp32":
-        logits = jnp.dot(hn.astype(F32), embed_bf16.T.astype(F32),
-                         precision=jax.lax.Precision.HIGHEST)              # (T, V) fp32
         return logits * jnp.float32(cfg.output_multiplier_scale)
-    logits = jnp.dot(hn.astype(BF16), embed_bf16.T.astype(BF16))
-    return bf16_mul(logits, cfg.output_multiplier_scale).astype(F32)
+    return scale_act(logits, cfg.output_multiplier_scale, precision).astype(BF16).astype(F32)

@@ -83,10 +83,11 @@ def expert_ffn_slot(x: jax.Array, slots, slot, parts: tuple[TensorEntry, ...],
                     precision: str) -> jax.Array:
     """The GeGLU expert in a slot -> fp32 (T, D), reading its weights in chunks.
 
-    'bf16' (the release's bf16 mode): gate/up outputs rounded to bf16, gelu
-    (tanh), the product and the down projection in fp32 on bf16-rounded down
-    weights, as the release's expert selection promotes them. 'fp32': all
-    fp32, weights dequantized exactly.
+    'fp32': all fp32, weights dequantized exactly: what the engine runs in both
+    of its precisions (``model.moe_precision``: the release as executed under
+    jit rounds nothing in its MoE). 'bf16' (gate/up outputs rounded to bf16,
+    bf16-rounded weights: the release's source read literally) is kept for
+    comparison only.
     """
     p = {(e.role, e.part): e for e in parts}
     act = M.act_dtype(precision)

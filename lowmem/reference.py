@@ -6,20 +6,26 @@ right rather than fast (SPEC.md section 2, followed line by line).
 
 Two modes:
 
-``mode='bf16'`` emulates the release's default run (activations in bf16).
-A bf16 op is emulated as "compute in fp32 on bf16-valued operands, then round
-the result to bf16" (ml_dtypes, round-to-nearest-even), which is what XLA does
-on CPU. In particular:
+``mode='bf16'`` is the release's default run (``fprop_dtype=bfloat16``) as it
+actually executes under ``jax.jit`` with XLA:CPU (jax 0.4.25, 8 host devices),
+not as its source reads: XLA's excess-precision simplification removes a
+``convert`` to bf16 that is converted straight back, so most of the casts the
+code asks for never happen (docs/FIDELITY.md: the optimized HLO and the
+bit-level evidence). What stays, and what this mode rounds (ml_dtypes,
+round-to-nearest-even):
 
-- matmuls of bf16 inputs accumulate in fp32 and round the output to bf16; the
-  weights are rounded to bf16 at use (the release computes ``int8 * bf16
-  scale`` in bf16, i.e. the exact product rounded once: the same value);
-- ``bf16_activation * python_float`` rounds the constant to bf16 too, so the
-  embedding multiplier is 78.5 and the output multiplier 0.578125 for Grok-1;
-  ``attn_output_multiplier`` multiplies fp32 logits and is not rounded;
-- the expert FFN keeps gate/up outputs in bf16 but runs gelu, the product and
-  the down projection in fp32; the two-expert sum, weighted by bf16(gate
-  prob), is cast to bf16.
+- the q, k and v projection outputs (RoPE then runs in fp32 on them);
+- the keys after RoPE and the values, as a bf16 KV cache holds them;
+- the attention output (weights times values), before the output projection;
+- the logits: fp32 product times the output multiplier rounded to bf16
+  (0.578125 for Grok-1), the result rounded to bf16;
+- ``bf16_activation * python_float`` constants are bf16 values (the embedding
+  multiplier is 78.5 for Grok-1).
+
+Everything else is fp32 as in the fp32 mode: the residual stream, the norm
+outputs, the queries after RoPE, the attention logits and weights, the output
+projection, the dequantized weights (``int8 * bf16 scale`` is exact), the
+router, gates, the expert FFN and the MoE sum.
 
 ``mode='fp32'`` is the mathematical model in fp32: no bf16 rounding anywhere,
 constants used at fp32 precision (78.38367..., 0.57735...), gates not rounded,
@@ -62,7 +68,13 @@ def _check_mode(mode: str) -> None:
 
 
 def act(x, mode: str) -> np.ndarray:
-    """Cast to the activation dtype: bf16 values in 'bf16' mode, float32 otherwise."""
+    """An activation: float32 in both modes (the release as executed keeps them in fp32)."""
+    return np.asarray(x, np.float32)
+
+
+def kv(x, mode: str) -> np.ndarray:
+    """One of the release's kept roundings (q/k/v projections, keys after RoPE, values,
+    attention output, logits): bf16 values in 'bf16' mode, float32 otherwise."""
     return bf16(x) if mode == "bf16" else np.asarray(x, np.float32)
 
 
@@ -72,18 +84,16 @@ def scalar(c: float, mode: str) -> np.float32:
 
 
 def matmul(x: np.ndarray, w: np.ndarray, mode: str) -> np.ndarray:
-    """``x @ w`` in the activation dtype: bf16 operands, fp32 accumulation, bf16 result."""
-    if mode == "bf16":
-        return bf16(bf16(x) @ bf16(w))
+    """``x @ w`` in fp32 with exact weights (both modes: see the module docstring)."""
     return np.asarray(x, np.float32) @ np.asarray(w, np.float32)
 
 
 # --- components ---------------------------------------------------------------
 
 def embed(tokens: np.ndarray, table: np.ndarray, multiplier: float, mode: str) -> np.ndarray:
-    """Gather fp32 rows, cast to the activation dtype, scale: (B, T) -> (B, T, D)."""
+    """Gather fp32 rows and scale (a bf16 constant in 'bf16'): (B, T) -> (B, T, D)."""
     rows = act(table[tokens], mode)                        # (B, T, D)
-    return act(rows * scalar(multiplier, mode), mode)      # (B, T, D)
+    return act(rows * scalar(multiplier, mode), mode)      # (B, T, D) fp32
 
 
 def rms_norm(x: np.ndarray, scale: np.ndarray, eps: float, mode: str) -> np.ndarray:
@@ -137,9 +147,11 @@ def attention(x: np.ndarray, wq: np.ndarray, wk: np.ndarray, wv: np.ndarray, wo:
     b, t, _ = x.shape
     hkv, g, k = cfg.num_kv_heads, cfg.q_group, cfg.key_size
     positions = np.arange(t)
-    q = rope(matmul(x, wq, mode).reshape(b, t, hkv * g, k), positions, cfg.rope_base, mode)
-    kh = rope(matmul(x, wk, mode).reshape(b, t, hkv, k), positions, cfg.rope_base, mode)
-    v = matmul(x, wv, mode).reshape(b, t, hkv, k)                       # (B, S, Hkv, K)
+    q = rope(kv(matmul(x, wq, mode), mode).reshape(b, t, hkv * g, k), positions,
+             cfg.rope_base, mode)                                       # (B, T, Hq, K) fp32
+    kh = kv(rope(kv(matmul(x, wk, mode), mode).reshape(b, t, hkv, k), positions,
+                 cfg.rope_base, mode), mode)                            # (B, S, Hkv, K)
+    v = kv(matmul(x, wv, mode).reshape(b, t, hkv, k), mode)             # (B, S, Hkv, K)
     q = q.reshape(b, t, hkv, g, k)                                      # (B, T, Hkv, G, K)
     logits = act(np.einsum("bthgd,bshd->bhgts", q, kh), mode)           # (B, Hkv, G, T, S)
     logits = logits * np.float32(cfg.attn_output_multiplier)
@@ -147,7 +159,7 @@ def attention(x: np.ndarray, wq: np.ndarray, wk: np.ndarray, wv: np.ndarray, wo:
     logits = cap * np.tanh(logits / cap)
     logits = np.where(mask[:, None, None, :, :], logits, np.float32(MASK_VALUE))
     weights = act(softmax(logits), mode)                                # (B, Hkv, G, T, S)
-    out = act(np.einsum("bhgts,bshd->bthgd", weights, v), mode)         # (B, T, Hkv, G, K)
+    out = kv(np.einsum("bhgts,bshd->bthgd", weights, v), mode)          # (B, T, Hkv, G, K)
     return matmul(out.reshape(b, t, hkv * g * k), wo, mode)             # (B, T, D)
 
 
@@ -179,27 +191,23 @@ def expert_ffn(x: np.ndarray, w_gate: np.ndarray, w_up: np.ndarray, w_down: np.n
                mode: str) -> np.ndarray:
     """One expert's GeGLU ``down(gelu_tanh(x @ gate) * (x @ up))``: (N, D) -> (N, D) fp32.
 
-    In bf16 mode the gate/up outputs are bf16 but gelu, the product and the down
-    projection (bf16 weights) run in fp32, as in the release's expert selection.
+    fp32 with exact weights in both modes (the release as executed rounds none of it).
     """
     gate = matmul(x, w_gate, mode)                          # (N, F)
     up = matmul(x, w_up, mode)                              # (N, F)
     hidden = gelu_tanh(gate) * up                           # (N, F) fp32
-    w_down = bf16(w_down) if mode == "bf16" else np.asarray(w_down, np.float32)
-    return hidden @ w_down                                  # (N, D) fp32
+    return hidden @ np.asarray(w_down, np.float32)          # (N, D) fp32
 
 
 def moe(x: np.ndarray, w_router: np.ndarray, w_gate: np.ndarray, w_up: np.ndarray,
         w_down: np.ndarray, k: int, mode: str) -> np.ndarray:
     """Top-k mixture of experts: x (B, T, D) -> (B, T, D) in the activation dtype.
 
-    Output = sum over the k selected experts of gate * expert(x); the gate is
-    bf16(prob) in bf16 mode and the fp32 sum is cast to the activation dtype.
+    Output = sum over the k selected experts of gate * expert(x), all fp32 (the
+    release's bf16 casts of the gates and of the sum do not survive under jit).
     """
     probs = router_probs(x, w_router)                       # (B, T, E)
     gates, experts = top2(probs, k)                         # (B, T, k)
-    if mode == "bf16":
-        gates = bf16(gates)
     flat_x = x.reshape(-1, x.shape[-1])                     # (N, D)
     flat_gates, flat_experts = gates.reshape(-1, k), experts.reshape(-1, k)
     out = np.zeros(flat_x.shape, np.float32)                # (N, D)
@@ -225,10 +233,13 @@ def decoder_layer(h: np.ndarray, p: dict, mask: np.ndarray, cfg: GrokConfig,
 
 def output_logits(h: np.ndarray, final_norm: np.ndarray, table: np.ndarray,
                   cfg: GrokConfig, mode: str) -> np.ndarray:
-    """Final RMSNorm, tied-embedding logits, output multiplier: (B, T, D) -> (B, T, V)."""
+    """Final RMSNorm, tied-embedding logits, output multiplier: (B, T, D) -> (B, T, V).
+
+    'bf16': fp32 product times the bf16 multiplier, rounded to bf16 (the release's
+    one rounding outside attention)."""
     h = rms_norm(h, final_norm, cfg.rms_norm_eps, mode)
     logits = matmul(h, np.asarray(table).T, mode)           # (B, T, V)
-    return act(logits * scalar(cfg.output_multiplier_scale, mode), mode)
+    return kv(logits * scalar(cfg.output_multiplier_scale, mode), mode)
 
 
 # --- whole model ----------------------------------------------------------------

@@ -53,7 +53,7 @@ def _temp(lowered) -> int:
 def step_temporaries(cfg: GrokConfig, settings: QuantSettings, precision: str = "fp32",
                      context: int | None = None, buckets=E.PREFILL_BUCKETS) -> dict[str, int]:
     """Temporary bytes of each jitted device step, per token count, compiled not run."""
-    act = M.act_dtype(precision)
+    act = M.act_dtype(precision)                         # the KV cache's dtype
     s = E.cache_length(context or cfg.sequence_len, buckets)
     lp = _abstract_layer(cfg, settings)
     parts, nbytes = expert_block_layout(cfg, settings)
@@ -61,13 +61,13 @@ def step_temporaries(cfg: GrokConfig, settings: QuantSettings, precision: str = 
     cache = M.KVCache(*[SDS((s, cfg.num_kv_heads, cfg.key_size), act)] * 2)
     out = {}
     for t in sorted({1, *buckets}):
-        h = SDS((t, d), act)
+        h = SDS((t, d), jnp.float32)                     # activations: fp32 in both precisions
         out[f"attention T={t}"] = _temp(E._attention.lower(
             cfg, M.dense_linear, precision, lp, h, cache, SDS((s,), bool), 0))
         out[f"routing T={t}"] = _temp(E._route.lower(
             cfg, precision, lp["moe_norm"], lp["router"], lp["moe_norm"], lp["router"], h))
         out[f"experts T={t}"] = _temp(moe._experts_accumulate.lower(
-            parts, precision, SDS((t, d), jnp.float32), SDS((k, nbytes), jnp.uint8),
+            parts, M.moe_precision(precision), SDS((t, d), jnp.float32), SDS((k, nbytes), jnp.uint8),
             SDS((k,), jnp.int32), SDS((k,), jnp.int32), h, SDS((t, k), jnp.float32),
             SDS((t, k), jnp.int32)))
         out[f"logits T={t}"] = _temp(E._last_logits.lower(

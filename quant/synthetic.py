@@ -282,14 +282,89 @@ def _int8_recipe(cfg: GrokConfig, spec: WeightSpec, seed: int) -> Recipe:
                   np.ones(spec.shape[-2], np.float32), col_std.astype(np.float32))
 
 
+@dataclass(frozen=True)
+class HeavyTails:
+    """Heavy-tailed int8 leaves (an option; the default checkpoint is unchanged).
+
+    Real LLM weights are not Gaussian: they have fat tails and a few input rows
+    and output columns far wider than the rest, which is what makes low-bit
+    quantization lose quality (issue 14). With this option every int8 leaf
+    (attention and experts) draws Student-t values with ``dof`` degrees of
+    freedom (scaled to unit variance) in place of the hash Gaussian, and a
+    fraction of its input rows and of its output columns is multiplied by
+    ``outlier_scale``; then quantized exactly as the default writer does
+    (symmetric int8, full range, one bf16 scale per row block and column).
+    Values come from numpy's PCG64 seeded with the leaf's stream keys, so they
+    are a pure function of (seed, layer, role) too; for small presets only
+    (a whole leaf is drawn in fp32 at once).
+    """
+    dof: float = 4.0
+    outlier_rows: float = 0.01
+    outlier_cols: float = 0.01
+    outlier_scale: float = 6.0
+
+    def __post_init__(self):
+        if not self.dof > 2:
+            raise ValueError(f"HeavyTails.dof must be > 2 (finite variance), got {self.dof}")
+        for name in ("outlier_rows", "outlier_cols"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"HeavyTails.{name} must be in [0, 1), got {getattr(self, name)}")
+
+
+def _outlier_mult(key: int, n: int, fraction: float, scale: float) -> np.ndarray:
+    """(n,) ones, with round(fraction * n) hash-chosen entries set to ``scale``."""
+    mult = np.ones(n, np.float32)
+    count = round(fraction * n)
+    if count:
+        mult[np.argsort(hash_uniform(key, n), kind="stable")[:count]] = scale
+    return mult
+
+
+def _student_t(key: int, shape, dof: float) -> np.ndarray:
+    rng = np.random.Generator(np.random.PCG64(key))
+    return (rng.standard_t(dof, size=shape) * math.sqrt((dof - 2) / dof)).astype(np.float32)
+
+
+def quantize_blocks(vals: np.ndarray, blocks: int):
+    """(E, K, N) fp32 -> int8 (E, K, N) and fp32 bf16-valued scales (E, blocks, N):
+    the release's symmetric full-range int8 (``_quantize_tile``, in numpy)."""
+    e, k, n = vals.shape
+    v = vals.reshape(e, blocks, k // blocks, n)                            # (E, B, R, N)
+    lo, hi = np.minimum(v.min(axis=2), 0), np.maximum(v.max(axis=2), 0)  # (E, B, N)
+    s = np.maximum(-lo / np.float32(128.0), hi / np.float32(127.0))
+    s = np.asarray(s, np.float32).astype(BF16).astype(np.float32)         # (E, B, N)
+    s[s == 0] = 1.0
+    q = np.clip(np.rint(v * (np.float32(1.0) / s)[:, :, None, :]), -128, 127).astype(np.int8)
+    return q.reshape(e, k, n), s
+
+
+def _heavy_int8(cfg: GrokConfig, spec: WeightSpec, seed: int, r: Recipe, tails: HeavyTails):
+    """One int8 leaf with heavy tails (see HeavyTails)."""
+    lead = spec.shape if spec.per_expert else (1,) + spec.shape
+    _, k, n = lead
+    vals = r.own_weight * _student_t(r.key, lead, tails.dof)                # (E, K, N)
+    if r.shared_weight:
+        vals += r.shared_weight * _student_t(r.shared_key, (1, k, n), tails.dof)
+    rows = _outlier_mult(stream_key(seed, spec.layer, spec.role, 4), k, tails.outlier_rows,
+                         tails.outlier_scale)
+    cols = _outlier_mult(stream_key(seed, spec.layer, spec.role, 5), n, tails.outlier_cols,
+                         tails.outlier_scale)
+    vals *= rows[:, None] * (r.col_std * cols)[None, :]
+    q, s = quantize_blocks(vals, spec.scale_shape[-2])
+    return QuantizedWeight8bit(q.reshape(spec.shape), s.reshape(spec.scale_shape).astype(BF16))
+
+
 def tensor_recipe(cfg: GrokConfig, spec: WeightSpec, seed: int = 0) -> Recipe:
     """The drawing recipe of one leaf (depends on seed, layer and role, not file index)."""
     return _int8_recipe(cfg, spec, seed) if spec.quantized else _fp32_recipe(cfg, spec, seed)
 
 
-def generate_tensor(cfg: GrokConfig, spec: WeightSpec, seed: int = 0):
+def generate_tensor(cfg: GrokConfig, spec: WeightSpec, seed: int = 0,
+                    tails: HeavyTails | None = None):
     """One leaf as the release stores it: fp32 ndarray or QuantizedWeight8bit."""
     r = tensor_recipe(cfg, spec, seed)
+    if tails is not None and spec.quantized:
+        return _heavy_int8(cfg, spec, seed, r, tails)
     if not spec.quantized:
         out = np.empty(spec.shape, np.float32)
         out2d = out.reshape(-1, spec.shape[-1])  # (K, N) view
@@ -308,13 +383,15 @@ def generate_tensor(cfg: GrokConfig, spec: WeightSpec, seed: int = 0):
 
 def write_checkpoint(cfg: GrokConfig, out_dir: str | os.PathLike, seed: int = 0,
                      num_layers: int | None = None,
-                     progress: Callable[[WeightSpec, float], None] | None = None) -> Path:
+                     progress: Callable[[WeightSpec, float], None] | None = None,
+                     tails: HeavyTails | None = None) -> Path:
     """Write a synthetic ``ckpt-0``-style directory; returns its path.
 
     ``num_layers`` writes only layers 0..N-1 (the config with num_layers=N, files
     still in lexicographic layer order). Each file is written under a temporary
     name and renamed, so a killed run never leaves a partial file under a final
-    name. ``progress(spec, seconds)`` is called after each file.
+    name. ``progress(spec, seconds)`` is called after each file. ``tails``
+    (HeavyTails) draws heavy-tailed int8 leaves; None is the default model.
     """
     if num_layers is not None:
         if num_layers < 1:
@@ -324,7 +401,7 @@ def write_checkpoint(cfg: GrokConfig, out_dir: str | os.PathLike, seed: int = 0,
     out.mkdir(parents=True, exist_ok=True)
     for spec in checkpoint_specs(cfg):
         start = time.perf_counter()
-        value = generate_tensor(cfg, spec, seed)
+        value = generate_tensor(cfg, spec, seed, tails)
         write_tensor_file(out / spec.filename, value)
         del value
         seconds = time.perf_counter() - start

@@ -18,7 +18,8 @@ import pytest
 from quant.checkpoint import (CheckpointError, QuantizedWeight8bit, check_checkpoint_dir,
                               dequantize, iter_checkpoint, read_tensor, write_tensor_file)
 from quant.spec import checkpoint_specs, layer_specs
-from quant.synthetic import generate_tensor, tensor_recipe, write_checkpoint
+from quant.synthetic import (HeavyTails, generate_tensor, hash_uniform, stream_key,
+                             tensor_recipe, write_checkpoint)
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 
@@ -411,3 +412,43 @@ def test_make_checkpoint_cli(tiny_ckpt, tmp_path, capsys):
     assert cli.main(["--config", str(tmp_path / "bad.json"), "--out", str(tmp_path / "x")]) == 2
     assert "unknown GrokConfig fields" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+# --- heavy-tailed option --------------------------------------------------------------
+
+def test_heavy_tails_option_rebuilt_independently(tiny_cfg):
+    """Student-t values (unit variance), 1% outlier rows and columns 6x, quantized like
+    the default writer; fp32 leaves and the default model are untouched."""
+    tails = HeavyTails(dof=4.0, outlier_rows=0.01, outlier_cols=0.02, outlier_scale=6.0)
+    specs = layer_specs(tiny_cfg, 0)
+    for role in ("gate", "down", "q"):
+        spec = specs[role]
+        got = generate_tensor(tiny_cfg, spec, 0, tails)
+        r = tensor_recipe(tiny_cfg, spec, 0)
+        e = spec.shape[0] if spec.per_expert else 1
+        k, n = spec.shape[-2:]
+        t = lambda key, shape: np.random.Generator(np.random.PCG64(key)).standard_t(  # noqa: E731
+            4.0, size=shape) * math.sqrt(2 / 4)
+        vals = r.own_weight * t(r.key, (e, k, n)).astype(np.float32)
+        if r.shared_weight:
+            vals = vals + r.shared_weight * t(r.shared_key, (1, k, n)).astype(np.float32)
+        mult = []
+        for stream, count, frac in ((4, k, 0.01), (5, n, 0.02)):
+            m = np.ones(count, np.float32)
+            chosen = np.argsort(hash_uniform(stream_key(0, 0, role, stream), count))
+            m[chosen[:round(frac * count)]] = 6.0
+            mult.append(m)
+        vals = vals * mult[0][:, None] * (r.col_std * mult[1])[None, :]
+        w = dequantize(got).reshape(e, k, n)
+        step = got.scales.astype(np.float32).max()
+        assert np.abs(w - vals).max() <= 0.5 * step + 1e-6      # the int8 rounding only
+        assert got.weight.min() == -128 or got.weight.max() == 127
+        z = (w / w.std(axis=1, keepdims=True)).ravel()
+        assert np.mean(z ** 4) > 4.5                              # Gaussian: 3
+        assert same_bits(generate_tensor(tiny_cfg, spec, 0, tails).weight, got.weight)
+    default = generate_tensor(tiny_cfg, specs["gate"], 0)
+    assert same_bits(default.weight, ref_tensor(tiny_cfg, specs["gate"])[0])
+    norm = specs["attn_norm"]
+    assert same_bits(generate_tensor(tiny_cfg, norm, 0, tails), generate_tensor(tiny_cfg, norm))
+    with pytest.raises(ValueError, match="dof must be > 2"):
+        HeavyTails(dof=2.0)

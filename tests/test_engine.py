@@ -1,18 +1,17 @@
 """The streaming engine on CPU: both expert paths, the cache, and the reference.
 
 Tolerances. The engine's bf16 mode (what most tests here build) runs the
-reference's bf16 mode; its fp32 mode (the default) must equal the fp32
-reference to 2e-6. Its device path is the
-same arithmetic as lowmem.reference in bf16 mode except where XLA keeps excess
-precision between fused bf16 ops, and the host path's numba kernels use the
-exact int8 * scale weights (the reference rounds them to bf16). Either changes
-logits by about one bf16 ulp of the largest logit here; we require the engine's
-distance from the bf16 reference to stay below 1.5e-2 relative (max abs error
-over max abs logit; a bf16 ulp of the largest logit is 4e-3) AND its distance
-from the exact (fp32) model to be at most 2x the bf16 reference's own: a
-faithful bf16 implementation lives within that rounding noise, while the
-structural bugs SPEC.md section 2 lists move logits by 0.13 to 0.9. Greedy
-continuations must be identical.
+reference's bf16 mode (the release as executed under jit: fp32 arithmetic with
+a bf16 KV cache and bf16-rounded logits); its fp32 mode (the default) must
+equal the fp32 reference to 2e-6. Both engine paths and the reference sum in
+different orders (~1e-7 in fp32), which flips a rare rounding of a bf16 key,
+value or logit by one ulp; we require the engine's distance from the bf16
+reference to stay below 1.5e-2 relative (max abs error over max abs logit; a
+bf16 ulp of the largest logit is 4e-3) AND its distance from the exact (fp32)
+model to be at most 2x the bf16 reference's own: a faithful bf16
+implementation lives within that rounding noise, while the structural bugs
+SPEC.md section 2 lists move logits by 0.13 to 0.9. Greedy continuations must
+be identical.
 """
 import jax
 import numpy as np
@@ -139,7 +138,12 @@ def test_prefill_in_buckets_equals_token_by_token(packed):
     engine.reset()
     logits = engine.feed(prompt)
     assert engine.position == len(prompt)
-    np.testing.assert_array_equal(np.asarray(logits), stepwise)
+    # bf16 mode computes in fp32 and rounds the logits to bf16 last: a chunk's
+    # fp32 dots may sum in another order than a single row's (~1e-7), which
+    # flips a rare rounding by one bf16 ulp (measured: 2 of 512 entries).
+    got = np.asarray(logits)
+    np.testing.assert_allclose(got, stepwise, rtol=2 ** -6, atol=0)   # <= 1 bf16 ulp
+    assert np.mean(got == stepwise) > 0.98
 
 
 def test_host_and_device_paths_agree(packed):

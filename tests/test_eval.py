@@ -94,7 +94,11 @@ def test_batched_prefill_equals_decode_steps(models):
         batched = EV.teacher_forced_logits(engine, PROMPT, progress=False)
         stepwise = prompt_logits(engine, PROMPT)
         assert batched.shape == stepwise.shape == (len(PROMPT), engine.cfg.vocab_size)
-        assert np.abs(batched - stepwise).max() <= 1e-6 * np.abs(stepwise).max()
+        if precision == "fp32":
+            assert np.abs(batched - stepwise).max() <= 1e-6 * np.abs(stepwise).max()
+        else:   # fp32 sums in another order flip a rare bf16 rounding of a logit by 1 ulp
+            np.testing.assert_allclose(batched, stepwise, rtol=2 ** -6, atol=0)
+            assert np.mean(batched == stepwise) > 0.98
 
 
 def test_release_oracle_logits(models, tmp_path, capsys):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from quant.config import PRESETS, GrokConfig, preset
 from quant.spec import WeightSpec, checkpoint_specs
-from quant.synthetic import write_checkpoint
+from quant.synthetic import HeavyTails, write_checkpoint
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -28,6 +28,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="GrokConfig as JSON (instead of --preset)")
     p.add_argument("--out", type=Path, required=True, help="output directory (new or empty)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--heavy-tails", type=float, metavar="DOF",
+                   help="heavy-tailed int8 leaves: Student-t with DOF (> 2) degrees of freedom, "
+                        "1%% outlier rows and columns 6x wide (quant.synthetic.HeavyTails)")
     p.add_argument("--num-layers", type=int, metavar="N",
                    help="write only the first N layers of the config")
     return p
@@ -60,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg, label = _load_config(args)
     except (OSError, ValueError, TypeError) as e:
         return _fail(f"bad config: {e}")
+    try:
+        tails = None if args.heavy_tails is None else HeavyTails(dof=args.heavy_tails)
+    except ValueError as e:
+        return _fail(f"--heavy-tails: {e}")
     if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
         return _fail(f"{args.out} exists and is not an empty directory; choose a new --out")
     total = len(checkpoint_specs(cfg))
@@ -73,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     out = write_checkpoint(cfg, args.out, seed=args.seed,
-                           progress=progress if sys.stdout.isatty() else None)
+                           progress=progress if sys.stdout.isatty() else None, tails=tails)
     if sys.stdout.isatty():
         print()
     size = sum(f.stat().st_size for f in out.iterdir())
