@@ -499,3 +499,48 @@ def test_expert_ffn_shape_errors():
         kernels.expert_ffn(np.ones(64, np.float32), gate, up, gate)
     with pytest.raises(ValueError, match="K=64"):
         kernels.expert_ffn(np.ones(65, np.float32), gate, up, down)
+
+
+# ---------------------------------------------------------------------------- AVX2 target
+
+_AVX2_CHECK = """
+import numpy as np, ml_dtypes
+from numba.core.registry import cpu_target
+from lowmem import act8_kernels, cpu_kernels, simd_kernels
+from quant.qweight import QWeight, dequantize, pack_int4
+ctx = cpu_target.target_context
+assert not simd_kernels._has_avx512(ctx) and not act8_kernels._has_vnni(ctx)
+rng = np.random.default_rng(7)
+for bits in (4, 8):
+    q = rng.integers(-8 if bits == 4 else -128, 8 if bits == 4 else 128, (128, 160), dtype=np.int8)
+    sc = (rng.standard_normal((2, 160)) * 0.02).astype(ml_dtypes.bfloat16)
+    w = QWeight(pack_int4(q) if bits == 4 else q, sc, bits, 64)
+    dense = dequantize(w).astype(np.float64)
+    for t in (1, 3):
+        x = rng.standard_normal((t, 128)).astype(np.float32)
+        bound = 1e-5 * np.abs(x.astype(np.float64)) @ np.abs(dense)
+        assert np.all(np.abs(cpu_kernels.matmul(x, w) - x @ dense) <= bound)
+        xq, dx, _ = act8_kernels.quantize_activations(x)
+        xd = (xq.reshape(t, -1, 32) * dx[..., None].astype(np.float64)).reshape(t, 128)
+        assert np.all(np.abs(cpu_kernels.matmul(x, w, act_int8=True) - xd @ dense) <= bound)
+print("ok")
+"""
+
+
+def test_kernels_on_an_avx2_target(tmp_path):
+    """The kernels compiled for a CPU without AVX-512 (numba told haswell,
+    own cache): the xor nibble decoder, 256-bit vectors, the portable int8
+    dot product; results within the usual tolerance of float64 references."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    features = ",".join("+" + f for f in (
+        "64bit,avx,avx2,bmi,bmi2,cmov,cx16,f16c,fma,fxsr,lzcnt,mmx,movbe,popcnt,sse,sse2,"
+        "sse3,sse4.1,sse4.2,ssse3,xsave").split(","))
+    env = dict(os.environ, NUMBA_CPU_NAME="haswell", NUMBA_CPU_FEATURES=features,
+               NUMBA_CACHE_DIR=str(tmp_path), PYTHONPATH=str(root))
+    r = subprocess.run([sys.executable, "-c", _AVX2_CHECK], env=env, capture_output=True,
+                       text=True, timeout=600, cwd=root)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
