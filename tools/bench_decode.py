@@ -52,10 +52,18 @@ GB = 1e9
 
 
 def read_seconds(buffers: list[np.ndarray]) -> float:
-    start = time.perf_counter()
+    """One read of all buffers, each by the faster of numba's parallel sum and
+    numpy's one-thread sum (as tools/bench_kernels.py): on the Zen 5 VM the
+    parallel sum reads 7-12 GB/s where numpy's reads 32-35 (one core can
+    take the whole memory bandwidth there), which made the floors too low."""
+    total = 0.0
     for w in buffers:
+        t0 = time.perf_counter()
         parallel_sum(w)
-    return time.perf_counter() - start
+        t1 = time.perf_counter()
+        w.sum()
+        total += min(t1 - t0, time.perf_counter() - t1)
+    return total
 
 
 # --- building the models ------------------------------------------------------------
