@@ -145,8 +145,8 @@ def _row(builder, pm, row, n0):
     return builder.load(builder.bitcast(ptr, _V64B.as_pointer()), align=1)
 
 
-def _codegen(bits, tb, vnni):
-    """Codegen of _kernel(bits, tb, vnni): see there."""
+def _codegen(bits, tb, vnni, mode):
+    """Codegen of _kernel(bits, tb, vnni, mode): see there."""
     def codegen(context, builder, sig, args):
         use_vnni = _has_vnni(context) if vnni is None else vnni
         i64 = ir.IntType(64)
@@ -154,12 +154,10 @@ def _codegen(bits, tb, vnni):
                                   for j in (0, 3, 6, 7, 8, 10))
         i0, n0, t0, k, gi, a0 = (context.cast(builder, args[j], sig.args[j], types.intp)
                                  for j in (1, 2, 4, 5, 9, 11))
+        um = _Mat(context, builder, sig.args[12], args[12])  # (32, 64) decoded quads
         acc = [[_splat(_I32, 0)] * 4 for _ in range(tb)]
-        step = 2 if bits == 4 else 4  # stored rows per group of 4 weight rows
         for q in range(BLOCK // 4):
-            rows = [_row(builder, pm, builder.add(i0, ir.Constant(i64, step * q + r)), n0)
-                    for r in range(step)]
-            u = _quad_q4(builder, *rows) if bits == 4 else _quad_i8(builder, *rows)
+            u = _quad(builder, bits, pm, i0, n0, q, um, mode)
             for t in range(tb):
                 xp = xm.at(builder.add(t0, ir.Constant(i64, t)), builder.add(k, ir.Constant(i64, 4 * q)))
                 x4 = builder.load(builder.bitcast(xp, _I32.as_pointer()), align=1)
@@ -171,6 +169,25 @@ def _codegen(bits, tb, vnni):
         _store(builder, acc, bits, (dm, bm, sm, am), (t0, blk, gi, n0, a0))
         return context.get_dummy_value()
     return codegen
+
+
+def _quad(builder, bits, pm, i0, n0, q, um, mode):
+    """The 4 dword vectors of quad q (weight rows 4q..4q+3 of the block):
+    decoded from the stored rows ("fused"; "write" also stores them in um's
+    rows 4q..4q+3) or loaded from um ("read")."""
+    i64 = ir.IntType(64)
+    slots = [builder.bitcast(um.at(ir.Constant(i64, 4 * q + v), ir.Constant(i64, 0)),
+                             _V16I.as_pointer()) for v in range(4)]
+    if mode == "read":
+        return [builder.load(ptr, align=1) for ptr in slots]
+    step = 2 if bits == 4 else 4  # stored rows per group of 4 weight rows
+    rows = [_row(builder, pm, builder.add(i0, ir.Constant(i64, step * q + r)), n0)
+            for r in range(step)]
+    u = _quad_q4(builder, *rows) if bits == 4 else _quad_i8(builder, *rows)
+    if mode == "write":
+        for vec, ptr in zip(u, slots):
+            builder.store(vec, ptr, align=1)
+    return u
 
 
 def _store(builder, acc, bits, mats, idx):
@@ -210,8 +227,8 @@ def _bcast(builder, value, vty):
     return builder.shuffle_vector(v, ir.Constant(vty, ir.Undefined), _splat(_I32, 0))
 
 
-def _kernel(bits, tb, vnni=None):
-    """An intrinsic k(p, i0, n0, xq, t0, k, dx, bs, sc, gi, acc, a0) doing, for
+def _kernel(bits, tb, vnni=None, mode="fused"):
+    """An intrinsic k(p, i0, n0, xq, t0, k, dx, bs, sc, gi, acc, a0, u) doing, for
     t < tb tokens, the 64 columns c of one strip and the 32 weight rows
     k..k+31 (k % 32 == 0; stored rows from i0: int4 k // 2, int8 k):
 
@@ -221,46 +238,51 @@ def _kernel(bits, tb, vnni=None):
     with the dot products in int32. p uint8 (packed int4) or int8, xq int8,
     dx float32, bs int32 (sums of xq per block), sc uint16 (bf16 bits), acc
     float32; all C-contiguous 2-D, ranges guaranteed by the caller. vnni:
-    None = vpdpbusd where the target has AVX-512 VNNI, False = portable IR."""
+    None = vpdpbusd where the target has AVX-512 VNNI, False = portable IR.
+    u: uint8 (32, 64), the block's decoded weights (best 64-byte aligned): mode
+    "fused" ignores it, "write" fills it while computing, "read" takes the
+    weights from it instead of p (more tokens, one decode)."""
     bits_of = {types.uint8: 4, types.int8: 8}
 
-    def typer(typingctx, p, i0, n0, xq, t0, k, dx, bs, sc, gi, acc, a0):
-        arrays = (p, xq, dx, bs, sc, acc)
+    def typer(typingctx, p, i0, n0, xq, t0, k, dx, bs, sc, gi, acc, a0, u):
+        arrays = (p, xq, dx, bs, sc, acc, u)
         if all(isinstance(a, types.Array) and a.ndim == 2 and a.layout == "C" for a in arrays) \
                 and bits_of.get(p.dtype) == bits:
-            return (types.none(p, i0, n0, xq, t0, k, dx, bs, sc, gi, acc, a0),
-                    _codegen(bits, tb, vnni))
+            return (types.none(p, i0, n0, xq, t0, k, dx, bs, sc, gi, acc, a0, u),
+                    _codegen(bits, tb, vnni, mode))
         return None
-    typer.__name__ = typer.__qualname__ = f"_a8_i{bits}_t{tb}"
+    typer.__name__ = typer.__qualname__ = f"_a8_i{bits}_t{tb}_{mode}"
     return intrinsic(typer)
 
 
 _q4_t1, _q4_t2, _q4_t3, _q4_t4 = (_kernel(4, t) for t in range(1, 5))
 _i8_t1, _i8_t2, _i8_t3, _i8_t4 = (_kernel(8, t) for t in range(1, 5))
+_q4_w4, _i8_w4 = _kernel(4, 4, mode="write"), _kernel(8, 4, mode="write")
+_q4_r1, _q4_r2, _q4_r3, _q4_r4 = (_kernel(4, t, mode="read") for t in range(1, 5))
+_i8_r1, _i8_r2, _i8_r3, _i8_r4 = (_kernel(8, t, mode="read") for t in range(1, 5))
 
 
-@njit(inline="always", cache=True)
-def _pass_q4(tb, p, i0, n0, xq, t0, k, dx, bs, sc, gi, acc, a0):
-    if tb == 1:
-        _q4_t1(p, i0, n0, xq, t0, k, dx, bs, sc, gi, acc, a0)
-    elif tb == 2:
-        _q4_t2(p, i0, n0, xq, t0, k, dx, bs, sc, gi, acc, a0)
-    elif tb == 3:
-        _q4_t3(p, i0, n0, xq, t0, k, dx, bs, sc, gi, acc, a0)
-    else:
-        _q4_t4(p, i0, n0, xq, t0, k, dx, bs, sc, gi, acc, a0)
+def _dispatch(k1, k2, k3, k4):
+    """An inline njit calling k1..k4 by the (runtime) token count tb."""
+    @njit(inline="always", cache=True)
+    def run(tb, p, i0, n0, xq, t0, k, dx, bs, sc, gi, acc, a0, u):
+        if tb == 1:
+            k1(p, i0, n0, xq, t0, k, dx, bs, sc, gi, acc, a0, u)
+        elif tb == 2:
+            k2(p, i0, n0, xq, t0, k, dx, bs, sc, gi, acc, a0, u)
+        elif tb == 3:
+            k3(p, i0, n0, xq, t0, k, dx, bs, sc, gi, acc, a0, u)
+        else:
+            k4(p, i0, n0, xq, t0, k, dx, bs, sc, gi, acc, a0, u)
+    return run
 
 
-@njit(inline="always", cache=True)
-def _pass_i8(tb, p, i0, n0, xq, t0, k, dx, bs, sc, gi, acc, a0):
-    if tb == 1:
-        _i8_t1(p, i0, n0, xq, t0, k, dx, bs, sc, gi, acc, a0)
-    elif tb == 2:
-        _i8_t2(p, i0, n0, xq, t0, k, dx, bs, sc, gi, acc, a0)
-    elif tb == 3:
-        _i8_t3(p, i0, n0, xq, t0, k, dx, bs, sc, gi, acc, a0)
-    else:
-        _i8_t4(p, i0, n0, xq, t0, k, dx, bs, sc, gi, acc, a0)
+_pass_q4 = _dispatch(_q4_t1, _q4_t2, _q4_t3, _q4_t4)
+_pass_i8 = _dispatch(_i8_t1, _i8_t2, _i8_t3, _i8_t4)
+_read_q4 = _dispatch(_q4_r1, _q4_r2, _q4_r3, _q4_r4)
+_read_i8 = _dispatch(_i8_r1, _i8_r2, _i8_r3, _i8_r4)
+_write_q4 = _dispatch(_q4_w4, _q4_w4, _q4_w4, _q4_w4)
+_write_i8 = _dispatch(_i8_w4, _i8_w4, _i8_w4, _i8_w4)
 
 
 def _rows_per_byte(p):
@@ -274,26 +296,44 @@ def _rows_per_byte_overload(p):
     return lambda p: d
 
 
-def _pass(tb, p, i0, n0, xq, t0, k, dx, bs, sc, gi, acc, a0):
-    """One call for tb <= 4 tokens, dispatched on the stored dtype."""
+def _pass(mode, tb, p, i0, n0, xq, t0, k, dx, bs, sc, gi, acc, a0, u):
+    """One call for tb <= 4 tokens (mode 0 fused, 1 write, 2 read), by stored dtype."""
     raise NotImplementedError("only callable from numba code")
 
 
 @overload(_pass, inline="always")
-def _pass_overload(tb, p, i0, n0, xq, t0, k, dx, bs, sc, gi, acc, a0):
-    run = _pass_q4 if p.dtype == types.uint8 else _pass_i8
-    return lambda tb, p, i0, n0, xq, t0, k, dx, bs, sc, gi, acc, a0: run(
-        tb, p, i0, n0, xq, t0, k, dx, bs, sc, gi, acc, a0)
+def _pass_overload(mode, tb, p, i0, n0, xq, t0, k, dx, bs, sc, gi, acc, a0, u):
+    q4 = p.dtype == types.uint8
+    fused, write, read = (_pass_q4, _write_q4, _read_q4) if q4 else (_pass_i8, _write_i8, _read_i8)
+
+    def run(mode, tb, p, i0, n0, xq, t0, k, dx, bs, sc, gi, acc, a0, u):
+        if mode == 0:
+            fused(tb, p, i0, n0, xq, t0, k, dx, bs, sc, gi, acc, a0, u)
+        elif mode == 1:
+            write(tb, p, i0, n0, xq, t0, k, dx, bs, sc, gi, acc, a0, u)
+        else:
+            read(tb, p, i0, n0, xq, t0, k, dx, bs, sc, gi, acc, a0, u)
+    return run
 
 
 @njit(cache=True)
 def tile_strips(xq, dx, bs, p, sc, g, k0, k1, n0, m, t0, t1, acc, a0):
     """acc[t0:t1, a0 + j] += the int8-activation product for rows k0..k1
     (multiples of 32, and g too) and the whole 64-column strips j < m - m % 64
-    of columns n0 + j; the caller does the columns after them."""
+    of columns n0 + j; the caller does the columns after them. Up to 4
+    tokens a call decodes the weights itself; beyond, the first call also
+    keeps them decoded (2 KB, in L1) for the others."""
     d = _rows_per_byte(p)
+    u = np.empty((BLOCK + 1, 64), np.uint8)
+    off = (-u.ctypes.data) % 64  # 64-byte aligned rows
+    u = u.reshape(-1)[off:off + BLOCK * 64].reshape(BLOCK, 64)
     for k in range(k0, k1, BLOCK):
         gi = k // g
         for j in range(0, m - m % 64, 64):
-            for t in range(t0, t1, _MAX_TB):
-                _pass(min(_MAX_TB, t1 - t), p, k // d, n0 + j, xq, t, k, dx, bs, sc, gi, acc, a0 + j)
+            if t1 - t0 <= _MAX_TB:
+                _pass(0, t1 - t0, p, k // d, n0 + j, xq, t0, k, dx, bs, sc, gi, acc, a0 + j, u)
+                continue
+            _pass(1, _MAX_TB, p, k // d, n0 + j, xq, t0, k, dx, bs, sc, gi, acc, a0 + j, u)
+            for t in range(t0 + _MAX_TB, t1, _MAX_TB):
+                _pass(2, min(_MAX_TB, t1 - t), p, k // d, n0 + j, xq, t, k, dx, bs, sc, gi,
+                      acc, a0 + j, u)

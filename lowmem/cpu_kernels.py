@@ -375,7 +375,7 @@ def _accumulate_a8(x, xq, dx, bs, w, sc, g, k0, k1, n0, m, acc, a0):
     64-column strips; the columns after them get the fp32 tiles on x = the
     dequantized int8 activations (same numbers); k0, k1, g multiples of 32."""
     T = x.shape[0]
-    step = k1 - k0 if T <= _TOKEN_BLOCK else _ROW_TILE
+    step = k1 - k0 if T <= _TOKEN_BLOCK else _ROW_TILE  # token blocks: accumulators in L2
     m_main = m - m % _STRIP
     for kk in range(k0, k1, step):
         kk1 = min(k1, kk + step)

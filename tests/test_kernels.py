@@ -288,27 +288,37 @@ def test_matmul_act_int8_needs_blocks_of_32():
     np.testing.assert_array_equal(kernels.matmul(x, w, act_int8=True), kernels.matmul(x, w))
 
 
-@pytest.mark.parametrize("vnni", [None, False])
+@pytest.mark.parametrize("vnni,mode", [(None, "fused"), (False, "fused"), (None, "write"),
+                                       (None, "read"), (False, "read")])
 @pytest.mark.parametrize("bits,tb", [(4, 1), (4, 4), (8, 3)])
-def test_act8_micro_kernel(bits, tb, vnni):
+def test_act8_micro_kernel(bits, tb, vnni, mode):
     """One call at offsets (stored rows, columns, tokens, accumulator
     columns, scale row), with vpdpbusd where the CPU has it (None) and the
-    portable dot product that CPUs without AVX-512 VNNI run (False):
-    exact against integers, nothing written outside its block."""
+    portable dot product that CPUs without AVX-512 VNNI run (False), decoding
+    the weights itself ("fused", "write": then also into u) or taking them
+    from a u written by a "write" call of another token ("read"): exact
+    against integers, nothing written outside its block."""
     rng = np.random.default_rng(bits * 10 + tb)
     k, n, n0, t0, a0, kb = 96, 160, 64, 1, 16, 32
     w = _qweight(rng, k, n, bits, 32)
     x = rng.standard_normal((tb + 2, k)).astype(np.float32)
     xq, dx, bs = act8_kernels.quantize_activations(x)
-    kern = act8_kernels._kernel(bits, tb, vnni)
+    kern = act8_kernels._kernel(bits, tb, vnni, mode)
+    writer = act8_kernels._kernel(bits, 1, vnni, "write")
     i0 = kb // 2 if bits == 4 else kb
 
     @njit
-    def run(p, xq, dx, bs, sc, acc):
-        kern(p, i0, n0, xq, t0, kb, dx, bs, sc, kb // 32, acc, a0)
+    def run(p, xq, dx, bs, sc, acc, u, scratch):
+        if mode == "read":  # u from another token's call, into a scratch accumulator
+            writer(p, i0, n0, xq, 0, kb, dx, bs, sc, kb // 32, scratch, 0, u)
+            p = np.zeros_like(p)  # nothing left to read there
+        kern(p, i0, n0, xq, t0, kb, dx, bs, sc, kb // 32, acc, a0, u)
 
     acc = np.zeros((tb + 2, 128), np.float32)
-    run(w.values, xq, dx, bs, w.scales.view(np.uint16), acc)
+    u = np.zeros((32, 64), np.uint8)
+    run(w.values, xq, dx, bs, w.scales.view(np.uint16), acc, u, np.zeros((1, 64), np.float32))
+    if mode != "fused":
+        assert u.any()  # the decoded block is there
     q = w.values.astype(np.int64) if bits == 8 else \
         ((w.values[..., None] >> np.array([0, 4], np.uint8)) & 15).astype(np.int64)
     q = (q if bits == 8 else np.where(q > 7, q - 16, q).transpose(0, 2, 1).reshape(k, n))
