@@ -27,9 +27,14 @@ int4: a table lookup with AVX-512, else an xor and a subtraction) and
 multiplies by the scale once per call. Measured on the 2-core target
 (Sapphire Rapids, 6144 x 32768 and 32768 x 6144): int4 one token 3.4-3.6 ms
 per matrix, ~30 GB/s, i.e. at the memory floor, 8 tokens 11-13 ms; int8 one
-token 6.5-7 ms, at the floor, 2 tokens 6.6-7.2, 8 tokens 15.5-17.5. With 8 tokens the FMA units rather than memory are the limit. Other
-dtypes (bf16, fp32) and the columns after the last 64-column strip decode
-4 rows at a time into an L1 buffer applied to every token of the block.
+token 6.5-7 ms, at the floor, 2 tokens 6.6-7.2, 8 tokens 15.5-17.5; on the
+Zen 5 VM (idle, 2 threads) the same: one token 0.9-1.1x the read, 8 tokens
+2-3.3x (FMA-bound; one thread 1.6-2x at one token). ``act_int8=True`` (opt-in,
+a numerics change) quantizes the activations to int8 per 32 and runs int8
+dot products instead (``lowmem.act8_kernels``): 0.8-0.95x the read at one
+token, 1.4-2.3x at 8. Other dtypes (bf16, fp32) and the columns after the
+last 64-column strip decode 4 rows at a time into an L1 buffer applied to
+every token of the block.
 
 Floating point: ``fastmath={'contract'}`` only lets LLVM fuse ``a * b + c`` into
 one FMA (one rounding instead of two, never less accurate); it does not reorder
@@ -48,13 +53,15 @@ old micro-kernels stay compiled in.
 """
 from __future__ import annotations
 
+import os
+
 import numba
 import numpy as np
-from llvmlite import ir
 from numba import njit, prange, types
-from numba.extending import intrinsic, overload
+from numba.extending import overload
 
-from lowmem.simd_kernels import _prefer_512, _strip
+from lowmem import act8_kernels
+from lowmem.simd_kernels import _hi4, _lo4, _prefer_512, _strip
 from quant.bf16 import round_bf16_scalar
 from quant.qweight import BF16, QWeight
 
@@ -70,6 +77,8 @@ _Q4_ROWS = 32             # int4 weight rows (16 packed rows) per micro-kernel c
 _I8_ROWS = 16             # int8 weight rows per micro-kernel call (32 or 64: 1.2-1.6x slower)
 _STRIP = 64               # columns per micro-kernel strip (int4 and int8)
 _GELU_C = np.float32(np.sqrt(2.0 / np.pi))
+# Default of matmul's act_int8 (int8 activations, lowmem.act8_kernels): opt-in.
+ACT_INT8 = os.environ.get("LOWMEM_ACT_INT8", "") == "1"
 
 
 # ----------------------------------------------------------------------------
@@ -86,37 +95,6 @@ def _f32_overload(v):
     if v == types.uint16:  # bf16 bit pattern
         return lambda v: np.uint32(np.uint32(v) << 16).view(np.float32)
     return lambda v: np.float32(v)
-
-
-def _nibble_codegen(shift_left):
-    """LLVM for one signed nibble of a byte -> float32, in 32-bit lanes.
-
-    numba widens every integer operation to 64 bits, which halves the SIMD
-    width of the int4 decode; this emits sext i8->i32, shl, ashr, sitofp.
-    """
-    def codegen(context, builder, sig, args):
-        i32 = ir.IntType(32)
-        v = builder.sext(args[0], i32)
-        v = builder.shl(v, ir.Constant(i32, shift_left))
-        v = builder.ashr(v, ir.Constant(i32, 28))
-        return builder.sitofp(v, ir.FloatType())
-    return codegen
-
-
-@intrinsic
-def _lo4(typingctx, v):
-    """Signed low nibble (even row) of a packed int4 byte, as float32."""
-    if isinstance(v, types.Integer) and v.bitwidth == 8:
-        return types.float32(v), _nibble_codegen(28)
-    return None
-
-
-@intrinsic
-def _hi4(typingctx, v):
-    """Signed high nibble (odd row) of a packed int4 byte, as float32."""
-    if isinstance(v, types.Integer) and v.bitwidth == 8:
-        return types.float32(v), _nibble_codegen(24)
-    return None
 
 
 @njit(inline="always", cache=True)
@@ -391,6 +369,39 @@ def _matmul_kernel(x, w, sc, g, nb, kchunk, parts):
         _accumulate(x, w, sc, g, k0, min(K, k0 + kchunk), n0, min(nb, N - n0), parts[c], n0)
 
 
+@njit(fastmath=_FM, cache=True)
+def _accumulate_a8(x, xq, dx, bs, w, sc, g, k0, k1, n0, m, acc, a0):
+    """_accumulate with int8 activations (lowmem.act8_kernels) for the whole
+    64-column strips; the columns after them get the fp32 tiles on x = the
+    dequantized int8 activations (same numbers); k0, k1, g multiples of 32."""
+    T = x.shape[0]
+    step = k1 - k0 if T <= _TOKEN_BLOCK else _ROW_TILE  # token blocks: accumulators in L2
+    m_main = m - m % _STRIP
+    for kk in range(k0, k1, step):
+        kk1 = min(k1, kk + step)
+        for t0 in range(0, T, _TOKEN_BLOCK):
+            t1 = min(T, t0 + _TOKEN_BLOCK)
+            act8_kernels.tile_strips(xq, dx, bs, w, sc, g, kk, kk1, n0, m, t0, t1, acc, a0)
+            if m_main < m:
+                _strip_tail(x, w, sc, g, kk, kk1, n0 + m_main, m - m_main, t0, t1, acc,
+                            a0 + m_main)
+
+
+@njit(parallel=True, fastmath=_FM, cache=True)
+def _matmul_a8_kernel(x, xq, dx, bs, w, sc, g, nb, kchunk, parts):
+    """_matmul_kernel with int8 activations (xq, dx, bs from quantize_activations)."""
+    K = x.shape[1]
+    nk, _, N = parts.shape
+    ncb = (N + nb - 1) // nb
+    for item in prange(ncb * nk):
+        cb = item // nk
+        c = item - cb * nk
+        n0 = cb * nb
+        k0 = c * kchunk
+        _accumulate_a8(x, xq, dx, bs, w, sc, g, k0, min(K, k0 + kchunk), n0,
+                       min(nb, N - n0), parts[c], n0)
+
+
 @njit(parallel=True, fastmath=_FM, cache=True)
 def _geglu(h, u, rnd):
     """h (T, F) <- gelu(r(h)) * r(u), r = bf16 rounding if rnd, else identity."""
@@ -498,7 +509,7 @@ def _activations(x, k: int, what: str) -> tuple[np.ndarray, bool]:
     return x2, vector
 
 
-def _plan(t: int, k: int, n: int, weight_bytes: int):
+def _plan(t: int, k: int, n: int, weight_bytes: int, align: int = 8):
     """(columns per block, rows per chunk, number of chunks) for matmul.
 
     Measured on the 2-core target: reading whole weight rows in order (the
@@ -517,32 +528,44 @@ def _plan(t: int, k: int, n: int, weight_bytes: int):
     nb = -(-n // ncb)
     nb = min(n, nb + (-nb) % 16)
     kchunk = -(-k // nk)
-    kchunk += (-kchunk) % 8  # whole 4-row steps and whole int4 bytes
+    kchunk += (-kchunk) % align  # whole 4-row steps, int4 bytes (int8-activation blocks)
     return nb, kchunk, -(-k // kchunk)
 
 
-def matmul(x, w, *, col_block: int | None = None, k_chunk: int | None = None) -> np.ndarray:
+def matmul(x, w, *, col_block: int | None = None, k_chunk: int | None = None,
+           act_int8: bool | None = None) -> np.ndarray:
     """x @ dequantize(w) in fp32: x (T, K) -> (T, N), or (K,) -> (N,).
 
     w: QWeight (int8 or packed int4, bf16 scales, any group size dividing K)
     or a float32 / bf16 (K, N) array, typically a view into an np.memmap; it
     is read in place. col_block / k_chunk override the parallel split (tests
-    and benchmarks; k_chunk must be a multiple of 8).
+    and benchmarks; k_chunk must be a multiple of 8). act_int8 (default
+    ACT_INT8): x quantized to int8 per block of 32 and int8 dot products
+    (lowmem.act8_kernels), for QWeights whose K and group size are multiples
+    of 32 (others stay fp32); a numerics change, hence opt-in.
     """
     values, scales, g, (k, n) = _operand(w)
     x2, vector = _activations(x, k, "matmul")
     if k == 0 or n == 0:
         out = np.zeros((x2.shape[0], n), np.float32)
         return out[0] if vector else out
-    nb, kchunk, nk = _plan(x2.shape[0], k, n, values.nbytes)
+    a8 = (ACT_INT8 if act_int8 is None else act_int8) and isinstance(w, QWeight) \
+        and k % act8_kernels.BLOCK == 0 and g % act8_kernels.BLOCK == 0
+    nb, kchunk, nk = _plan(x2.shape[0], k, n, values.nbytes, 32 if a8 else 8)
     if col_block is not None:
         nb = max(1, min(n, col_block))
     if k_chunk is not None:
         if k_chunk <= 0 or k_chunk % 8:
             raise ValueError(f"matmul: k_chunk must be a positive multiple of 8, got {k_chunk}")
         kchunk, nk = k_chunk, -(-k // k_chunk)
+        a8 = a8 and k_chunk % act8_kernels.BLOCK == 0
     parts = np.zeros((nk, x2.shape[0], n), np.float32)  # (chunks, T, N)
-    _matmul_kernel(x2, values, scales, g, nb, kchunk, parts)
+    if a8:
+        xq, dx, bs = act8_kernels.quantize_activations(x2)  # (T, K) int8, (T, K/32) x2
+        xd = (xq.reshape(len(xq), -1, 32) * dx[:, :, None]).reshape(xq.shape)  # (T, K) f32
+        _matmul_a8_kernel(xd, xq, dx, bs, values, scales, g, nb, kchunk, parts)
+    else:
+        _matmul_kernel(x2, values, scales, g, nb, kchunk, parts)
     out = parts[0] if nk == 1 else parts.sum(axis=0, dtype=np.float32)  # (T, N)
     return out[0] if vector else out
 
@@ -562,13 +585,15 @@ def matmul_nt(x, e) -> np.ndarray:
     return out[0] if vector else out
 
 
-def expert_ffn(x, gate, up, down, round_bf16: bool = True) -> np.ndarray:
+def expert_ffn(x, gate, up, down, round_bf16: bool = True,
+               act_int8: bool | None = None) -> np.ndarray:
     """One Grok-1 expert (GeGLU): down(gelu_tanh(x @ gate) * (x @ up)).
 
     gate, up: (D, F); down: (F, D); QWeights or float arrays. With round_bf16
     (the reference's bf16 mode, SPEC section 2 item 7) the gate and up outputs
     are rounded to bf16 before gelu; gelu, the product and down run in fp32.
     round_bf16=False is the all-fp32 mode. x (T, D) or (D,) -> same shape.
+    act_int8: see matmul.
     """
     d, f = _operand(gate, "expert gate")[3]
     shape_u = _operand(up, "expert up")[3]
@@ -577,7 +602,7 @@ def expert_ffn(x, gate, up, down, round_bf16: bool = True) -> np.ndarray:
         raise ValueError(f"expert_ffn: expected gate/up ({d}, {f}) and down ({f}, {d}), "
                          f"got up {shape_u} and down {shape_d}")
     x2, vector = _activations(x, d, "expert_ffn")
-    h = matmul(x2, gate)  # (T, F)
-    _geglu(h, matmul(x2, up), bool(round_bf16))
-    out = matmul(h, down)  # (T, D)
+    h = matmul(x2, gate, act_int8=act_int8)  # (T, F)
+    _geglu(h, matmul(x2, up, act_int8=act_int8), bool(round_bf16))
+    out = matmul(h, down, act_int8=act_int8)  # (T, D)
     return out[0] if vector else out

@@ -40,6 +40,37 @@ def _prefer_512(typingctx):
     return types.none(), codegen
 
 
+def _nibble_codegen(shift_left):
+    """LLVM for one signed nibble of a byte -> float32, in 32-bit lanes.
+
+    numba widens every integer operation to 64 bits, which halves the SIMD
+    width of the int4 decode; this emits sext i8->i32, shl, ashr, sitofp.
+    """
+    def codegen(context, builder, sig, args):
+        i32 = ir.IntType(32)
+        v = builder.sext(args[0], i32)
+        v = builder.shl(v, ir.Constant(i32, shift_left))
+        v = builder.ashr(v, ir.Constant(i32, 28))
+        return builder.sitofp(v, ir.FloatType())
+    return codegen
+
+
+@intrinsic
+def _lo4(typingctx, v):
+    """Signed low nibble (even row) of a packed int4 byte, as float32."""
+    if isinstance(v, types.Integer) and v.bitwidth == 8:
+        return types.float32(v), _nibble_codegen(28)
+    return None
+
+
+@intrinsic
+def _hi4(typingctx, v):
+    """Signed high nibble (odd row) of a packed int4 byte, as float32."""
+    if isinstance(v, types.Integer) and v.bitwidth == 8:
+        return types.float32(v), _nibble_codegen(24)
+    return None
+
+
 def _splat(ty, value, lanes=16):
     return ir.Constant(ir.VectorType(ty, lanes), [value] * lanes)
 

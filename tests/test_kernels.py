@@ -19,6 +19,7 @@ import pytest
 from numba import njit
 from numba.core.registry import cpu_target
 
+from lowmem import act8_kernels
 from lowmem import cpu_kernels as kernels
 from lowmem import simd_kernels
 from quant.bf16 import round_bf16_inplace, round_bf16_scalar, to_bf16
@@ -230,6 +231,122 @@ def test_int8_micro_kernel(tb, nv):
     assert not acc[mask].any()  # nothing written outside its block
 
 
+# ---------------------------------------------------------------------------- int8 activations
+
+def _act8_reference(x):
+    """Independent per-32 int8 quantization: scale max|x| / 127, round half to even."""
+    blocks = x.astype(np.float32).reshape(x.shape[0], -1, 32)
+    m = np.abs(blocks).max(-1)                                             # (T, K/32)
+    inv = np.where(m > 0, np.float32(127) / np.where(m > 0, m, 1), 0).astype(np.float32)
+    q = np.clip(np.rint(blocks * inv[..., None]), -127, 127).astype(np.int8)
+    return q.reshape(x.shape), (m / np.float32(127)).astype(np.float32), q.sum(-1, dtype=np.int32)
+
+
+def test_quantize_activations():
+    rng = np.random.default_rng(31)
+    x = rng.standard_normal((3, 128)).astype(np.float32)
+    x[1, 32:64] = 0.0                                   # an all-zero block: scale 0, q 0
+    x[2, :32] = np.arange(32, dtype=np.float32) - 15.5  # halves: ties to even
+    xq, dx, bs = act8_kernels.quantize_activations(x)
+    rq, rdx, rbs = _act8_reference(x)
+    np.testing.assert_array_equal(xq, rq)
+    np.testing.assert_array_equal(dx, rdx)
+    np.testing.assert_array_equal(bs, rbs)
+    assert dx[1, 1] == 0 and not xq[1, 32:64].any()
+
+
+def _assert_act8_close(y, x, w):
+    """y against float64 (dequantized int8 activations) @ (dequantized weights)."""
+    xq, dx, _ = _act8_reference(np.atleast_2d(x))
+    xd = (xq.astype(np.float64).reshape(xq.shape[0], -1, 32) * dx[..., None]).reshape(xq.shape)
+    _assert_matmul_close(y, xd, w)
+
+
+@pytest.mark.parametrize("t", [1, 2, 4, 5, 9])
+@pytest.mark.parametrize("bits,group,n", [(4, K, 333), (4, 64, 192), (8, K // 8, 333), (8, 32, 130)])
+def test_matmul_act_int8(t, bits, group, n):
+    """act_int8=True: the product of the int8-quantized activations with the
+    weights (int32 dot products are exact, fp32 after); 333 and 130 columns
+    leave a tail for the fp32 tiles, forced splits cut the rows at 32-row
+    blocks or (k_chunk 72) fall back to fp32 entirely."""
+    rng = np.random.default_rng(200 + 10 * t + bits + group)
+    w = _qweight(rng, K, n, bits, group)
+    x = rng.standard_normal((t, K)).astype(np.float32)
+    y = kernels.matmul(x, w, act_int8=True)
+    _assert_act8_close(y, x, w)
+    assert np.max(np.abs(y - kernels.matmul(x, w, act_int8=False))) > 0  # it did change
+    _assert_act8_close(kernels.matmul(x, w, col_block=128, k_chunk=64, act_int8=True), x, w)
+    np.testing.assert_array_equal(kernels.matmul(x, w, k_chunk=72, act_int8=True),
+                                  kernels.matmul(x, w, k_chunk=72))
+
+
+def test_matmul_act_int8_needs_blocks_of_32():
+    """Group sizes that are not a multiple of 32 keep the fp32 kernels, exactly."""
+    rng = np.random.default_rng(41)
+    w = _qweight(rng, 264, 130, 8, 24)
+    x = rng.standard_normal((3, 264)).astype(np.float32)
+    np.testing.assert_array_equal(kernels.matmul(x, w, act_int8=True), kernels.matmul(x, w))
+
+
+@pytest.mark.parametrize("vnni,mode", [(None, "fused"), (False, "fused"), (None, "write"),
+                                       (None, "read"), (False, "read")])
+@pytest.mark.parametrize("bits,tb", [(4, 1), (4, 4), (8, 3)])
+def test_act8_micro_kernel(bits, tb, vnni, mode):
+    """One call at offsets (stored rows, columns, tokens, accumulator
+    columns, scale row), with vpdpbusd where the CPU has it (None) and the
+    portable dot product that CPUs without AVX-512 VNNI run (False), decoding
+    the weights itself ("fused", "write": then also into u) or taking them
+    from a u written by a "write" call of another token ("read"): exact
+    against integers, nothing written outside its block."""
+    rng = np.random.default_rng(bits * 10 + tb)
+    k, n, n0, t0, a0, kb = 96, 160, 64, 1, 16, 32
+    w = _qweight(rng, k, n, bits, 32)
+    x = rng.standard_normal((tb + 2, k)).astype(np.float32)
+    xq, dx, bs = act8_kernels.quantize_activations(x)
+    kern = act8_kernels._kernel(bits, tb, vnni, mode)
+    writer = act8_kernels._kernel(bits, 1, vnni, "write")
+    i0 = kb // 2 if bits == 4 else kb
+
+    @njit
+    def run(p, xq, dx, bs, sc, acc, u, scratch):
+        if mode == "read":  # u from another token's call, into a scratch accumulator
+            writer(p, i0, n0, xq, 0, kb, dx, bs, sc, kb // 32, scratch, 0, u)
+            p = np.zeros_like(p)  # nothing left to read there
+        kern(p, i0, n0, xq, t0, kb, dx, bs, sc, kb // 32, acc, a0, u)
+
+    acc = np.zeros((tb + 2, 128), np.float32)
+    u = np.zeros((32, 64), np.uint8)
+    run(w.values, xq, dx, bs, w.scales.view(np.uint16), acc, u, np.zeros((1, 64), np.float32))
+    if mode != "fused":
+        assert u.any()  # the decoded block is there
+    q = w.values.astype(np.int64) if bits == 8 else \
+        ((w.values[..., None] >> np.array([0, 4], np.uint8)) & 15).astype(np.int64)
+    q = (q if bits == 8 else np.where(q > 7, q - 16, q).transpose(0, 2, 1).reshape(k, n))
+    dots = xq[t0:t0 + tb, kb:kb + 32].astype(np.int64) @ q[kb:kb + 32, n0:n0 + 64]  # exact
+    scale = w.scales[kb // 32, n0:n0 + 64].astype(np.float64)
+    ref = dots * dx[t0:t0 + tb, 1:2].astype(np.float64) * scale
+    got = acc[t0:t0 + tb, a0:a0 + 64]
+    np.testing.assert_allclose(got, ref, rtol=2e-7, atol=1e-7 * np.abs(ref).max())
+    mask = np.ones(acc.shape, bool)
+    mask[t0:t0 + tb, a0:a0 + 64] = False
+    assert not acc[mask].any()
+
+
+def test_expert_ffn_act_int8_is_matmuls_composed():
+    """expert_ffn passes act_int8 to its three matmuls (and fp32 mode is unchanged)."""
+    rng = np.random.default_rng(51)
+    gate, up = (_qweight(rng, 64, 256, 4, 64) for _ in range(2))
+    down = _qweight(rng, 256, 64, 4, 64)
+    x = rng.standard_normal((3, 64)).astype(np.float32)
+    h = kernels.matmul(x, gate, act_int8=True).astype(np.float64)
+    u = kernels.matmul(x, up, act_int8=True).astype(np.float64)
+    act = (_gelu64(h) * u).astype(np.float32)
+    want = kernels.matmul(act, down, act_int8=True)
+    got = kernels.expert_ffn(x, gate, up, down, round_bf16=False, act_int8=True)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+    assert not np.array_equal(got, kernels.expert_ffn(x, gate, up, down, round_bf16=False))
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 def test_matmul_many_tokens(bits):
     """T > the token block and K > the row tile: the prefill tiling paths."""
@@ -392,3 +509,48 @@ def test_expert_ffn_shape_errors():
         kernels.expert_ffn(np.ones(64, np.float32), gate, up, gate)
     with pytest.raises(ValueError, match="K=64"):
         kernels.expert_ffn(np.ones(65, np.float32), gate, up, down)
+
+
+# ---------------------------------------------------------------------------- AVX2 target
+
+_AVX2_CHECK = """
+import numpy as np, ml_dtypes
+from numba.core.registry import cpu_target
+from lowmem import act8_kernels, cpu_kernels, simd_kernels
+from quant.qweight import QWeight, dequantize, pack_int4
+ctx = cpu_target.target_context
+assert not simd_kernels._has_avx512(ctx) and not act8_kernels._has_vnni(ctx)
+rng = np.random.default_rng(7)
+for bits in (4, 8):
+    q = rng.integers(-8 if bits == 4 else -128, 8 if bits == 4 else 128, (128, 160), dtype=np.int8)
+    sc = (rng.standard_normal((2, 160)) * 0.02).astype(ml_dtypes.bfloat16)
+    w = QWeight(pack_int4(q) if bits == 4 else q, sc, bits, 64)
+    dense = dequantize(w).astype(np.float64)
+    for t in (1, 3):
+        x = rng.standard_normal((t, 128)).astype(np.float32)
+        bound = 1e-5 * np.abs(x.astype(np.float64)) @ np.abs(dense)
+        assert np.all(np.abs(cpu_kernels.matmul(x, w) - x @ dense) <= bound)
+        xq, dx, _ = act8_kernels.quantize_activations(x)
+        xd = (xq.reshape(t, -1, 32) * dx[..., None].astype(np.float64)).reshape(t, 128)
+        assert np.all(np.abs(cpu_kernels.matmul(x, w, act_int8=True) - xd @ dense) <= bound)
+print("ok")
+"""
+
+
+def test_kernels_on_an_avx2_target(tmp_path):
+    """The kernels compiled for a CPU without AVX-512 (numba told haswell,
+    own cache): the xor nibble decoder, 256-bit vectors, the portable int8
+    dot product; results within the usual tolerance of float64 references."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    features = ",".join("+" + f for f in (
+        "64bit,avx,avx2,bmi,bmi2,cmov,cx16,f16c,fma,fxsr,lzcnt,mmx,movbe,popcnt,sse,sse2,"
+        "sse3,sse4.1,sse4.2,ssse3,xsave").split(","))
+    env = dict(os.environ, NUMBA_CPU_NAME="haswell", NUMBA_CPU_FEATURES=features,
+               NUMBA_CACHE_DIR=str(tmp_path), PYTHONPATH=str(root))
+    r = subprocess.run([sys.executable, "-c", _AVX2_CHECK], env=env, capture_output=True,
+                       text=True, timeout=600, cwd=root)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]

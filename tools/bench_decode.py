@@ -24,6 +24,7 @@ mappings, so the run measures memory, not page faults or the disk.
     python tools/bench_decode.py --layers 1 --bits 8   # less disk (~7 GB) and time
     python tools/bench_decode.py --model DIR           # an existing packed model
     python tools/bench_decode.py --threads 1           # numba kernels on one thread
+    python tools/bench_decode.py --model DIR --act-int8  # opt-in int8-activation kernels
 
 Disk: the checkpoint is ~3.2 GB + 5 GB per layer, the int8 model ~1.6 GB +
 4.9 GB per layer, int4 ~1.6 GB + 2.5 GB per layer; the checkpoint is deleted
@@ -32,6 +33,7 @@ once both models exist unless --keep-checkpoint.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import time
@@ -50,10 +52,18 @@ GB = 1e9
 
 
 def read_seconds(buffers: list[np.ndarray]) -> float:
-    start = time.perf_counter()
+    """One read of all buffers, each by the faster of numba's parallel sum and
+    numpy's one-thread sum (as tools/bench_kernels.py): on the Zen 5 VM the
+    parallel sum reads 7-12 GB/s where numpy's reads 32-35 (one core can
+    take the whole memory bandwidth there), which made the floors too low."""
+    total = 0.0
     for w in buffers:
+        t0 = time.perf_counter()
         parallel_sum(w)
-    return time.perf_counter() - start
+        t1 = time.perf_counter()
+        w.sum()
+        total += min(t1 - t0, time.perf_counter() - t1)
+    return total
 
 
 # --- building the models ------------------------------------------------------------
@@ -224,6 +234,9 @@ def main(argv=None) -> int:
     ap.add_argument("--prefill", type=int, nargs="*", default=[11, 256],
                     help="prompt lengths whose prefill is timed (default 11 256)")
     ap.add_argument("--threads", type=int, default=None, help="numba threads (default: all)")
+    ap.add_argument("--act-int8", action="store_true",
+                    help="int8 activations in the expert kernels (cpu_kernels.ACT_INT8; "
+                         "a numerics change, see docs/PERFORMANCE.md)")
     ap.add_argument("--prompt-tokens", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=4, help="decode steps per repeat (default 4)")
     ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats (default 3)")
@@ -242,7 +255,11 @@ def main(argv=None) -> int:
                   f"{args.threads}", file=sys.stderr)
             return 2
         numba.set_num_threads(args.threads)
-    print(f"# threads: {args.threads or 'all'}", flush=True)
+    if args.act_int8:
+        from lowmem import cpu_kernels
+        cpu_kernels.ACT_INT8 = True
+    print(f"# threads: {args.threads or 'all'}, {'int8' if args.act_int8 else 'fp32'} "
+          f"activations, load average {os.getloadavg()[0]:.2f}", flush=True)
     dirs = [Path(m) for m in args.model] if args.model else build_models(args)
     rows = []
     for d in dirs:

@@ -11,6 +11,7 @@ weight bytes, and the ratio to the floor (1.00 = at memory bandwidth).
     python tools/bench_kernels.py --cases int4-gate int4-down ffn-int4 --tokens 1 2 8
     python tools/bench_kernels.py --cases int8-gate int8-down ffn-int8 --tokens 1 2 4 8 --repeats 5
     python tools/bench_kernels.py --mmap /tmp/bench   # weights as np.memmap files
+    python tools/bench_kernels.py --cases int4-gate int8-gate --tokens 1 2 4 8 --threads 1 --act-int8
 """
 from __future__ import annotations
 
@@ -127,18 +128,23 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", nargs="+", type=int, default=[1, 8], help="T values")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=None, help="numba threads (default: all)")
+    ap.add_argument("--act-int8", action="store_true",
+                    help="int8 activations (matmul act_int8=True: a numerics change)")
     ap.add_argument("--mmap", type=Path, default=None, metavar="DIR",
                     help="write weights to files in DIR (left there, ~3 GB for all cases) "
                          "and pass them as read-only np.memmap")
     args = ap.parse_args(argv)
     if args.threads:
         numba.set_num_threads(args.threads)
+    kernels.ACT_INT8 = args.act_int8
     if args.mmap:
         args.mmap.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     parallel_sum(np.zeros(8, np.uint64))
     print(f"# numba {numba.__version__}, {numba.get_num_threads()} threads, "
-          f"{os.cpu_count()} cpus, {'memmap' if args.mmap else 'in-memory'} weights")
+          f"{os.cpu_count()} cpus, {'memmap' if args.mmap else 'in-memory'} weights, "
+          f"{'int8' if args.act_int8 else 'fp32'} activations, load average "
+          f"{os.getloadavg()[0]:.2f}")
     print(f"{'case':14s} {'T':>3s} {'MB':>7s} {'floor ms':>9s} {'floor GB/s':>10s} "
           f"{'kernel ms':>9s} {'GB/s':>6s} {'ratio':>6s}")
     for name in args.cases:

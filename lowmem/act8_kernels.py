@@ -1,0 +1,339 @@
+"""Opt-in int8-activation micro-kernels: int8 dot products on the stored weights.
+
+The fp32 micro-kernels of lowmem.simd_kernels decode every weight to a float
+and spend one FMA lane per weight per token, so from 2 tokens on they are
+bound by the FMA ports, not by memory (Zen 5, one core: int4 6144 x 32768 at
+8 tokens ~16 ms against a ~3 ms read). Here, as llama.cpp does for Q4_0/Q8_0,
+the activations are quantized to int8 per block of 32 inputs (a numerics
+change, hence opt-in: ``cpu_kernels.matmul(..., act_int8=True)`` or
+``LOWMEM_ACT_INT8=1``) and each VNNI ``vpdpbusd`` multiplies 64 weight bytes
+by 64 activation bytes and sums them by 4 into 16 int32 lanes: 4x the
+multiply-adds of an FMA, exactly, in integers.
+
+A call takes one block of 32 weight rows x 64 columns (one 64-column strip)
+for up to 4 tokens. The weights stay in their stored layout: each group of 4
+rows is turned into 16-column dword vectors of those 4 rows' bytes by two
+levels of in-lane byte/word unpacks (int4: the nibbles are split in between),
+as unsigned bytes (int4 nibble q + 8, int8 byte q + 128); the offset times
+the block's activation sum is subtracted once per block. The block's int32
+sums are converted, times the activation scale, transposed back to column
+order and added into the fp32 accumulators with the weight scale. Without
+AVX-512 VNNI the same dot product is plain LLVM vector code (correct on any
+CPU, slower).
+
+Measured (Zen 5 VM, idle, tools/bench_kernels.py --act-int8; ratio to a read
+of the same bytes): int4 one token 0.78-0.91 with 2 threads, 1.01-1.14 with
+one (fp32 kernels: 1.76-1.83), 8 tokens 1.9-2.3 (fp32 3.0-3.3). Numerics and
+why it is off by default: docs/PERFORMANCE.md, issue 10 section.
+"""
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic, overload
+
+from lowmem.simd_kernels import _Mat, _prefetch, _splat
+
+BLOCK = 32                 # weight rows (= activations) per int8 activation scale
+_MAX_TB = 4                # tokens per call (16 int32 register accumulators; 6: no faster)
+_PREFETCH = 256            # bytes ahead along a row that a call prefetches
+_I8 = ir.IntType(8)
+_I32 = ir.IntType(32)
+_V64B = ir.VectorType(_I8, 64)
+_V16I = ir.VectorType(_I32, 16)
+_V16F = ir.VectorType(ir.FloatType(), 16)
+
+
+@njit(cache=True)
+def quantize_activations(x):
+    """x (T, K) float32, K % 32 == 0 -> (xq int8 (T, K), scale float32
+    (T, K // 32), sum of xq int32 (T, K // 32)): per block of 32,
+    scale = max |x| / 127 and xq = round(x / scale) (half to even)."""
+    T, K = x.shape
+    nb = K // BLOCK
+    xq = np.empty((T, K), np.int8)
+    dx = np.empty((T, nb), np.float32)
+    bs = np.empty((T, nb), np.int32)
+    for t in range(T):
+        for b in range(nb):
+            m = np.float32(0.0)
+            for i in range(b * BLOCK, (b + 1) * BLOCK):
+                m = max(m, abs(x[t, i]))
+            inv = np.float32(127.0) / m if m > 0 else np.float32(0.0)
+            s = 0
+            for i in range(b * BLOCK, (b + 1) * BLOCK):
+                q = min(127, max(-127, int(np.rint(x[t, i] * inv))))
+                xq[t, i] = q
+                s += q
+            dx[t, b] = m / np.float32(127.0)
+            bs[t, b] = s
+    return xq, dx, bs
+
+
+def _unpack_mask(lanes, high):
+    """shufflevector mask of x86 punpckl/h (per 128-bit lane) on `lanes` elements."""
+    per = lanes // 4  # elements per 128-bit lane
+    out = []
+    for lane in range(4):
+        for i in range(per // 2):
+            src = per * lane + i + (per // 2 if high else 0)
+            out += [src, lanes + src]
+    return ir.Constant(ir.VectorType(_I32, lanes), out)
+
+
+def _unpack(builder, a, b, high, elem):
+    """punpckl/h of two 512-bit values viewed as `elem` lanes (8 or 16 bits)."""
+    lanes = 512 // elem.width
+    ty = ir.VectorType(elem, lanes)
+    r = builder.shuffle_vector(builder.bitcast(a, ty), builder.bitcast(b, ty),
+                               _unpack_mask(lanes, high))
+    return builder.bitcast(r, _V16I)
+
+
+def _quad_q4(builder, p0, p1):
+    """Packed rows p0 (weight rows k, k+1) and p1 (k+2, k+3), 64 columns ->
+    4 dword vectors [u_k, u_k+1, u_k+2, u_k+3] (u = nibble q + 8); vector
+    2v + h, dword 4l + m = column 16l + 8v + 4h + m."""
+    out = []
+    for v in (False, True):
+        w = _unpack(builder, p0, p1, v, _I8)                   # words [p0[c], p1[c]]
+        lo = builder.xor(builder.and_(w, _splat(_I32, 0x0F0F0F0F)), _splat(_I32, 0x08080808))
+        hi = builder.lshr(w, _splat(_I32, 4))
+        hi = builder.xor(builder.and_(hi, _splat(_I32, 0x0F0F0F0F)), _splat(_I32, 0x08080808))
+        out += [_unpack(builder, lo, hi, h, _I8) for h in (False, True)]
+    return out
+
+
+def _quad_i8(builder, r0, r1, r2, r3):
+    """int8 rows k..k+3, 64 columns -> 4 dword vectors [u_k, ..., u_k+3]
+    (u = q + 128), in the column order of _quad_q4."""
+    out = []
+    for v in (False, True):
+        a, b = _unpack(builder, r0, r1, v, _I8), _unpack(builder, r2, r3, v, _I8)
+        out += [builder.xor(_unpack(builder, a, b, h, ir.IntType(16)), _splat(_I32, 0x80808080))
+                for h in (False, True)]
+    return out
+
+
+def _dot(builder, vnni, acc, u, xb):
+    """acc + sum over each 4 bytes of u (unsigned) * xb (signed): vpdpbusd."""
+    if vnni:
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(
+            _V16I, [_V16I, _V64B, _V64B]), "llvm.x86.avx512.vpdpbusd.512")
+        return builder.call(fn, [acc, builder.bitcast(u, _V64B), builder.bitcast(xb, _V64B)])
+    v64 = ir.VectorType(_I32, 64)
+    prod = builder.mul(builder.zext(builder.bitcast(u, _V64B), v64),
+                       builder.sext(builder.bitcast(xb, _V64B), v64))
+    for j in range(4):
+        acc = builder.add(acc, builder.shuffle_vector(
+            prod, ir.Constant(v64, ir.Undefined), ir.Constant(_V16I, [4 * i + j for i in range(16)])))
+    return acc
+
+
+def _has_vnni(context):
+    """Whether numba compiles for a CPU with AVX-512 VNNI (512-bit vpdpbusd)."""
+    feats = context.codegen().magic_tuple()[2].split(",")
+    return "+avx512vnni" in feats and "+avx512bw" in feats
+
+
+def _row(builder, pm, row, n0):
+    """64 bytes of stored row `row` from column n0, prefetching ahead along it."""
+    ptr = pm.at(row, n0)
+    _prefetch(builder, builder.gep(ptr, [ir.Constant(ir.IntType(64), _PREFETCH)]))
+    return builder.load(builder.bitcast(ptr, _V64B.as_pointer()), align=1)
+
+
+def _codegen(bits, tb, vnni, mode):
+    """Codegen of _kernel(bits, tb, vnni, mode): see there."""
+    def codegen(context, builder, sig, args):
+        use_vnni = _has_vnni(context) if vnni is None else vnni
+        i64 = ir.IntType(64)
+        pm, xm, dm, bm, sm, am = (_Mat(context, builder, sig.args[j], args[j])
+                                  for j in (0, 3, 6, 7, 8, 10))
+        i0, n0, t0, k, gi, a0 = (context.cast(builder, args[j], sig.args[j], types.intp)
+                                 for j in (1, 2, 4, 5, 9, 11))
+        um = _Mat(context, builder, sig.args[12], args[12])  # (32, 64) decoded quads
+        acc = [[_splat(_I32, 0)] * 4 for _ in range(tb)]
+        for q in range(BLOCK // 4):
+            u = _quad(builder, bits, pm, i0, n0, q, um, mode)
+            for t in range(tb):
+                xp = xm.at(builder.add(t0, ir.Constant(i64, t)), builder.add(k, ir.Constant(i64, 4 * q)))
+                x4 = builder.load(builder.bitcast(xp, _I32.as_pointer()), align=1)
+                xb = builder.shuffle_vector(builder.insert_element(
+                    ir.Constant(_V16I, ir.Undefined), x4, ir.Constant(_I32, 0)),
+                    ir.Constant(_V16I, ir.Undefined), _splat(_I32, 0))
+                acc[t] = [_dot(builder, use_vnni, a, w, xb) for a, w in zip(acc[t], u)]
+        blk = builder.sdiv(k, ir.Constant(i64, BLOCK))
+        _store(builder, acc, bits, (dm, bm, sm, am), (t0, blk, gi, n0, a0))
+        return context.get_dummy_value()
+    return codegen
+
+
+def _quad(builder, bits, pm, i0, n0, q, um, mode):
+    """The 4 dword vectors of quad q (weight rows 4q..4q+3 of the block):
+    decoded from the stored rows ("fused"; "write" also stores them in um's
+    rows 4q..4q+3) or loaded from um ("read")."""
+    i64 = ir.IntType(64)
+    slots = [builder.bitcast(um.at(ir.Constant(i64, 4 * q + v), ir.Constant(i64, 0)),
+                             _V16I.as_pointer()) for v in range(4)]
+    if mode == "read":
+        return [builder.load(ptr, align=1) for ptr in slots]
+    step = 2 if bits == 4 else 4  # stored rows per group of 4 weight rows
+    rows = [_row(builder, pm, builder.add(i0, ir.Constant(i64, step * q + r)), n0)
+            for r in range(step)]
+    u = _quad_q4(builder, *rows) if bits == 4 else _quad_i8(builder, *rows)
+    if mode == "write":
+        for vec, ptr in zip(u, slots):
+            builder.store(vec, ptr, align=1)
+    return u
+
+
+def _store(builder, acc, bits, mats, idx):
+    """acc_out[t0 + t, a0 + c] += scale[gi, n0 + c] * dx[t, blk] * (sum - offset * xsum)."""
+    dm, bm, sm, am = mats
+    t0, blk, gi, n0, a0 = idx
+    i64, f32 = ir.IntType(64), ir.FloatType()
+    fma = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(_V16F, [_V16F, _V16F, _V16F]), "llvm.fma.v16f32")
+    srow = sm.at(gi, n0)
+    scales = []
+    for c in range(4):
+        sb = builder.zext(builder.load(sm.vec(srow, 16 * c, ir.IntType(16)), align=2), _V16I)
+        scales.append(builder.bitcast(builder.shl(sb, _splat(_I32, 16)), _V16F))
+    offset = ir.Constant(_I32, 8 if bits == 4 else 128)
+    for t, sums in enumerate(acc):
+        row = builder.add(t0, ir.Constant(i64, t))
+        corr = builder.mul(builder.load(bm.at(row, blk)), offset)
+        dx = builder.load(dm.at(row, blk))
+        f = [builder.fmul(builder.sitofp(builder.sub(s, _bcast(builder, corr, _V16I)), _V16F),
+                          _bcast(builder, dx, _V16F)) for s in sums]
+        cat = lambda a, b, n: builder.shuffle_vector(a, b, ir.Constant(
+            ir.VectorType(_I32, 2 * n), list(range(2 * n))))
+        allv = cat(cat(f[0], f[1], 16), cat(f[2], f[3], 16), 32)  # 64 lanes, vector-major
+        arow = am.at(row, a0)
+        for c in range(4):  # column 16c + 8v + 4h + m is lane 16(2v + h) + 4c + m
+            nat = builder.shuffle_vector(allv, ir.Constant(allv.type, ir.Undefined), ir.Constant(
+                _V16I, [16 * (i // 4) + 4 * c + i % 4 for i in range(16)]))
+            ptr = am.vec(arow, 16 * c, f32)
+            builder.store(builder.call(fma, [scales[c], nat, builder.load(ptr, align=4)]),
+                          ptr, align=4)
+
+
+def _bcast(builder, value, vty):
+    """A scalar in all 16 lanes of vty."""
+    v = builder.insert_element(ir.Constant(vty, ir.Undefined), value, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(v, ir.Constant(vty, ir.Undefined), _splat(_I32, 0))
+
+
+def _kernel(bits, tb, vnni=None, mode="fused"):
+    """An intrinsic k(p, i0, n0, xq, t0, k, dx, bs, sc, gi, acc, a0, u) doing, for
+    t < tb tokens, the 64 columns c of one strip and the 32 weight rows
+    k..k+31 (k % 32 == 0; stored rows from i0: int4 k // 2, int8 k):
+
+        acc[t0+t, a0+c] += scale[gi, n0+c] * dx[t0+t, k // 32]
+                           * sum_{i < 32} xq[t0+t, k+i] * w[k+i, n0+c]
+
+    with the dot products in int32. p uint8 (packed int4) or int8, xq int8,
+    dx float32, bs int32 (sums of xq per block), sc uint16 (bf16 bits), acc
+    float32; all C-contiguous 2-D, ranges guaranteed by the caller. vnni:
+    None = vpdpbusd where the target has AVX-512 VNNI, False = portable IR.
+    u: uint8 (32, 64), the block's decoded weights (best 64-byte aligned): mode
+    "fused" ignores it, "write" fills it while computing, "read" takes the
+    weights from it instead of p (more tokens, one decode)."""
+    bits_of = {types.uint8: 4, types.int8: 8}
+
+    def typer(typingctx, p, i0, n0, xq, t0, k, dx, bs, sc, gi, acc, a0, u):
+        arrays = (p, xq, dx, bs, sc, acc, u)
+        if all(isinstance(a, types.Array) and a.ndim == 2 and a.layout == "C" for a in arrays) \
+                and bits_of.get(p.dtype) == bits:
+            return (types.none(p, i0, n0, xq, t0, k, dx, bs, sc, gi, acc, a0, u),
+                    _codegen(bits, tb, vnni, mode))
+        return None
+    typer.__name__ = typer.__qualname__ = f"_a8_i{bits}_t{tb}_{mode}"
+    return intrinsic(typer)
+
+
+_q4_t1, _q4_t2, _q4_t3, _q4_t4 = (_kernel(4, t) for t in range(1, 5))
+_i8_t1, _i8_t2, _i8_t3, _i8_t4 = (_kernel(8, t) for t in range(1, 5))
+_q4_w4, _i8_w4 = _kernel(4, 4, mode="write"), _kernel(8, 4, mode="write")
+_q4_r1, _q4_r2, _q4_r3, _q4_r4 = (_kernel(4, t, mode="read") for t in range(1, 5))
+_i8_r1, _i8_r2, _i8_r3, _i8_r4 = (_kernel(8, t, mode="read") for t in range(1, 5))
+
+
+def _dispatch(k1, k2, k3, k4):
+    """An inline njit calling k1..k4 by the (runtime) token count tb."""
+    @njit(inline="always", cache=True)
+    def run(tb, p, i0, n0, xq, t0, k, dx, bs, sc, gi, acc, a0, u):
+        if tb == 1:
+            k1(p, i0, n0, xq, t0, k, dx, bs, sc, gi, acc, a0, u)
+        elif tb == 2:
+            k2(p, i0, n0, xq, t0, k, dx, bs, sc, gi, acc, a0, u)
+        elif tb == 3:
+            k3(p, i0, n0, xq, t0, k, dx, bs, sc, gi, acc, a0, u)
+        else:
+            k4(p, i0, n0, xq, t0, k, dx, bs, sc, gi, acc, a0, u)
+    return run
+
+
+_pass_q4 = _dispatch(_q4_t1, _q4_t2, _q4_t3, _q4_t4)
+_pass_i8 = _dispatch(_i8_t1, _i8_t2, _i8_t3, _i8_t4)
+_read_q4 = _dispatch(_q4_r1, _q4_r2, _q4_r3, _q4_r4)
+_read_i8 = _dispatch(_i8_r1, _i8_r2, _i8_r3, _i8_r4)
+_write_q4 = _dispatch(_q4_w4, _q4_w4, _q4_w4, _q4_w4)
+_write_i8 = _dispatch(_i8_w4, _i8_w4, _i8_w4, _i8_w4)
+
+
+def _rows_per_byte(p):
+    """Weight rows per stored row: 2 for packed int4 (uint8), 1 for int8."""
+    raise NotImplementedError("only callable from numba code")
+
+
+@overload(_rows_per_byte, inline="always")
+def _rows_per_byte_overload(p):
+    d = 2 if p.dtype == types.uint8 else 1
+    return lambda p: d
+
+
+def _pass(mode, tb, p, i0, n0, xq, t0, k, dx, bs, sc, gi, acc, a0, u):
+    """One call for tb <= 4 tokens (mode 0 fused, 1 write, 2 read), by stored dtype."""
+    raise NotImplementedError("only callable from numba code")
+
+
+@overload(_pass, inline="always")
+def _pass_overload(mode, tb, p, i0, n0, xq, t0, k, dx, bs, sc, gi, acc, a0, u):
+    q4 = p.dtype == types.uint8
+    fused, write, read = (_pass_q4, _write_q4, _read_q4) if q4 else (_pass_i8, _write_i8, _read_i8)
+
+    def run(mode, tb, p, i0, n0, xq, t0, k, dx, bs, sc, gi, acc, a0, u):
+        if mode == 0:
+            fused(tb, p, i0, n0, xq, t0, k, dx, bs, sc, gi, acc, a0, u)
+        elif mode == 1:
+            write(tb, p, i0, n0, xq, t0, k, dx, bs, sc, gi, acc, a0, u)
+        else:
+            read(tb, p, i0, n0, xq, t0, k, dx, bs, sc, gi, acc, a0, u)
+    return run
+
+
+@njit(cache=True)
+def tile_strips(xq, dx, bs, p, sc, g, k0, k1, n0, m, t0, t1, acc, a0):
+    """acc[t0:t1, a0 + j] += the int8-activation product for rows k0..k1
+    (multiples of 32, and g too) and the whole 64-column strips j < m - m % 64
+    of columns n0 + j; the caller does the columns after them. Up to 4
+    tokens a call decodes the weights itself; beyond, the first call also
+    keeps them decoded (2 KB, in L1) for the others."""
+    d = _rows_per_byte(p)
+    u = np.empty((BLOCK + 1, 64), np.uint8)
+    off = (-u.ctypes.data) % 64  # 64-byte aligned rows
+    u = u.reshape(-1)[off:off + BLOCK * 64].reshape(BLOCK, 64)
+    for k in range(k0, k1, BLOCK):
+        gi = k // g
+        for j in range(0, m - m % 64, 64):
+            if t1 - t0 <= _MAX_TB:
+                _pass(0, t1 - t0, p, k // d, n0 + j, xq, t0, k, dx, bs, sc, gi, acc, a0 + j, u)
+                continue
+            _pass(1, _MAX_TB, p, k // d, n0 + j, xq, t0, k, dx, bs, sc, gi, acc, a0 + j, u)
+            for t in range(t0 + _MAX_TB, t1, _MAX_TB):
+                _pass(2, min(_MAX_TB, t1 - t), p, k // d, n0 + j, xq, t, k, dx, bs, sc, gi,
+                      acc, a0 + j, u)
