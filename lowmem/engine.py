@@ -69,6 +69,10 @@ class EngineOptions:
         ``Engine.routing_trace`` (for cache simulators).
     verify: check each tensor's CRC-32 the first time it is read (about 0.4 s
         per GiB, once per process).
+    output_int8: host backend only; the logits read an int8 copy (one bf16
+        scale per vocabulary row, built at load) of the bf16 output table: half
+        the bytes per token (0.8 GB instead of 1.6 GB for Grok-1), a measured
+        change of the logits (docs/FIDELITY.md).
     precision: 'fp32' (activations in fp32, weights dequantized exactly: the
         model's exact math) or 'bf16' (the release's bf16 mode).
     """
@@ -84,6 +88,7 @@ class EngineOptions:
     record_routing: bool = False          # keep (layer, experts of real tokens) per layer step
     verify: bool = True                   # check each tensor's CRC-32 when first read (packed.py)
     precision: str = DEFAULT_PRECISION    # 'fp32' (exact math) or 'bf16' (the release's run)
+    output_int8: bool = False             # host: logits from an int8 copy of the output table
 
 
 def cache_length(context: int, buckets: tuple[int, ...] = PREFILL_BUCKETS) -> int:

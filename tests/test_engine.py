@@ -213,3 +213,31 @@ def test_stager_copy_paths_deliver_the_block_bytes(packed, pinned):
     assert stager.pinned == pinned
     out = stager((1, 5))
     np.testing.assert_array_equal(np.asarray(out), np.asarray(model.expert(1, 5).raw))
+
+
+def test_output_table_int8_quantization_is_per_row_and_never_clips():
+    import ml_dtypes
+
+    from lowmem.backends import quantize_output_table
+    from quant.qweight import dequantize
+    rng = np.random.default_rng(0)
+    table = (rng.standard_normal((1000, 64)) * 2).astype(ml_dtypes.bfloat16)   # (V, D)
+    table[5] = 0
+    q = quantize_output_table(table, rows=300)                                  # (D, V)
+    exact = table.astype(np.float32).T
+    assert q.values.shape == (64, 1000) and q.scales.shape == (1, 1000)
+    err = np.abs(dequantize(q) - exact).max(axis=0)
+    half_step = q.scales.astype(np.float32)[0] / 2
+    assert np.all(err <= half_step * (1 + 1e-6))                                # rounding only
+    assert np.all(np.abs(q.values).max(axis=0)[np.arange(1000) != 5] >= 126)    # range used
+    assert np.all(dequantize(q)[:, 5] == 0)
+
+
+def test_output_int8_option_changes_logits_by_its_rounding_only(packed):
+    base = prompt_logits(_engine(packed["int8"], backend="host", precision="fp32"), PROMPTS[0])
+    q8 = prompt_logits(_engine(packed["int8"], backend="host", precision="fp32",
+                               output_int8=True), PROMPTS[0])
+    assert 0 < _rel(q8, base) < 1e-2
+    assert np.array_equal(q8.argmax(-1), base.argmax(-1))
+    with pytest.raises(EngineError, match="host-backend option"):
+        _engine(packed["int8"], backend="device", output_int8=True)
