@@ -161,7 +161,7 @@ class HostBackend:
         return self.embed[tokens]                                         # (T, D) bf16
 
     def make_moe(self, options, fetch_hook: Callable | None = None) -> HostMoE:
-        return HostMoE(self.model, M.moe_precision(options.precision))
+        return HostMoE(self.model)
 
     def close(self) -> None:
         _HOST_BACKENDS.pop(self.handle, None)
@@ -230,8 +230,7 @@ class DeviceBackend:
                             slots=DeviceSlots(capacity, nbytes, self.device))
         log.info("expert cache: %d slots of %.1f MB, policy %s%s", capacity, nbytes / 1e6,
                  policy, " (auto)" if options.cache_policy == "auto" else "")
-        return DeviceMoE(self.model, cache, prefetch=options.prefetch,
-                         precision=M.moe_precision(options.precision))
+        return DeviceMoE(self.model, cache, prefetch=options.prefetch)
 
     def headroom_bytes(self, options) -> int:
         """Device memory the default expert budget leaves to the steps' temporaries.

@@ -27,7 +27,6 @@ run's key: a batched request gives the tokens of the same request run alone.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from functools import partial
 
 import jax
@@ -35,21 +34,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from lowmem import model as M
-from lowmem.engine import Engine, EngineError
+from lowmem.engine import Engine, EngineError, SequenceState
 from lowmem.sampling import filter_logits
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class SeqState:
-    """One slot's sequence: KV caches per layer, key validity (S,) bool, position.
-
-    Same fields as the engine's own sequence state, so ``Engine.advance``
-    takes it."""
-    caches: list
-    valid: jax.Array
-    pos: int = 0
 
 
 @partial(jax.jit, static_argnums=(0, 1, 2), donate_argnames=("caches",))
@@ -138,10 +126,8 @@ class BatchEngine:
         self.cfg = engine.cfg
         self.states = [self._fresh() for _ in range(max_batch)]
 
-    def _fresh(self) -> SeqState:
-        eng = self.engine
-        caches = M.init_kv_cache(self.cfg, eng.cache_len, eng.device, eng.precision)
-        return SeqState(caches, jax.device_put(jnp.zeros((eng.cache_len,), bool), eng.device))
+    def _fresh(self) -> SequenceState:
+        return self.engine.new_state()
 
     @property
     def context(self) -> int:
@@ -162,7 +148,7 @@ class BatchEngine:
     def reset(self, slot: int) -> None:
         """Start a new sequence in a slot (its cache reused, every key marked invalid)."""
         st = self.states[slot]
-        self.states[slot] = SeqState(st.caches, jnp.zeros_like(st.valid), 0)
+        self.states[slot] = SequenceState(st.caches, jnp.zeros_like(st.valid), 0)
 
     def prefill(self, slot: int, tokens) -> jax.Array:
         """Feed one prompt chunk (<= ``chunk`` tokens) to a slot -> fp32 logits (V,)."""
@@ -171,7 +157,7 @@ class BatchEngine:
         except BaseException:
             self.states[slot] = self._fresh()   # the donated cache may be gone
             raise
-        self.states[slot] = SeqState(st.caches, st.valid, st.pos)
+        self.states[slot] = st
         return logits
 
     @property
@@ -231,5 +217,5 @@ class BatchEngine:
                 self.states[s] = self._fresh()
             raise
         for s, c, v, p in zip(slots, caches, valids, pos):
-            self.states[s] = SeqState(c, v, int(p) + 1)
+            self.states[s] = SequenceState(c, v, int(p) + 1)
         return logits

@@ -98,8 +98,10 @@ def cache_length(context: int, buckets: tuple[int, ...] = PREFILL_BUCKETS) -> in
 
 
 @dataclass
-class _State:
-    """Per-sequence state: the KV cache (donated to each step), key validity, position."""
+class SequenceState:
+    """Per-sequence state: the KV cache (donated to each step), key validity, position.
+
+    The engine holds one; batched decode (``lowmem.batch``) holds one per slot."""
     caches: list
     valid: jax.Array     # (S,) bool
     pos: int = 0
@@ -162,14 +164,15 @@ class Engine:
         self.host_syncs = 0                 # device -> host reads that block (to_host)
         self.layers = self.backend.place_layers()
         self.final_norm = jax.device_put(model.final_norm(), self.device)
-        self._state = self._new_state()     # before sizing the cache: the KV cache counts
+        self._state = self.new_state()     # before sizing the cache: the KV cache counts
         self.experts = self._make_moe()
 
     # --- set-up and lifetime ------------------------------------------------
-    def _new_state(self) -> _State:
+    def new_state(self) -> SequenceState:
+        """A fresh sequence state: its own preallocated KV cache, every key invalid."""
         caches = M.init_kv_cache(self.cfg, self.cache_len, self.device, self.precision)
         valid = jax.device_put(jnp.zeros((self.cache_len,), bool), self.device)
-        return _State(caches, valid, 0)
+        return SequenceState(caches, valid, 0)
 
     def _make_moe(self, fetch_hook: Callable | None = None):
         try:
@@ -222,7 +225,7 @@ class Engine:
 
     def reset(self) -> None:
         """Start a new sequence (the KV cache is reused, every key marked invalid)."""
-        self._state = _State(self._state.caches, jnp.zeros_like(self._state.valid), 0)
+        self._state = SequenceState(self._state.caches, jnp.zeros_like(self._state.valid), 0)
 
     def feed(self, tokens) -> jax.Array:
         """Append tokens (a prompt or one decode token); fp32 logits (V,) of the last one.
@@ -252,15 +255,13 @@ class Engine:
         try:
             for start in range(0, len(tokens), chunk):
                 part = tokens[start:start + chunk]
-                size = 1 if len(part) == 1 else self._bucket(len(part))
-                padded = np.zeros(size, np.int32)
-                padded[:len(part)] = part
                 want = "all" if all_logits else ("last" if start + chunk >= len(tokens) else None)
-                logits, self._state = self._forward_chunk(self._state, padded, len(part), want)
+                logits, self._state = self._forward_chunk(self._state, self._padded(part),
+                                                          len(part), want)
                 if all_logits:
                     rows.append(np.asarray(logits)[:len(part)])
         except BaseException:
-            self._state = self._new_state()
+            self._state = self.new_state()
             raise
         return np.concatenate(rows) if all_logits else logits
 
@@ -279,10 +280,7 @@ class Engine:
         if state.pos + len(tokens) > self.context:
             raise EngineError(f"sequence of {state.pos + len(tokens)} tokens exceeds the "
                               f"context of {self.context}")
-        size = 1 if len(tokens) == 1 else self._bucket(len(tokens))
-        padded = np.zeros(size, np.int32)
-        padded[:len(tokens)] = tokens
-        return self._forward_chunk(state, padded, len(tokens), "last")
+        return self._forward_chunk(state, self._padded(tokens), len(tokens), "last")
 
     def moe_layer(self, layer: int, h: jax.Array, n: int) -> jax.Array:
         """Route rows h (T, D) of one layer and add their experts' outputs -> (T, D).
@@ -309,11 +307,17 @@ class Engine:
         return h
 
     # --- forward ----------------------------------------------------------
-    def _bucket(self, n: int) -> int:
-        return next((b for b in self.options.prefill_buckets if n <= b),
-                    max(self.options.prefill_buckets))
+    def _padded(self, part: np.ndarray) -> np.ndarray:
+        """A chunk padded with pad tokens to its bucket (1 for one decode token), so that
+        each shape compiles once."""
+        n = len(part)
+        size = 1 if n == 1 else next((b for b in self.options.prefill_buckets if n <= b),
+                                     max(self.options.prefill_buckets))
+        padded = np.zeros(size, np.int32)
+        padded[:n] = part
+        return padded
 
-    def _forward_chunk(self, state: _State, tokens: np.ndarray, n: int, want: str | None):
+    def _forward_chunk(self, state: SequenceState, tokens: np.ndarray, n: int, want: str | None):
         """One padded chunk through every layer; logits of its last real row ('last'),
         of every row ('all', (T, V) padded rows included) or none."""
         cfg, timer, pos, backend = self.cfg, self.timer, state.pos, self.backend
@@ -336,7 +340,7 @@ class Engine:
             logits = _all_logits(cfg, backend.logits_fn, prec, h, self.final_norm,
                                  backend.logits_table)
             timer.mark("logits", logits)
-        return logits, _State(caches, valid, pos + n)
+        return logits, SequenceState(caches, valid, pos + n)
 
 
 def enable_compilation_cache(path: str | os.PathLike | None = None) -> Path:

@@ -47,13 +47,6 @@ def round_act(x: jax.Array, precision: str) -> jax.Array:
     return x.astype(BF16).astype(F32) if act_dtype(precision) == BF16 else x.astype(F32)
 
 
-def moe_precision(precision: str) -> str:
-    """The expert FFNs' precision: 'fp32' in both modes (the release as executed rounds
-    neither the expert products, the gates nor the MoE sum)."""
-    act_dtype(precision)
-    return "fp32"
-
-
 class KVCache(NamedTuple):
     """One layer's keys (after RoPE) and values; preallocated, updated in place."""
     k: jax.Array  # (S, Hkv, K) bf16
@@ -214,10 +207,8 @@ def mark_valid(valid: jax.Array, tokens: jax.Array, pos: jax.Array, length: jax.
     return jax.lax.dynamic_update_slice_in_dim(valid, real, pos, 0)
 
 
-def gated_sum_update(acc: jax.Array, out: jax.Array, gate: jax.Array,
-                     precision: str = "bf16") -> jax.Array:
+def gated_sum_update(acc: jax.Array, out: jax.Array, gate: jax.Array) -> jax.Array:
     """acc + gate * expert_out in fp32, the gate unrounded in both precisions."""
-    act_dtype(precision)
     return acc + gate.astype(F32)[:, None] * out
 
 

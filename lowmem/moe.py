@@ -51,82 +51,69 @@ def _chunk_rows(k: int, group: int, n: int, itemsize: int) -> int:
     return rows if k % rows == 0 else k
 
 
-def chunked_qmatmul(x: jax.Array, slots, slot, values: TensorEntry, scales: TensorEntry,
-                    weight_dtype, dtype) -> jax.Array:
+def chunked_qmatmul(x: jax.Array, slots, slot, values: TensorEntry,
+                    scales: TensorEntry) -> jax.Array:
     """x (T, K) @ W (K, N) -> fp32 (T, N), W read from a slot a chunk of rows at a time.
 
-    W is dequantized to ``weight_dtype`` (bf16 in the release's bf16 mode),
-    then both operands are taken as ``dtype``. Only one chunk of W is ever
-    dequantized (``CHUNK_BYTES``), so an expert call's temporaries stay a small
-    fraction of its block instead of several times it; partial products are
-    summed in fp32 (a GEMM with fp32 accumulation; the caller rounds).
+    W is dequantized exactly in fp32. Only one chunk of it is ever dequantized
+    (``CHUNK_BYTES``), so an expert call's temporaries stay a small fraction
+    of its block instead of several times it; partial products are summed in
+    fp32.
     """
     k, n = x.shape[1], values.shape[1]
     group, bits = values.group_size, values.bits
-    rows = _chunk_rows(k, group, n, jnp.dtype(dtype).itemsize)
-    hp = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
+    rows = _chunk_rows(k, group, n, 4)
     vrows = rows // 2 if bits == 4 else rows                   # stored rows per chunk
     srows = max(rows // group, 1)
 
     def body(i, acc):
         q = _slot_rows(slots, slot, values, i * vrows, vrows)              # (vrows, N)
         s = _slot_rows(slots, slot, scales, (i * rows) // group, srows)    # (srows, N) bf16
-        w = M.dequantize(QWeight(q, s, bits, min(rows, group)), weight_dtype).astype(dtype)
+        w = M.dequantize(QWeight(q, s, bits, min(rows, group)), jnp.float32)  # (rows, N)
         xc = jax.lax.dynamic_slice_in_dim(x, i * rows, rows, axis=1)      # (T, rows)
-        return acc + jnp.dot(xc.astype(dtype), w, precision=hp,
-                             preferred_element_type=jnp.float32)          # (T, N) fp32
+        return acc + jnp.dot(xc.astype(jnp.float32), w,
+                             precision=jax.lax.Precision.HIGHEST)         # (T, N) fp32
     acc = jnp.zeros((x.shape[0], n), jnp.float32)
     return jax.lax.fori_loop(0, k // rows, body, acc)
 
 
-def expert_ffn_slot(x: jax.Array, slots, slot, parts: tuple[TensorEntry, ...],
-                    precision: str) -> jax.Array:
+def expert_ffn_slot(x: jax.Array, slots, slot, parts: tuple[TensorEntry, ...]) -> jax.Array:
     """The GeGLU expert in a slot -> fp32 (T, D), reading its weights in chunks.
 
-    'fp32': all fp32, weights dequantized exactly: what the engine runs in both
-    of its precisions (``model.moe_precision``: the release as executed under
-    jit rounds nothing in its MoE). 'bf16' (gate/up outputs rounded to bf16,
-    bf16-rounded weights: the release's source read literally) is kept for
-    comparison only.
+    All fp32, weights dequantized exactly, in both engine precisions: the
+    release as executed under jit rounds nothing in its MoE (docs/FIDELITY.md).
     """
     p = {(e.role, e.part): e for e in parts}
-    act = M.act_dtype(precision)
 
-    def mm(a, role, dtype):
-        return chunked_qmatmul(a, slots, slot, p[(role, "values")], p[(role, "scales")], act,
-                               dtype)
-    g = mm(x, "gate", act).astype(act).astype(jnp.float32)               # (T, F)
-    u = mm(x, "up", act).astype(act).astype(jnp.float32)                 # (T, F)
-    hidden = jax.nn.gelu(g, approximate=True) * u
-    return mm(hidden, "down", jnp.float32)                                # (T, D)
+    def mm(a, role):
+        return chunked_qmatmul(a, slots, slot, p[(role, "values")], p[(role, "scales")])
+    hidden = jax.nn.gelu(mm(x, "gate"), approximate=True) * mm(x, "up")  # (T, F)
+    return mm(hidden, "down")                                             # (T, D)
 
 
-@partial(jax.jit, static_argnums=(0, 1), donate_argnums=(2,))
-def _experts_accumulate(parts, precision, acc, slots, slot_ids, expert_ids, x, gates, experts):
-    """acc + sum over the group of gate(e) per token (bf16-rounded in 'bf16') * e(x).
+@partial(jax.jit, static_argnums=(0,), donate_argnums=(1,))
+def _experts_accumulate(parts, acc, slots, slot_ids, expert_ids, x, gates, experts):
+    """acc + sum over the group of gate(e) per token * e(x), in fp32.
 
     One call per group of ``len(slot_ids)`` experts (a decode step's k routed
     experts: one dispatch per layer). An expert id of -1 pads a group: its
     gate is 0 everywhere. Module-level and keyed on the (hashable) block
-    layout and the precision, so every engine of the same format shares one
-    compiled function.
+    layout, so every engine of the same format shares one compiled function.
     """
     for i in range(slot_ids.shape[0]):                                   # static: k
         gate = jnp.sum(jnp.where(experts == expert_ids[i], gates, 0.0), axis=-1)    # (T,)
-        out = expert_ffn_slot(x, slots, slot_ids[i], parts, precision)  # (T, D)
-        acc = M.gated_sum_update(acc, out, gate, precision)
+        out = expert_ffn_slot(x, slots, slot_ids[i], parts)             # (T, D)
+        acc = M.gated_sum_update(acc, out, gate)
     return acc
 
 
 class DeviceMoE:
     """MoE on the accelerator with experts streamed through an ExpertCache."""
 
-    def __init__(self, model: PackedModel, cache: ExpertCache, prefetch: bool = True,
-                 precision: str = "bf16"):
+    def __init__(self, model: PackedModel, cache: ExpertCache, prefetch: bool = True):
         self.model, self.cache, self.prefetch_enabled = model, cache, prefetch
         self._parts = tuple(model.expert_parts)
         self._group = model.cfg.num_selected_experts        # experts per jitted call
-        self.precision = precision
 
     @property
     def stats(self) -> CacheStats:
@@ -162,8 +149,8 @@ class DeviceMoE:
         pad = self._group - len(keys)
         slot_ids = np.array(slots + slots[:1] * pad, np.int32)            # (k,)
         expert_ids = np.array(ids + [-1] * pad, np.int32)                  # (k,)
-        return _experts_accumulate(self._parts, self.precision, acc, self.cache.slots.array,
-                                   slot_ids, expert_ids, x, gates, masked)
+        return _experts_accumulate(self._parts, acc, self.cache.slots.array, slot_ids,
+                                   expert_ids, x, gates, masked)
 
     def close(self) -> None:
         self.cache.close()
@@ -176,26 +163,22 @@ class HostMoE:
     read (as ``bytes_moved``); hits and misses stay 0, so the hit rate is None.
     """
 
-    def __init__(self, model: PackedModel, precision: str = "bf16"):
+    def __init__(self, model: PackedModel):
         self.model, self.stats = model, CacheStats()
-        self.precision = precision
 
     def moe(self, layer: int, x: jax.Array, gates: jax.Array, experts_host: np.ndarray,
             experts: jax.Array, n_real: int, next_guess: tuple | None = None) -> np.ndarray:
         """Like DeviceMoE.moe; nothing to prefetch: the kernels read the mapping."""
         from lowmem.cpu_kernels import expert_ffn
         xs = np.asarray(x[:n_real]).astype(np.float32)                    # (n, D)
-        g = np.asarray(gates[:n_real], np.float32)                         # (n, k)
-        bf16 = self.precision == "bf16"
-        if bf16:   # the release weights the experts by bf16(gate)
-            g = g.astype(jnp.bfloat16).astype(np.float32)
+        g = np.asarray(gates[:n_real], np.float32)                         # (n, k) unrounded
         routed = experts_host[:n_real]                                      # (n, k)
         acc = np.zeros((x.shape[0], x.shape[1]), np.float32)               # (T, D)
         for _, e in ExpertCache.needed(layer, routed):
             rows, slot = np.nonzero(routed == e)
             block = self.model.expert(layer, e)
             out = expert_ffn(np.ascontiguousarray(xs[rows]), block.gate, block.up, block.down,
-                             round_bf16=bf16)
+                             round_bf16=False)                          # the MoE is fp32
             acc[rows] += g[rows, slot][:, None] * out
             self.stats.requests += 1
             self.stats.bytes_moved += block.nbytes

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 
 from lowmem.sampling import SamplingParams
-from lowmem.tokenizer import Tokenizer, _held_back
+from lowmem.tokenizer import Tokenizer
 
 MAX_STOPS = 4
 CHAT_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
@@ -136,51 +136,3 @@ def chat_logprobs(body: dict) -> bool:
     if body.get("top_logprobs"):
         raise ApiError("'top_logprobs' is not supported (only the chosen token's)", "top_logprobs")
     return value
-
-
-class TextAssembler:
-    """Text pieces as tokens arrive, ending at (and excluding) the first stop string.
-
-    The incremental form of ``tokenizer.stream_text`` (same rules: decode the
-    whole sequence after a little prompt context, hold back a possible stop
-    prefix and an incomplete multi-byte character), fed one token at a time
-    because tokens come from the scheduler's thread.
-    """
-
-    def __init__(self, tokenizer: Tokenizer, stops: tuple[str, ...], context: list[int]):
-        self.tok, self.stops = tokenizer, stops
-        self.context = list(context)[-8:]
-        self.skip = len(tokenizer.decode(self.context))
-        self.ids: list[int] = []
-        self.emitted = 0
-        self.stopped = False
-
-    def _text(self) -> str:
-        return self.tok.decode(self.context + self.ids)[self.skip:]
-
-    def push(self, token: int) -> str:
-        """The new text this token makes safe to send ('' if none); sets ``stopped``."""
-        self.ids.append(token)
-        text = self._text()
-        cuts = [text.find(s, max(0, self.emitted - len(s))) for s in self.stops]
-        cut = min((c for c in cuts if c >= 0), default=-1)
-        if cut >= 0:
-            self.stopped = True
-            piece = text[self.emitted:cut] if cut > self.emitted else ""
-            self.emitted = max(self.emitted, cut)
-            return piece
-        safe = len(text) - _held_back(text, self.stops)
-        while safe > self.emitted and text[safe - 1] == "\ufffd":
-            safe -= 1
-        if safe <= self.emitted:
-            return ""
-        piece, self.emitted = text[self.emitted:safe], safe
-        return piece
-
-    def flush(self) -> str:
-        """What is left when generation ends without a stop string."""
-        if self.stopped:
-            return ""
-        text = self._text()
-        piece, self.emitted = text[self.emitted:], len(text)
-        return piece

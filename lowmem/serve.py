@@ -26,10 +26,11 @@ from fastapi import Request as HttpRequest   # module level: FastAPI resolves an
 from lowmem import cli
 from lowmem.cli import add_engine_arguments
 from lowmem.engine import EngineError
-from lowmem.openai_api import (CHAT_STOP, CHAT_TEMPLATE_DOC, ApiError, TextAssembler, chat_logprobs,
+from lowmem.openai_api import (CHAT_STOP, CHAT_TEMPLATE_DOC, ApiError, chat_logprobs,
                                chat_prompt, common_params, completion_logprobs,
                                completion_prompt)
 from lowmem.scheduler import QueueFull, Request, Scheduler
+from lowmem.tokenizer import TextAssembler
 
 log = logging.getLogger(__name__)
 RETRY_AFTER_S = 1

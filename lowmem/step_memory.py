@@ -67,7 +67,7 @@ def step_temporaries(cfg: GrokConfig, settings: QuantSettings, precision: str = 
         out[f"routing T={t}"] = _temp(E._route.lower(
             cfg, precision, lp["moe_norm"], lp["router"], lp["moe_norm"], lp["router"], h))
         out[f"experts T={t}"] = _temp(moe._experts_accumulate.lower(
-            parts, M.moe_precision(precision), SDS((t, d), jnp.float32), SDS((k, nbytes), jnp.uint8),
+            parts, SDS((t, d), jnp.float32), SDS((k, nbytes), jnp.uint8),
             SDS((k,), jnp.int32), SDS((k,), jnp.int32), h, SDS((t, k), jnp.float32),
             SDS((t, k), jnp.int32)))
         out[f"logits T={t}"] = _temp(E._last_logits.lower(

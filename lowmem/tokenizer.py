@@ -65,35 +65,66 @@ def _held_back(text: str, stops: Iterable[str]) -> int:
     return hold
 
 
-def stream_text(tokenizer: Tokenizer, tokens: Iterable[int], stops: tuple[str, ...] = (),
-                context: list[int] = ()) -> Iterator[str]:
-    """Text pieces as tokens arrive; ends at (and excludes) the first stop string.
+class TextAssembler:
+    """Text pieces as tokens arrive, ending at (and excluding) the first stop string.
 
     Decoding the whole sequence each time keeps multi-byte characters split
-    across byte-fallback tokens intact; an incomplete one is held back. The
-    sequence is decoded after a few ``context`` (prompt) tokens, because
-    SentencePiece drops the leading space of a sequence's first piece.
+    across byte-fallback tokens intact; an incomplete one is held back, and so
+    is a possible start of a stop string. The sequence is decoded after a few
+    ``context`` (prompt) tokens, because SentencePiece drops the leading space
+    of a sequence's first piece. Fed one token at a time (the server's tokens
+    come from the scheduler's thread); ``stream_text`` is its generator form.
     """
-    context = list(context)[-8:]
-    skip = len(tokenizer.decode(context))
-    decode = lambda ids: tokenizer.decode(context + ids)[skip:]  # noqa: E731
-    ids: list[int] = []
-    emitted = 0
-    for token in tokens:
-        ids.append(token)
-        text = decode(ids)
-        cut = min((i for i in (text.find(s, max(0, emitted - len(s))) for s in stops) if i >= 0),
-                  default=-1)
+
+    def __init__(self, tokenizer: Tokenizer, stops: tuple[str, ...], context: list[int]):
+        self.tok, self.stops = tokenizer, stops
+        self.context = list(context)[-8:]
+        self.skip = len(tokenizer.decode(self.context))
+        self.ids: list[int] = []
+        self.emitted = 0
+        self.stopped = False
+
+    def _text(self) -> str:
+        return self.tok.decode(self.context + self.ids)[self.skip:]
+
+    def push(self, token: int) -> str:
+        """The new text this token makes safe to send ('' if none); sets ``stopped``."""
+        self.ids.append(token)
+        text = self._text()
+        cuts = [text.find(s, max(0, self.emitted - len(s))) for s in self.stops]
+        cut = min((c for c in cuts if c >= 0), default=-1)
         if cut >= 0:
-            if cut > emitted:
-                yield text[emitted:cut]
-            return
-        safe = len(text) - _held_back(text, stops)
-        while safe > emitted and text[safe - 1] == "\ufffd":   # an incomplete character
+            self.stopped = True
+            piece = text[self.emitted:cut] if cut > self.emitted else ""
+            self.emitted = max(self.emitted, cut)
+            return piece
+        safe = len(text) - _held_back(text, self.stops)
+        while safe > self.emitted and text[safe - 1] == "\ufffd":
             safe -= 1
-        if safe > emitted:
-            yield text[emitted:safe]
-            emitted = safe
-    text = decode(ids)
-    if len(text) > emitted:
-        yield text[emitted:]
+        if safe <= self.emitted:
+            return ""
+        piece, self.emitted = text[self.emitted:safe], safe
+        return piece
+
+    def flush(self) -> str:
+        """What is left when generation ends without a stop string."""
+        if self.stopped:
+            return ""
+        text = self._text()
+        piece, self.emitted = text[self.emitted:], len(text)
+        return piece
+
+
+def stream_text(tokenizer: Tokenizer, tokens: Iterable[int], stops: tuple[str, ...] = (),
+                context: list[int] = ()) -> Iterator[str]:
+    """Text pieces as tokens arrive; ends at (and excludes) the first stop string."""
+    text = TextAssembler(tokenizer, stops, context)
+    for token in tokens:
+        piece = text.push(token)
+        if piece:
+            yield piece
+        if text.stopped:
+            return
+    tail = text.flush()
+    if tail:
+        yield tail

@@ -105,7 +105,7 @@ def expert_call_ms(engine) -> float:
 
     def call():
         acc = jnp.zeros((1, cfg.emb_size), jnp.float32)
-        moe._experts_accumulate(parts, engine.precision, acc, cache.slots.array, slot_ids,
+        moe._experts_accumulate(parts, acc, cache.slots.array, slot_ids,
                                 np.arange(k, dtype=np.int32), x, gates, experts).block_until_ready()
     call()
     return min(_timed(call) for _ in range(5)) * 1e3
