@@ -305,14 +305,16 @@ def test_capped_and_bisected_filters_equal_the_full_sort(cap):
             want = np.asarray(jit_sorted(logits, t, p, k))
             assert_same_filter(run(logits, t, p, k), want)
             scaled, p_col, k_col = sampling._scaled_logits(logits, t, p, k)
-            fallbacks += not bool(sampling._capped_thresholds(scaled, p_col, k_col, cap)[2])
+            fallbacks += not bool(sampling._capped_thresholds(scaled, p_col, k_col, cap)[3])
     assert fallbacks > 0 if cap < 1024 else True  # small caps exercise the bisection
 
 
 def test_bisection_matches_reference_on_hand_ties():
     logits = np.array([[1.0, 3.0, 2.0, 3.0, 2.0, 0.0, -0.0, 0.0]], np.float32)
     for p, k in [(1.0, 2), (1.0, 3), (0.01, 0), (0.5, 0), (0.9, 5), (0.999, 0), (1.0, 20)]:
-        kth, nucleus = sampling._bisected_thresholds(*sampling._scaled_logits(logits, 1.0, p, k))
+        scaled, p_col, k_col = sampling._scaled_logits(logits, 1.0, p, k)
+        kth = sampling._bisected_kth(scaled, k_col)
+        nucleus = sampling._bisected_nucleus(scaled, p_col, kth)
         got = np.where((logits >= kth) & (logits >= nucleus), logits, NEG)
         assert_same_filter(got, reference_filter(logits, 1.0, p, k))
 
@@ -330,3 +332,20 @@ def test_sampling_131072_vocab_same_tokens_as_full_sort():
             key = jax.random.key(seed)
             got = int(jit_sample(row[None], key, t, p, k)[0])
             assert got == int(sorted_draw(row, key, np.float32(t), np.float32(p), np.int32(k)))
+
+
+def test_argmax_and_categorical_equal_jax():
+    """The two-reduction argmax is jnp.argmax (first index on ties, first NaN), and
+    categorical draws exactly jax.random.categorical's tokens."""
+    rng = np.random.default_rng(3)
+    rows = rng.normal(0, 2, (5, 4099)).astype(np.float32)
+    rows[1, [7, 900, 4000]] = rows[1].max() + 1.0  # ties: the first index wins
+    rows[2, [11, 300]] = np.nan
+    rows[3] = np.round(rows[3])  # many ties everywhere
+    assert np.array_equal(np.asarray(sampling.argmax(jnp.asarray(rows))),
+                          np.argmax(rows, axis=-1))
+    finite = jnp.asarray(np.nan_to_num(rows))
+    for seed in range(20):
+        key = jax.random.key(seed)
+        assert np.array_equal(np.asarray(sampling.categorical(key, finite)),
+                              np.asarray(jax.random.categorical(key, finite, axis=-1)))
