@@ -134,7 +134,7 @@ def copy_bandwidth(device, nbytes: int = COPY_BYTES, repeats: int = 3) -> dict:
     return out
 
 
-EXECUTE_EVENT = "CommonPjRtLoadedExecutable::ExecuteHelperOnSingleDevice"
+EXECUTE_EVENT = "::ExecuteHelper"   # PJRT's per-execution trace event (CPU: ...OnSingleDevice)
 _MARK = "lowmem.xla_executions"
 
 
@@ -143,7 +143,9 @@ def xla_executions(fn) -> int | None:
 
     An independent check of ``Engine.dispatches`` (which the engine counts
     itself): every jitted call and eager op is one execution. None where this
-    jaxlib has no profile reader or the trace lost the calling thread.
+    jaxlib has no profile reader, the trace lost the calling thread, or no event
+    of the name this client uses was seen (another PJRT client may name it
+    otherwise: a GPU's is unverified).
     """
     import glob
     import tempfile
@@ -164,9 +166,8 @@ def xla_executions(fn) -> int | None:
         data = _profile_data.ProfileData.from_file(files[0]) if files else None
     lines = [list(line.events) for plane in (data.planes if data else ()) for line in plane.lines]
     mine = [events for events in lines if any(e.name == _MARK for e in events)]
-    if not mine:
-        return None
-    return sum(e.name == EXECUTE_EVENT for events in mine for e in events)
+    count = sum(EXECUTE_EVENT in e.name for events in mine for e in events)
+    return count or None
 
 
 def _seconds(fn) -> float:
