@@ -158,6 +158,7 @@ class Stager:
         self._target = jax.sharding.SingleDeviceSharding(device, memory_kind="device")
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="lowmem-stage")
         self.aliased_chunks = 0            # transfers that aliased a ring buffer (then copied)
+        self._count_lock = threading.Lock()
 
     @property
     def registration(self) -> str:
@@ -177,7 +178,8 @@ class Stager:
             np.copyto(self.ring.views[b][:n], raw[start:start + n])     # page faults here
             out = jax.device_put(self.ring.sources[b], self._target)    # (C,) uint8
             if out.unsafe_buffer_pointer() == self.ring.pointers[b]:   # aliased (a CPU)
-                self.aliased_chunks += 1
+                with self._count_lock:
+                    self.aliased_chunks += 1
                 aliased, out = out, _device_copy(out)
                 del aliased
             out.block_until_ready()                             # the buffer is reusable after this
