@@ -160,7 +160,11 @@ def xla_executions_per_token(engine) -> int | None:
     engine.reset()
     engine.feed([5, 17, 99, 3])
     before = engine.slot_writes
-    seen = xla_executions(lambda: engine.feed([7]).block_until_ready())
+    try:                          # a GPU profiler needs CUPTI: a failure costs this row only
+        seen = xla_executions(lambda: engine.feed([7]).block_until_ready())
+    except Exception as e:        # noqa: BLE001 (reported, the other rows stand)
+        print(f"note: profiler unavailable ({type(e).__name__}: {e})", file=sys.stderr)
+        return None
     return None if seen is None else seen - (engine.slot_writes - before)
 
 
