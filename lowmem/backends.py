@@ -6,7 +6,8 @@
   computed in place (``HostMoE``). XLA on CPU with the dequantization inside
   ``jax.jit`` is tens of times slower than a numba kernel on int8 weights.
 - ``DeviceBackend`` (accelerator): resident weights are placed on the device
-  once; products dequantize inside jit (``model.dense_linear``); experts
+  once; products dequantize a chunk of rows at a time inside jit
+  (``moe.chunked_linear``); experts
   stream into an ``ExpertCache`` through a ``Stager`` (``DeviceMoE``).
 
 Each backend gives the engine: ``linear`` and ``logits_fn`` (module-level
@@ -29,7 +30,7 @@ import numpy as np
 
 from lowmem import model as M
 from lowmem.expert_cache import DeviceSlots, ExpertCache, choose_policy
-from lowmem.moe import DeviceMoE, HostMoE
+from lowmem.moe import DeviceMoE, HostMoE, chunked_linear
 from lowmem.staging import Stager
 from quant.packed import PackedModel
 from quant.qweight import QWeight
@@ -190,10 +191,16 @@ def device_logits(cfg, hn: jax.Array, table: jax.Array, precision: str = "bf16")
     return jax.lax.fori_loop(0, v // rows, body, jnp.zeros((hn.shape[0], v), F32))
 
 
+@jax.jit
+def _take_rows(table, tokens):
+    """Embedding rows of tokens in one dispatch (eager indexing costs six)."""
+    return jnp.take(table, tokens, axis=0)                                # (T, D) bf16
+
+
 class DeviceBackend:
     """Resident weights on the accelerator; experts streamed into an ExpertCache."""
     name = "device"
-    linear = staticmethod(M.dense_linear)
+    linear = staticmethod(chunked_linear)     # no whole-matrix dequantization per token
     logits_fn = staticmethod(device_logits)
 
     def __init__(self, model: PackedModel, device, options):
@@ -215,12 +222,13 @@ class DeviceBackend:
         return layers
 
     def embed_rows(self, tokens: np.ndarray):
-        return self.logits_table[tokens]                                  # (T, D) bf16
+        return _take_rows(self.logits_table, tokens)                      # (T, D) bf16
 
     def make_moe(self, options, fetch_hook: Callable | None = None) -> DeviceMoE:
         """A DeviceMoE with an empty cache; ``fetch_hook(fetch)`` may wrap the transfers."""
         cfg, nbytes = self.model.cfg, self.model.expert_block_nbytes
-        fetch = Stager(self.model, self.device, options.staging_buffers)
+        fetch = Stager(self.model, self.device, options.staging_workers,
+                       int(options.staging_chunk_mb * (1 << 20)), options.staging_buffers)
         capacity = expert_slots(self.model, options, free_device_bytes(self.device),
                                 self.headroom_bytes(options))
         policy = choose_policy(options.cache_policy, capacity, cfg.num_layers,
@@ -228,9 +236,11 @@ class DeviceBackend:
         cache = ExpertCache(fetch_hook(fetch) if fetch_hook else fetch, nbytes, capacity,
                             policy=policy, num_layers=cfg.num_layers,
                             slots=DeviceSlots(capacity, nbytes, self.device))
-        log.info("expert cache: %d slots of %.1f MB, policy %s%s", capacity, nbytes / 1e6,
-                 policy, " (auto)" if options.cache_policy == "auto" else "")
-        return DeviceMoE(self.model, cache, prefetch=options.prefetch)
+        log.info("expert cache: %d slots of %.1f MB, policy %s%s; staging %d x %.0f MB %s "
+                 "buffers, %d workers", capacity, nbytes / 1e6, policy,
+                 " (auto)" if options.cache_policy == "auto" else "", len(fetch.ring.views),
+                 fetch.chunk / 1e6, fetch.registration, options.staging_workers)
+        return DeviceMoE(self.model, cache, prefetch=options.prefetch, stager=fetch)
 
     def headroom_bytes(self, options) -> int:
         """Device memory the default expert budget leaves to the steps' temporaries.

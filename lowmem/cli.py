@@ -244,6 +244,9 @@ def add_engine_arguments(p) -> None:
                         "(default auto)")
     p.add_argument("--no-prefetch", action="store_true",
                    help="disable speculative expert prefetch (default: prefetch on)")
+    p.add_argument("--staging-workers", type=int_type(1, 64), default=4, metavar="N",
+                   help="device backend: threads filling host staging chunks while earlier "
+                        "chunks are transferred, 1..64 (default 4)")
     p.add_argument("--output-int8", action="store_true",
                    help="host backend: logits from an int8 copy of the output table built at "
                         "load, half its bytes per token (default: off, the bf16 table)")
@@ -262,6 +265,7 @@ def engine_kwargs(args) -> dict:
     budget = None if args.expert_cache_gb is None else args.expert_cache_gb / GIB
     return dict(backend=args.backend, expert_cache_gb=budget, context=args.context,
                 prefetch=not args.no_prefetch, cache_policy=args.cache_policy,
+                staging_workers=args.staging_workers,
                 precision=args.precision, output_int8=args.output_int8)
 
 

@@ -58,8 +58,11 @@ class EngineOptions:
         sequence_len. Prompt plus generated tokens must fit.
     prefill_buckets: prompt chunk lengths in tokens compiled for prefill; the
         largest is the chunk size.
-    staging_buffers: device backend only; expert blocks held in host staging
-        buffers at once (count).
+    staging_buffers: device backend only; chunk buffers in the host staging
+        ring, allocated and registered once (count); None = 2 per worker.
+    staging_workers: device backend only; threads filling staging chunks from
+        the mapped files while earlier chunks are transferred (count, >= 1).
+    staging_chunk_mb: device backend only; bytes per staging chunk in MiB.
     headroom_gb: device memory in GiB the default expert budget leaves to the
         steps' temporaries; None = measured at start-up on an accelerator by
         compiling every step at the configured shapes (lowmem.step_memory),
@@ -82,7 +85,9 @@ class EngineOptions:
     cache_policy: str = "auto"            # 'auto', 'lru' or 'layer' (see expert_cache.choose_policy)
     context: int | None = None            # KV cache length in tokens; None = the model's sequence_len
     prefill_buckets: tuple[int, ...] = PREFILL_BUCKETS
-    staging_buffers: int = 2              # device backend: expert blocks in host staging at once
+    staging_buffers: int | None = None    # device backend: staging ring chunk buffers
+    staging_workers: int = 4              # device backend: threads filling staging chunks
+    staging_chunk_mb: float = 32.0        # device backend: MiB per staging chunk
     headroom_gb: float | None = None      # GiB left to step temporaries; None = measured
     profile: bool = False                 # per-section timing (synchronizes each section)
     record_routing: bool = False          # keep (layer, experts of real tokens) per layer step
@@ -152,6 +157,10 @@ class Engine:
             raise EngineError(f"precision must be one of {M.PRECISIONS}, "
                               f"got {self.options.precision!r}")
         self.precision = self.options.precision
+        if self.options.staging_workers < 1 or not self.options.staging_chunk_mb > 0:
+            raise EngineError(f"staging needs >= 1 worker and a positive chunk, got "
+                              f"{self.options.staging_workers} workers of "
+                              f"{self.options.staging_chunk_mb} MiB")
         self.device = device or jax.devices()[0]
         try:
             self.backend = make_backend(self.options.backend, model, self.device, self.options)
@@ -162,6 +171,9 @@ class Engine:
         self.timer = StepTimer(self.options.profile)
         self.routing_trace: list[tuple[int, np.ndarray]] = []
         self.host_syncs = 0                 # device -> host reads that block (to_host)
+        self.dispatches = 0                 # jitted calls of the steps (eager ops included)
+        self.slot_writes = 0                # expert blocks written into device slots
+        self._first_experts = None          # layer 0's experts of the last row: next-token guess
         self.layers = self.backend.place_layers()
         self.final_norm = jax.device_put(model.final_norm(), self.device)
         self._state = self.new_state()     # before sizing the cache: the KV cache counts
@@ -297,14 +309,27 @@ class Engine:
         timer.mark("routing")
         if self.options.record_routing:
             self.routing_trace.append((layer, routing[:n, :k].copy()))
-        guess = (layer + 1, routing[:n, k:]) if layer + 1 < len(self.layers) else None
-        waited = self.expert_stats.wait_s
+        guess = self._guess(layer, routing, n)
+        waited, calls, writes = (self.expert_stats.wait_s, self.experts.dispatches,
+                                 self.experts.slot_writes)
         moe = self.experts.moe(layer, moe_in, gates, routing[:, :k], experts, n, guess)
         h = _residual(cfg, self.precision, h, moe, lp["moe_post_norm"])
+        self.dispatches += 2 + self.experts.dispatches - calls             # route, residual
+        self.slot_writes += self.experts.slot_writes - writes
         timer.mark("experts", h)
         timer.add("experts", -(self.expert_stats.wait_s - waited))
         timer.add("transfer_wait", self.expert_stats.wait_s - waited)
         return h
+
+    def _guess(self, layer: int, routing: np.ndarray, n: int):
+        """Experts to prefetch while this layer computes: the next layer's guess, and at
+        the last layer the next token's layer 0 (this token's layer-0 experts, last row)."""
+        k = self.cfg.num_selected_experts
+        if layer == 0:
+            self._first_experts = routing[n - 1:n, :k].copy()
+        if layer + 1 < len(self.layers):
+            return layer + 1, routing[:n, k:]
+        return None if self._first_experts is None else (0, self._first_experts)
 
     # --- forward ----------------------------------------------------------
     def _padded(self, part: np.ndarray) -> np.ndarray:
@@ -322,8 +347,10 @@ class Engine:
         of every row ('all', (T, V) padded rows included) or none."""
         cfg, timer, pos, backend = self.cfg, self.timer, state.pos, self.backend
         prec = self.precision
-        h = _embed(cfg, prec, backend.embed_rows(tokens))                 # (T, D) activations
+        rows = backend.embed_rows(tokens)                                  # (T, D) bf16
+        h = _embed(cfg, prec, rows)                                         # (T, D) activations
         valid = _mark_valid(state.valid, tokens, pos, n)
+        self.dispatches += 2 + isinstance(rows, jax.Array) + len(self.layers)  # + attention
         timer.mark("embedding", h, valid)
         caches = list(state.caches)
         for layer, lp in enumerate(self.layers):
@@ -336,10 +363,12 @@ class Engine:
             logits = _last_logits(cfg, backend.logits_fn, prec, h, self.final_norm,
                                   backend.logits_table, n - 1)
             timer.mark("logits", logits)
+            self.dispatches += 1
         elif want == "all":
             logits = _all_logits(cfg, backend.logits_fn, prec, h, self.final_norm,
                                  backend.logits_table)
             timer.mark("logits", logits)
+            self.dispatches += 1
         return logits, SequenceState(caches, valid, pos + n)
 
 

@@ -35,6 +35,8 @@ class CacheStats:
     prefetches: int = 0       # fetches started speculatively
     prefetch_hits: int = 0    # requests served by a speculative fetch
     prefetch_dropped: int = 0  # no free slot for a speculative fetch
+    token_prefetches: int = 0     # of which: the next token's layer 0, started after a step
+    token_prefetch_hits: int = 0  # requests served by such a fetch
     evictions: int = 0
     bytes_moved: int = 0
     wait_s: float = 0.0       # main thread blocked on transfers
@@ -44,6 +46,8 @@ class CacheStats:
         looked_up = self.hits + self.misses   # 0 where nothing is cached (host backend)
         d["hit_rate"] = self.hits / looked_up if looked_up else None
         d["prefetch_hit_rate"] = self.prefetch_hits / self.prefetches if self.prefetches else 0.0
+        d["token_prefetch_hit_rate"] = (self.token_prefetch_hits / self.token_prefetches
+                                        if self.token_prefetches else 0.0)
         return d
 
 
@@ -51,7 +55,7 @@ class CacheStats:
 class _Entry:
     future: Future | None     # the transfer; None once its block is written to the slot
     slot: int
-    prefetched: bool = False
+    prefetched: str | None = None   # None, 'layer' (the next layer's guess) or 'token'
     used: bool = False
     pins: int = 0
 
@@ -82,21 +86,36 @@ class ListSlots:
 
 
 @partial(jax.jit, donate_argnums=(0,))
-def _write_slot(slots, block, slot):
-    """slots[slot] = block, in place (the slot array is donated)."""
-    return jax.lax.dynamic_update_slice(slots, block[None], (slot, 0))     # (S, nbytes) uint8
+def _write_slot(slots, chunks, slot):
+    """slots[slot] = the concatenated chunks, in place (the slot array is donated).
+
+    One dispatch per block. The chunks have equal sizes; the last one's tail past
+    the block is dropped (static shapes).
+    """
+    nbytes, size = slots.shape[1], chunks[0].shape[0]
+    for i, chunk in enumerate(chunks):                                   # static: chunks
+        n = min(size, nbytes - i * size)
+        slots = jax.lax.dynamic_update_slice(slots, chunk[None, :n], (slot, i * size))
+    return slots                                                         # (S, nbytes) uint8
 
 
 class DeviceSlots:
-    """One ``(capacity, nbytes)`` uint8 device array, allocated once, written in place."""
+    """One ``(capacity, nbytes)`` uint8 device array, allocated once, written in place.
+
+    ``write`` takes a block as one array or as the ``Stager``'s tuple of chunks;
+    ``writes`` counts the dispatches it made (one per block).
+    """
 
     def __init__(self, capacity: int, nbytes: int, device):
         sharding = jax.sharding.SingleDeviceSharding(device)
         self.array = jax.jit(lambda: jnp.zeros((capacity, nbytes), jnp.uint8),
                              out_shardings=sharding)()                     # (S, nbytes) uint8
+        self.writes = 0
 
-    def write(self, slot: int, block: jax.Array) -> None:
-        self.array = _write_slot(self.array, block, np.int32(slot))
+    def write(self, slot: int, block) -> None:
+        chunks = tuple(block) if isinstance(block, (tuple, list)) else (block,)
+        self.array = _write_slot(self.array, chunks, np.int32(slot))
+        self.writes += 1
 
 
 def eviction_order(keys_lru_first: list[Key], policy: str, layer: int | None,
@@ -185,23 +204,28 @@ class ExpertCache:
         finally:
             self.stats.wait_s += time.perf_counter() - start
 
-    def _start(self, key: Key, prefetched: bool) -> _Entry:
+    def _start(self, key: Key, prefetched: str | None) -> _Entry:
         entry = _Entry(self._pool.submit(self._fetch, key), self._free.pop(),
                        prefetched=prefetched)
         self._entries[key] = entry
         self.stats.bytes_moved += self.block_nbytes
         return entry
 
-    def prefetch(self, keys: list[Key]) -> None:
-        """Start speculative fetches, never evicting pinned or in-flight entries."""
+    def prefetch(self, keys: list[Key], kind: str = "layer") -> None:
+        """Start speculative fetches, never evicting pinned or in-flight entries.
+
+        ``kind`` 'token': the next token's first layer, guessed when a step ends
+        (counted apart, so that its hits can be judged on their own).
+        """
         for key in keys:
             if key in self._entries:
                 continue
             if not self._make_room():
                 self.stats.prefetch_dropped += 1
                 continue
-            self._start(key, prefetched=True)
+            self._start(key, prefetched=kind)
             self.stats.prefetches += 1
+            self.stats.token_prefetches += kind == "token"
 
     def acquire(self, keys: list[Key]) -> None:
         """Pin ``keys`` for this step and start fetching the missing ones (no waiting)."""
@@ -214,13 +238,14 @@ class ExpertCache:
             if entry is None:
                 if not self._make_room(wait=True):
                     raise RuntimeError("expert cache full of pinned entries")
-                entry = self._start(key, prefetched=False)
+                entry = self._start(key, prefetched=None)
                 self.stats.misses += 1
             else:
                 self.stats.hits += 1
                 self._entries.move_to_end(key)
                 if entry.prefetched and not entry.used:
                     self.stats.prefetch_hits += 1
+                    self.stats.token_prefetch_hits += entry.prefetched == "token"
             entry.used = True
             entry.pins += 1
 
@@ -243,7 +268,8 @@ class ExpertCache:
 
     def block(self, key: Key):
         """The stored block of an acquired key (tests and tools; device code reads slots)."""
-        return self.slots.array[self.get(key)]
+        slot = self.get(key)                     # may write the slot: read the array after
+        return self.slots.array[slot]
 
     def release(self, keys: list[Key]) -> None:
         for key in keys:

@@ -29,6 +29,7 @@ from quant.qweight import QWeight
 
 
 CHUNK_BYTES = 32 << 20    # dequantized weight rows per step of a chunked expert matmul
+LINEAR_CHUNK_BYTES = 4 << 20  # the same for resident projections (a weight ~ 40 MB, not 300)
 
 
 def _slot_rows(slots, slot, part: TensorEntry, row0, rows: int) -> jax.Array:
@@ -42,39 +43,74 @@ def _slot_rows(slots, slot, part: TensorEntry, row0, rows: int) -> jax.Array:
     return jax.lax.bitcast_convert_type(raw, DTYPES[part.dtype]).reshape(rows, n)
 
 
-def _chunk_rows(k: int, group: int, n: int, itemsize: int) -> int:
-    """Input rows per chunk: about CHUNK_BYTES dequantized, dividing K, aligned to the
+def _chunk_rows(k: int, group: int, n: int, itemsize: int, chunk_bytes: int = CHUNK_BYTES
+                ) -> int:
+    """Input rows per chunk: about ``chunk_bytes`` dequantized, dividing K, aligned to the
     scale groups (a multiple of the group, or a divisor of it), even (int4 pairs)."""
-    rows = max(2, min(k, CHUNK_BYTES // (n * itemsize)))
+    rows = max(2, min(k, chunk_bytes // (n * itemsize)))
     while rows > 2 and (k % rows or (group % rows and rows % group) or rows % 2):
         rows -= 1
     return rows if k % rows == 0 else k
 
 
-def chunked_qmatmul(x: jax.Array, slots, slot, values: TensorEntry,
-                    scales: TensorEntry) -> jax.Array:
-    """x (T, K) @ W (K, N) -> fp32 (T, N), W read from a slot a chunk of rows at a time.
+def _chunked_matmul(x: jax.Array, n: int, group: int, bits: int, read,
+                    chunk_bytes: int = CHUNK_BYTES) -> jax.Array:
+    """x (T, K) @ W (K, N) -> fp32 (T, N), W dequantized one chunk of rows at a time.
 
-    W is dequantized exactly in fp32. Only one chunk of it is ever dequantized
-    (``CHUNK_BYTES``), so an expert call's temporaries stay a small fraction
-    of its block instead of several times it; partial products are summed in
-    fp32.
+    ``read(i, rows)`` returns chunk i of W: ``(values, scales)`` of its ``rows``
+    input rows. W is dequantized exactly in
+    fp32; only one chunk of it ever is (``chunk_bytes``), so a call's
+    temporaries stay a small fraction of the weight instead of several times
+    it; partial products are summed in fp32.
     """
-    k, n = x.shape[1], values.shape[1]
-    group, bits = values.group_size, values.bits
-    rows = _chunk_rows(k, group, n, 4)
-    vrows = rows // 2 if bits == 4 else rows                   # stored rows per chunk
-    srows = max(rows // group, 1)
+    k = x.shape[1]
+    rows = _chunk_rows(k, group, n, 4, chunk_bytes)
 
     def body(i, acc):
-        q = _slot_rows(slots, slot, values, i * vrows, vrows)              # (vrows, N)
-        s = _slot_rows(slots, slot, scales, (i * rows) // group, srows)    # (srows, N) bf16
+        q, s = read(i, rows)
         w = M.dequantize(QWeight(q, s, bits, min(rows, group)), jnp.float32)  # (rows, N)
         xc = jax.lax.dynamic_slice_in_dim(x, i * rows, rows, axis=1)      # (T, rows)
         return acc + jnp.dot(xc.astype(jnp.float32), w,
                              precision=jax.lax.Precision.HIGHEST)         # (T, N) fp32
     acc = jnp.zeros((x.shape[0], n), jnp.float32)
     return jax.lax.fori_loop(0, k // rows, body, acc)
+
+
+def chunked_qmatmul(x: jax.Array, slots, slot, values: TensorEntry,
+                    scales: TensorEntry) -> jax.Array:
+    """x (T, K) @ W (K, N) -> fp32 (T, N), W read from a slot a chunk of rows at a time."""
+    group, bits = values.group_size, values.bits
+
+    def read(i, rows):
+        vrows = rows // 2 if bits == 4 else rows                            # stored rows
+        q = _slot_rows(slots, slot, values, i * vrows, vrows)              # (vrows, N)
+        s = _slot_rows(slots, slot, scales, (i * rows) // group, max(rows // group, 1))
+        return q, s                                                         # s (srows, N) bf16
+    return _chunked_matmul(x, values.shape[1], group, bits, read)
+
+
+def chunked_linear(x: jax.Array, w, precision: str = "bf16") -> jax.Array:
+    """x @ W for a resident weight, an int8/int4 QWeight a chunk of rows at a time -> fp32.
+
+    The device backend's ``linear`` (attention projections): the same exact
+    math as ``model.dense_linear`` (weights dequantized exactly, fp32
+    accumulation, HIGHEST precision) without dequantizing the whole matrix
+    every token.
+    """
+    M.act_dtype(precision)
+    if not isinstance(w, QWeight):
+        # bf16 weights (QuantSettings.attention='bf16'): XLA:CPU upcasts a bf16 matrix
+        # whole inside any loop over it (measured), so chunking buys nothing there
+        return M.dense_linear(x, w, precision)
+    group, bits = w.group_size, w.bits
+
+    def read(i, rows):
+        vrows = rows // 2 if bits == 4 else rows
+        q = jax.lax.dynamic_slice_in_dim(w.values, i * vrows, vrows, 0)     # (vrows, N)
+        s = jax.lax.dynamic_slice_in_dim(w.scales, (i * rows) // group,
+                                         max(rows // group, 1), 0)          # (srows, N) bf16
+        return q, s
+    return _chunked_matmul(x, w.values.shape[1], group, bits, read, LINEAR_CHUNK_BYTES)
 
 
 def expert_ffn_slot(x: jax.Array, slots, slot, parts: tuple[TensorEntry, ...]) -> jax.Array:
@@ -93,13 +129,15 @@ def expert_ffn_slot(x: jax.Array, slots, slot, parts: tuple[TensorEntry, ...]) -
 
 @partial(jax.jit, static_argnums=(0,), donate_argnums=(1,))
 def _experts_accumulate(parts, acc, slots, slot_ids, expert_ids, x, gates, experts):
-    """acc + sum over the group of gate(e) per token * e(x), in fp32.
+    """acc + sum over the group of gate(e) per token * e(x), in fp32 (acc None: zeros).
 
     One call per group of ``len(slot_ids)`` experts (a decode step's k routed
     experts: one dispatch per layer). An expert id of -1 pads a group: its
     gate is 0 everywhere. Module-level and keyed on the (hashable) block
     layout, so every engine of the same format shares one compiled function.
     """
+    if acc is None:                          # the first group: no separate zeros dispatch
+        acc = jnp.zeros((x.shape[0], x.shape[1]), jnp.float32)            # (T, D)
     for i in range(slot_ids.shape[0]):                                   # static: k
         gate = jnp.sum(jnp.where(experts == expert_ids[i], gates, 0.0), axis=-1)    # (T,)
         out = expert_ffn_slot(x, slots, slot_ids[i], parts)             # (T, D)
@@ -107,13 +145,31 @@ def _experts_accumulate(parts, acc, slots, slot_ids, expert_ids, x, gates, exper
     return acc
 
 
-class DeviceMoE:
-    """MoE on the accelerator with experts streamed through an ExpertCache."""
+@jax.jit
+def _mask_rows(experts, n_real):
+    """Experts of rows >= n_real (padding) set to -1: no expert applies to them."""
+    return jnp.where(jnp.arange(experts.shape[0])[:, None] < n_real, experts, -1)  # (T, k)
 
-    def __init__(self, model: PackedModel, cache: ExpertCache, prefetch: bool = True):
+
+class DeviceMoE:
+    """MoE on the accelerator with experts streamed through an ExpertCache.
+
+    ``dispatches`` counts the jitted calls it has made (a decode step: one per
+    layer when the k experts fit the cache); ``slot_writes`` the blocks written
+    into slots (one dispatch each, as many as blocks arrive).
+    """
+
+    def __init__(self, model: PackedModel, cache: ExpertCache, prefetch: bool = True,
+                 stager=None):
         self.model, self.cache, self.prefetch_enabled = model, cache, prefetch
+        self.stager = stager                                # closed with the MoE
         self._parts = tuple(model.expert_parts)
         self._group = model.cfg.num_selected_experts        # experts per jitted call
+        self.dispatches = 0
+
+    @property
+    def slot_writes(self) -> int:
+        return getattr(self.cache.slots, "writes", 0)
 
     @property
     def stats(self) -> CacheStats:
@@ -124,22 +180,31 @@ class DeviceMoE:
         """Sum of gated expert outputs, fp32 (T, D); rows >= n_real are padding.
 
         The step's experts are pinned first, then the next layer's guessed
-        experts are prefetched, so transfers overlap this layer's compute.
+        experts are prefetched, so transfers overlap this layer's compute. A
+        guess for a layer not after this one is the next token's ('token'
+        prefetch: the engine passes layer 0's experts at the last layer).
         """
-        acc = jnp.zeros((x.shape[0], self.model.cfg.emb_size), jnp.float32)   # (T, D)
-        masked = jnp.where(jnp.arange(x.shape[0])[:, None] < n_real, experts, -1)  # (T, k)
+        acc = None                                                          # zeros in the call
+        masked = experts                                                    # (T, k)
+        if n_real < x.shape[0]:                                             # padded prefill
+            masked = _mask_rows(experts, np.int32(n_real))
+            self.dispatches += 1
         keys = self.cache.needed(layer, experts_host[:n_real])
         step = self.cache.capacity
         for i in range(0, len(keys), step):   # more experts than slots: in groups
             group = keys[i:i + step]
             self.cache.acquire(group)
             if i == 0 and next_guess is not None and self.prefetch_enabled:
-                self.cache.prefetch(self.cache.needed(*next_guess))
+                kind = "layer" if next_guess[0] > layer else "token"
+                self.cache.prefetch(self.cache.needed(*next_guess), kind)
             try:
                 for j in range(0, len(group), self._group):
                     acc = self._accumulate(acc, group[j:j + self._group], x, gates, masked)
             finally:
                 self.cache.release(group)
+        if acc is None:                                                     # no real rows
+            acc = jnp.zeros((x.shape[0], x.shape[1]), jnp.float32)
+            self.dispatches += 1
         return acc
 
     def _accumulate(self, acc, keys, x, gates, masked):
@@ -149,11 +214,14 @@ class DeviceMoE:
         pad = self._group - len(keys)
         slot_ids = np.array(slots + slots[:1] * pad, np.int32)            # (k,)
         expert_ids = np.array(ids + [-1] * pad, np.int32)                  # (k,)
+        self.dispatches += 1
         return _experts_accumulate(self._parts, acc, self.cache.slots.array, slot_ids,
                                    expert_ids, x, gates, masked)
 
     def close(self) -> None:
         self.cache.close()
+        if self.stager is not None:
+            self.stager.close()
 
 
 class HostMoE:
@@ -163,6 +231,8 @@ class HostMoE:
     read (as ``bytes_moved``); hits and misses stay 0, so the hit rate is None.
     """
 
+    dispatches = slot_writes = 0        # numba kernels: nothing dispatched to XLA
+
     def __init__(self, model: PackedModel):
         self.model, self.stats = model, CacheStats()
 
@@ -170,8 +240,8 @@ class HostMoE:
             experts: jax.Array, n_real: int, next_guess: tuple | None = None) -> np.ndarray:
         """Like DeviceMoE.moe; nothing to prefetch: the kernels read the mapping."""
         from lowmem.cpu_kernels import expert_ffn
-        xs = np.asarray(x[:n_real]).astype(np.float32)                    # (n, D)
-        g = np.asarray(gates[:n_real], np.float32)                         # (n, k) unrounded
+        xs = np.asarray(x)[:n_real].astype(np.float32)                    # (n, D), no slice op
+        g = np.asarray(gates, np.float32)[:n_real]                         # (n, k) unrounded
         routed = experts_host[:n_real]                                      # (n, k)
         acc = np.zeros((x.shape[0], x.shape[1]), np.float32)               # (T, D)
         for _, e in ExpertCache.needed(layer, routed):

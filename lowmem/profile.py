@@ -70,7 +70,11 @@ def format_report(report: dict) -> str:
               f"prefetch hit rate {rate(t['prefetch_hit_rate'])} ({t['prefetches']} prefetches)",
               f"  per decode token: {moved['mean'] or 0:.2f} experts, {_size(per_tok['mean'])} "
               f"(block {_size(t['expert_block_nbytes'])}); total {_size(t['bytes_moved'])}; "
-              f"{t['host_syncs_per_token']['mean'] or 0:.1f} host syncs",
+              f"{t['host_syncs_per_token']['mean'] or 0:.1f} host syncs, "
+              f"{t['dispatches_per_token']['mean'] or 0:.1f} dispatches (+ "
+              f"{t['slot_writes_per_token']['mean'] or 0:.1f} slot writes)",
+              f"  next-token prefetch (layer 0, started at the last layer): "
+              f"{t['token_prefetches']} fetches, {t['token_prefetch_hits']} hits",
               f"  plain copy ({c['kind']}): {c['gbps']:.2f} GB/s"
               + (f", pinned {c['pinned_gbps']:.2f} GB/s" if "pinned_gbps" in c else "")]
     if t["effective_transfer_gbps"] is not None:

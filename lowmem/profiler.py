@@ -34,8 +34,9 @@ from lowmem.plan import resident_bytes_by_kind
 from lowmem.sampling import SamplingParams
 
 SECTIONS = ("embedding", "attention", "routing", "transfer_wait", "experts", "logits", "sampling")
-COUNTERS = ("requests", "hits", "misses", "prefetches", "prefetch_hits", "bytes_moved",
-            "host_syncs")
+COUNTERS = ("requests", "hits", "misses", "prefetches", "prefetch_hits", "token_prefetches",
+            "token_prefetch_hits", "bytes_moved", "host_syncs", "dispatches", "slot_writes")
+ENGINE_COUNTERS = ("host_syncs", "dispatches", "slot_writes")      # the engine's own
 COPY_BYTES = 256 << 20
 
 
@@ -77,8 +78,8 @@ def fresh_expert_cache(engine: Engine) -> TimedFetch | None:
 
 def counters(engine: Engine) -> dict:
     stats = engine.expert_stats
-    return {**{k: getattr(stats, k) for k in COUNTERS if k != "host_syncs"},
-            "host_syncs": engine.host_syncs, "wait_s": stats.wait_s}
+    return {**{k: getattr(stats, k) for k in COUNTERS if k not in ENGINE_COUNTERS},
+            **{k: getattr(engine, k) for k in ENGINE_COUNTERS}, "wait_s": stats.wait_s}
 
 
 def timed_tokens(engine: Engine, prompt_ids: list[int], n: int,
@@ -131,6 +132,42 @@ def copy_bandwidth(device, nbytes: int = COPY_BYTES, repeats: int = 3) -> dict:
         out["pinned_gbps"] = nbytes / min(_seconds(lambda: put(pinned))
                                           for _ in range(repeats)) / 1e9
     return out
+
+
+EXECUTE_EVENT = "::ExecuteHelper"   # PJRT's per-execution trace event (CPU: ...OnSingleDevice)
+_MARK = "lowmem.xla_executions"
+
+
+def xla_executions(fn) -> int | None:
+    """XLA executions started by ``fn`` on the calling thread, counted by JAX's profiler.
+
+    An independent check of ``Engine.dispatches`` (which the engine counts
+    itself): every jitted call and eager op is one execution. None where this
+    jaxlib has no profile reader, the trace lost the calling thread, or no event
+    of the name this client uses was seen (another PJRT client may name it
+    otherwise: a GPU's is unverified).
+    """
+    import glob
+    import tempfile
+    try:
+        from jax._src.lib import _profile_data
+    except ImportError:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        opts = jax.profiler.ProfileOptions()
+        opts.python_tracer_level = 0                # Python tracing: slow, and not needed
+        jax.profiler.start_trace(tmp, profiler_options=opts)
+        try:
+            with jax.profiler.TraceAnnotation(_MARK):
+                fn()
+        finally:
+            jax.profiler.stop_trace()
+        files = glob.glob(f"{tmp}/**/*.xplane.pb", recursive=True)
+        data = _profile_data.ProfileData.from_file(files[0]) if files else None
+    lines = [list(line.events) for plane in (data.planes if data else ()) for line in plane.lines]
+    mine = [events for events in lines if any(e.name == _MARK for e in events)]
+    count = sum(EXECUTE_EVENT in e.name for events in mine for e in events)
+    return count or None
 
 
 def _seconds(fn) -> float:
@@ -272,6 +309,10 @@ def traffic_summary(records: list[dict], engine: Engine, copy: dict) -> dict:
            "experts_moved_per_token": distribution(moved),
            "bytes_moved_per_token": distribution([r["bytes_moved"] for r in decode]),
            "host_syncs_per_token": distribution([r["host_syncs"] for r in decode]),
+           "dispatches_per_token": distribution([r["dispatches"] for r in decode]),
+           "slot_writes_per_token": distribution([r["slot_writes"] for r in decode]),
+           "token_prefetch_hit_rate": tot["token_prefetch_hits"] / tot["token_prefetches"]
+           if tot["token_prefetches"] else None,
            "transfer_s": fetch_s, "transfer_wait_s": wait_s,
            "copy_gbps": copy["gbps"], "effective_transfer_gbps": None}
     if host:

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from lowmem import engine as E
 from lowmem import model as M
 from lowmem import moe
-from lowmem.backends import device_logits
+from lowmem.backends import DeviceBackend, device_logits
 from quant.config import GrokConfig
 from quant.packed import QuantSettings, expert_block_layout, tensor_layout
 from quant.qweight import QWeight
@@ -63,7 +63,7 @@ def step_temporaries(cfg: GrokConfig, settings: QuantSettings, precision: str = 
     for t in sorted({1, *buckets}):
         h = SDS((t, d), jnp.float32)                     # activations: fp32 in both precisions
         out[f"attention T={t}"] = _temp(E._attention.lower(
-            cfg, M.dense_linear, precision, lp, h, cache, SDS((s,), bool), 0))
+            cfg, DeviceBackend.linear, precision, lp, h, cache, SDS((s,), bool), 0))
         out[f"routing T={t}"] = _temp(E._route.lower(
             cfg, precision, lp["moe_norm"], lp["router"], lp["moe_norm"], lp["router"], h))
         out[f"experts T={t}"] = _temp(moe._experts_accumulate.lower(

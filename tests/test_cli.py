@@ -83,6 +83,8 @@ GENERATE_BAD = [
     (["-p", "a", "--prompt-ids", "5"], "not allowed with"),
     (["--backend", "gpu"], "--backend", "invalid choice"),
     (["--cache-policy", "fifo"], "--cache-policy"),
+    (["--staging-workers", "0"], "--staging-workers", "in [1, 64]"),
+    (["--staging-workers", "two"], "--staging-workers", "whole number"),
     (["-v", "-q"], "not allowed with"),
     (["--no-such-option"], "unrecognized"),
 ]
@@ -262,7 +264,8 @@ def test_shared_options_mean_the_same_everywhere():
                 seen.setdefault(flag, []).append((name, action.default, action.help,
                                                   tuple(action.option_strings)))
     for flag in ("-m", "-p", "--prompt-file", "--temperature", "--context", "--backend",
-                 "--expert-cache-gb", "--workdir", "-v", "-q", "--preset", "--config"):
+                 "--expert-cache-gb", "--workdir", "-v", "-q", "--preset", "--config",
+                 "--staging-workers"):
         variants = {(d, h, o) for _, d, h, o in seen[flag]}
         if flag == "--preset":
             variants = {v for v in variants if "--preset" in v[2]}

@@ -19,7 +19,20 @@ def test_dry_run_reports_every_row(tmp_path, capsys):
         assert row["staging_gbps"] > 0 and row["expert_call_ms"] > 0
         assert row["decode_zero_hits_tok_s"] > 0 and row["decode_resident_tok_s"] > 0
         assert len(row["extrapolation"]) == 2
+        assert [s["workers"] for s in row["staging"]] == [2, 4, 8]
+        assert all(s["bytes_exact"] and s["registration"] == "pageable" and s["gbps"] > 0
+                   for s in row["staging"])
+        assert row["dispatches_per_token"] == 4 + 4 * 2  # tiny: 2 layers (test_device_path)
+        assert row["xla_executions_per_token"] == row["dispatches_per_token"]
     assert "64-layer Grok-1 extrapolation" in text and "dry run on the CPU" in text
+    assert "staging ring (engine effective vs raw pageable" in text and "WRONG" not in text
+
+
+def test_bad_staging_options_exit_2(tmp_path, capsys):
+    assert device_check.main(["--dry-run", "--workdir", str(tmp_path),
+                              "--staging-workers", "0"]) == 2
+    assert "--staging-workers" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
 
 
 def test_refuses_to_measure_a_cpu_as_a_gpu(capsys):

@@ -138,3 +138,80 @@ def test_expert_call_temporaries_at_grok1_shapes(bits):
             shape((k,), jnp.int32), shape((k,), jnp.int32), shape((1, cfg.emb_size), act),
             shape((1, k), jnp.float32), shape((1, k), jnp.int32)).compile()
         assert compiled.memory_analysis().temp_size_in_bytes < 0.25 * nbytes, act
+
+
+@pytest.mark.parametrize("backend, slots", [("device", 3), ("device", 16), ("host", None)])
+def test_dispatches_per_decode_token_are_constant_and_counted(model, tiny_cfg, backend, slots):
+    """The engine's own count of its steps' dispatches is the same every decode token
+    (embedding rows [device], embedding, key validity, per layer attention, routing,
+    experts [device: one call for the k experts], residual, then the logits) and equals
+    the XLA executions JAX's profiler sees on the calling thread, slot writes aside."""
+    from lowmem.profiler import xla_executions
+    layers = tiny_cfg.num_layers
+    if backend == "host":
+        engine, expected = Engine(model, EngineOptions(backend="host")), 3 + 3 * layers
+    else:
+        engine, expected = _engine(model, slots=slots), 4 + 4 * layers
+    greedy_ids(engine, PROMPT, 3)                                   # compile
+    engine.reset()
+    engine.feed(PROMPT)
+    per_token, writes = [], 0
+    for token in [7, 300, 42, 5, 99, 17]:
+        d, w = engine.dispatches, engine.slot_writes
+        seen = xla_executions(lambda: engine.feed([token]).block_until_ready())
+        assert seen == engine.dispatches - d + engine.slot_writes - w
+        per_token.append(engine.dispatches - d)
+        writes += engine.slot_writes - w
+    assert per_token == [expected] * 6
+    assert (writes > 0) == (slots == 3)                            # a small cache misses
+
+
+def test_next_token_layer0_is_prefetched_when_a_step_ends(model):
+    """At the last layer the engine prefetches this token's layer-0 experts for the next
+    token (into the slot the last layer's two pinned experts leave free): after each
+    decode step the first of them is in the cache, and greedy decoding (which repeats
+    its token here) then hits it; without prefetch the same run hits less."""
+    engine = _engine(model, slots=3, record_routing=True)
+    greedy_ids(engine, PROMPT, 2)
+    engine.reset()
+    engine.feed(PROMPT)
+    for token in [7, 300, 42, 5, 99, 17, 7, 7]:
+        engine.feed([token])
+        layer, first = engine.routing_trace[-2]                     # (layer 0, (1, k))
+        assert layer == 0 and (0, int(first[0, 0])) in engine.experts.cache.keys()
+    on, off = _engine(model, slots=3), _engine(model, slots=3, prefetch=False)
+    assert greedy_ids(on, PROMPT, 16) == greedy_ids(off, PROMPT, 16)
+    stats = on.expert_stats
+    assert stats.token_prefetches >= 8
+    assert stats.token_prefetch_hits >= stats.token_prefetches // 2
+    assert off.expert_stats.token_prefetches == 0
+    assert stats.hits > off.expert_stats.hits
+
+
+def test_attention_call_temporaries_at_grok1_shapes():
+    """Compiled from abstract Grok-1 shapes on XLA:CPU (decode, a short context so the
+    projections dominate): the device attention step reads its weights a chunk of rows
+    at a time, temporaries < 10% of the four projections (dequantizing them whole, as
+    model.dense_linear does, needs 4x their bytes)."""
+    import jax.numpy as jnp
+
+    from lowmem import engine as E
+    from lowmem import model as M
+    from lowmem.backends import DeviceBackend
+    from lowmem.step_memory import SDS, _abstract_layer
+    from quant.config import preset
+    cfg = preset("grok-1")
+    lp = _abstract_layer(cfg, QuantSettings(4))                     # int8 attention
+    weights = jax.tree_util.tree_leaves([lp[r] for r in ("q", "k", "v", "o")])
+    nbytes = sum(w.size * w.dtype.itemsize for w in weights)
+    assert 80e6 < nbytes < 100e6                                    # 88 MB: int8 + scales
+    for precision in ("fp32", "bf16"):
+        cache = M.KVCache(*[SDS((256, cfg.num_kv_heads, cfg.key_size),
+                                M.act_dtype(precision))] * 2)
+
+        def temp(linear):
+            lowered = E._attention.lower(cfg, linear, precision, lp, SDS((1, cfg.emb_size),
+                                         jnp.float32), cache, SDS((256,), bool), 0)
+            return lowered.compile().memory_analysis().temp_size_in_bytes
+        assert temp(DeviceBackend.linear) < 0.10 * nbytes, precision
+        assert temp(M.dense_linear) > 2 * nbytes, precision         # what it replaces

@@ -204,17 +204,6 @@ def test_invalid_model_dir(tmp_path, packed):
         PackedModel.open(bad)
 
 
-@pytest.mark.parametrize("pinned", [True, False])
-def test_stager_copy_paths_deliver_the_block_bytes(packed, pinned):
-    """The accelerator-style copy paths (forced on CPU) move exactly the block's bytes."""
-    from lowmem.staging import Stager
-    model = packed["int4"]
-    stager = Stager(model, jax.devices()[0], pinned=pinned, force_copy=True)
-    assert stager.pinned == pinned
-    out = stager((1, 5))
-    np.testing.assert_array_equal(np.asarray(out), np.asarray(model.expert(1, 5).raw))
-
-
 def test_output_table_int8_quantization_is_per_row_and_never_clips():
     import ml_dtypes
 

@@ -8,13 +8,13 @@ plain copy of the same mapped bytes measured in the same run (interleaved,
 one thread and two threads, as the cache's two fetch workers; ratios are
 against the faster of the two).
 
-On a CPU the "device" is host memory: the Stager's default there aliases the
-mapped range (``device_put`` without a copy), so its figure is the cost of the
-bookkeeping, not of a transfer. The staging-buffer copy path the accelerator
-uses (mapped file -> page-aligned buffer -> [pinned host array ->] device) is
-measured explicitly with ``Stager(force_copy=True)``, pageable and pinned. On
-an accelerator, raw ``device_put`` from pageable and from pinned host memory
-is measured as well.
+The fetch paths are the engine's staging ring (``lowmem.staging.Stager``:
+registered chunk buffers filled by 1, 2 or 4 worker threads while earlier
+chunks transfer), with the registration the device takes by default and with
+``pinned_host`` forced (and pageable forced on an accelerator). On a CPU the
+"device" is host memory and a transfer that aliases a ring buffer is copied,
+so its figures are two host copies; on an accelerator raw ``device_put`` from
+pageable and from pinned host memory is printed as well.
 
     python tools/bench_streaming.py --model /tmp/lowmem-bench-decode/grok1-L2-int4
     python tools/bench_streaming.py            # the embedded demo model (small blocks)
@@ -81,14 +81,15 @@ def raw_copy_seconds(model: PackedModel, keys: list, threads: int) -> float:
     return time.perf_counter() - start
 
 
-def variants(model: PackedModel, device, on_cpu: bool) -> dict:
-    """Name -> fetch function for each path measured on this platform."""
-    out = {"Stager (default)": Stager(model, device)}
-    if on_cpu:
-        out["Stager copy path, pageable"] = Stager(model, device, pinned=False, force_copy=True)
-        out["Stager copy path, pinned"] = Stager(model, device, pinned=True, force_copy=True)
-    else:
-        out["Stager pageable (pinned=False)"] = Stager(model, device, pinned=False)
+def variants(model: PackedModel, device, on_cpu: bool, chunk_bytes: int) -> dict:
+    """Name -> fetch function for each staging setting measured on this platform."""
+    out = {}
+    for workers in (1, 2, 4):
+        out[f"ring, {workers} worker(s), default"] = Stager(model, device, workers, chunk_bytes)
+    out["ring, 4 workers, pinned"] = Stager(model, device, 4, chunk_bytes, registration="pinned")
+    if not on_cpu:
+        out["ring, 4 workers, pageable"] = Stager(model, device, 4, chunk_bytes,
+                                                  registration="pageable")
     return out
 
 
@@ -106,10 +107,12 @@ def main(argv=None) -> int:
     ap.add_argument("--capacity", type=int, default=4, help="cache slots (default 4)")
     ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats (default 3)")
     ap.add_argument("--workdir", default=".lowmem", help="where the demo model is kept")
+    ap.add_argument("--chunk-mb", type=float, default=32.0,
+                    help="staging chunk in MiB (default 32)")
     args = ap.parse_args(argv)
-    if args.capacity < 4 or args.blocks < 2 or args.repeats < 1:
+    if args.capacity < 4 or args.blocks < 2 or args.repeats < 1 or not args.chunk_mb > 0:
         print("error: need --capacity >= 4 (2 pinned + 2 prefetched), --blocks >= 2, "
-              "--repeats >= 1", file=sys.stderr)
+              "--repeats >= 1, --chunk-mb > 0", file=sys.stderr)
         return 2
     if args.model is None:
         from lowmem.demo import ensure_demo_model
@@ -123,7 +126,7 @@ def main(argv=None) -> int:
               f"cache; nothing would be transferred (lower --capacity)", file=sys.stderr)
         return 2
     prefault(model, keys)
-    fetchers = variants(model, device, on_cpu)
+    fetchers = variants(model, device, on_cpu, int(args.chunk_mb * (1 << 20)))
     times: dict[str, list[float]] = {name: [] for name in fetchers}
     times.update({"raw copy, 1 thread": [], "raw copy, 2 threads": []})
     moved = {}
@@ -145,9 +148,12 @@ def main(argv=None) -> int:
         print(f"{name:<34}{gbps:8.2f}{gbps / ref:12.0%}{moved.get(name, nbytes) / GB:10.2f}")
     extra = f", pinned {copy['pinned_gbps']:.2f} GB/s" if "pinned_gbps" in copy else ""
     print(f"plain {copy['kind']} of {copy['bytes'] >> 20} MiB: {copy['gbps']:.2f} GB/s{extra}")
+    for fetch in fetchers.values():
+        fetch.close()
     if on_cpu:
-        print("note: on CPU the default Stager aliases the mapping (no copy): its figure is "
-              "bookkeeping only; the copy-path rows are what an accelerator's staging costs here")
+        print("note: on a CPU the ring's transfer aliases its buffer, so each chunk is copied "
+              "twice (file -> ring buffer -> a new 'device' buffer); an accelerator's is one "
+              "host copy and one DMA")
     return 0
 
 
