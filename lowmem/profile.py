@@ -24,6 +24,7 @@ import numpy as np
 
 from lowmem import cli
 from lowmem.profiler import SECTIONS, run_profile
+from lowmem.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +59,19 @@ def format_timing(report: dict) -> list[str]:
     return lines
 
 
+def _sampling_line(s: dict) -> str:
+    if s["temperature"] <= 0:
+        return "sampling: greedy (argmax)"
+    return (f"sampling: temperature {s['temperature']:g}, top-p {s['top_p']:g}, "
+            f"top-k {s['top_k'] or 'off'}, seed {s['seed']}")
+
+
 def format_report(report: dict) -> str:
     """The terminal table: timing, traffic, memory, overhead."""
     t, m, c = report["traffic"], report["memory"], report["copy_bandwidth"]
     lines = [f"model {report['model']} | backend {report['backend']} on {report['platform']} | "
-             f"prompt {report['prompt_tokens']} tokens, {report['new_tokens']} new", ""]
+             f"prompt {report['prompt_tokens']} tokens, {report['new_tokens']} new",
+             _sampling_line(report["sampling"]), ""]
     lines += format_timing(report)
     moved, per_tok = t["experts_moved_per_token"], t["bytes_moved_per_token"]
     rate = lambda x: "n/a" if x is None else f"{100 * x:.1f}%"       # noqa: E731
@@ -156,7 +165,7 @@ def build_parser(prog: str = "python -m lowmem.profile") -> cli.Parser:
     p = cli.Parser(prog=prog, description=__doc__)
     cli.add_model_argument(p, "the embedded synthetic model")
     cli.add_prompt_arguments(p)
-    cli.add_sampling_arguments(p, max_new_tokens=16, sampling=False)
+    cli.add_sampling_arguments(p, max_new_tokens=16)
     p.add_argument("--warmup-tokens", type=cli.int_type(0), default=2,
                    help="tokens of an unmeasured warm-up run that compiles, >= 0 (default 2)")
     cli.add_engine_arguments(p)
@@ -207,7 +216,8 @@ def run(args) -> int:
     runtime = cli.open_runtime(args, None if isinstance(prompt, str) else prompt, profile=True)
     try:
         report = run_profile(runtime.engine, prompt_ids_from_args(args, runtime),
-                             args.max_new_tokens, args.warmup_tokens, args.overhead_check)
+                             args.max_new_tokens, args.warmup_tokens, args.overhead_check,
+                             SamplingParams(args.temperature, args.top_p, args.top_k), args.seed)
     finally:
         runtime.close()
     print(format_report(report))

@@ -18,6 +18,7 @@ one by one (device backend).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import resource
 import sys
@@ -82,24 +83,27 @@ def counters(engine: Engine) -> dict:
             **{k: getattr(engine, k) for k in ENGINE_COUNTERS}, "wait_s": stats.wait_s}
 
 
+GREEDY = SamplingParams(temperature=0.0)
+
+
 def timed_tokens(engine: Engine, prompt_ids: list[int], n: int,
-                 fetch: TimedFetch | None = None) -> list[dict]:
-    """Greedy-generate n tokens; one record per step (the first is the prefill).
+                 fetch: TimedFetch | None = None, sampling: SamplingParams = GREEDY,
+                 seed: int = 0) -> list[dict]:
+    """Generate n tokens with ``sampling``; one record per step (the first is the prefill).
 
     A step runs from the previous token's arrival to this token's: the forward
     pass that produced its logits plus its sampling. Section times are the
     engine timer's totals over that interval (reset before each step).
     """
-    req = GenerationRequest(max_new_tokens=n, sampling=SamplingParams(temperature=0.0),
-                            stop_at_eos=False)
+    req = GenerationRequest(max_new_tokens=n, sampling=sampling, seed=seed, stop_at_eos=False)
     records = []
     before, fetched = counters(engine), fetch.seconds if fetch else 0.0
     engine.timer.start()
     start = time.perf_counter()
-    for i, _token in enumerate(generate_tokens(engine, prompt_ids, req)):
+    for i, token in enumerate(generate_tokens(engine, prompt_ids, req)):
         wall = time.perf_counter() - start
         now, fetched_now = counters(engine), fetch.seconds if fetch else 0.0
-        records.append({"phase": "prefill" if i == 0 else "decode",
+        records.append({"phase": "prefill" if i == 0 else "decode", "token": int(token),
                         "tokens": len(prompt_ids) if i == 0 else 1, "wall_s": wall,
                         "sections": {s: engine.timer.totals.get(s, 0.0) for s in SECTIONS},
                         **{k: now[k] - before[k] for k in COUNTERS},
@@ -176,7 +180,8 @@ def _seconds(fn) -> float:
     return time.perf_counter() - start
 
 
-def overhead_check(engine: Engine, prompt_ids: list[int], n: int, repeats: int = 3) -> dict:
+def overhead_check(engine: Engine, prompt_ids: list[int], n: int, repeats: int = 3,
+                   sampling: SamplingParams = GREEDY) -> dict:
     """Decode tokens/s with the section timer on and off, interleaved (ABBA...) in one run."""
     enabled = engine.timer.enabled
     rates: dict[str, list[float]] = {"on": [], "off": []}
@@ -184,7 +189,8 @@ def overhead_check(engine: Engine, prompt_ids: list[int], n: int, repeats: int =
         for r in range(repeats):
             for mode in ("on", "off") if r % 2 == 0 else ("off", "on"):
                 engine.timer.enabled = mode == "on"
-                walls = [x["wall_s"] for x in timed_tokens(engine, prompt_ids, n)[1:]]
+                walls = [x["wall_s"] for x in timed_tokens(engine, prompt_ids, n,
+                                                           sampling=sampling)[1:]]
                 rates[mode].append(len(walls) / sum(walls))
     finally:
         engine.timer.enabled = enabled
@@ -326,8 +332,13 @@ def traffic_summary(records: list[dict], engine: Engine, copy: dict) -> dict:
 
 
 def run_profile(engine: Engine, prompt_ids: list[int], max_new_tokens: int,
-                warmup_tokens: int = 2, overhead_repeats: int = 0) -> dict:
-    """Warm up, profile one generation from an empty cache, optionally check overhead."""
+                warmup_tokens: int = 2, overhead_repeats: int = 0,
+                sampling: SamplingParams = GREEDY, seed: int = 0) -> dict:
+    """Warm up, profile one generation from an empty cache, optionally check overhead.
+
+    ``sampling`` and ``seed`` are the generation's (greedy by default): the
+    sampling section's time depends on them (a top-p nucleus costs more than an
+    argmax), so the profile measures the settings a user runs with."""
     if not engine.timer.enabled:
         raise ValueError("run_profile needs an engine built with EngineOptions(profile=True)")
     if max_new_tokens < 2:
@@ -335,10 +346,10 @@ def run_profile(engine: Engine, prompt_ids: list[int], max_new_tokens: int,
                          f"found {max_new_tokens}")
     copy = copy_bandwidth(engine.device)
     if warmup_tokens:
-        timed_tokens(engine, prompt_ids, warmup_tokens + 1)         # compiles
+        timed_tokens(engine, prompt_ids, warmup_tokens + 1, sampling=sampling)  # compiles
     fetch = fresh_expert_cache(engine)
     scope = "measured run" if reset_peak_rss() else "process lifetime (includes the copy buffers)"
-    records = timed_tokens(engine, prompt_ids, max_new_tokens, fetch)
+    records = timed_tokens(engine, prompt_ids, max_new_tokens, fetch, sampling, seed)
     report = {"model": str(engine.model.model_dir), "backend": engine.backend_name,
               "platform": engine.device.platform, "device": str(engine.device),
               "config": json.loads(engine.cfg.to_json()),
@@ -348,11 +359,12 @@ def run_profile(engine: Engine, prompt_ids: list[int], max_new_tokens: int,
               "cache_policy": getattr(getattr(engine.experts, "cache", None), "policy", None),
               "prefetch": engine.options.prefetch, "context": engine.context,
               "prompt_tokens": len(prompt_ids), "new_tokens": len(records),
+              "sampling": {**dataclasses.asdict(sampling), "seed": seed},
               "copy_bandwidth": copy, "prefill": phase_summary(records, "prefill"),
               "decode": phase_summary(records, "decode"), "tokens": records,
               "traffic": traffic_summary(records, engine, copy), "memory": memory_report(engine, scope),
               "overhead": None}
     if overhead_repeats:
         report["overhead"] = overhead_check(engine, prompt_ids, max_new_tokens,
-                                            overhead_repeats)
+                                            overhead_repeats, sampling)
     return report

@@ -110,6 +110,32 @@ def test_profile_measures_the_cache_policy_it_was_given(int8_dir, tmp_path):
         assert r["cache_policy"] == policy and r["expert_cache_slots"] == 3
 
 
+def test_profile_samples_with_the_settings_given(int8_dir, tmp_path):
+    """--temperature/--top-p/--top-k/--seed reach the profiled generation: its tokens
+    are those of a plain generation with the same request (greedy by default)."""
+    from lowmem.api import load
+    from lowmem.decoding import GenerationRequest, generate_tokens
+    from lowmem.sampling import SamplingParams
+    runs = {"greedy": ((), SamplingParams(temperature=0.0), 0),
+            # the tiny model is very peaked: only a high temperature makes draws differ
+            "top-p": (("--temperature", "1e4", "--top-p", "0.9", "--top-k", "50", "--seed", "7"),
+                      SamplingParams(1e4, 0.9, 50), 7)}
+    lm = load(int8_dir, backend="host")
+    try:
+        tokens = {}
+        for name, (extra, sampling, seed) in runs.items():
+            r = _profile(int8_dir, tmp_path, "--backend", "host", *extra)
+            assert r["sampling"] == {"temperature": sampling.temperature, "top_p": sampling.top_p,
+                                     "top_k": sampling.top_k, "seed": seed}
+            req = GenerationRequest(max_new_tokens=5, sampling=sampling, seed=seed,
+                                    stop_at_eos=False)
+            tokens[name] = [rec["token"] for rec in r["tokens"]]
+            assert tokens[name] == list(generate_tokens(lm.engine, [5, 17, 99, 3, 250], req))
+        assert tokens["greedy"] != tokens["top-p"]  # the settings changed what was drawn
+    finally:
+        lm.close()
+
+
 def test_bad_inputs_exit_2(int8_dir, capsys):
     assert P.main(["--model", str(int8_dir), "--prompt-ids", "5,x"]) == 2
     err = capsys.readouterr().err.strip()
