@@ -251,7 +251,7 @@ def add_engine_arguments(p) -> None:
                         "for models with int4 experts, bf16 for int8 ones and on a device "
                         "(default auto)")
     p.add_argument("--output-int8", dest="output_table", action="store_const", const="int8",
-                   help="the same as --output-table int8")
+                   help="the same as --output-table int8 (default: off, --output-table decides)")
     add_precision_argument(p)
 
 
