@@ -30,7 +30,6 @@ the thread count (a logit is computed by one thread).
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,15 +38,14 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from lowmem.simd_kernels import _Mat, _prefer_512, _prefetch, _splat
+from lowmem.simd_kernels import _Mat, _prefer_512, _prefetch
 from quant.bf16 import round_bf16_bits
 from quant.qweight import BF16
 
-log = logging.getLogger(__name__)
 _FM = {"contract"}
 _BLOCK_ROWS = 64          # vocabulary rows per parallel work item
 _X_L1_BYTES = 32768       # activations of one token block x one D chunk kept in L1
-_PREFETCH = 1024           # bytes ahead along each row that the micro-kernel prefetches
+_PREFETCH = 1024          # bytes ahead along each row that the micro-kernel prefetches
 _ROW_STAGGER = 256        # activation rows start this many bytes apart modulo 4 KiB
 _BUILD_ROWS = 64          # vocabulary rows per work item when building the table
 
