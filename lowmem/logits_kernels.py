@@ -244,35 +244,40 @@ def _staggered(x: np.ndarray) -> np.ndarray:
 # building the table
 # ----------------------------------------------------------------------------
 
-@njit(parallel=True, fastmath={"nnan", "ninf"}, cache=True)
-def _quantize_rows(e, q, sbits):
-    """Per row of the bf16 table e (uint16 bits, (V, D)): the scale
-    bf16(amax / 127) rounded up when it rounded down (so no code clips), 1.0
-    for an all-zero row; q = round-half-even(e / scale), clipped to +-127.
-    Finite values only (the quantizer refuses others): nnan/ninf let LLVM
-    vectorize the max; no flag that changes a finite result (no arcp)."""
-    V, D = e.shape
+@njit(fastmath={"nnan", "ninf"}, cache=True)
+def _quantize_row(row, out):
+    """One row of the bf16 table (uint16 bits) -> out (int8); returns the scale's
+    bits: bf16(amax / 127), one bf16 step up when it rounded down (so no code
+    clips), 1.0 for an all-zero row; q = round-half-even(e / scale), clipped to
+    +-127. Finite values only (the quantizer refuses others); no fastmath flag
+    that changes a finite result (no arcp)."""
     lim = np.float32(127.0)
+    top = np.uint16(0)               # max |e| as bf16 bits: for finite values, |e| orders
+    for d in range(row.shape[0]):    # as the bits without the sign (an integer max: 6x
+        top = max(top, np.uint16(row[d] & np.uint16(0x7FFF)))      # faster than the float max)
+    amax = np.uint32(np.uint32(top) << 16).view(np.float32)
+    bits = round_bf16_bits(np.float32(amax / lim).view(np.uint32))
+    s = np.uint32(bits).view(np.float32)
+    if s * lim < amax:
+        bits += np.uint32(0x10000)                     # next bf16 up (s > 0)
+        s = np.uint32(bits).view(np.float32)
+    if amax == 0:
+        bits = np.uint32(0x3F800000)
+        s = np.float32(1.0)
+    for d in range(row.shape[0]):
+        f = np.uint32(np.uint32(row[d]) << 16).view(np.float32)
+        out[d] = np.int8(min(lim, max(-lim, np.rint(f / s))))
+    return np.uint16(bits >> np.uint32(16))
+
+
+@njit(parallel=True, cache=True)
+def _quantize_rows(e, q, sbits):
+    """_quantize_row for every row of e (uint16 (V, D)) into q and sbits, blocks of rows
+    across threads."""
+    V = e.shape[0]
     for b in prange((V + _BUILD_ROWS - 1) // _BUILD_ROWS):
         for v in range(b * _BUILD_ROWS, min(V, (b + 1) * _BUILD_ROWS)):
-            row = e[v]
-            amax = np.float32(0.0)
-            for d in range(D):
-                a = np.uint32(np.uint32(row[d]) << 16).view(np.float32)
-                amax = max(amax, np.float32(abs(a)))
-            bits = round_bf16_bits(np.float32(amax / np.float32(127.0)).view(np.uint32))
-            s = np.uint32(bits).view(np.float32)
-            if s * np.float32(127.0) < amax:
-                bits += np.uint32(0x10000)                 # next bf16 up (s > 0)
-                s = np.uint32(bits).view(np.float32)
-            if amax == 0:
-                bits = np.uint32(0x3F800000)
-                s = np.float32(1.0)
-            sbits[v] = np.uint16(bits >> np.uint32(16))
-            out = q[v]
-            for d in range(D):
-                f = np.uint32(np.uint32(row[d]) << 16).view(np.float32)
-                out[d] = np.int8(min(lim, max(-lim, np.rint(f / s))))
+            sbits[v] = _quantize_row(e[v], q[v])
 
 
 def quantize_table(embed: np.ndarray) -> Int8Table:
