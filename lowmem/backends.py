@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 import weakref
 from dataclasses import dataclass
 from functools import partial
@@ -92,37 +93,25 @@ def host_linear(x: jax.Array, w: HostWeight, precision: str = "bf16") -> jax.Arr
 
 
 def _host_logits_callback(x, handle):
-    from lowmem.cpu_kernels import matmul, matmul_nt
+    from lowmem.cpu_kernels import matmul_nt
+    from lowmem.logits_kernels import logits_int8
     backend = _HOST_BACKENDS[int(handle)]
-    if backend.output_q is not None:                       # int8 copy: half the bytes
-        return matmul(np.asarray(x, np.float32), backend.output_q)
+    if backend.output_q is not None:                       # int8 table: half the bytes
+        return logits_int8(np.asarray(x, np.float32), backend.output_q)
     return matmul_nt(np.asarray(x, np.float32), backend.embed)
 
 
-def quantize_output_table(embed: np.ndarray, rows: int = 8192) -> QWeight:
-    """The tied output matrix as int8 with one bf16 scale per vocabulary row, stored
-    transposed, (D, V), so that logits are one int8 matmul at the read floor.
+def output_int8_choice(options, model: PackedModel) -> bool:
+    """Whether the host backend's logits read the int8 output table.
 
-    scale_v = amax(|E_v|) / 127 rounded up to a bf16 value (no code clips);
-    q = round(E_v / scale_v). Built once at load from the bf16 table (opt-in:
-    ``EngineOptions.output_int8``): the logits read 0.8 GB per token instead of
-    1.6 GB at Grok-1 size, for a measured change of the logits (docs/FIDELITY.md).
+    ``options.output_int8`` None (auto, the default): yes for models whose experts
+    are int4 (their owners chose bytes over exactness; the table adds a KL far
+    below what int4 experts cost, docs/FIDELITY.md), no for int8 models (the
+    release's values bit for bit). True / False force it.
     """
-    import ml_dtypes
-    v, d = embed.shape
-    values = np.empty((d, v), np.int8)                                    # (D, V)
-    scales = np.empty((1, v), ml_dtypes.bfloat16)                         # (1, V)
-    for r0 in range(0, v, rows):
-        e = np.asarray(embed[r0:r0 + rows], np.float32)                   # (R, D)
-        amax = np.abs(e).max(axis=1)
-        s = (amax / 127).astype(ml_dtypes.bfloat16)
-        low = s.astype(np.float32) * 127 < amax                           # rounded down
-        s[low] = np.nextafter(s[low].astype(np.float32), np.inf).astype(ml_dtypes.bfloat16)
-        s = np.where(amax > 0, s, ml_dtypes.bfloat16(1.0)).astype(ml_dtypes.bfloat16)
-        q = np.rint(e / s.astype(np.float32)[:, None])                    # (R, D)
-        values[:, r0:r0 + rows] = np.clip(q, -127, 127).astype(np.int8).T
-        scales[0, r0:r0 + rows] = s
-    return QWeight(values, scales, 8, d)
+    if options.output_int8 is not None:
+        return bool(options.output_int8)
+    return model.settings.bits == 4
 
 
 def host_logits(cfg, hn: jax.Array, handle: jax.Array, precision: str = "bf16") -> jax.Array:
@@ -146,7 +135,14 @@ class HostBackend:
         self.handle = next(_HANDLES)
         self.weights = [model.layer(i) for i in range(model.cfg.num_layers)]
         self.embed = model.embed()                                        # bf16 (V, D) memmap
-        self.output_q = quantize_output_table(self.embed) if options.output_int8 else None
+        self.output_q = None                         # Int8Table when the logits use it
+        if output_int8_choice(options, model):
+            from lowmem.logits_kernels import quantize_table
+            t0 = time.perf_counter()
+            self.output_q = quantize_table(self.embed)                    # (V, D) int8
+            log.info("output table: int8 (%.2f GB, built in %.1f s)%s",
+                     self.output_q.values.nbytes / 1e9, time.perf_counter() - t0,
+                     " (auto: int4 experts)" if options.output_int8 is None else "")
         self.logits_table = jnp.int32(self.handle)   # what host_logits looks the table up by
         self.placed_table = None                     # the table stays in the mapped file
         _HOST_BACKENDS[self.handle] = self
@@ -205,8 +201,8 @@ class DeviceBackend:
 
     def __init__(self, model: PackedModel, device, options):
         if options.output_int8:
-            raise BackendError("output_int8 (--output-int8) is a host-backend option; the "
-                               "device backend reads the bf16 output table")
+            raise BackendError("output_int8 (--output-table int8) is a host-backend option; "
+                               "the device backend reads the bf16 output table")
         self.model, self.device, self.options = model, device, options
         self.embed_host = model.embed()
         self.logits_table = jax.device_put(self.embed_host, device)       # (V, D) bf16

@@ -75,7 +75,8 @@ class EngineOptions:
     output_int8: host backend only; the logits read an int8 copy (one bf16
         scale per vocabulary row, built at load) of the bf16 output table: half
         the bytes per token (0.8 GB instead of 1.6 GB for Grok-1), a measured
-        change of the logits (docs/FIDELITY.md).
+        change of the logits (docs/FIDELITY.md). None (auto): on for models
+        with int4 experts, off for int8 ones (``backends.output_int8_choice``).
     precision: 'fp32' (activations in fp32, weights dequantized exactly: the
         model's exact math) or 'bf16' (the release's bf16 mode).
     """
@@ -93,7 +94,7 @@ class EngineOptions:
     record_routing: bool = False          # keep (layer, experts of real tokens) per layer step
     verify: bool = True                   # check each tensor's CRC-32 when first read (packed.py)
     precision: str = DEFAULT_PRECISION    # 'fp32' (exact math) or 'bf16' (the release's run)
-    output_int8: bool = False             # host: logits from an int8 copy of the output table
+    output_int8: bool | None = None       # host: int8 output table; None = auto (int4 models)
 
 
 def cache_length(context: int, buckets: tuple[int, ...] = PREFILL_BUCKETS) -> int:

@@ -155,6 +155,9 @@ def build_parser(prog: str = "python -m lowmem.eval") -> argparse.ArgumentParser
                           "(default: none)")
     p.add_argument("--reference-precision", choices=PRECISIONS, default="fp32",
                    help="precision of the --reference model (default fp32: the exact math)")
+    p.add_argument("--reference-output-table", choices=tuple(cli.OUTPUT_TABLES), default="auto",
+                   help="output table of the --reference model, as --output-table (default "
+                        "auto: bf16 for an int8 model)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--text", help="UTF-8 text file, tokenized with the model's tokenizer "
                      "(this or --prompt-ids is required)")
@@ -190,18 +193,22 @@ def run(args) -> dict:
         nbytes = expert_bytes_per_token(rt.engine.model, args.requant_experts)
     finally:
         rt.close()
-    report = {"model": str(args.model), "precision": args.precision, "tokens": tokens,
+    report = {"model": str(args.model), "precision": args.precision,
+              "output_table": args.output_table, "tokens": tokens,
               "requant_experts": args.requant_experts, "expert_bytes_per_token": nbytes}
     if args.release_oracle:
         ref = load_oracle(args.release_oracle, len(tokens), logits.shape[1])
         report["reference"] = {"release_oracle": str(args.release_oracle)}
     elif args.reference:
-        ref_rt = load(args.reference, **dict(kwargs, precision=args.reference_precision))
+        ref_rt = load(args.reference, **dict(
+            kwargs, precision=args.reference_precision,
+            output_int8=cli.OUTPUT_TABLES[args.reference_output_table]))
         try:
             ref = teacher_forced_logits(ref_rt.engine, tokens, not args.no_progress)
         finally:
             ref_rt.close()
-        report["reference"] = {"model": str(args.reference), "precision": args.reference_precision}
+        report["reference"] = {"model": str(args.reference), "precision": args.reference_precision,
+                               "output_table": args.reference_output_table}
     else:
         report["overall"] = {"positions": len(tokens),
                              "perplexity_model": perplexity(logits, np.asarray(tokens))}

@@ -25,6 +25,7 @@ mappings, so the run measures memory, not page faults or the disk.
     python tools/bench_decode.py --model DIR           # an existing packed model
     python tools/bench_decode.py --threads 1           # numba kernels on one thread
     python tools/bench_decode.py --model DIR --act-int8  # opt-in int8-activation kernels
+    python tools/bench_decode.py --model DIR --output-table bf16 int8  # both logits tables
 
 Disk: the checkpoint is ~3.2 GB + 5 GB per layer, the int8 model ~1.6 GB +
 4.9 GB per layer, int4 ~1.6 GB + 2.5 GB per layer; the checkpoint is deleted
@@ -120,8 +121,10 @@ def build_models(args) -> list[Path]:
 
 # --- measuring ----------------------------------------------------------------------
 
-def touched_buffers(model: PackedModel) -> dict[str, list[np.ndarray]]:
-    """The mapped bytes one decode step reads, by kind (two experts per layer)."""
+def touched_buffers(model: PackedModel, table=None) -> dict[str, list[np.ndarray]]:
+    """The bytes one decode step reads, by kind (two experts per layer); the
+    logits read ``table`` (the backend's int8 output table) when given, else
+    the mapped bf16 embedding."""
     out: dict[str, list[np.ndarray]] = {"attention": [], "experts": [], "embedding": []}
     for e in model.entries:
         if e.expert is None and e.role in ATTENTION_ROLES:
@@ -131,7 +134,7 @@ def touched_buffers(model: PackedModel) -> dict[str, list[np.ndarray]]:
             block = model.expert(layer, expert)
             for w in (block.gate, block.up, block.down):
                 out["experts"] += [w.values, w.scales]
-    out["embedding"].append(model.embed())
+    out["embedding"] += [table.values, table.scales] if table is not None else [model.embed()]
     return out
 
 
@@ -176,39 +179,58 @@ def bench_prefill(engine, lengths: list[int], repeats: int) -> dict[int, float]:
     return out
 
 
-def bench_model(model_dir: Path, args) -> dict:
+def table_build_seconds(model: PackedModel) -> float:
+    """Seconds of one build of the int8 output table from the mapped embedding."""
+    from lowmem.logits_kernels import quantize_table
+    start = time.perf_counter()
+    quantize_table(model.embed())
+    return time.perf_counter() - start
+
+
+def bench_model(model_dir: Path, args) -> list[dict]:
+    """One row per --output-table choice; their decode repeats are interleaved,
+    with the floors measured in between, so a noisy neighbour slows all alike."""
     from lowmem.api import load
-    rt = load(model_dir, backend="host", context=args.context)
-    model = rt.engine.model
-    bufs = touched_buffers(model)
-    nbytes = {k: sum(int(b.nbytes) for b in v) for k, v in bufs.items()}
-    same = [words(b) for v in bufs.values() for b in v]
-    anon = np.ones(sum(w.nbytes for w in same) // 8, np.uint64)                  # touched
+    from lowmem.cli import OUTPUT_TABLES
+    rts = [load(model_dir, backend="host", context=args.context, output_int8=OUTPUT_TABLES[t])
+           for t in args.output_table]
+    model = rts[0].engine.model
+    bufs = [touched_buffers(model, rt.engine.backend.output_q) for rt in rts]
+    nbytes = [{k: sum(int(b.nbytes) for b in v) for k, v in bb.items()} for bb in bufs]
+    same = [[words(b) for v in bb.values() for b in v] for bb in bufs]
+    anon = np.ones(max(sum(w.nbytes for w in ws) for ws in same) // 8, np.uint64)  # touched
     fault_s = prefault_experts(model)
     prompt = list(range(100, 100 + args.prompt_tokens))
-    decode_seconds(rt.engine, prompt, 2)                                # compile, warm
-    steps, floor_same, floor_anon = [], [], []
+    for rt in rts:
+        decode_seconds(rt.engine, prompt, 2)                            # compile, warm
+    steps, floor_same, anon_gbps = [[] for _ in rts], [[] for _ in rts], []
     for _ in range(args.repeats):
-        floor_same.append(read_seconds(same))
-        floor_anon.append(read_seconds([anon]))
-        steps += decode_seconds(rt.engine, prompt, args.tokens)
-    per_token = sum(nbytes.values())
-    step = float(np.median(steps))
-    prefill = bench_prefill(rt.engine, args.prefill, args.repeats)
-    rt.close()
-    return {"model": model_dir.name, "bits": model.settings.bits, "bytes": nbytes,
-            "bytes_per_token": per_token, "s_per_token": step, "p90": float(np.percentile(steps, 90)),
+        anon_gbps.append(anon.nbytes / read_seconds([anon]) / GB)
+        for i, rt in enumerate(rts):
+            floor_same[i].append(read_seconds(same[i]))
+            steps[i] += decode_seconds(rt.engine, prompt, args.tokens)
+    rows = []
+    for i, rt in enumerate(rts):
+        output_q = rt.engine.backend.output_q
+        per_token, step = sum(nbytes[i].values()), float(np.median(steps[i]))
+        rows.append({
+            "model": f"{model_dir.name}/{'int8' if output_q is not None else 'bf16'}",
+            "bits": model.settings.bits, "bytes": nbytes[i], "bytes_per_token": per_token,
+            "s_per_token": step, "p90": float(np.percentile(steps[i], 90)),
             "tokens_per_s": 1.0 / step, "gbps": per_token / step / GB,
-            "floor_same_gbps": per_token / float(np.median(floor_same)) / GB,
-            "floor_anon_gbps": per_token / float(np.median(floor_anon)) / GB,
-            "prefault_s": fault_s, "steps": len(steps), "prefill": prefill}
+            "floor_same_gbps": per_token / float(np.median(floor_same[i])) / GB,
+            "floor_anon_gbps": float(np.median(anon_gbps)), "prefault_s": fault_s,
+            "steps": len(steps[i]), "prefill": bench_prefill(rt.engine, args.prefill, args.repeats),
+            "table_build_s": table_build_seconds(model) if output_q is not None else None})
+        rt.close()
+    return rows
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"\n{'model':<18}{'GB/token':>9}{'s/token':>9}{'p90':>8}{'tok/s':>7}{'GB/s':>7}"
+    print(f"\n{'model / table':<24}{'GB/token':>9}{'s/token':>9}{'p90':>8}{'tok/s':>7}{'GB/s':>7}"
           f"{'floor same':>11}{'floor anon':>11}{'vs same':>8}{'vs anon':>8}")
     for r in rows:
-        print(f"{r['model']:<18}{r['bytes_per_token'] / GB:9.3f}{r['s_per_token']:9.3f}"
+        print(f"{r['model']:<24}{r['bytes_per_token'] / GB:9.3f}{r['s_per_token']:9.3f}"
               f"{r['p90']:8.3f}{r['tokens_per_s']:7.2f}{r['gbps']:7.2f}{r['floor_same_gbps']:11.2f}"
               f"{r['floor_anon_gbps']:11.2f}{r['gbps'] / r['floor_same_gbps']:8.0%}"
               f"{r['gbps'] / r['floor_anon_gbps']:8.0%}")
@@ -218,6 +240,8 @@ def print_table(rows: list[dict]) -> None:
         print(f"  {r['model']}: bytes per token = {parts}; {r['steps']} decode steps; "
               f"first read of all experts {r['prefault_s']:.1f} s")
         print(f"  {r['model']}: prefill {prefill}")
+        if r["table_build_s"] is not None:
+            print(f"  {r['model']}: int8 output table built in {r['table_build_s']:.2f} s")
     print("target: decode GB/s >= 85% of the anonymous read (same bytes, plain parallel sum)")
 
 
@@ -238,6 +262,9 @@ def main(argv=None) -> int:
                     help="int8 activations in the expert kernels (cpu_kernels.ACT_INT8; "
                          "a numerics change, see docs/PERFORMANCE.md)")
     ap.add_argument("--prompt-tokens", type=int, default=8)
+    ap.add_argument("--output-table", nargs="+", choices=("auto", "bf16", "int8"),
+                    default=["auto"], help="logits table(s) to run each model with, repeats "
+                                           "interleaved (default auto: int8 for int4 models)")
     ap.add_argument("--tokens", type=int, default=4, help="decode steps per repeat (default 4)")
     ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats (default 3)")
     args = ap.parse_args(argv)
@@ -263,8 +290,8 @@ def main(argv=None) -> int:
     dirs = [Path(m) for m in args.model] if args.model else build_models(args)
     rows = []
     for d in dirs:
-        print(f"benchmarking {d} ...", flush=True)
-        rows.append(bench_model(d, args))
+        print(f"benchmarking {d}, output table(s) {' '.join(args.output_table)} ...", flush=True)
+        rows += bench_model(d, args)
     print_table(rows)
     return 0
 

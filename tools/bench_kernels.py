@@ -12,6 +12,7 @@ weight bytes, and the ratio to the floor (1.00 = at memory bandwidth).
     python tools/bench_kernels.py --cases int8-gate int8-down ffn-int8 --tokens 1 2 4 8 --repeats 5
     python tools/bench_kernels.py --mmap /tmp/bench   # weights as np.memmap files
     python tools/bench_kernels.py --cases int4-gate int8-gate --tokens 1 2 4 8 --threads 1 --act-int8
+    python tools/bench_kernels.py --cases logits logits-int8 --tokens 1 2 4 8 16 --repeats 5
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from membw import parallel_sum, words  # noqa: E402
 from lowmem import cpu_kernels as kernels  # noqa: E402
+from lowmem import logits_kernels  # noqa: E402
 from quant.qweight import QWeight  # noqa: E402
 
 D, F, V = 6144, 32768, 131072
@@ -71,11 +73,20 @@ def _bf16_table(rng, rows, cols, mmap_dir, name) -> np.ndarray:
     return _store(bits.view(ml_dtypes.bfloat16), mmap_dir, name)
 
 
+def _int8_table(rng, rows, cols, mmap_dir, name) -> logits_kernels.Int8Table:
+    """Random int8 output table (V, D) with one bf16 scale per row."""
+    values = rng.integers(-127, 128, (rows, cols), dtype=np.int8)
+    scales = (rng.random(rows, dtype=np.float32) * 1e-2).astype(ml_dtypes.bfloat16)
+    return logits_kernels.Int8Table(_store(values, mmap_dir, name),
+                                    _store(scales, mmap_dir, name + "_s"))
+
+
 def _buffers(*weights):
     """Every byte buffer a kernel reads (values and scales), as uint64 words."""
     out = []
     for w in weights:
-        out += [words(w.values), words(w.scales)] if isinstance(w, QWeight) else [words(w)]
+        quantized = isinstance(w, (QWeight, logits_kernels.Int8Table))
+        out += [words(w.values), words(w.scales)] if quantized else [words(w)]
     return out
 
 
@@ -89,6 +100,7 @@ CASES = {
     "int4g64-down": ("matmul", F, [(F, D, 4, 64)]),
     "bf16-gate": ("matmul", D, [(D, F, "bf16", None)]),
     "logits": ("matmul_nt", D, [(V, D, "bf16", None)]),  # tied embeddings, x @ e.T
+    "logits-int8": ("logits_int8", D, [(V, D, "table8", None)]),  # --output-table int8
     "ffn-int8": ("expert_ffn", D, [(D, F, 8, D), (D, F, 8, D), (F, D, 8, F // 8)]),
     "ffn-int4": ("expert_ffn", D, [(D, F, 4, D), (D, F, 4, D), (F, D, 4, F)]),
     "ffn-int4g64": ("expert_ffn", D, [(D, F, 4, 64), (D, F, 4, 64), (F, D, 4, 64)]),
@@ -101,9 +113,10 @@ def _build(name, rng, mmap_dir):
     weights = []
     for i, (rows, cols, bits, group) in enumerate(specs):
         tag = f"{name}-{i}"
-        weights.append(_bf16_table(rng, rows, cols, mmap_dir, tag) if bits == "bf16"
+        make = {"bf16": _bf16_table, "table8": _int8_table}.get(bits)
+        weights.append(make(rng, rows, cols, mmap_dir, tag) if make
                        else _qweight(rng, rows, cols, bits, group, mmap_dir, tag))
-    fn = getattr(kernels, kernel)
+    fn = getattr(logits_kernels if kernel == "logits_int8" else kernels, kernel)
     return (lambda x: fn(x, *weights)), width, weights
 
 
