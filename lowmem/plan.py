@@ -130,6 +130,7 @@ class MemoryPlan:
     fits: bool
     host_expert_bytes: int
     host_file_bytes: int
+    host_output_table: int
     host_memory: int | None
     host_fits: bool | None
     link_gbps: float
@@ -158,6 +159,13 @@ def decode_estimate(cfg: GrokConfig, block: int, hit_rate: float, link_gbps: flo
     total = transfer + (compute or 0.0)
     return DecodeEstimate(hit_rate, moved, transfer, compute, total,
                           batch / total if total > 0 else float("inf"))
+
+
+def host_output_table_bytes(cfg: GrokConfig, settings: QuantSettings) -> int:
+    """RAM the host backend adds at load for the int8 output table that
+    ``--output-table auto`` builds for int4-expert models (int8 values and a bf16
+    scale per vocabulary row; ``backends.output_int8_choice``); 0 for int8 models."""
+    return cfg.vocab_size * (cfg.emb_size + 2) if settings.bits == 4 else 0
 
 
 def make_plan(cfg: GrokConfig, settings: QuantSettings, device_memory: int, *,
@@ -192,7 +200,7 @@ def make_plan(cfg: GrokConfig, settings: QuantSettings, device_memory: int, *,
         device_used=res_total + kv + slots * block,
         fits=slots >= min_slots and res_total + kv + slots * block <= device_memory,
         host_expert_bytes=host_experts, host_file_bytes=sum(sizes.values()),
-        host_memory=host_memory,
+        host_output_table=host_output_table_bytes(cfg, settings), host_memory=host_memory,
         host_fits=None if host_memory is None else sum(sizes.values()) <= host_memory,
         link_gbps=link_gbps, device_gbps=device_gbps, uniform_hit_rate=slots / total,
         precision=precision)
@@ -229,6 +237,9 @@ def format_plan(plan: MemoryPlan) -> str:
               f"fits: {'yes' if plan.fits else 'NO'} (needs at least {plan.min_slots} slots)",
               f"host pages (experts)    {_gb(plan.host_expert_bytes)}; all files "
               f"{_gb(plan.host_file_bytes).strip()}"]
+    if plan.host_output_table:
+        lines.append(f"host backend only: + int8 output table in RAM "
+                     f"{_gb(plan.host_output_table).strip()} (--output-table bf16 skips it)")
     if plan.host_memory is not None:
         lines.append(f"host memory {_gb(plan.host_memory).strip()}: files "
                      f"{'stay in the page cache' if plan.host_fits else 'do NOT fit: misses read disk'}")

@@ -163,3 +163,19 @@ def test_grok1_fits_80_and_141_gb_with_the_measured_headroom():
             plan = PL.make_plan(cfg, settings, int(memory), context=8192, headroom=headroom)
             assert plan.fits and plan.cache_slots >= cfg.num_selected_experts, (bits, memory)
             assert plan.device_used + headroom <= memory
+
+
+def test_host_output_table_is_what_the_host_backend_builds(int4_dir, tiny_cfg):
+    """The plan's RAM for the int8 output table equals the table the host backend
+    builds for an int4 model by default; an int8 model gets none."""
+    model = PackedModel.open(int4_dir)
+    rt = load(int4_dir, backend="host")
+    try:
+        table = rt.engine.backend.output_q
+        built = table.values.nbytes + table.scales.nbytes
+    finally:
+        rt.close()
+    plan = PL.make_plan(tiny_cfg, model.settings, 8 * GIB)
+    assert plan.host_output_table == built > 0
+    assert PL.make_plan(tiny_cfg, QuantSettings(8), 8 * GIB).host_output_table == 0
+    assert "int8 output table in RAM" in PL.format_plan(plan)
