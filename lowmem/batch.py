@@ -111,6 +111,20 @@ def sample_rows(logits, key_data, temperature, top_p, top_k):
     return tokens, logprobs[:, 0], jax.vmap(jax.random.key_data)(keys[:, 0])
 
 
+TOP_LOGPROBS_MAX = 20   # alternatives a request may ask for (OpenAI's top_logprobs limit)
+
+
+@jax.jit
+def top_logprobs(logits):
+    """The ``TOP_LOGPROBS_MAX`` likeliest tokens of each row and their log-probabilities
+    under the model (the log-softmax of the unscaled logits, as the chosen token's):
+    logits (B, V) fp32 -> (ids (B, N) int32, logprobs (B, N) fp32), descending.
+    Computed once for the step's rows, only when a row asks for it (``lax.top_k``:
+    no sort of the vocabulary)."""
+    values, ids = jax.lax.top_k(jax.nn.log_softmax(logits, axis=-1), TOP_LOGPROBS_MAX)
+    return ids.astype(jnp.int32), values
+
+
 def seed_key_data(seed: int) -> np.ndarray:
     """The raw key a solo run starts from (``jax.random.key(seed)``), (2,) uint32."""
     return np.asarray(jax.random.key_data(jax.random.key(seed)))
@@ -202,16 +216,20 @@ class BatchEngine:
         try:
             valids = _mark_rows(tuple(st.valid for st in states), toks, pos)
             caches = [list(st.caches) for st in states]
+            eng.timer.mark("python")
             h = _embed(cfg, prec, backend.embed_rows(toks))                      # (B, D)
+            eng.timer.mark("embedding", h, valids)
             for layer, lp in enumerate(eng.layers):
                 layer_caches = tuple(c[layer] for c in caches)
                 h, updated = _attention_rows(cfg, backend.linear, prec, lp, h, layer_caches,
                                              valids, pos)
                 for c, new in zip(caches, updated):
                     c[layer] = new
+                eng.timer.mark("attention", h)
                 h = eng.moe_layer(layer, h, n)
             logits = _rows_logits(cfg, backend.logits_fn, prec, h, eng.final_norm,
                                   backend.logits_table)                           # (B, V)
+            eng.timer.mark("logits", logits)
         except BaseException:
             for s in slots:
                 self.states[s] = self._fresh()

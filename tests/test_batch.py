@@ -97,6 +97,29 @@ def test_logprobs_are_the_models_log_softmax(model):
     assert logprob == pytest.approx(expected[token], abs=1e-4)
 
 
+def test_top_logprobs_are_the_likeliest_tokens_of_each_step(model):
+    """Requested alternatives: the N largest of the solo run's log-softmax at each position,
+    most likely first; a request that asks for none gets none (in the same steps)."""
+    engine = _engine(model, "host")
+    want_n = 4
+    reqs = [Request(tuple(PROMPTS[0]), 3, SamplingParams(temperature=0.9), 5, False, want_n),
+            Request(tuple(PROMPTS[2]), 3, SamplingParams(temperature=0.0), 0, False)]
+    tokens, events = _run_all(Scheduler(BatchEngine(engine, 2)), reqs)
+    assert all(e[3] == () for e in events[1] if e[0] == "token")
+    engine.reset()
+    logits = engine.feed(PROMPTS[0])
+    for token, event in zip(tokens[0], [e for e in events[0] if e[0] == "token"]):
+        x = np.asarray(logits, np.float64)
+        lsm = x - x.max() - np.log(np.exp(x - x.max()).sum())
+        top = event[3]
+        assert [t for t, _ in top] == list(np.argsort(-lsm, kind="stable")[:want_n])
+        np.testing.assert_allclose([v for _, v in top], lsm[[t for t, _ in top]], atol=1e-4)
+        assert event[2] == pytest.approx(lsm[token], abs=1e-4)
+        logits = engine.feed([token])
+    with pytest.raises(EngineError, match="top_logprobs"):
+        Scheduler(BatchEngine(engine, 1)).check(Request((1, 2), 2, top_logprobs=21))
+
+
 @pytest.mark.parametrize("backend", ["host", "device"])
 def test_each_expert_requested_once_per_step_for_the_whole_batch(model, backend):
     engine = Engine(model, EngineOptions(backend=backend, expert_cache_gb=1.0, context=64,
