@@ -217,6 +217,19 @@ class BatchEngine:
         pad = self._padding(list(slots), spare)
         return self._decode(list(slots) + pad, list(tokens) + [0] * len(pad), n)
 
+    def _attention(self, layer: int, h, caches: list[list], valids, pos: np.ndarray):
+        """One layer's attention for B rows: shared projections, one attend call per row
+        on its own cache (``caches[row][layer]``, replaced by the updated one) -> (B, D)."""
+        cfg, linear, prec = self.cfg, self.engine.backend.linear, self.engine.precision
+        lp = self.engine.layers[layer]
+        qs, ks, vs = _qkv_rows(cfg, linear, prec, lp, h, pos)                   # B x (1, H, K)
+        outs = []
+        for i, c in enumerate(caches):
+            out, c[layer] = _attend_row(cfg, prec, qs[i], ks[i], vs[i], c[layer], valids[i],
+                                        pos[i:i + 1])
+            outs.append(out)                                                     # (1, Hq*K)
+        return _attention_out(cfg, linear, prec, lp, h, tuple(outs))             # (B, D)
+
     def _decode(self, slots: list[int], tokens: list[int], n: int) -> jax.Array:
         """The step over every row; rows >= n pad it (the MoE and the logits skip them)
         -> fp32 logits (n, V)."""
@@ -232,15 +245,8 @@ class BatchEngine:
             eng.timer.mark("python")
             h = _embed(cfg, prec, backend.embed_rows(toks))                      # (B, D)
             eng.timer.mark("embedding", h, valids)
-            rows_pos = [pos[i:i + 1] for i in range(len(slots))]                  # (1,) each
-            for layer, lp in enumerate(eng.layers):
-                qs, ks, vs = _qkv_rows(cfg, backend.linear, prec, lp, h, pos)
-                outs = []
-                for i, c in enumerate(caches):
-                    out, c[layer] = _attend_row(cfg, prec, qs[i], ks[i], vs[i], c[layer],
-                                                valids[i], rows_pos[i])
-                    outs.append(out)                                             # (1, Hq*K)
-                h = _attention_out(cfg, backend.linear, prec, lp, h, tuple(outs))  # (B, D)
+            for layer in range(len(eng.layers)):
+                h = self._attention(layer, h, caches, valids, pos)                  # (B, D)
                 eng.timer.mark("attention", h)
                 h = eng.moe_layer(layer, h, n)
             # only the real rows sample: padding rows never read the output table
