@@ -98,8 +98,11 @@ def main(argv=None) -> int:
         print(f"error: --max-tokens must be >= 2 (decode needs tokens after the first), got "
               f"{args.max_tokens}", file=sys.stderr)
         return 2
-    for c in levels:            # warm-up: compile every batch size the levels reach
-        run_level(args.url, c, 2)
+    # Warm-up: c requests of c + 1 tokens each make the server step every number of rows
+    # from 1 to c (prompts are read one per step while the earlier ones decode), so
+    # every step shape the levels use is compiled before the clock runs.
+    top = max(levels)
+    run_level(args.url, top, top + 1)
     load0 = os.getloadavg()[0]
     rows = [run_level(args.url, c, args.max_tokens) for c in levels]
     print(f"{args.max_tokens} output tokens per request, temperature 1, distinct seeds; "
