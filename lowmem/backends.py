@@ -92,6 +92,31 @@ def host_linear(x: jax.Array, w: HostWeight, precision: str = "bf16") -> jax.Arr
     return out
 
 
+@dataclass(frozen=True)
+class _HostQKV:
+    """Hashable callback: the q, k and v products of one layer in one host call."""
+
+    def __call__(self, x, handle, layer):
+        from lowmem.cpu_kernels import matmul
+        weights = _HOST_BACKENDS[int(handle)].weights[int(layer)]
+        x = np.asarray(x, np.float32)
+        return tuple(matmul(x, weights[role]) for role in ("q", "k", "v"))
+
+
+def host_qkv(x: jax.Array, wq: HostWeight, wk: HostWeight, wv: HostWeight,
+             precision: str = "bf16") -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(x @ Wq, x @ Wk, x @ Wv)`` in ONE host callback: the same kernels on the same
+    weights as three ``host_linear`` calls (identical results), without two of the
+    callbacks' hand-overs between XLA and numba per layer. fp32 (T, N) each."""
+    shapes = tuple(jax.ShapeDtypeStruct((x.shape[0], w.out_features), F32) for w in (wq, wk, wv))
+    out = jax.pure_callback(_HostQKV(), shapes, x.astype(F32), wq.handle, wq.layer)
+    M.act_dtype(precision)
+    return out
+
+
+host_linear.qkv = host_qkv   # model.attention_qkv uses it when the backend's linear has one
+
+
 def _host_logits_callback(x, handle):
     from lowmem.cpu_kernels import matmul_nt
     from lowmem.logits_kernels import logits_int8

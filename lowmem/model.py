@@ -166,14 +166,20 @@ def attention_qkv(cfg: GrokConfig, linear: Callable, precision: str, lp: dict, h
     """Queries, keys (both after RoPE) and values of rows at their own positions (T,).
 
     Batched decode runs these once over B sequences' rows (one read of the
-    weights), then writes and attends per sequence.
+    weights), then writes and attends per sequence. A ``linear`` with a ``qkv``
+    attribute (the host backend's ``host_qkv``) computes the three products in
+    one call: one hand-over to the host kernels per layer instead of three.
     """
     t = h.shape[0]
     x = rms_norm(cfg, h, lp["attn_norm"], precision)                         # (T, D)
-    proj = lambda role: round_act(linear(x, lp[role], precision), precision)  # noqa: E731
-    q = proj("q").reshape(t, cfg.num_q_heads, cfg.key_size)                  # (T, Hq, K)
-    k = proj("k").reshape(t, cfg.num_kv_heads, cfg.key_size)                 # (T, Hkv, K)
-    v = proj("v").reshape(t, cfg.num_kv_heads, cfg.key_size)                 # (T, Hkv, K)
+    fused = getattr(linear, "qkv", None)   # the host's three products in one callback
+    if fused is not None:
+        q, k, v = fused(x, lp["q"], lp["k"], lp["v"], precision)
+    else:
+        q, k, v = (linear(x, lp[role], precision) for role in ("q", "k", "v"))
+    q = round_act(q, precision).reshape(t, cfg.num_q_heads, cfg.key_size)    # (T, Hq, K)
+    k = round_act(k, precision).reshape(t, cfg.num_kv_heads, cfg.key_size)   # (T, Hkv, K)
+    v = round_act(v, precision).reshape(t, cfg.num_kv_heads, cfg.key_size)   # (T, Hkv, K)
     return rope(cfg, q, positions), rope(cfg, k, positions), v
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 
+from lowmem.batch import TOP_LOGPROBS_MAX
 from lowmem.sampling import SamplingParams
 from lowmem.tokenizer import Tokenizer
 
@@ -102,14 +103,17 @@ def completion_prompt(body: dict, tokenizer: Tokenizer | None) -> list[int]:
                    "prompts are not supported)", "prompt")
 
 
-def completion_logprobs(body: dict) -> bool:
+def completion_logprobs(body: dict) -> int | None:
+    """/v1/completions ``logprobs``: None (off) or N >= 0, the chosen token's
+    log-probability plus the N likeliest alternatives at each position."""
     value = body.get("logprobs")
     if value is None or value is False:
-        return False
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 1:
-        raise ApiError("'logprobs' must be 0 or 1 (the chosen token's log-probability; top "
-                       "alternatives are not supported)", "logprobs")
-    return True
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= TOP_LOGPROBS_MAX:
+        raise ApiError(f"'logprobs' must be an integer in [0, {TOP_LOGPROBS_MAX}] (the chosen "
+                       f"token's log-probability and that many alternatives), got {value!r}",
+                       "logprobs")
+    return value
 
 
 def chat_prompt(body: dict) -> str:
@@ -127,12 +131,20 @@ def chat_prompt(body: dict) -> str:
     return "".join(parts) + "Assistant:"
 
 
-def chat_logprobs(body: dict) -> bool:
+def chat_logprobs(body: dict) -> int | None:
+    """/v1/chat/completions ``logprobs`` (bool) and ``top_logprobs`` (0..20, needs
+    ``logprobs``): None (off) or the number of alternatives per token."""
     value = body.get("logprobs", False)
     if value is None:
         value = False
     if not isinstance(value, bool):
         raise ApiError(f"'logprobs' must be a boolean, got {value!r}", "logprobs")
-    if body.get("top_logprobs"):
-        raise ApiError("'top_logprobs' is not supported (only the chosen token's)", "top_logprobs")
-    return value
+    top = body.get("top_logprobs")
+    if top is None:
+        return 0 if value else None
+    if isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= TOP_LOGPROBS_MAX:
+        raise ApiError(f"'top_logprobs' must be an integer in [0, {TOP_LOGPROBS_MAX}], "
+                       f"got {top!r}", "top_logprobs")
+    if not value:
+        raise ApiError("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    return top

@@ -12,7 +12,9 @@ One worker thread owns the engine. Each iteration of its loop
 Submitting never blocks: the waiting queue is bounded (``QueueFull``), and a
 request that cannot fit the context is refused at once (``EngineError``).
 Results go back through each sequence's ``on_event`` callback, called on the
-worker thread: ``("token", id, logprob)`` per token, then exactly one
+worker thread: ``("token", id, logprob, top)`` per token (``top``: the
+request's ``top_logprobs`` likeliest tokens as (id, logprob) pairs, most likely
+first; () when it asks for none), then exactly one
 ``("done", finish_reason, None)`` ('stop', 'length' or 'cancelled') or
 ``("error", message, None)``.
 """
@@ -28,7 +30,7 @@ from typing import Callable
 
 import numpy as np
 
-from lowmem.batch import BatchEngine, sample_rows, seed_key_data
+from lowmem.batch import TOP_LOGPROBS_MAX, BatchEngine, sample_rows, seed_key_data, top_logprobs
 from lowmem.engine import EngineError
 from lowmem.sampling import SamplingParams
 
@@ -47,6 +49,7 @@ class Request:
     sampling: SamplingParams = SamplingParams()
     seed: int = 0
     stop_at_eos: bool = True
+    top_logprobs: int = 0             # alternatives reported per token, 0..TOP_LOGPROBS_MAX
 
 
 @dataclass(eq=False)
@@ -97,6 +100,9 @@ class Scheduler:
                               f"{self.batch.context - 1} prompt tokens)")
         if req.max_tokens < 1:
             raise EngineError(f"max_tokens must be >= 1, got {req.max_tokens}")
+        if not 0 <= req.top_logprobs <= TOP_LOGPROBS_MAX:
+            raise EngineError(f"top_logprobs must be in [0, {TOP_LOGPROBS_MAX}], "
+                              f"got {req.top_logprobs}")
 
     def submit(self, req: Request, on_event: Callable) -> Sequence:
         self.check(req)
@@ -210,19 +216,30 @@ class Scheduler:
         keys = np.stack([s.key_data for s in seqs])                                # (B, 2)
         tokens, logprobs, keys = sample_rows(logits, keys, temp, top_p, top_k)
         tokens, logprobs, keys = np.asarray(tokens), np.asarray(logprobs), np.asarray(keys)
+        top = self._top(seqs, logits)
         eos = self.batch.cfg.eos_token_id
         for i, seq in enumerate(seqs):
             token = int(tokens[i])
             seq.key_data, seq.pending = keys[i], token
             seq.generated.append(token)
             self.tokens_out += 1
-            seq.on_event(("token", token, float(logprobs[i])))
+            seq.on_event(("token", token, float(logprobs[i]), top[i]))
             req = seq.request
             if req.stop_at_eos and token == eos:
                 self._finish(seq, "stop")
             elif (len(seq.generated) >= req.max_tokens
                   or self.batch.position(seq.slot) >= self.batch.context):
                 self._finish(seq, "length")
+
+    @staticmethod
+    def _top(seqs: list[Sequence], logits) -> list[tuple]:
+        """Each row's requested alternatives ((id, logprob), ...); computed only when asked."""
+        if not any(s.request.top_logprobs for s in seqs):
+            return [()] * len(seqs)
+        ids, values = (np.asarray(a) for a in top_logprobs(logits))                # (B, N)
+        return [tuple((int(t), float(v)) for t, v in
+                      zip(ids[i, :s.request.top_logprobs], values[i, :s.request.top_logprobs]))
+                for i, s in enumerate(seqs)]
 
     def _finish(self, seq: Sequence, reason: str | None, error: str | None = None) -> None:
         if seq.finished:

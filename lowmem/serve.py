@@ -45,7 +45,9 @@ def _error(exc: ApiError, headers: dict | None = None):
 class Generation:
     """One request in flight: events from the scheduler's thread into this event loop."""
 
-    def __init__(self, server: "Server", prompt_ids: list[int], params: dict, logprobs: bool):
+    def __init__(self, server: "Server", prompt_ids: list[int], params: dict,
+                 logprobs: int | None):
+        # logprobs: None (off) or the alternatives reported per token (0 = the chosen only)
         self.server, self.params, self.logprobs = server, params, logprobs
         self.prompt_ids = prompt_ids
         self.loop = asyncio.get_running_loop()
@@ -53,7 +55,7 @@ class Generation:
         self.text = TextAssembler(server.tokenizer, params["stops"], prompt_ids)
         self.tokens, self.token_logprobs, self.finish_reason = [], [], None
         req = Request(tuple(prompt_ids), params["max_tokens"], params["sampling"],
-                      params["seed"])
+                      params["seed"], top_logprobs=logprobs or 0)
         try:
             self.seq = server.scheduler.submit(req, self._on_event)
         except QueueFull as e:
@@ -66,10 +68,11 @@ class Generation:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
     async def pieces(self):
-        """Yield (text, token_ids, logprobs) as they come; sets ``finish_reason``."""
+        """Yield (text, token_ids, [(logprob, top alternatives)]) as they come; sets
+        ``finish_reason``."""
         try:
             while True:
-                kind, value, logprob = await self.events.get()
+                kind, value, *rest = await self.events.get()
                 if kind == "error":
                     raise RuntimeError(value)
                 if kind == "done":
@@ -78,6 +81,7 @@ class Generation:
                     if tail:
                         yield tail, [], []
                     return
+                logprob = (rest[0], rest[1])          # token events: (logprob, top)
                 self.tokens.append(value)
                 self.token_logprobs.append(logprob)
                 piece = self.text.push(value)
@@ -103,18 +107,27 @@ class Server:
     def token_text(self, ids: list[int]) -> list[str]:
         return [self.tokenizer.sp.id_to_piece(i) for i in ids]
 
+    @staticmethod
+    def _chat_logprob(piece: str, logprob: float) -> dict:
+        return {"token": piece, "logprob": logprob, "bytes": list(piece.encode())}
+
     def completion_choice(self, gen: Generation, text: str, ids, logprobs, chat: bool,
                           delta: bool, finish) -> dict:
         if chat:
-            lp = ({"content": [{"token": t, "logprob": v, "bytes": list(t.encode()),
-                                "top_logprobs": []}
-                               for t, v in zip(self.token_text(ids), logprobs)]}
-                  if gen.logprobs else None)
+            lp = ({"content": [{**self._chat_logprob(t, v),
+                                "top_logprobs": [self._chat_logprob(self.token_text([i])[0], w)
+                                                 for i, w in top]}
+                               for t, (v, top) in zip(self.token_text(ids), logprobs)]}
+                  if gen.logprobs is not None else None)
             key = "delta" if delta else "message"
             return {"index": 0, key: {"role": "assistant", "content": text},
                     "logprobs": lp, "finish_reason": finish}
-        lp = ({"tokens": self.token_text(ids), "token_logprobs": list(logprobs),
-               "top_logprobs": None, "text_offset": None} if gen.logprobs else None)
+        lp = None
+        if gen.logprobs is not None:
+            top = ([{self.token_text([i])[0]: w for i, w in alts} for _, alts in logprobs]
+                   if gen.logprobs else None)
+            lp = {"tokens": self.token_text(ids), "token_logprobs": [v for v, _ in logprobs],
+                  "top_logprobs": top, "text_offset": None}
         return {"index": 0, "text": text, "logprobs": lp, "finish_reason": finish}
 
     def envelope(self, chat: bool, stream: bool, rid: str, choices: list) -> dict:

@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
@@ -141,6 +142,7 @@ def test_models_health_metrics(client):
     ({"prompt": PROMPT, "stop": [1]}, "stop", "stop"),
     ({"prompt": PROMPT, "top_k": 1.5}, "top_k", "integer"),
     ({"prompt": "word " * 80}, "prompt", f"context of {CONTEXT}"),
+    ({"prompt": PROMPT, "logprobs": 21}, "logprobs", "[0, 20]"),
 ])
 def test_bad_requests_get_400_naming_the_field(client, body, param, words):
     r = client.post("/v1/completions", json=body)
@@ -156,6 +158,12 @@ def test_malformed_json_and_bad_messages(client):
     assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
     r = client.post("/v1/chat/completions", json={"messages": [{"role": "bot", "content": 1}]})
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0]"
+    hi = [{"role": "user", "content": "Hi"}]
+    for body, words in (({"messages": hi, "top_logprobs": 2}, "needs 'logprobs'"),
+                        ({"messages": hi, "logprobs": True, "top_logprobs": 21}, "[0, 20]")):
+        r = client.post("/v1/chat/completions", json=body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "top_logprobs"
+        assert words in r.json()["error"]["message"]
 
 
 def test_full_queue_gets_429_with_retry_after(model_dir):
@@ -212,6 +220,49 @@ def test_openai_client_against_live_server(live_server, runtime):
     expected, _ = solo_text(runtime, chat_prompt({"messages": [{"role": "user", "content": "Hi"}]}),
                             4, stops=("\nUser:",))
     assert text == expected
+
+
+def solo_top_logprobs(rt, ids: list[int], tokens: list[int], n: int) -> list[dict]:
+    """{piece: log-probability} of the n likeliest tokens at each generated position, from
+    the solo engine's fp32 logits (float64 log-softmax: an independent reference)."""
+    rt.engine.reset()
+    logits, out = rt.engine.feed(ids), []
+    for token in tokens:
+        x = np.asarray(logits, np.float64)
+        lsm = x - x.max() - np.log(np.exp(x - x.max()).sum())
+        out.append({rt.tokenizer.sp.id_to_piece(int(i)): lsm[i] for i in np.argsort(-lsm)[:n]})
+        logits = rt.engine.feed([token])
+    return out
+
+
+def test_top_logprobs_with_the_openai_client(live_server, runtime):
+    """``logprobs: N`` (completions) and ``top_logprobs`` (chat): the N likeliest tokens of
+    each position, most likely first, with the model's log-probabilities."""
+    import openai
+    _, url = live_server
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    r = client.completions.create(model="x", prompt=PROMPT, max_tokens=4, temperature=0,
+                                  logprobs=3)
+    _, tokens = solo_text(runtime, PROMPT, 4)
+    want = solo_top_logprobs(runtime, runtime.encode(PROMPT), tokens, 3)
+    got = r.choices[0].logprobs.top_logprobs
+    assert [list(g) for g in got] == [list(w) for w in want]       # same tokens, same order
+    for g, w in zip(got, want):
+        assert list(g.values()) == pytest.approx(list(w.values()), abs=1e-4)
+    assert r.choices[0].logprobs.token_logprobs == pytest.approx(
+        [max(w.values()) for w in want], abs=1e-4)                  # greedy: the top one
+    messages = [{"role": "user", "content": "Hi"}]
+    chat = client.chat.completions.create(model="x", messages=messages, max_tokens=3,
+                                          temperature=0, logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    ids = runtime.encode(chat_prompt({"messages": messages}))
+    _, tokens = solo_text(runtime, chat_prompt({"messages": messages}), len(content))
+    want = solo_top_logprobs(runtime, ids, tokens, 2)
+    assert [c.token for c in content] == [runtime.tokenizer.sp.id_to_piece(t) for t in tokens]
+    for c, w in zip(content, want):
+        assert [a.token for a in c.top_logprobs] == list(w)
+        assert [a.logprob for a in c.top_logprobs] == pytest.approx(list(w.values()), abs=1e-4)
+        assert c.top_logprobs[0].bytes == list(c.top_logprobs[0].token.encode())
 
 
 def test_concurrent_streams_each_equal_their_solo_run(live_server, runtime):

@@ -5,14 +5,27 @@
 
 For each concurrency c, c streaming requests (short distinct prompts, sampled
 at temperature 1 with distinct seeds, so routing differs between sequences)
-run at once; it reports aggregate output tokens/s, mean time per output
-token of one stream, and the expert bytes the server moved (read from
-/metrics, prefill included) per output token. Prints a markdown table.
+run at once. It reports, per level:
+
+- end-to-end tok/s: every output token over the level's wall time (prefill
+  and the first token included);
+- decode tok/s: the output tokens after the first of each request over the
+  decode wall time, from the first request's first token to the last
+  request's last token (the steady state once the prompts are read; later
+  prompts' prefill chunks still share that window, as in serving);
+- the mean time per output token of one stream (after its first token);
+- the expert bytes the server moved per output token (from /metrics, prefill
+  included).
+
+Use enough output tokens per request (``--max-tokens``, default 32) that the
+decode window dominates. Prints the setting, the load average before and
+after, and a markdown table.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 import time
@@ -27,8 +40,8 @@ def metric(url: str, name: str) -> float:
     return float(m.group(1)) if m else 0.0
 
 
-def one_stream(url: str, i: int, max_tokens: int) -> tuple[int, float]:
-    """(tokens received, seconds from the first token to the last)."""
+def one_stream(url: str, i: int, max_tokens: int) -> tuple[int, float, float]:
+    """(tokens received, perf_counter of the first token, of the last)."""
     body = {"prompt": f"Request {i}: the weather today is", "max_tokens": max_tokens,
             "temperature": 1.0, "seed": i, "stream": True, "logprobs": 1}
     tokens, first, last = 0, None, None
@@ -43,7 +56,7 @@ def one_stream(url: str, i: int, max_tokens: int) -> tuple[int, float]:
                 first = first or now
                 last = now
                 tokens += len(lp["tokens"])
-    return tokens, (last - first) if tokens > 1 else 0.0
+    return tokens, first or 0.0, last or 0.0
 
 
 def run_level(url: str, c: int, max_tokens: int) -> dict:
@@ -52,11 +65,14 @@ def run_level(url: str, c: int, max_tokens: int) -> dict:
     with ThreadPoolExecutor(c) as pool:
         results = list(pool.map(lambda i: one_stream(url, i, max_tokens), range(c)))
     wall = time.perf_counter() - t0
-    tokens = sum(t for t, _ in results)
-    per_token = [s / (t - 1) for t, s in results if t > 1]
+    tokens = sum(t for t, _, _ in results)
+    per_token = [(b - a) / (t - 1) for t, a, b in results if t > 1]
+    decode_tokens = sum(max(t - 1, 0) for t, _, _ in results)
+    decode_wall = max(b for _, _, b in results) - min(a for _, a, _ in results)
     moved = metric(url, "expert_bytes_moved_total") - bytes0
     counted = metric(url, "tokens_generated_total") - toks0
     return {"concurrency": c, "tokens": tokens, "tok_s": tokens / wall,
+            "decode_tok_s": decode_tokens / decode_wall if decode_wall > 0 else 0.0,
             "tpot_ms": 1e3 * sum(per_token) / max(len(per_token), 1),
             "expert_mb_per_token": moved / max(counted, 1) / 1e6}
 
@@ -78,15 +94,28 @@ def main(argv=None) -> int:
     except httpx.HTTPError as e:
         print(f"error: --url {args.url}: no server answers /health ({e})", file=sys.stderr)
         return 2
-    run_level(args.url, 1, 2)   # warm-up: compile the batch-1 shapes
+    if args.max_tokens < 2:
+        print(f"error: --max-tokens must be >= 2 (decode needs tokens after the first), got "
+              f"{args.max_tokens}", file=sys.stderr)
+        return 2
+    # Warm-up: c requests of c + 1 tokens each make the server step every number of rows
+    # from 1 to c (prompts are read one per step while the earlier ones decode), so
+    # every step shape the levels use is compiled before the clock runs.
+    top = max(levels)
+    run_level(args.url, top, top + 1)
+    load0 = os.getloadavg()[0]
     rows = [run_level(args.url, c, args.max_tokens) for c in levels]
+    print(f"{args.max_tokens} output tokens per request, temperature 1, distinct seeds; "
+          f"load average {load0:.2f} before, {os.getloadavg()[0]:.2f} after")
     base = rows[0]
-    print("| concurrency | aggregate tok/s | x c=1 | time/token per stream (ms) | "
-          "expert MB / output token | x c=1 |")
-    print("|---|---|---|---|---|---|")
+    print("| concurrency | decode tok/s | x c=1 | end-to-end tok/s | x c=1 | "
+          "time/token per stream (ms) | expert MB / output token | x c=1 |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['concurrency']} | {r['tok_s']:.1f} | {r['tok_s'] / base['tok_s']:.2f} | "
-              f"{r['tpot_ms']:.1f} | {r['expert_mb_per_token']:.3f} | "
+        print(f"| {r['concurrency']} | {r['decode_tok_s']:.2f} | "
+              f"{r['decode_tok_s'] / base['decode_tok_s']:.2f} | {r['tok_s']:.2f} | "
+              f"{r['tok_s'] / base['tok_s']:.2f} | {r['tpot_ms']:.1f} | "
+              f"{r['expert_mb_per_token']:.3f} | "
               f"{r['expert_mb_per_token'] / base['expert_mb_per_token']:.2f} |")
     return 0
 
