@@ -92,26 +92,32 @@ class Int4Result:
         return math.sqrt(self.sq_error / self.sq_norm) if self.sq_norm > 0 else 0.0
 
 
-@njit(inline="always", cache=True)
-def _take_extreme(x, amax, ext, j):
-    """Fold value x into column j's (amax, signed extreme): the value of largest
-    magnitude, the negative one on a tie (an order-free rule, so the row and the
-    histogram paths agree)."""
-    a = abs(x)
-    if a > amax[j] or (a == amax[j] and x < ext[j]):
-        amax[j], ext[j] = a, x
+@njit(cache=True)
+def _fold_extremes(hi, lo):
+    """(amax, signed extreme) per column from its max and min values: the value
+    of largest magnitude, the negative one on a tie (an order-free rule, so the
+    row and the histogram paths agree)."""
+    cw = len(hi)
+    amax, ext = np.empty(cw, np.float32), np.empty(cw, np.float32)
+    for j in range(cw):
+        neg = -lo[j] >= hi[j]
+        amax[j] = -lo[j] if neg else hi[j]
+        ext[j] = lo[j] if neg else hi[j]
+    return amax, ext
 
 
 @njit(cache=True)
 def _extremes(w, ws, rb, r0, r1, c0, cw):
     """Per column over rows r0..r1: max |w8 * s8| and the signed value that
-    has it (fp32, exact products)."""
-    amax, ext = np.zeros(cw, np.float32), np.zeros(cw, np.float32)
+    has it (fp32, exact products). Max and min only, so it vectorizes."""
+    hi, lo = np.zeros(cw, np.float32), np.zeros(cw, np.float32)
     for k in range(r0, r1):
         wr, sr = w[k, c0:c0 + cw], ws[k // rb, c0:c0 + cw]
         for j in range(cw):
-            _take_extreme(np.float32(wr[j]) * sr[j], amax, ext, j)
-    return amax, ext
+            x = np.float32(wr[j]) * sr[j]
+            hi[j] = x if x > hi[j] else hi[j]
+            lo[j] = x if x < lo[j] else lo[j]
+    return _fold_extremes(hi, lo)
 
 
 @njit(cache=True)
@@ -206,22 +212,24 @@ def _histogram(w, rb, r0, r1, c0, cw):
 
 @njit(cache=True)
 def _hist_extremes(hist, ws, b0, c0):
-    """_extremes from the histogram (the same values: exact products, same tie rule)."""
+    """_extremes from the histogram (the same values: exact products, same rule)."""
     nb, nv, cw = hist.shape
-    amax, ext = np.zeros(cw, np.float32), np.zeros(cw, np.float32)
+    hi, lo = np.zeros(cw, np.float32), np.zeros(cw, np.float32)
     for b in range(nb):
         sr = ws[b0 + b, c0:c0 + cw]
         for j in range(cw):
-            lo, hi = 0, nv - 1
-            while lo < hi and hist[b, lo, j] == 0:
-                lo += 1
-            while hi > lo and hist[b, hi, j] == 0:
-                hi -= 1
-            if hist[b, hi, j] == 0:
+            v0, v1 = 0, nv - 1
+            while v0 < v1 and hist[b, v0, j] == 0:
+                v0 += 1
+            while v1 > v0 and hist[b, v1, j] == 0:
+                v1 -= 1
+            if hist[b, v1, j] == 0:
                 continue                      # no rows of this block (cannot happen)
-            for v in (lo, hi):
-                _take_extreme(np.float32(v - 128) * sr[j], amax, ext, j)
-    return amax, ext
+            for v in (v0, v1):
+                x = np.float32(v - 128) * sr[j]
+                hi[j] = x if x > hi[j] else hi[j]
+                lo[j] = x if x < lo[j] else lo[j]
+    return _fold_extremes(hi, lo)
 
 
 @njit(cache=True)
