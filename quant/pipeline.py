@@ -33,7 +33,7 @@ from quant.config import GrokConfig
 from quant.bf16 import to_bf16
 from quant.checkpoint import QuantizedWeight8bit, dequantize, read_tensor
 from quant.ckpt_config import check_finite, resolve_config
-from quant.int4 import ANCHORS, CLIP_RATIOS, LS_STEPS, REFINE, quantize_int4
+from quant.int4 import ANCHORS, LS_STEPS, REFINE, clip_ratios_for, quantize_int4
 from quant.pack_writer import (RECORD_SUFFIX, Unit, UnitWriter, load_valid_record, plan_units,
                                write_record)
 from quant.outlock import OutputLock, OutputLocked
@@ -411,7 +411,7 @@ def _write_manifest(partial: Path, cfg: GrokConfig, settings: QuantSettings,
             "rounding": "symmetric, round half to even, clipped to [-8, 7]",
             "scale": "bf16(amax * r / 7) or bf16(signed extreme * r / -8), then least-squares "
                      "rescalings; the least squared error per (group, column)",
-            "clip_ratios": list(CLIP_RATIOS), "refine": list(REFINE),
+            "clip_ratios": list(clip_ratios_for(settings.group_size)), "refine": list(REFINE),
             "anchors": list(ANCHORS), "ls_steps": LS_STEPS}
     table = [row for r in records for row in r["tensors"]]
     manifest = make_manifest(cfg, settings, table, extra)
