@@ -30,7 +30,13 @@ log = logging.getLogger("lowmem.quantize")
 
 def group_size_type(text: str) -> int | str:
     """``--group-size``: a whole number >= 1 or the word PER_CHANNEL."""
-    return PER_CHANNEL if text == PER_CHANNEL else cli.int_type(1)(text)
+    if text == PER_CHANNEL:
+        return PER_CHANNEL
+    try:
+        return cli.int_type(1)(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"expected a whole number >= 1 or '{PER_CHANNEL}', found {text!r}") from None
 
 
 def build_parser(prog: str = "python -m lowmem.quantize") -> argparse.ArgumentParser:
