@@ -41,7 +41,9 @@ from lowmem.cli import CLIError
 from lowmem.engine import DEFAULT_PRECISION, cache_length
 from lowmem.model import act_dtype
 from quant.config import GrokConfig
+from lowmem.quantize import group_size_type
 from quant.packed import QuantSettings, expert_block_layout, file_sizes, tensor_layout
+from quant.pipeline import DEFAULT_GROUP_SIZE, PER_CHANNEL, settings_group_size
 from quant.spec import ATTENTION_ROLES
 
 log = logging.getLogger(__name__)
@@ -270,9 +272,9 @@ def build_parser(prog: str = "python -m lowmem.plan") -> cli.Parser:
     cli.add_config_arguments(p)
     p.add_argument("--bits", type=int, choices=(8, 4), default=4,
                    help="expert bits without --model (default 4)")
-    p.add_argument("--group-size", type=cli.int_type(1), default=None,
-                   help="int4 scale group size in input rows without --model "
-                        "(default: per channel)")
+    p.add_argument("--group-size", type=group_size_type, default=None,
+                   help=f"int4 scale group size in input rows without --model, or "
+                        f"'{PER_CHANNEL}' (default: the quantizer's, {DEFAULT_GROUP_SIZE})")
     p.add_argument("--attention", choices=("int8", "bf16"), default="int8",
                    help="attention weights without --model (default int8)")
     p.add_argument("--context", type=cli.int_type(1), default=None, metavar="TOKENS",
@@ -324,7 +326,8 @@ def plan_from_args(args) -> MemoryPlan:
     else:
         cfg = cli.load_config(args.preset, args.config)
         try:
-            settings = QuantSettings(args.bits, args.group_size, args.attention)
+            settings = QuantSettings(args.bits, settings_group_size(args.bits, args.group_size),
+                                     args.attention)
         except ValueError as e:
             raise CLIError(str(e)) from None
     cli.check_context(args, cfg)

@@ -22,9 +22,21 @@ from lowmem import cli
 from quant.config import PRESETS, GrokConfig
 from quant.checkpoint import CheckpointError
 from quant.packed import PackedFormatError, QuantSettings, verify_model
-from quant.pipeline import Progress, QuantizeError, quantize_checkpoint
+from quant.pipeline import (DEFAULT_GROUP_SIZE, PER_CHANNEL, Progress, QuantizeError,
+                            quantize_checkpoint, settings_group_size)
 
 log = logging.getLogger("lowmem.quantize")
+
+
+def group_size_type(text: str) -> int | str:
+    """``--group-size``: a whole number >= 1 or the word PER_CHANNEL."""
+    if text == PER_CHANNEL:
+        return PER_CHANNEL
+    try:
+        return cli.int_type(1)(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"expected a whole number >= 1 or '{PER_CHANNEL}', found {text!r}") from None
 
 
 def build_parser(prog: str = "python -m lowmem.quantize") -> argparse.ArgumentParser:
@@ -43,9 +55,10 @@ def build_parser(prog: str = "python -m lowmem.quantize") -> argparse.ArgumentPa
                    help="expert weight bits: 8 keeps the release's int8 values and scales "
                         "bit-exact; 4 re-quantizes to symmetric int4 (half the size); required "
                         "unless --verify")
-    p.add_argument("--group-size", type=cli.int_type(1), metavar="G",
-                   help="--bits 4 only: one scale per G input rows (e.g. 128, 64, 32; must "
-                        "divide the model widths) (default: one scale per output channel)")
+    p.add_argument("--group-size", type=group_size_type, metavar="G",
+                   help=f"--bits 4 only: one scale per G input rows (e.g. 128, 64, 32; must "
+                        f"divide the model widths), or '{PER_CHANNEL}': one per output channel "
+                        f"(default {DEFAULT_GROUP_SIZE})")
     p.add_argument("--attention", choices=("int8", "bf16"), default="int8",
                    help="attention weights: int8 as released (default) or dequantized bf16")
     p.add_argument("--tokenizer", type=Path, metavar="PATH",
@@ -143,7 +156,11 @@ def run_quantize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
         parser.error(f"missing {', '.join(missing)} (or use --verify MODEL_DIR)")
     cfg = load_config(args)
     try:
-        settings = QuantSettings(bits=args.bits, group_size=args.group_size,
+        if args.bits == 8 and args.group_size is not None:
+            raise ValueError("--group-size applies to --bits 4 only (int8 keeps the release "
+                             "scales)")
+        settings = QuantSettings(bits=args.bits,
+                                 group_size=settings_group_size(args.bits, args.group_size),
                                  attention=args.attention)
     except ValueError as e:
         raise QuantizeError(str(e)) from None

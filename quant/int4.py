@@ -7,15 +7,23 @@ product), or a plain fp32 matrix. The output is the packed format of
 scale per (group of ``group_size`` input rows, output column); ``group_size =
 K`` is per-output-channel.
 
-Method (chosen by measurement, see tools/int4_error_study.py): for every
-(group, column) the scale is ``bf16(amax * r / 7)`` for the clip ratio ``r``
-that minimizes the squared error of the dequantized group, measured with the
-bf16-rounded scale actually stored: first over the 9-point grid
-``CLIP_RATIOS`` (1 down to 0.27), then over ``REFINE`` multiples of each
-column's winner (a 3x finer grid). Values are ``clip(rint(w * (1 / scale)),
--8, 7)`` (round half to even). ``r = 1`` is plain amax scaling and comes first,
-so the search is never worse than amax. On Gaussian-like weights it removes
-about a third of amax's per-channel error and 10% of its g32 error.
+Method (chosen by measurement, see tools/int4_error_study.py and
+docs/FIDELITY.md): for every (group, column) the scale minimizes the squared
+error of the dequantized group, measured with the bf16-rounded scale actually
+stored. Stage 1 tries two anchors times the 9-point clip grid ``CLIP_RATIOS``
+(1 down to 0.27; its first 4 points for groups of at most SHORT_GROUP rows):
+positive scales ``bf16(amax * r / 7)``, and signed ones
+``bf16(extreme * r / -8)`` where ``extreme`` is the signed value of largest
+magnitude, so that at ``r = 1`` it lands exactly on code -8 and all 16 levels
+are used (llama.cpp Q4_0's scale; the scale is negative when the extreme is
+positive). Stage 2 tries ``REFINE`` multiples of each column's winner (a 3x
+finer grid, same anchor); then ``LS_STEPS`` least-squares rescalings
+(``sum x q / sum q^2`` for the current codes q). Values are
+``clip(rint(w * (1 / scale)), -8, 7)`` (round half to even). A later candidate
+replaces the current one only when strictly better, and plain amax comes
+first, so the search is never worse than amax. On Gaussian weights it removes
+28% of amax's per-channel error and 16% of its g32 error, of which the signed
+anchor and the rescaling (over the positive-only search) 1% and 7%.
 
 Work is split into tiles of (one group) x (``COL_TILE`` columns); each tile
 is computed sequentially by one thread and error sums are reduced per tile in a
@@ -55,6 +63,21 @@ CLIP_RATIOS = tuple(0.85 ** i for i in range(9))
 # Stage 2: multipliers of each column's stage-1 winner (a 3x finer grid around it).
 REFINE = (0.85 ** (-2 / 3), 0.85 ** (-1 / 3), 0.85 ** (1 / 3), 0.85 ** (2 / 3))
 AMAX_ONLY = (1.0,)
+# Groups of at most SHORT_GROUP rows search only the first 4 ratios (1 .. 0.61):
+# among so few values a deeper clip never pays (identical errors to 6 digits at
+# g32 and g64 on Gaussian, Student-t and the heavy-tailed synthetic weights),
+# and these groups take the row pass, where each candidate costs a pass.
+SHORT_GROUP = 64
+SHORT_CLIP_RATIOS = CLIP_RATIOS[:4]
+# Stage-1 anchors, as divisors: d > 0 makes scales ``amax * r / d`` (positive,
+# the extreme on code +-7 at r = 1); d < 0 makes ``signed extreme * r / d``,
+# whose sign is the opposite of the extreme's, so at r = 1 the extreme lands
+# exactly on code -8 (llama.cpp Q4_0's scale) and all 16 levels are used.
+POSITIVE, SIGNED = (7.0,), (-8.0,)
+ANCHORS = POSITIVE + SIGNED
+# Least-squares rescalings after the search: scale = sum x q / sum q^2 for the
+# codes q of the current scale, kept only where it lowers the error.
+LS_STEPS = 2
 # Histogram search (int8 input): used when a group has at least this many rows
 # per histogram bin (256 int8 values x row blocks spanned); below it the direct
 # search over the rows is cheaper.
@@ -77,30 +100,49 @@ class Int4Result:
 
 
 @njit(cache=True)
-def _amax(w, ws, rb, r0, r1, c0, cw):
-    """Per-column max |w8 * s8| over rows r0..r1 (fp32, exact products)."""
-    amax = np.zeros(cw, np.float32)
-    for k in range(r0, r1):
-        wr, sr = w[k, c0:c0 + cw], ws[k // rb, c0:c0 + cw]
-        for j in range(cw):
-            v = abs(np.float32(wr[j]) * sr[j])
-            amax[j] = v if v > amax[j] else amax[j]
-    return amax
+def _fold_extremes(hi, lo):
+    """(amax, signed extreme) per column from its max and min values: the value
+    of largest magnitude, the negative one on a tie (an order-free rule, so the
+    row and the histogram paths agree)."""
+    cw = len(hi)
+    amax, ext = np.empty(cw, np.float32), np.empty(cw, np.float32)
+    for j in range(cw):
+        neg = -lo[j] >= hi[j]
+        amax[j] = -lo[j] if neg else hi[j]
+        ext[j] = lo[j] if neg else hi[j]
+    return amax, ext
 
 
 @njit(cache=True)
-def _candidate_scales(amax, ratio):
-    """Scales ``bf16(amax * ratio / 7)`` for ratio (C, cw), and their reciprocals."""
+def _extremes(w, ws, rb, r0, r1, c0, cw):
+    """Per column over rows r0..r1: max |w8 * s8| and the signed value that
+    has it (fp32, exact products). Max and min only, so it vectorizes."""
+    hi, lo = np.zeros(cw, np.float32), np.zeros(cw, np.float32)
+    for k in range(r0, r1):
+        wr, sr = w[k, c0:c0 + cw], ws[k // rb, c0:c0 + cw]
+        for j in range(cw):
+            x = np.float32(wr[j]) * sr[j]
+            hi[j] = x if x > hi[j] else hi[j]
+            lo[j] = x if x < lo[j] else lo[j]
+    return _fold_extremes(hi, lo)
+
+
+@njit(cache=True)
+def _candidate_scales(top, ratio, div):
+    """Scales ``bf16(top * ratio / div)`` (all (C, cw)), and their reciprocals
+    (0 for a zero scale; a zero scale is stored as +0)."""
     c_n, cw = ratio.shape
     scale = np.empty((c_n, cw), np.float32)
     inv = np.empty((c_n, cw), np.float32)
     for c in range(c_n):
         sc, iv = scale[c], inv[c]
         for j in range(cw):
-            sc[j] = amax[j] * ratio[c, j] / np.float32(7.0)
+            sc[j] = top[c, j] * ratio[c, j] / div[c, j]
         round_bf16_inplace(sc)
         for j in range(cw):
-            iv[j] = np.float32(1.0) / sc[j] if sc[j] > 0 else np.float32(0.0)
+            if sc[j] == 0:
+                sc[j] = np.float32(0.0)
+            iv[j] = np.float32(1.0) / sc[j] if sc[j] != 0 else np.float32(0.0)
     return scale, inv
 
 
@@ -176,24 +218,25 @@ def _histogram(w, rb, r0, r1, c0, cw):
 
 
 @njit(cache=True)
-def _hist_amax(hist, ws, b0, c0):
-    """Per-column max |w8 * s8| from the histogram (equals _amax: exact products)."""
+def _hist_extremes(hist, ws, b0, c0):
+    """_extremes from the histogram (the same values: exact products, same rule)."""
     nb, nv, cw = hist.shape
-    amax = np.zeros(cw, np.float32)
+    hi, lo = np.zeros(cw, np.float32), np.zeros(cw, np.float32)
     for b in range(nb):
         sr = ws[b0 + b, c0:c0 + cw]
         for j in range(cw):
-            lo, hi = 0, nv - 1
-            while lo < hi and hist[b, lo, j] == 0:
-                lo += 1
-            while hi > lo and hist[b, hi, j] == 0:
-                hi -= 1
-            if hist[b, hi, j] == 0:
+            v0, v1 = 0, nv - 1
+            while v0 < v1 and hist[b, v0, j] == 0:
+                v0 += 1
+            while v1 > v0 and hist[b, v1, j] == 0:
+                v1 -= 1
+            if hist[b, v1, j] == 0:
                 continue                      # no rows of this block (cannot happen)
-            for v in (lo, hi):
-                a = abs(np.float32(v - 128) * sr[j])
-                amax[j] = a if a > amax[j] else amax[j]
-    return amax
+            for v in (v0, v1):
+                x = np.float32(v - 128) * sr[j]
+                hi[j] = x if x > hi[j] else hi[j]
+                lo[j] = x if x < lo[j] else lo[j]
+    return _fold_extremes(hi, lo)
 
 
 @njit(cache=True)
@@ -335,63 +378,128 @@ def _search_any(w, ws, rb, r0, r1, c0, hist, scale, inv):
 
 
 @njit(cache=True)
-def _choose_scales(w, ws, rb, r0, r1, c0, amax, ratios, refine, hist):
-    """Per-column scale (cw,) and reciprocal: stage 1 tries ``ratios``, stage 2
-    ``refine`` times each column's winner; a stage-2 candidate must be strictly
-    better to replace it, so ratio 1 (amax) keeps ties. Errors come from
-    ``hist`` (int8 value counts) when it is not empty, else from the rows."""
+def _ls_scale(w, ws, rb, r0, r1, c0, hist, s, si):
+    """Per column, the least-squares scale for the codes ``s`` gives:
+    ``sum x q / sum q^2`` (float64; exact sums for release data, so the row
+    and histogram paths agree), 0 where every code is 0."""
+    cw = len(s)
+    xq, qq = np.zeros(cw, np.float64), np.zeros(cw, np.float64)
+    if hist.shape[0] > 0:
+        nb, nv = hist.shape[0], hist.shape[1]
+        for b in range(nb):
+            sr = ws[r0 // rb + b, c0:c0 + cw]
+            for v in range(nv):
+                h = hist[b, v]
+                for j in range(cw):
+                    x = np.float32(v - 128) * sr[j]
+                    q = _nibble(x, si[j])
+                    xq[j] += h[j] * (np.float64(x) * q)
+                    qq[j] += h[j] * (np.float64(q) * q)
+    else:
+        for k in range(r0, r1):
+            wr, sr = w[k, c0:c0 + cw], ws[k // rb, c0:c0 + cw]
+            for j in range(cw):
+                x = np.float32(wr[j]) * sr[j]
+                q = _nibble(x, si[j])
+                xq[j] += np.float64(x) * q
+                qq[j] += np.float64(q) * q
+    out = np.zeros((1, cw), np.float32)
+    for j in range(cw):
+        out[0, j] = xq[j] / qq[j] if qq[j] > 0 else 0.0
+    return out
+
+
+@njit(cache=True)
+def _candidates(amax, ext, ratios, divs):
+    """Stage-1 candidates (C = len(divs) * len(ratios), cw): tops, ratios and
+    divisors; divisor d > 0 scales amax, d < 0 the signed extreme."""
+    cw, nr = len(amax), len(ratios)
+    c_n = len(divs) * nr
+    top = np.empty((c_n, cw), np.float32)
+    ratio = np.empty((c_n, cw), np.float32)
+    div = np.empty((c_n, cw), np.float32)
+    for d in range(len(divs)):
+        for r in range(nr):
+            c = d * nr + r
+            top[c, :] = amax if divs[d] > 0 else ext
+            ratio[c, :] = ratios[r]
+            div[c, :] = divs[d]
+    return top, ratio, div
+
+
+@njit(cache=True)
+def _adopt(s, si, err, scale, inv, best, err2):
+    """Take candidate ``best[j]`` for the columns where it is strictly better."""
+    for j in range(len(s)):
+        if err2[j] < err[j]:
+            s[j], si[j], err[j] = scale[best[j], j], inv[best[j], j], err2[j]
+
+
+@njit(cache=True)
+def _choose_scales(w, ws, rb, r0, r1, c0, amax, ext, method, hist):
+    """Per-column scale (cw,) and reciprocal. Stage 1 tries every (divisor,
+    ratio) of ``method`` = (ratios, refine, divisors, ls_steps); stage 2
+    ``refine`` times each column's winner (same top and divisor); then
+    ``ls_steps`` least-squares rescalings. A later candidate must be strictly
+    better to replace the current one, so the first (amax, ratio 1) keeps ties.
+    Errors come from ``hist`` (int8 value counts) when it is not empty, else
+    from the rows."""
+    ratios, refine, divs, ls_steps = method
+    top, ratio, div = _candidates(amax, ext, ratios, divs)
+    scale, inv = _candidate_scales(top, ratio, div)
     cw = len(amax)
-    ratio = np.empty((len(ratios), cw), np.float32)
-    for c in range(len(ratios)):
-        ratio[c, :] = ratios[c]
-    scale, inv = _candidate_scales(amax, ratio)
-    if len(ratios) == 1 and len(refine) == 0:
+    if scale.shape[0] == 1 and len(refine) == 0 and ls_steps == 0:
         return _pick(scale, inv, np.zeros(cw, np.int64))
     best, err = _search_any(w, ws, rb, r0, r1, c0, hist, scale, inv)
     s, si = _pick(scale, inv, best)
     if len(refine) > 0:
-        ratio2 = np.empty((len(refine), cw), np.float32)
+        nf = len(refine)
+        top2 = np.empty((nf, cw), np.float32)
+        ratio2, div2 = np.empty((nf, cw), np.float32), np.empty((nf, cw), np.float32)
         for j in range(cw):
+            top2[:, j], div2[:, j] = top[best[j], j], div[best[j], j]
             ratio2[:, j] = ratio[best[j], j] * refine
-        scale2, inv2 = _candidate_scales(amax, ratio2)
+        scale2, inv2 = _candidate_scales(top2, ratio2, div2)
         best2, err2 = _search_any(w, ws, rb, r0, r1, c0, hist, scale2, inv2)
-        s2, si2 = _pick(scale2, inv2, best2)
-        for j in range(cw):
-            if err2[j] < err[j]:
-                s[j], si[j] = s2[j], si2[j]
+        _adopt(s, si, err, scale2, inv2, best2, err2)
+    ones = np.ones((1, cw), np.float32)
+    for _ in range(ls_steps):
+        scale3, inv3 = _candidate_scales(_ls_scale(w, ws, rb, r0, r1, c0, hist, s, si),
+                                         ones, ones)
+        best3, err3 = _search_any(w, ws, rb, r0, r1, c0, hist, scale3, inv3)
+        _adopt(s, si, err, scale3, inv3, best3, err3)
     return s, si
 
 
 @njit(cache=True)
-def _hist_tile(w, ws, rb, r0, r1, c0, cw, ratios, refine, packed):
-    """The int8 path of _quantize_tile: amax, candidate errors and error sums
+def _hist_tile(w, ws, rb, r0, r1, c0, cw, method, packed):
+    """The int8 path of _quantize_tile: extremes, candidate errors and error sums
     come from one histogram (no pass over the rows per candidate); returns
     (scales, per-column sq_error, per-column sq_norm)."""
     hist = _histogram(w, rb, r0, r1, c0, cw)                        # (B, 256, cw)
-    amax = _hist_amax(hist, ws, r0 // rb, c0)
-    s, si = _choose_scales(w, ws, rb, r0, r1, c0, amax, ratios, refine, hist)
+    amax, ext = _hist_extremes(hist, ws, r0 // rb, c0)
+    s, si = _choose_scales(w, ws, rb, r0, r1, c0, amax, ext, method, hist)
     err, norm = _hist_sums(hist, ws, r0 // rb, c0, s, si)
     _pack_values(w, ws, rb, r0, r1, c0, s, si, packed)
     return s, err, norm
 
 
 @njit(cache=True)
-def _quantize_tile(w, ws, rb, r0, r1, c0, cw, ratios, refine, use_hist, packed, scales,
-                   gi):
+def _quantize_tile(w, ws, rb, r0, r1, c0, cw, method, use_hist, packed, scales, gi):
     """Quantize rows r0..r1 x columns c0..c0+cw; returns (sq_error, sq_norm)."""
     if use_hist:
-        s, err, norm = _hist_tile(w, ws, rb, r0, r1, c0, cw, ratios, refine, packed)
+        s, err, norm = _hist_tile(w, ws, rb, r0, r1, c0, cw, method, packed)
         scales[gi, c0:c0 + cw] = s
         return err.sum(), norm.sum()
-    amax = _amax(w, ws, rb, r0, r1, c0, cw)
+    amax, ext = _extremes(w, ws, rb, r0, r1, c0, cw)
     none = np.zeros((0, 256, cw), np.int32)
-    s, si = _choose_scales(w, ws, rb, r0, r1, c0, amax, ratios, refine, none)
+    s, si = _choose_scales(w, ws, rb, r0, r1, c0, amax, ext, method, none)
     scales[gi, c0:c0 + cw] = s
     return _pack_rows(w, ws, rb, r0, r1, c0, s, si, packed)
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def _quantize_kernel(w, ws, group, ratios, refine, int8_input, packed, scales, err_parts,
+def _quantize_kernel(w, ws, group, method, int8_input, packed, scales, err_parts,
                      norm_parts):
     """All tiles in parallel; per-tile error sums land in err_parts/norm_parts."""
     k_n, n = w.shape
@@ -404,24 +512,34 @@ def _quantize_kernel(w, ws, group, ratios, refine, int8_input, packed, scales, e
         bins = ((r1 - 1) // rb - r0 // rb + 1) * 256
         use_hist = (int8_input and group >= HIST_ROWS_PER_BIN * bins
                     and min(group, rb) <= HIST_MAX_ROWS)
-        e, s = _quantize_tile(w, ws, rb, r0, r1, c0, cw, ratios, refine, use_hist, packed,
+        e, s = _quantize_tile(w, ws, rb, r0, r1, c0, cw, method, use_hist, packed,
                               scales, gi)
         err_parts[t] = e
         norm_parts[t] = s
 
 
+def clip_ratios_for(group_size: int | None) -> tuple[float, ...]:
+    """The default stage-1 grid for a group size (None: per channel)."""
+    return SHORT_CLIP_RATIOS if group_size and group_size <= SHORT_GROUP else CLIP_RATIOS
+
+
 def quantize_int4(values: np.ndarray, scales: np.ndarray | None = None,
                   group_size: int | None = None,
-                  clip_ratios: tuple[float, ...] = CLIP_RATIOS,
-                  refine: tuple[float, ...] | None = None) -> Int4Result:
+                  clip_ratios: tuple[float, ...] | None = None,
+                  refine: tuple[float, ...] | None = None,
+                  anchors: tuple[float, ...] = ANCHORS,
+                  ls_steps: int | None = None) -> Int4Result:
     """int4 QWeight of a (K, N) matrix.
 
     ``values``: int8 (K, N) with ``scales`` bf16/fp32 (B, N) row-block scales
     (B divides K), i.e. one release expert matrix; or fp32 (K, N) with
     ``scales=None``. ``group_size``: input rows per int4 scale, None = K.
-    ``clip_ratios``: the stage-1 grid (``AMAX_ONLY`` = plain amax scaling);
-    ``refine``: stage-2 multipliers, default REFINE when the grid has more
-    than one ratio, else none.
+    ``clip_ratios``: the stage-1 grid (``AMAX_ONLY`` = no clipping; default
+    ``clip_ratios_for(group_size)``);
+    ``anchors``: the stage-1 divisors (``POSITIVE`` = amax * r / 7 only,
+    ``SIGNED`` = signed extreme * r / -8 only); ``refine``: stage-2
+    multipliers and ``ls_steps``: least-squares steps, by default REFINE and
+    LS_STEPS when there is more than one stage-1 candidate, else none.
     """
     k, n = values.shape
     group = group_size or k
@@ -434,16 +552,21 @@ def quantize_int4(values: np.ndarray, scales: np.ndarray | None = None,
         raise ValueError(f"scales shape {ws.shape} does not fit values {values.shape}")
     if values.dtype not in (np.int8, np.float32):
         raise ValueError(f"values must be int8 or float32, got {values.dtype}")
-    ratios = np.asarray(clip_ratios, np.float32)
-    if refine is None:
-        refine = REFINE if len(clip_ratios) > 1 else ()
-    refine = np.asarray(refine, np.float32).reshape(-1)
+    if not anchors or any(a == 0 for a in anchors):
+        raise ValueError(f"anchors must be non-zero divisors, got {anchors}")
+    if clip_ratios is None:
+        clip_ratios = clip_ratios_for(group)
+    searched = len(clip_ratios) * len(anchors) > 1
+    refine = (REFINE if searched else ()) if refine is None else refine
+    ls_steps = (LS_STEPS if searched else 0) if ls_steps is None else ls_steps
+    method = (np.asarray(clip_ratios, np.float32), np.asarray(refine, np.float32).reshape(-1),
+              np.asarray(anchors, np.float32), int(ls_steps))
     packed = np.empty((k // 2, n), np.uint8)                       # (K/2, N)
     out_scales = np.empty((k // group, n), np.float32)             # (G, N)
     tiles = (k // group) * (-(-n // COL_TILE))
     err_parts, norm_parts = np.zeros(tiles), np.zeros(tiles)
     int8_input = bool(values.dtype == np.int8)
-    _quantize_kernel(np.ascontiguousarray(values), ws, group, ratios, refine, int8_input,
+    _quantize_kernel(np.ascontiguousarray(values), ws, group, method, int8_input,
                      packed, out_scales, err_parts, norm_parts)
     weight = QWeight(packed, out_scales.astype(BF16), 4, group)
     return Int4Result(weight, float(err_parts.sum()), float(norm_parts.sum()))

@@ -33,7 +33,7 @@ from quant.config import GrokConfig
 from quant.bf16 import to_bf16
 from quant.checkpoint import QuantizedWeight8bit, dequantize, read_tensor
 from quant.ckpt_config import check_finite, resolve_config
-from quant.int4 import CLIP_RATIOS, REFINE, quantize_int4
+from quant.int4 import ANCHORS, LS_STEPS, REFINE, clip_ratios_for, quantize_int4
 from quant.pack_writer import (RECORD_SUFFIX, Unit, UnitWriter, load_valid_record, plan_units,
                                write_record)
 from quant.outlock import OutputLock, OutputLocked
@@ -47,6 +47,22 @@ log = logging.getLogger(__name__)
 IO_THREADS = 4                  # concurrent pwrite + CRC32 jobs (both release the GIL)
 RUN_FILE = "quantize.run.json"  # the settings a partial directory was started with
 FINGERPRINT_WINDOWS = 16        # 64 KiB windows per checkpoint file in its fingerprint
+# The int4 default: one scale per 32 input rows (4.5 bits per weight at Grok-1 size).
+# Chosen over per-channel scales by lowmem.eval on heavy-tailed weights
+# (docs/FIDELITY.md): 0.6x the KL to int8 for 12% more expert bytes per token.
+DEFAULT_GROUP_SIZE = 32
+PER_CHANNEL = "channel"         # the option value asking for one scale per output channel
+
+
+def settings_group_size(bits: int, requested: int | str | None) -> int | None:
+    """QuantSettings.group_size for a ``--group-size`` option: not given (None)
+    is DEFAULT_GROUP_SIZE for int4 (int8 keeps the release's scales), and
+    PER_CHANNEL is None (one scale per output channel)."""
+    if requested == PER_CHANNEL:
+        return None
+    if requested is None:
+        return DEFAULT_GROUP_SIZE if bits == 4 else None
+    return int(requested)
 
 
 class QuantizeError(ValueError):
@@ -393,8 +409,10 @@ def _write_manifest(partial: Path, cfg: GrokConfig, settings: QuantSettings,
     if settings.bits == 4:
         extra["int4_method"] = {
             "rounding": "symmetric, round half to even, clipped to [-8, 7]",
-            "scale": "bf16(amax * r / 7), r minimizing the squared error per (group, column)",
-            "clip_ratios": list(CLIP_RATIOS), "refine": list(REFINE)}
+            "scale": "bf16(amax * r / 7) or bf16(signed extreme * r / -8), then least-squares "
+                     "rescalings; the least squared error per (group, column)",
+            "clip_ratios": list(clip_ratios_for(settings.group_size)), "refine": list(REFINE),
+            "anchors": list(ANCHORS), "ls_steps": LS_STEPS}
     table = [row for r in records for row in r["tensors"]]
     manifest = make_manifest(cfg, settings, table, extra)
     write_json_atomic(partial / MANIFEST, manifest)

@@ -78,12 +78,16 @@ def test_int4_against_int8_matches_numpy(models, tmp_path):
 
 def test_int4_kl_bounds_on_tiny(models, tmp_path):
     """int4 (per channel, groups of 32) against int8 on the tiny preset: measured
-    KL means 1.1e-3 and 2.2e-3 nats, every argmax kept; bounds at ~2x."""
-    for name in ("int4", "int4g32"):
+    KL means 4.9e-3 and 6.6e-4 nats (max 6.3e-2 and 3.1e-3), top-1 13/14 and
+    14/14; bounds at ~2x. (One 14-token prompt ranks quantizers poorly: before the
+    signed-scale search these were 1.1e-3 and 2.2e-3, while over 16 prompts per
+    channel is unchanged and groups of 32 improved by 30%; docs/FIDELITY.md.)"""
+    bounds = {"int4": (1e-2, 0.13), "int4g32": (1.5e-3, 7e-3)}
+    for name, (kl_mean, kl_max) in bounds.items():
         rc, rep = _run(tmp_path, "--model", str(models[name]), "--reference", str(models["int8"]))
         assert rc == 0
         o = rep["overall"]
-        assert 1e-5 < o["kl_mean"] < 5e-3 and o["kl_max"] < 3e-2, (name, o)
+        assert 1e-5 < o["kl_mean"] < kl_mean and o["kl_max"] < kl_max, (name, o)
         assert o["top1_agreement"] >= 13 / 14 and o["top5_overlap"] >= 0.9, (name, o)
 
 

@@ -13,7 +13,8 @@ import numba
 import numpy as np
 import pytest
 
-from quant.int4 import AMAX_ONLY, CLIP_RATIOS, REFINE, _histogram, quantize_int4
+from quant.int4 import (AMAX_ONLY, ANCHORS, CLIP_RATIOS, POSITIVE, REFINE, SIGNED, _histogram,
+                        quantize_int4)
 from quant.qweight import dequantize, pack_int4, unpack_int4
 
 BF16 = ml_dtypes.bfloat16
@@ -73,7 +74,7 @@ def test_kernel_packs_every_value_exactly():
         for g0 in range(0, k, group):              # one -8 per (group, column), rotating rows
             q[g0 + cols % group, cols] = -8
         w = q.astype(np.float32) * s               # exact products
-        res = quantize_int4(w, None, group, clip_ratios=(7 / 8,), refine=())
+        res = quantize_int4(w, None, group, clip_ratios=(7 / 8,), refine=(), anchors=POSITIVE)
         assert set(np.unique(q[0::2])) == set(np.unique(q[1::2])) == set(range(-8, 8))
         np.testing.assert_array_equal(res.weight.values, pack_int4(q))
         np.testing.assert_array_equal(unpack_int4(res.weight.values), q)
@@ -92,7 +93,7 @@ def test_amax_matches_numpy_reference(gauss):
         scale = bf16(np.abs(wg).max(1) / np.float32(7))           # (G, N)
         inv = (np.float32(1) / scale).astype(np.float32)
         q = np.clip(np.rint(wg * inv[:, None, :]), -8, 7).astype(np.int8).reshape(w.shape)
-        res = quantize_int4(q8, s8, group, clip_ratios=AMAX_ONLY)
+        res = quantize_int4(q8, s8, group, clip_ratios=AMAX_ONLY, anchors=POSITIVE)
         np.testing.assert_array_equal(res.weight.scales.astype(np.float32), scale)
         np.testing.assert_array_equal(unpack_int4(res.weight.values), q)
 
@@ -121,7 +122,7 @@ def test_amax_error_is_rounding_noise(gauss):
     """amax scaling never clips, so the error is s^2/12 per element (within sampling)."""
     q8, s8 = gauss
     w = dequant8(q8, s8).astype(np.float64)
-    res = quantize_int4(q8, s8, None, clip_ratios=AMAX_ONLY)
+    res = quantize_int4(q8, s8, None, clip_ratios=AMAX_ONLY, anchors=POSITIVE)
     s = res.weight.scales.astype(np.float64)[0]                    # (N,)
     predicted = np.sqrt((w.shape[0] * s ** 2 / 12).sum() / (w ** 2).sum())
     assert res.rel_error == pytest.approx(predicted, rel=0.03)
@@ -131,7 +132,8 @@ def test_amax_error_is_rounding_noise(gauss):
 def test_clip_search_error_bounds_and_group_order(gauss):
     q8, s8 = gauss
     errors = {g: quantize_int4(q8, s8, g).rel_error for g in (None, 128, 32)}
-    amax = {g: quantize_int4(q8, s8, g, AMAX_ONLY).rel_error for g in (None, 128, 32)}
+    amax = {g: quantize_int4(q8, s8, g, AMAX_ONLY, anchors=POSITIVE).rel_error
+            for g in (None, 128, 32)}
     assert 0.0975 * 0.98 < errors[None] < 0.115        # Lloyd-Max bound .. near uniform optimum
     assert errors[32] < errors[128] < errors[None]
     assert amax[32] < amax[128] < amax[None]
@@ -145,24 +147,52 @@ def test_clip_search_never_worse_than_amax_per_column(gauss):
     for group in (None, 64):
         g = group or w.shape[0]
         best = col_errors(w, quantize_int4(q8, s8, group), g)
-        plain = col_errors(w, quantize_int4(q8, s8, group, AMAX_ONLY), g)
+        plain = col_errors(w, quantize_int4(q8, s8, group, AMAX_ONLY, anchors=POSITIVE), g)
         assert np.all(best <= plain * (1 + 1e-5))
 
 
 def test_search_picks_the_best_grid_candidate():
-    """The chosen scale beats every stage-1 candidate (errors in float64, numpy)."""
+    """The chosen scale beats every stage-1 candidate of both anchors (errors in
+    float64, numpy), and in all beats the positive-only search (not in every
+    column: stage 2 refines around the stage-1 winner's anchor only)."""
     rng = np.random.default_rng(3)
     w = rng.standard_t(4, size=(256, 40)).astype(np.float32)      # heavy tails: clipping pays
     res = quantize_int4(w, None, 64)
     chosen = col_errors(w, res, 64)                               # (4, 40)
     wg = w.reshape(4, 64, 40).astype(np.float64)
     amax = np.abs(w.reshape(4, 64, 40)).max(1)
+    first = np.argmax(np.abs(wg) - 1e-30 * (wg > 0), axis=1)     # ties: the negative one
+    ext = np.take_along_axis(w.reshape(4, 64, 40), first[:, None, :], 1)[:, 0, :]
     for r in CLIP_RATIOS:
-        s = bf16(amax * np.float32(r) / np.float32(7)).astype(np.float64)
-        q = np.clip(np.rint(wg / s[:, None, :]), -8, 7)
-        cand = ((wg - q * s[:, None, :]) ** 2).sum(1)
-        assert np.all(chosen <= cand * (1 + 1e-5) + 1e-12)
-    assert len(REFINE) > 0
+        for top, div in ((amax, 7), (ext, -8)):
+            s = bf16(top * np.float32(r) / np.float32(div)).astype(np.float64)
+            q = np.clip(np.rint(wg / s[:, None, :]), -8, 7)
+            cand = ((wg - q * s[:, None, :]) ** 2).sum(1)
+            assert np.all(chosen <= cand * (1 + 1e-5) + 1e-12)
+    positive = col_errors(w, quantize_int4(w, None, 64, anchors=POSITIVE, ls_steps=0), 64)
+    assert chosen.sum() < 0.97 * positive.sum()
+    assert (res.weight.scales.astype(np.float32) < 0).any() and len(REFINE) > 0
+
+
+def test_least_squares_step_is_the_projection():
+    """One rescaling: the scale is bf16(sum x q / sum q^2) for the codes of the
+    search's scale, wherever it lowers the error; never worse per column."""
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((64, 300)).astype(np.float32)
+    base = quantize_int4(w, None, 32, ls_steps=0)
+    one = quantize_int4(w, None, 32, ls_steps=1)
+    s0 = base.weight.scales.astype(np.float64)                          # (2, N)
+    q = unpack_int4(base.weight.values).reshape(2, 32, 300).astype(np.float64)
+    wg = w.reshape(2, 32, 300).astype(np.float64)
+    ls = bf16((wg * q).sum(1) / (q * q).sum(1)).astype(np.float64)
+    ql = np.clip(np.rint(wg / ls[:, None, :]), -8, 7)
+    e_ls = ((wg - ql * ls[:, None, :]) ** 2).sum(1)
+    e0 = col_errors(w, base, 32)
+    expect = np.where(e_ls < e0 * (1 - 1e-6), ls, s0)
+    clear = np.abs(e_ls - e0) > 1e-6 * e0       # not a tie (mostly bf16(ls) == the scale)
+    np.testing.assert_array_equal(one.weight.scales.astype(np.float64)[clear], expect[clear])
+    assert np.all(col_errors(w, one, 32) <= e0 * (1 + 1e-6)) and clear.mean() > 0.5
+    assert one.sq_error < base.sq_error
 
 
 def test_histogram_counts_match_numpy():
@@ -190,9 +220,9 @@ def test_histogram_search_equals_row_search(k, n, blocks, group, tails):
     rng = np.random.default_rng(k + n)
     w = rng.standard_t(4, size=(k, n)) if tails else rng.standard_normal((k, n))
     q8, s8 = release_like(w.astype(np.float32), blocks)
-    for ratios in (CLIP_RATIOS, AMAX_ONLY):
-        a = quantize_int4(q8, s8.astype(BF16), group, ratios)
-        b = quantize_int4(dequant8(q8, s8), None, group, ratios)
+    for ratios, anchors in ((CLIP_RATIOS, ANCHORS), (AMAX_ONLY, SIGNED), (AMAX_ONLY, POSITIVE)):
+        a = quantize_int4(q8, s8.astype(BF16), group, ratios, anchors=anchors)
+        b = quantize_int4(dequant8(q8, s8), None, group, ratios, anchors=anchors)
         np.testing.assert_array_equal(a.weight.values, b.weight.values)
         np.testing.assert_array_equal(a.weight.scales, b.weight.scales)
         assert a.sq_error == b.sq_error and a.sq_norm == b.sq_norm
@@ -216,7 +246,8 @@ def test_zero_columns_give_zero_scales():
     w[:, 3] = np.linspace(-1, 1, 32)
     res = quantize_int4(w, None, 16)
     scales = res.weight.scales.astype(np.float32)
-    assert np.all(scales[:, [0, 1, 2, 4, 5, 6, 7]] == 0) and np.all(scales[:, 3] > 0)
+    assert np.all(scales[:, [0, 1, 2, 4, 5, 6, 7]] == 0) and np.all(scales[:, 3] != 0)
+    assert not np.signbit(scales[:, [0, 1, 2, 4, 5, 6, 7]]).any()      # +0, never -0
     assert np.all(np.isfinite(dequantize(res.weight)))
 
 

@@ -373,6 +373,23 @@ def test_cli_bad_inputs(tiny_ckpt, tmp_path, caplog, monkeypatch):
     assert not out.exists() and not (tmp_path / "m.partial").exists()
 
 
+def test_cli_group_size_default_and_per_channel(tiny_ckpt, tmp_path, capsys):
+    """int4 without --group-size takes the default groups of 32; 'channel' asks for
+    per-channel scales; anything else is one line and exit 2, nothing written."""
+    base = ["--checkpoint", str(tiny_ckpt), "--preset", "tiny", "--bits", "4", "-q"]
+    assert main([*base, "--out", str(tmp_path / "d")]) == 0
+    assert main([*base, "--out", str(tmp_path / "c"), "--group-size", "channel"]) == 0
+    d = json.loads((tmp_path / "d" / MANIFEST).read_text())
+    c = json.loads((tmp_path / "c" / MANIFEST).read_text())
+    assert d["quant"]["group_size"] == qq.DEFAULT_GROUP_SIZE == 32
+    assert c["quant"]["group_size"] is None
+    assert PackedModel.open(tmp_path / "c").expert(0, 0).down.group_size == 256    # K of down
+    with pytest.raises(SystemExit) as exc:
+        main([*base, "--out", str(tmp_path / "x"), "--group-size", "chanel"])
+    assert exc.value.code == 2 and not (tmp_path / "x").exists()
+    assert "expected a whole number >= 1 or 'channel', found 'chanel'" in capsys.readouterr().err
+
+
 def test_cli_checkpoint_of_wrong_shape(tiny_ckpt, tmp_path, caplog):
     """Files exist but hold another config's shapes: one line naming the file, exit 2."""
     cfg = json.dumps({"emb_size": 64, "vocab_size": 256, "num_layers": 2, "num_q_heads": 4,

@@ -98,6 +98,8 @@ CASES = {
     "int4-down": ("matmul", F, [(F, D, 4, F)]),
     "int4g64-gate": ("matmul", D, [(D, F, 4, 64)]),
     "int4g64-down": ("matmul", F, [(F, D, 4, 64)]),
+    "int4g32-gate": ("matmul", D, [(D, F, 4, 32)]),      # the int4 default
+    "int4g32-down": ("matmul", F, [(F, D, 4, 32)]),
     "bf16-gate": ("matmul", D, [(D, F, "bf16", None)]),
     "logits": ("matmul_nt", D, [(V, D, "bf16", None)]),  # tied embeddings, x @ e.T
     "logits-int8": ("logits_int8", D, [(V, D, "table8", None)]),  # --output-table int8
