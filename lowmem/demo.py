@@ -21,15 +21,20 @@ from quant.packed import MANIFEST, QuantSettings
 log = logging.getLogger(__name__)
 DEMO_PRESET = "demo"
 DEMO_BITS = 4
-DEMO_GROUP = 64
+
+
+def _demo_settings() -> QuantSettings:
+    """The quantizer's defaults for int4: the demo runs what a user's model would."""
+    from quant.pipeline import settings_group_size
+    return QuantSettings(DEMO_BITS, settings_group_size(DEMO_BITS, None))
 
 
 def _current(model_dir: Path) -> bool:
-    """Whether a demo model directory opens with this version's reader (format, seal)."""
+    """Whether a demo model directory opens with this version's reader (format, seal)
+    and holds the current default settings."""
     from quant.packed import PackedFormatError, PackedModel
     try:
-        PackedModel.open(model_dir)
-        return True
+        return PackedModel.open(model_dir).settings == _demo_settings()
     except PackedFormatError:
         return False
 
@@ -47,7 +52,7 @@ def ensure_demo_model(workdir: str | os.PathLike, progress=None) -> Path:
     if (model_dir / MANIFEST).is_file():
         if _current(model_dir):
             return model_dir
-        stage("%s was written by another lowmem version: rebuilding it", model_dir)
+        stage("%s was written by another lowmem version or settings: rebuilding it", model_dir)
         shutil.rmtree(model_dir)
     tokenizer = release_tokenizer_path()
     cfg = preset(DEMO_PRESET)
@@ -61,7 +66,7 @@ def ensure_demo_model(workdir: str | os.PathLike, progress=None) -> Path:
         os.replace(tmp, ckpt)
     stage("quantizing it to int%d in %s: once, kept for later runs", DEMO_BITS, model_dir)
     try:
-        quantize_checkpoint(ckpt, model_dir, cfg, QuantSettings(DEMO_BITS, DEMO_GROUP),
+        quantize_checkpoint(ckpt, model_dir, cfg, _demo_settings(),
                             tokenizer=tokenizer, resume=True, progress=progress)
     finally:
         if progress is not None:

@@ -113,3 +113,16 @@ def test_generate_and_generate_text_share_arguments_and_stop(demo_model):
     with pytest.raises(ValueError, match="top_p"):
         next(rt.generate("Hello", top_p=0))
     assert lowmem.__version__.count(".") == 2
+
+
+def test_demo_model_is_rebuilt_when_the_default_settings_change(demo_model, tiny_cfg, tiny_ckpt,
+                                                                tmp_path):
+    """The embedded default runs the quantizer's current int4 defaults: a demo directory
+    quantized otherwise (here groups of 64, the old demo setting) is not current."""
+    from lowmem import demo
+    from quant.pipeline import DEFAULT_GROUP_SIZE
+    assert demo._demo_settings() == QuantSettings(4, DEFAULT_GROUP_SIZE)
+    assert not demo._current(demo_model)                       # int4 g64
+    quantize_checkpoint(tiny_ckpt, tmp_path / "m", tiny_cfg, demo._demo_settings())
+    assert demo._current(tmp_path / "m")
+    assert not demo._current(tmp_path / "missing")
