@@ -85,6 +85,20 @@ def check_disk(workdir: Path, need: int, what: str) -> None:
                          f"{free / GB:.1f} GB (use --layers 1, fewer --bits, or another --workdir)")
 
 
+def default_settings(bits: int) -> QuantSettings:
+    """What ``lowmem quantize --bits B`` writes with no other option (int4: groups of
+    ``quant.pipeline.DEFAULT_GROUP_SIZE``)."""
+    from quant.pipeline import settings_group_size
+    return QuantSettings(bits, settings_group_size(bits, None))
+
+
+def model_name(layers: int, settings: QuantSettings) -> str:
+    """grok1-L2-int8, grok1-L2-int4-g32 (per channel: grok1-L2-int4): the settings are
+    in the name, so a cached model of other settings is never reused."""
+    group = f"-g{settings.group_size}" if settings.group_size else ""
+    return f"grok1-L{layers}-int{settings.bits}{group}"
+
+
 def build_models(args) -> list[Path]:
     """The packed models for --bits (reused when present); writes the checkpoint if needed."""
     from quant.pipeline import quantize_checkpoint
@@ -92,14 +106,15 @@ def build_models(args) -> list[Path]:
     cfg = preset("grok-1", num_layers=args.layers)
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    outs = {b: workdir / f"grok1-L{args.layers}-int{b}" for b in args.bits}
+    settings = {b: default_settings(b) for b in args.bits}
+    outs = {b: workdir / model_name(args.layers, settings[b]) for b in args.bits}
     todo = [b for b, d in outs.items() if not (d / MANIFEST).is_file()]
     if not todo:
         return list(outs.values())
     ckpt = Path(args.ckpt) if args.ckpt else workdir / f"ckpt-grok1-L{args.layers}"
     wrote = False
     if not (ckpt / checkpoint_specs(cfg)[-1].filename).is_file():
-        packed = sum(sum(file_sizes(tensor_layout(cfg, QuantSettings(b))).values()) for b in todo)
+        packed = sum(sum(file_sizes(tensor_layout(cfg, settings[b])).values()) for b in todo)
         check_disk(workdir, checkpoint_bytes(cfg) + packed, "the checkpoint and models")
         print(f"writing a synthetic Grok-1-width checkpoint ({args.layers} layers) to {ckpt} ...",
               flush=True)
@@ -108,11 +123,11 @@ def build_models(args) -> list[Path]:
         print(f"  {time.perf_counter() - t:.0f} s", flush=True)
         wrote = True
     for b in todo:
-        size = sum(file_sizes(tensor_layout(cfg, QuantSettings(b))).values())
+        size = sum(file_sizes(tensor_layout(cfg, settings[b])).values())
         check_disk(workdir, size, f"the int{b} model")
         print(f"quantizing to {outs[b]} ...", flush=True)
         t = time.perf_counter()
-        quantize_checkpoint(ckpt, outs[b], cfg, QuantSettings(b), resume=True)
+        quantize_checkpoint(ckpt, outs[b], cfg, settings[b], resume=True)
         print(f"  {time.perf_counter() - t:.0f} s", flush=True)
     if wrote and not args.keep_checkpoint:
         shutil.rmtree(ckpt)
