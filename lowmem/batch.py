@@ -37,7 +37,7 @@ import numpy as np
 
 from lowmem import model as M
 from lowmem.engine import Engine, EngineError, SequenceState
-from lowmem.sampling import filter_logits
+from lowmem.sampling import argmax, categorical, filter_logits
 
 log = logging.getLogger(__name__)
 
@@ -105,21 +105,19 @@ def sample_rows(logits, key_data, temperature, top_p, top_k):
     unfiltered = (top_k <= 0) & (top_p >= 1)                                         # (B,)
 
     def full(_):
-        draw = lambda l, k, t, p, kk: jax.random.categorical(  # noqa: E731
-            k, filter_logits(l[None], t, p, kk), axis=-1)[0]
+        draw = lambda l, k, t, p, kk: categorical(  # noqa: E731
+            k, filter_logits(l[None], t, p, kk))[0]
         return jax.vmap(draw)(logits, subs, temperature, top_p, top_k)
 
     def plain(_):
-        draw = lambda l, k, t: jax.random.categorical(  # noqa: E731
-            k, (l / jnp.where(t <= 0, 1.0, t))[None], axis=-1)[0]
+        draw = lambda l, k, t: categorical(  # noqa: E731
+            k, (l / jnp.where(t <= 0, 1.0, t))[None])[0]
         return jax.vmap(draw)(logits, subs, temperature)
 
-    def argmax(_):
-        return jnp.argmax(logits, axis=-1)
-
+    best = argmax(logits)                                                            # (B,)
     branch = jnp.where(jnp.all(greedy), 0, jnp.where(jnp.all(unfiltered | greedy), 1, 2))
-    drawn = jax.lax.switch(branch, [argmax, plain, full], None)                      # (B,)
-    tokens = jnp.where(greedy, jnp.argmax(logits, axis=-1), drawn).astype(jnp.int32)
+    drawn = jax.lax.switch(branch, [lambda _: best, plain, full], None)              # (B,)
+    tokens = jnp.where(greedy, best, drawn).astype(jnp.int32)
     logprobs = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], 1)
     return tokens, logprobs[:, 0], jax.vmap(jax.random.key_data)(keys[:, 0])
 
