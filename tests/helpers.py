@@ -1,4 +1,9 @@
 """Small helpers shared by tests (not part of the library)."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 from lowmem.decoding import GenerationRequest, generate_tokens
 from lowmem.sampling import SamplingParams
 
@@ -8,3 +13,20 @@ def greedy_ids(engine, prompt_ids, n):
     req = GenerationRequest(max_new_tokens=n, sampling=SamplingParams(temperature=0.0),
                             stop_at_eos=False)
     return list(generate_tokens(engine, prompt_ids, req))
+
+
+# What a CPU without AVX-512 offers (Haswell): numba compiles for it when told so.
+AVX2_FEATURES = ",".join("+" + f for f in (
+    "64bit,avx,avx2,bmi,bmi2,cmov,cx16,f16c,fma,fxsr,lzcnt,mmx,movbe,popcnt,sse,sse2,"
+    "sse3,sse4.1,sse4.2,ssse3,xsave").split(","))
+
+
+def run_on_avx2_target(script: str, cache_dir) -> None:
+    """Run ``script`` in a fresh interpreter whose numba compiles for a Haswell CPU
+    (its own cache in ``cache_dir``); the script must print "ok"."""
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, NUMBA_CPU_NAME="haswell", NUMBA_CPU_FEATURES=AVX2_FEATURES,
+               NUMBA_CACHE_DIR=str(cache_dir), PYTHONPATH=str(root))
+    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                       text=True, timeout=600, cwd=root)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]

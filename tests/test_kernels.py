@@ -541,16 +541,5 @@ def test_kernels_on_an_avx2_target(tmp_path):
     """The kernels compiled for a CPU without AVX-512 (numba told haswell,
     own cache): the xor nibble decoder, 256-bit vectors, the portable int8
     dot product; results within the usual tolerance of float64 references."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-    root = Path(__file__).resolve().parents[1]
-    features = ",".join("+" + f for f in (
-        "64bit,avx,avx2,bmi,bmi2,cmov,cx16,f16c,fma,fxsr,lzcnt,mmx,movbe,popcnt,sse,sse2,"
-        "sse3,sse4.1,sse4.2,ssse3,xsave").split(","))
-    env = dict(os.environ, NUMBA_CPU_NAME="haswell", NUMBA_CPU_FEATURES=features,
-               NUMBA_CACHE_DIR=str(tmp_path), PYTHONPATH=str(root))
-    r = subprocess.run([sys.executable, "-c", _AVX2_CHECK], env=env, capture_output=True,
-                       text=True, timeout=600, cwd=root)
-    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+    from helpers import run_on_avx2_target
+    run_on_avx2_target(_AVX2_CHECK, tmp_path)

@@ -106,16 +106,5 @@ print("ok")
 def test_logits_on_an_avx2_target(tmp_path):
     """The same kernel compiled for a CPU without AVX-512 (numba told haswell, its
     own cache): the 16-lane vectors split in two, results as above."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-    root = Path(__file__).resolve().parents[1]
-    features = ",".join("+" + f for f in (
-        "64bit,avx,avx2,bmi,bmi2,cmov,cx16,f16c,fma,fxsr,lzcnt,mmx,movbe,popcnt,sse,sse2,"
-        "sse3,sse4.1,sse4.2,ssse3,xsave").split(","))
-    env = dict(os.environ, NUMBA_CPU_NAME="haswell", NUMBA_CPU_FEATURES=features,
-               NUMBA_CACHE_DIR=str(tmp_path), PYTHONPATH=str(root))
-    r = subprocess.run([sys.executable, "-c", _AVX2_CHECK], env=env, capture_output=True,
-                       text=True, timeout=600, cwd=root)
-    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+    from helpers import run_on_avx2_target
+    run_on_avx2_target(_AVX2_CHECK, tmp_path)
