@@ -58,7 +58,7 @@ def step_temporaries(cfg: GrokConfig, settings: QuantSettings, precision: str = 
     lp = _abstract_layer(cfg, settings)
     parts, nbytes = expert_block_layout(cfg, settings)
     d, k = cfg.emb_size, cfg.num_selected_experts
-    cache = M.KVCache(*[SDS((s, cfg.num_kv_heads, cfg.key_size), act)] * 2)
+    cache = M.KVCache(*[SDS(shape, act) for shape in M.kv_cache_shapes(cfg, s)])
     out = {}
     for t in sorted({1, *buckets}):
         h = SDS((t, d), jnp.float32)                     # activations: fp32 in both precisions

@@ -206,8 +206,8 @@ def test_attention_call_temporaries_at_grok1_shapes():
     nbytes = sum(w.size * w.dtype.itemsize for w in weights)
     assert 80e6 < nbytes < 100e6                                    # 88 MB: int8 + scales
     for precision in ("fp32", "bf16"):
-        cache = M.KVCache(*[SDS((256, cfg.num_kv_heads, cfg.key_size),
-                                M.act_dtype(precision))] * 2)
+        cache = M.KVCache(*[SDS(shape, M.act_dtype(precision))
+                            for shape in M.kv_cache_shapes(cfg, 256)])
 
         def temp(linear):
             lowered = E._attention.lower(cfg, linear, precision, lp, SDS((1, cfg.emb_size),
