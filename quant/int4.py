@@ -83,6 +83,7 @@ LS_STEPS = 2
 # search over the rows is cheaper.
 HIST_ROWS_PER_BIN = 4
 HIST_MAX_ROWS = 65535  # uint16 counts: at most this many rows per (row block, group)
+TILE_ROWS = 128  # groups of at most this many rows: copied once as contiguous fp32
 ROW_CHUNK = 64  # rows copied at a time into a contiguous buffer (see _load_rows)
 
 
@@ -273,10 +274,12 @@ def _argmin_rows(total):
     c_n, cw = total.shape
     best = np.zeros(cw, np.int64)
     best_err = total[0].copy()
-    for j in range(cw):
-        for c in range(1, c_n):
-            if total[c, j] < best_err[j]:
-                best[j], best_err[j] = c, total[c, j]
+    for c in range(1, c_n):                       # rows outer: the column loop vectorizes
+        tc = total[c]
+        for j in range(cw):
+            better = tc[j] < best_err[j]
+            best[j] = c if better else best[j]
+            best_err[j] = tc[j] if better else best_err[j]
     return best, best_err
 
 
@@ -456,19 +459,89 @@ def _choose_scales(w, ws, rb, r0, r1, c0, amax, ext, method, hist):
         nf = len(refine)
         top2 = np.empty((nf, cw), np.float32)
         ratio2, div2 = np.empty((nf, cw), np.float32), np.empty((nf, cw), np.float32)
-        for j in range(cw):
-            top2[:, j], div2[:, j] = top[best[j], j], div[best[j], j]
-            ratio2[:, j] = ratio[best[j], j] * refine
+        for f in range(nf):
+            for j in range(cw):
+                b = best[j]
+                top2[f, j], div2[f, j] = top[b, j], div[b, j]
+                ratio2[f, j] = ratio[b, j] * refine[f]
         scale2, inv2 = _candidate_scales(top2, ratio2, div2)
         best2, err2 = _search_any(w, ws, rb, r0, r1, c0, hist, scale2, inv2)
         _adopt(s, si, err, scale2, inv2, best2, err2)
     ones = np.ones((1, cw), np.float32)
+    moved = np.ones(cw, np.bool_)             # scale changed since its last rescaling
     for _ in range(ls_steps):
-        scale3, inv3 = _candidate_scales(_ls_scale(w, ws, rb, r0, r1, c0, hist, s, si),
-                                         ones, ones)
-        best3, err3 = _search_any(w, ws, rb, r0, r1, c0, hist, scale3, inv3)
+        target = _ls_cols(w, ws, rb, r0, r1, c0, hist, s, si, moved)
+        scale3, inv3 = _candidate_scales(target, ones, ones)
+        # A column whose rescaled scale is its current one would score exactly its
+        # current error (same scale, same reciprocal, same sums): never adopted, so
+        # only the others are scored (after one step most columns have converged).
+        # A column whose scale did not move would get the rescaling it already had.
+        need = scale3[0] != s
+        best3, err3 = _search_cols(w, ws, rb, r0, r1, c0, hist, scale3, inv3, need)
+        moved = err3 < err
         _adopt(s, si, err, scale3, inv3, best3, err3)
     return s, si
+
+
+@njit(cache=True)
+def _gather_cols(w, ws, rb, r0, r1, c0, idx):
+    """Values ``w8 * s8`` (rows r0..r1, columns c0 + idx) as an fp32 (rows, m) tile."""
+    m = len(idx)
+    x = np.empty((r1 - r0, m), np.float32)                     # (rows, m) fp32
+    for k in range(r0, r1):
+        b = k // rb
+        for i in range(m):
+            x[k - r0, i] = np.float32(w[k, c0 + idx[i]]) * ws[b, c0 + idx[i]]
+    return x
+
+
+@njit(cache=True)
+def _ls_cols(w, ws, rb, r0, r1, c0, hist, s, si, need):
+    """_ls_scale (1, cw) where ``need``; elsewhere the current scale ``s`` (so
+    that column is not rescored). Few columns: gathered as in _search_cols."""
+    cw = len(need)
+    idx = np.nonzero(need)[0]
+    m = len(idx)
+    if hist.shape[0] > 0 or 2 * m > cw:
+        return _ls_scale(w, ws, rb, r0, r1, c0, hist, s, si)
+    out = np.empty((1, cw), np.float32)
+    out[0, :] = s
+    if m == 0:
+        return out
+    x = _gather_cols(w, ws, rb, r0, r1, c0, idx)
+    sc, iv = np.empty(m, np.float32), np.empty(m, np.float32)
+    for i in range(m):
+        sc[i], iv[i] = s[idx[i]], si[idx[i]]
+    t = _ls_scale(x, np.ones((1, m), np.float32), r1 - r0, 0, r1 - r0, 0, hist, sc, iv)
+    for i in range(m):
+        out[0, idx[i]] = t[0, i]
+    return out
+
+
+@njit(cache=True)
+def _search_cols(w, ws, rb, r0, r1, c0, hist, scale, inv, need):
+    """_search_any where ``need``, +inf error elsewhere (never adopted). When
+    fewer than half the columns need it (row path), their values ``w8 * s8`` are
+    gathered into a narrow fp32 tile and searched as unit-scale input (``x * 1``
+    is exact: the same sums, bit for bit)."""
+    cw = len(need)
+    idx = np.nonzero(need)[0]
+    m = len(idx)
+    if hist.shape[0] > 0 or 2 * m > cw:
+        return _search_any(w, ws, rb, r0, r1, c0, hist, scale, inv)
+    best, err = np.zeros(cw, np.int64), np.full(cw, np.inf)
+    if m == 0:
+        return best, err
+    c_n = scale.shape[0]
+    x = _gather_cols(w, ws, rb, r0, r1, c0, idx)                # (rows, m) fp32
+    sc, iv = np.empty((c_n, m), np.float32), np.empty((c_n, m), np.float32)
+    for c in range(c_n):
+        for i in range(m):
+            sc[c, i], iv[c, i] = scale[c, idx[i]], inv[c, idx[i]]
+    bc, ec = _search(x, np.ones((1, m), np.float32), r1 - r0, 0, r1 - r0, 0, sc, iv)
+    for i in range(m):
+        best[idx[i]], err[idx[i]] = bc[i], ec[i]
+    return best, err
 
 
 @njit(cache=True)
@@ -491,6 +564,23 @@ def _quantize_tile(w, ws, rb, r0, r1, c0, cw, method, use_hist, packed, scales, 
         s, err, norm = _hist_tile(w, ws, rb, r0, r1, c0, cw, method, packed)
         scales[gi, c0:c0 + cw] = s
         return err.sum(), norm.sum()
+    if r1 - r0 > TILE_ROWS:
+        return _row_tile(w, ws, rb, r0, r1, c0, cw, method, packed, scales, gi)
+    # A short group's values, computed once into a contiguous fp32 tile: rows of w
+    # a power-of-two stride apart share cache sets and evict each other between
+    # the ~10 passes; unit scales keep every product (x * 1) and byte the same.
+    x = np.empty((r1 - r0, cw), np.float32)                         # (g, cw) fp32
+    for k in range(r0, r1):
+        wr, sr, xr = w[k, c0:c0 + cw], ws[k // rb, c0:c0 + cw], x[k - r0]
+        for j in range(cw):
+            xr[j] = np.float32(wr[j]) * sr[j]
+    return _row_tile(x, np.ones((1, cw), np.float32), r1 - r0, 0, r1 - r0, 0, cw, method,
+                     packed[r0 // 2:r1 // 2, c0:c0 + cw], scales[gi:gi + 1, c0:c0 + cw], 0)
+
+
+@njit(cache=True)
+def _row_tile(w, ws, rb, r0, r1, c0, cw, method, packed, scales, gi):
+    """The row path of _quantize_tile: every candidate is scored by a pass over the rows."""
     amax, ext = _extremes(w, ws, rb, r0, r1, c0, cw)
     none = np.zeros((0, 256, cw), np.int32)
     s, si = _choose_scales(w, ws, rb, r0, r1, c0, amax, ext, method, none)
