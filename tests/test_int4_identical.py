@@ -32,8 +32,8 @@ def assert_same(a, b):
     (512, 300, 4, 64, True, 2),
     (768, 260, 8, None, True, 3),     # per channel, row path (few rows per histogram bin)
     (8192, 70, 2, None, True, 4),     # per channel, histogram path
-    (1024, 256, 1, 128, True, 5),     # the longest group copied as a tile
-    (1024, 256, 1, 256, False, 6),    # longer groups: the rows read in place
+    (1024, 256, 1, 128, True, 5),     # one row block, longer groups
+    (1024, 256, 1, 256, False, 6),    # Gaussian, groups of 256
 ])
 def test_int8_input_is_bit_identical(k, n, blocks, group, tails, seed):
     q8, s8 = release_int8(np.random.default_rng(seed), k, n, blocks, tails)
