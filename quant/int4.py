@@ -42,6 +42,14 @@ partial sums, so the two choose the same scales except where two candidates'
 errors tie exactly: the histogram keeps the earlier one (the rule above), the
 row pass lets its rounding decide. The reported error sums are the same to the
 bit for release data (see _hist_sums).
+
+Speed without changing a byte (tests/test_int4_identical.py compares with the
+plain version): a least-squares step rescores only the columns whose rescaled
+scale differs from their current one (an equal scale scores exactly the
+current error, which never wins; after one step ~90% of the g32 columns have
+converged), gathering them into a narrow tile when they are few. The scoring
+kernels (quant/int4_score.py) are bound by floating-point throughput: about 8
+vector operations per (weight, candidate) and ~16 candidate passes per group.
 """
 from __future__ import annotations
 
@@ -52,10 +60,10 @@ import numpy as np
 from numba import njit, prange
 
 from quant.bf16 import round_bf16_inplace
+from quant.int4_score import _ls_cols, _nibble, _search_any, _search_cols
 from quant.qweight import BF16, QWeight
 
 COL_TILE = 256  # output columns per tile: 256 contiguous bytes per int8 row
-FLUSH_ROWS = 32  # rows summed in float32 before adding into the float64 totals
 # Stage 1: clip ratios searched per (group, column), geometric from 1.0 (amax,
 # first, so ties keep it) down to 0.27: per-channel columns of 32768 heavy-tailed
 # weights are best clipped near 0.3 of their amax (tools/int4_error_study.py).
@@ -146,36 +154,6 @@ def _candidate_scales(top, ratio, div):
     return scale, inv
 
 
-@njit(cache=True)
-def _search(w, ws, rb, r0, r1, c0, scale, inv):
-    """Per column: index of the candidate scale with the least squared error over
-    rows r0..r1, and that error.
-
-    Squares are summed in float32 over FLUSH_ROWS rows (vectorizes twice as
-    wide), then added into float64 totals, so long columns lose no precision.
-    """
-    c_n, cw = scale.shape
-    total = np.zeros((c_n, cw), np.float64)
-    part = np.zeros((c_n, cw), np.float32)
-    row = np.empty(cw, np.float32)
-    for k in range(r0, r1):
-        i = k - r0
-        wr, sr = w[k, c0:c0 + cw], ws[k // rb, c0:c0 + cw]
-        for j in range(cw):
-            row[j] = np.float32(wr[j]) * sr[j]
-        for c in range(c_n):
-            sc, iv, pc = scale[c], inv[c], part[c]
-            for j in range(cw):
-                q = min(max(np.rint(row[j] * iv[j]), np.float32(-8.0)), np.float32(7.0))
-                d = row[j] - q * sc[j]
-                pc[j] += d * d
-        if i % FLUSH_ROWS == FLUSH_ROWS - 1 or k == r1 - 1:
-            for c in range(c_n):
-                for j in range(cw):
-                    total[c, j] += part[c, j]
-                    part[c, j] = 0.0
-    return _argmin_rows(total)
-
 
 @njit(cache=True)
 def _load_rows(w, k0, k1, c0, buf):
@@ -239,45 +217,6 @@ def _hist_extremes(hist, ws, b0, c0):
     return _fold_extremes(hi, lo)
 
 
-@njit(cache=True)
-def _hist_search(hist, ws, b0, c0, scale, inv):
-    """_search from the histogram: per (row block, int8 value) the float32
-    difference ``x - q * scale`` (as _search computes it), squared in float64
-    and times its count, summed in float64: exact for release data, so exact
-    ties keep the earlier candidate."""
-    nb, nv, cw = hist.shape
-    c_n = scale.shape[0]
-    total = np.zeros((c_n, cw), np.float64)
-    x = np.empty(cw, np.float32)
-    cnt = np.empty(cw, np.float64)
-    for b in range(nb):
-        sr = ws[b0 + b, c0:c0 + cw]
-        for v in range(nv):
-            h = hist[b, v]
-            for j in range(cw):
-                x[j] = np.float32(v - 128) * sr[j]
-                cnt[j] = h[j]
-            for c in range(c_n):
-                sc, iv, tc = scale[c], inv[c], total[c]
-                for j in range(cw):
-                    q = min(max(np.rint(x[j] * iv[j]), np.float32(-8.0)), np.float32(7.0))
-                    d = x[j] - q * sc[j]
-                    dd = np.float64(d)
-                    tc[j] += cnt[j] * (dd * dd)
-    return _argmin_rows(total)
-
-
-@njit(cache=True)
-def _argmin_rows(total):
-    """Per column, the first row index with the least value, and that value."""
-    c_n, cw = total.shape
-    best = np.zeros(cw, np.int64)
-    best_err = total[0].copy()
-    for j in range(cw):
-        for c in range(1, c_n):
-            if total[c, j] < best_err[j]:
-                best[j], best_err[j] = c, total[c, j]
-    return best, best_err
 
 
 @njit(cache=True)
@@ -302,11 +241,6 @@ def _hist_sums(hist, ws, b0, c0, s, si):
                 norm[j] += h[j] * (np.float64(x) * x)
     return err, norm
 
-
-@njit(inline="always", cache=True)
-def _nibble(x, inv):
-    """x quantized with reciprocal scale ``inv``: rint, clipped to [-8, 7] (float32)."""
-    return min(max(np.rint(x * inv), np.float32(-8.0)), np.float32(7.0))
 
 
 @njit(inline="always", cache=True)
@@ -369,44 +303,6 @@ def _pick(scale, inv, best):
     return s, si
 
 
-@njit(cache=True)
-def _search_any(w, ws, rb, r0, r1, c0, hist, scale, inv):
-    """_hist_search when a histogram is given (hist.shape[0] > 0), else _search."""
-    if hist.shape[0] > 0:
-        return _hist_search(hist, ws, r0 // rb, c0, scale, inv)
-    return _search(w, ws, rb, r0, r1, c0, scale, inv)
-
-
-@njit(cache=True)
-def _ls_scale(w, ws, rb, r0, r1, c0, hist, s, si):
-    """Per column, the least-squares scale for the codes ``s`` gives:
-    ``sum x q / sum q^2`` (float64; exact sums for release data, so the row
-    and histogram paths agree), 0 where every code is 0."""
-    cw = len(s)
-    xq, qq = np.zeros(cw, np.float64), np.zeros(cw, np.float64)
-    if hist.shape[0] > 0:
-        nb, nv = hist.shape[0], hist.shape[1]
-        for b in range(nb):
-            sr = ws[r0 // rb + b, c0:c0 + cw]
-            for v in range(nv):
-                h = hist[b, v]
-                for j in range(cw):
-                    x = np.float32(v - 128) * sr[j]
-                    q = _nibble(x, si[j])
-                    xq[j] += h[j] * (np.float64(x) * q)
-                    qq[j] += h[j] * (np.float64(q) * q)
-    else:
-        for k in range(r0, r1):
-            wr, sr = w[k, c0:c0 + cw], ws[k // rb, c0:c0 + cw]
-            for j in range(cw):
-                x = np.float32(wr[j]) * sr[j]
-                q = _nibble(x, si[j])
-                xq[j] += np.float64(x) * q
-                qq[j] += np.float64(q) * q
-    out = np.zeros((1, cw), np.float32)
-    for j in range(cw):
-        out[0, j] = xq[j] / qq[j] if qq[j] > 0 else 0.0
-    return out
 
 
 @njit(cache=True)
@@ -456,19 +352,31 @@ def _choose_scales(w, ws, rb, r0, r1, c0, amax, ext, method, hist):
         nf = len(refine)
         top2 = np.empty((nf, cw), np.float32)
         ratio2, div2 = np.empty((nf, cw), np.float32), np.empty((nf, cw), np.float32)
-        for j in range(cw):
-            top2[:, j], div2[:, j] = top[best[j], j], div[best[j], j]
-            ratio2[:, j] = ratio[best[j], j] * refine
+        for f in range(nf):
+            for j in range(cw):
+                b = best[j]
+                top2[f, j], div2[f, j] = top[b, j], div[b, j]
+                ratio2[f, j] = ratio[b, j] * refine[f]
         scale2, inv2 = _candidate_scales(top2, ratio2, div2)
         best2, err2 = _search_any(w, ws, rb, r0, r1, c0, hist, scale2, inv2)
         _adopt(s, si, err, scale2, inv2, best2, err2)
     ones = np.ones((1, cw), np.float32)
+    moved = np.ones(cw, np.bool_)             # scale changed since its last rescaling
     for _ in range(ls_steps):
-        scale3, inv3 = _candidate_scales(_ls_scale(w, ws, rb, r0, r1, c0, hist, s, si),
-                                         ones, ones)
-        best3, err3 = _search_any(w, ws, rb, r0, r1, c0, hist, scale3, inv3)
+        target = _ls_cols(w, ws, rb, r0, r1, c0, hist, s, si, moved)
+        scale3, inv3 = _candidate_scales(target, ones, ones)
+        # A column whose rescaled scale is its current one would score exactly its
+        # current error (same scale, same reciprocal, same sums): never adopted, so
+        # only the others are scored (after one step most columns have converged).
+        # A column whose scale did not move would get the rescaling it already had.
+        need = scale3[0] != s
+        best3, err3 = _search_cols(w, ws, rb, r0, r1, c0, hist, scale3, inv3, need)
+        moved = err3 < err
         _adopt(s, si, err, scale3, inv3, best3, err3)
     return s, si
+
+
+
 
 
 @njit(cache=True)

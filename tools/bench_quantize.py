@@ -18,6 +18,7 @@ hypervisor's cache below a VM is outside its reach, so say so when quoting);
 
     python tools/bench_quantize.py                      # grok-1 width, 1 layer
     python tools/bench_quantize.py --ckpt /data/ckpt-grok1-L1 --cache warm
+    python tools/bench_quantize.py --bits --group-size 32   # int4 g32 (the CLI default) only
 """
 from __future__ import annotations
 
@@ -113,10 +114,13 @@ def main() -> None:
     ap.add_argument("--work-dir", type=Path, default=Path("/tmp/lowmem-bench"),
                     help="where the checkpoint (kept for reuse) and outputs go")
     ap.add_argument("--cache", choices=("cold", "warm"), default="cold")
-    ap.add_argument("--bits", type=int, nargs="+", choices=(8, 4), default=[8, 4],
-                    help="which runs (default: 8 4)")
+    ap.add_argument("--bits", type=int, nargs="*", choices=(8, 4), default=[8, 4],
+                    help="which runs (default: 8 4; int4 here is per channel); none "
+                    "('--bits --group-size 32') runs only the --group-size run")
     ap.add_argument("--group-size", type=int, help="also run --bits 4 with this group size")
     args = ap.parse_args()
+    if not args.bits and not args.group_size:
+        ap.error("--bits: nothing to run (give 8 and/or 4, or --group-size)")
     ckpt, cfg = get_checkpoint(args)
     paths = [ckpt / s.filename for s in checkpoint_specs(cfg)]
     nbytes = sum(p.stat().st_size for p in paths)
