@@ -29,6 +29,7 @@ run's key: a batched request gives the tokens of the same request run alone.
 from __future__ import annotations
 
 import logging
+import time
 from functools import partial
 
 import jax
@@ -37,7 +38,7 @@ import numpy as np
 
 from lowmem import model as M
 from lowmem.engine import Engine, EngineError, SequenceState
-from lowmem.sampling import argmax, categorical, filter_logits
+from lowmem.sampling import SamplingParams, argmax, categorical, filter_logits
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +142,12 @@ def seed_key_data(seed: int) -> np.ndarray:
     return np.asarray(jax.random.key_data(jax.random.key(seed)))
 
 
+def sampling_columns(params: list[SamplingParams]) -> tuple[np.ndarray, ...]:
+    """(temperature, top_p, top_k) columns of the rows' settings, (B,) each, fixed dtypes:
+    the scheduler and the warm-up build them alike, so they share compiled versions."""
+    return tuple(np.array(col) for col in zip(*(p.as_args() for p in params)))
+
+
 class BatchEngine:
     """``max_batch`` KV cache slots on one engine; prefill per slot, decode per batch."""
 
@@ -184,6 +191,59 @@ class BatchEngine:
             raise
         self.states[slot] = st
         return logits
+
+    def warm_up(self) -> float:
+        """Compile every shape serving can run, on the free slots, then reset them -> seconds.
+
+        Without it the first request mix at each concurrency pays compiles of
+        seconds inside its steps. Covered: a prompt chunk of every padded shape
+        (``_chunk_lengths``) with the (1, V) sampling of its logits, and for every
+        row count n in 1..max_batch the decode step padded to its batch size and
+        unpadded (a step pads only
+        with free slots: when the other slots hold prompts still prefilling it runs
+        at n rows), with the sampling and ``top_logprobs`` of n rows. The tokens are
+        spread over the vocabulary so that several rows route to more experts than
+        one expert call takes (the device MoE's first call and its accumulating
+        calls are two versions). Call it before any sequence runs: it overwrites
+        every slot.
+        """
+        t0 = time.perf_counter()
+        rng = np.random.default_rng(0)
+        tokens = lambda n: rng.integers(1, self.cfg.vocab_size, n).astype(np.int32)  # noqa: E731
+        for n in self._chunk_lengths():
+            self.reset(0)
+            self._warm_rows(self.prefill(0, tokens(n))[None])                 # (1, V)
+        for n in range(1, self.max_batch + 1):
+            slots = list(range(n))
+            padded = next(b for b in self.batch_sizes if b >= n)
+            for spare in ([range(n, self.max_batch)] if padded == n else
+                          [range(n, self.max_batch), ()]):
+                for s in slots:
+                    self.reset(s)
+                self._warm_rows(self.decode(slots, list(tokens(n)), spare=list(spare)))  # (n, V)
+        for s in range(self.max_batch):
+            self.reset(s)
+        return time.perf_counter() - t0
+
+    def _chunk_lengths(self) -> list[int]:
+        """Prompt chunk lengths that reach every padded shape a prompt can take: 1 (its
+        own shape), then per bucket the shortest and the longest chunk padded to it
+        (a shorter one masks its padding rows), within the context."""
+        lengths, prev = [1], 1
+        for b in sorted(self.engine.options.prefill_buckets):
+            lo, hi = prev + 1, min(b, self.context - 1)
+            lengths += sorted({lo, hi}) if lo <= hi else []
+            prev = max(prev, b)
+        return lengths
+
+    @staticmethod
+    def _warm_rows(logits) -> None:
+        """Sample and rank n rows of logits (n, V) as the scheduler does (every branch of
+        ``sample_rows`` compiles at once)."""
+        n = logits.shape[0]
+        keys = np.stack([seed_key_data(0)] * n)                                 # (n, 2)
+        cols = sampling_columns([SamplingParams(0.8, 0.9, 5)] * n)
+        jax.block_until_ready((sample_rows(logits, keys, *cols), top_logprobs(logits)))
 
     @property
     def batch_sizes(self) -> tuple[int, ...]:

@@ -30,7 +30,8 @@ from typing import Callable
 
 import numpy as np
 
-from lowmem.batch import TOP_LOGPROBS_MAX, BatchEngine, sample_rows, seed_key_data, top_logprobs
+from lowmem.batch import (TOP_LOGPROBS_MAX, BatchEngine, sample_rows, sampling_columns,
+                          seed_key_data, top_logprobs)
 from lowmem.engine import EngineError
 from lowmem.sampling import SamplingParams
 
@@ -85,6 +86,8 @@ class Scheduler:
         self.steps = 0
         self.busy_s = 0.0             # time spent in steps that did work
         self.started = time.monotonic()
+        self.ready = threading.Event()   # set once the worker takes requests (after warm-up)
+        self.warmup_s: float | None = None
 
     # --- client side (any thread) ----------------------------------------------
     def check(self, req: Request) -> None:
@@ -123,8 +126,12 @@ class Scheduler:
             self._wake.notify()
 
     # --- worker ----------------------------------------------------------------------
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="lowmem-scheduler", daemon=True)
+    def start(self, warm_up: bool = False, on_ready: Callable | None = None) -> None:
+        """Start the worker; with ``warm_up`` it first compiles every step shape
+        (``BatchEngine.warm_up``) so that no request pays a compile. ``ready`` is set
+        when it is done; ``on_ready(seconds or None)`` is then called on the worker."""
+        self._thread = threading.Thread(target=self._run, args=(warm_up, on_ready),
+                                        name="lowmem-scheduler", daemon=True)
         self._thread.start()
 
     def shutdown(self, timeout: float = 30.0) -> None:
@@ -137,7 +144,20 @@ class Scheduler:
         if self._thread is not None:
             self._thread.join(timeout)
 
-    def _run(self) -> None:
+    def _warm_up(self) -> None:
+        try:
+            self.warmup_s = self.batch.warm_up()
+        except Exception:   # noqa: BLE001 - serving still works, compiling as it goes
+            log.exception("warm-up failed; shapes compile when first needed")
+            for s in range(self.batch.max_batch):
+                self.batch.reset(s)
+
+    def _run(self, warm_up: bool = False, on_ready: Callable | None = None) -> None:
+        if warm_up and not self._stop:
+            self._warm_up()
+        self.ready.set()
+        if on_ready is not None:
+            on_ready(self.warmup_s)
         while True:
             with self._wake:
                 while not self._stop and not self.waiting and not self.running:
@@ -211,8 +231,7 @@ class Scheduler:
 
     def _sample(self, seqs: list[Sequence], logits) -> None:
         """Draw each row's token, emit it, and end the sequences that are done."""
-        params = [s.request.sampling.as_args() for s in seqs]
-        temp, top_p, top_k = (np.array(col) for col in zip(*params))
+        temp, top_p, top_k = sampling_columns([s.request.sampling for s in seqs])
         keys = np.stack([s.key_data for s in seqs])                                # (B, 2)
         tokens, logprobs, keys = sample_rows(logits, keys, temp, top_p, top_k)
         tokens, logprobs, keys = np.asarray(tokens), np.asarray(logprobs), np.asarray(keys)

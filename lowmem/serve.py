@@ -214,8 +214,21 @@ class Server:
         return "\n".join(lines) + "\n"
 
 
-def create_app(scheduler: Scheduler, tokenizer, model_name: str = "lowmem"):
-    """The FastAPI app; it starts the scheduler's worker and shuts it down with the app."""
+def _log_ready(scheduler: Scheduler):
+    def report(seconds):
+        if seconds is not None:
+            cli.stage("warm-up: compiled every step shape (batch sizes %s, prefill buckets %s) "
+                      "in %.1f s; ready", scheduler.batch.batch_sizes,
+                      scheduler.batch.engine.options.prefill_buckets, seconds)
+    return report
+
+
+def create_app(scheduler: Scheduler, tokenizer, model_name: str = "lowmem",
+               warm_up: bool = True):
+    """The FastAPI app; it starts the scheduler's worker and shuts it down with the app.
+
+    With ``warm_up`` the worker first compiles every step shape; until then
+    /health answers 503 "starting" and completions 503 with Retry-After."""
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI
@@ -225,19 +238,28 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str = "lowmem"):
 
     @asynccontextmanager
     async def lifespan(app):
-        scheduler.start()
+        scheduler.start(warm_up, _log_ready(scheduler))
         yield
         await asyncio.to_thread(scheduler.shutdown)
 
     app = FastAPI(title="lowmem", lifespan=lifespan)
     app.state.server = server
 
+    def starting():
+        return _error(ApiError("the server is starting (compiling its step shapes); retry "
+                               "later", status=503, kind="server_error"),
+                      {"Retry-After": str(RETRY_AFTER_S)})
+
     @app.post("/v1/completions")
     async def completions(request: HttpRequest):
+        if not scheduler.ready.is_set():
+            return starting()
         return await server.respond(request, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: HttpRequest):
+        if not scheduler.ready.is_set():
+            return starting()
         return await server.respond(request, chat=True)
 
     @app.get("/v1/models")
@@ -246,6 +268,8 @@ def create_app(scheduler: Scheduler, tokenizer, model_name: str = "lowmem"):
 
     @app.get("/health")
     async def health():
+        if not scheduler.ready.is_set():
+            return JSONResponse({"status": "starting"}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/metrics")
@@ -266,6 +290,9 @@ def build_parser(prog: str = "python -m lowmem.serve") -> argparse.ArgumentParse
                         "(default 8)")
     p.add_argument("--max-queue", type=cli.int_type(1), default=64,
                    help="requests waiting for a slot before new ones get 429, >= 1 (default 64)")
+    p.add_argument("--no-warmup", dest="warmup", action="store_false",
+                   help="start at once and compile each step shape when a request first "
+                        "needs it (default: compile them all before /health says ok)")
     p.add_argument("--model-name", default=None, help="the id /v1/models reports "
                    "(default: the model directory's name)")
     add_engine_arguments(p)
@@ -292,7 +319,7 @@ def _serve(args) -> int:
         batch = BatchEngine(runtime.engine, args.max_batch)
         scheduler = Scheduler(batch, args.max_queue)
         name = args.model_name or Path(str(runtime.engine.model.model_dir)).name
-        app = create_app(scheduler, runtime.tokenizer, name)
+        app = create_app(scheduler, runtime.tokenizer, name, warm_up=args.warmup)
         cli.stage("serving %s on http://%s:%d/v1 (max batch %d, queue %d)", name, args.host,
                   args.port, args.max_batch, args.max_queue)
         # uvicorn handles SIGTERM/SIGINT (stop accepting, let streams finish for up to

@@ -220,3 +220,44 @@ def test_fused_qkv_callback_gives_the_three_products_exactly(model):
     got = jax.jit(lambda x: host_qkv(x, lp["q"], lp["k"], lp["v"], "fp32"))(x)
     for role, out in zip("qkv", got):
         np.testing.assert_array_equal(np.asarray(out), matmul(x, weights[role]))
+
+
+class _Compiles:
+    """Counts XLA compilations (jax's backend-compile event) while in the block."""
+
+    def __enter__(self):
+        import jax
+        self.count = 0
+
+        def listen(event, duration, **kw):
+            if event == "/jax/core/compile/backend_compile_duration":
+                self.count += 1
+        self._listen = listen
+        jax.monitoring.register_event_duration_secs_listener(listen)
+        return self
+
+    def __exit__(self, *exc):
+        import jax
+        jax.monitoring.unregister_event_duration_listener(self._listen)
+
+
+@pytest.mark.parametrize("backend", ["host", "device"])
+def test_warm_up_compiles_every_shape_and_leaves_the_slots_clean(model, backend):
+    """After ``warm_up``, requests at every concurrency 1..max_batch (mixed prompt lengths,
+    settings and top_logprobs, joining while others prefill) compile nothing, and each
+    gives exactly the tokens of a fresh engine's solo run (the warmed slots are reset)."""
+    batch = BatchEngine(_engine(model, backend), 5)      # batch sizes 1, 2, 4, 5
+    with _Compiles() as warm:
+        seconds = batch.warm_up()
+    assert warm.count > 0 and seconds > 0
+    assert all(batch.position(s) == 0 for s in range(5))
+    sched = Scheduler(batch, max_queue=16)
+    reqs = [Request(tuple(PROMPTS[i % 5]), 3 + i % 3, SamplingParams(0.9 * (i % 2), 0.8, i % 4),
+                    seed=i, stop_at_eos=False, top_logprobs=i % 3) for i in range(5)]
+    with _Compiles() as serving:
+        got = [_run_all(sched, reqs[:c])[0] for c in range(1, 6)]
+    assert serving.count == 0
+    fresh = _engine(model, backend)
+    want = [_solo(fresh, r) for r in reqs]
+    for c, tokens in enumerate(got, 1):
+        assert tokens == want[:c], c

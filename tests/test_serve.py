@@ -70,8 +70,18 @@ def client(model_dir, runtime):
     rt = load(model_dir, **ENGINE)
     app = create_app(Scheduler(BatchEngine(rt.engine, 4), max_queue=16), rt.tokenizer, "tiny")
     with TestClient(app) as c:
+        _wait_healthy(c)
         yield c
     rt.close()
+
+
+def _wait_healthy(c, limit_s=300):
+    """Poll /health (503 "starting" during the warm-up) until it says ok."""
+    deadline = time.monotonic() + limit_s
+    while (r := c.get("/health")).status_code != 200:
+        assert r.status_code == 503 and r.json() == {"status": "starting"}, r.text
+        assert time.monotonic() < deadline, "the warm-up did not finish"
+        time.sleep(0.2)
 
 
 def _sse(text: str) -> list:
@@ -168,12 +178,36 @@ def test_malformed_json_and_bad_messages(client):
 
 def test_full_queue_gets_429_with_retry_after(model_dir):
     rt = load(model_dir, **ENGINE)
-    app = create_app(Scheduler(BatchEngine(rt.engine, 1), max_queue=0), rt.tokenizer)
+    app = create_app(Scheduler(BatchEngine(rt.engine, 1), max_queue=0), rt.tokenizer,
+                     warm_up=False)
     with TestClient(app) as c:
         r = c.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2})
     rt.close()
     assert r.status_code == 429 and r.headers["Retry-After"] == "1"
     assert r.json()["error"]["type"] == "rate_limit_error"
+
+
+def test_health_and_requests_wait_for_the_warm_up(model_dir):
+    """Until the warm-up is done /health is 503 "starting" and completions get 503 with
+    Retry-After; then both work (the warm-up is held on an event to see the first state)."""
+    import threading
+    rt = load(model_dir, **ENGINE)
+    batch, release = BatchEngine(rt.engine, 2), threading.Event()
+    real = batch.warm_up
+    batch.warm_up = lambda: (release.wait(60), real())[1]
+    with TestClient(create_app(Scheduler(batch), rt.tokenizer)) as c:
+        r = c.get("/health")
+        assert r.status_code == 503 and r.json() == {"status": "starting"}
+        r = c.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2})
+        assert r.status_code == 503 and r.headers["Retry-After"] == "1"
+        assert "starting" in r.json()["error"]["message"]
+        release.set()
+        _wait_healthy(c)
+        r = c.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 3,
+                                             "temperature": 0})
+        assert r.status_code == 200
+        assert r.json()["choices"][0]["text"] == solo_text(rt, PROMPT, 3)[0]
+    rt.close()
 
 
 def _free_port() -> int:
@@ -198,7 +232,8 @@ def live_server(model_dir):
             if httpx.get(url + "/health", timeout=1).status_code == 200:
                 break
         except httpx.HTTPError:
-            time.sleep(0.5)
+            pass
+        time.sleep(0.5)
         assert proc.poll() is None, proc.stdout.read().decode()
     yield proc, url
     if proc.poll() is None:
@@ -329,3 +364,4 @@ def test_raw_http_errors_and_sigterm(live_server):
     assert rest[-1] == "data: [DONE]"
     assert json.loads(rest[-2][6:])["choices"][0]["finish_reason"] in ("length", "cancelled")
     assert proc.wait(timeout=60) == 0
+    assert "warm-up: compiled every step shape" in proc.stdout.read().decode()
