@@ -210,6 +210,13 @@ def test_health_and_requests_wait_for_the_warm_up(model_dir):
     rt.close()
 
 
+def test_no_warmup_option():
+    from lowmem.serve import build_parser
+    assert build_parser().parse_args([]).warmup is True
+    assert build_parser().parse_args(["--no-warmup"]).warmup is False
+    assert "--no-warmup" in build_parser().format_help()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
