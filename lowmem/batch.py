@@ -192,7 +192,7 @@ class BatchEngine:
         self.states[slot] = st
         return logits
 
-    def warm_up(self) -> float:
+    def warm_up(self, cancelled=lambda: False) -> float:
         """Compile every shape serving can run, on the free slots, then reset them -> seconds.
 
         Without it the first request mix at each concurrency pays compiles of
@@ -205,22 +205,23 @@ class BatchEngine:
         spread over the vocabulary so that several rows route to more experts than
         one expert call takes (the device MoE's first call and its accumulating
         calls are two versions). Call it before any sequence runs: it overwrites
-        every slot.
+        every slot. ``cancelled()`` is asked before each step (a shutdown during a
+        warm-up of minutes stops it at once).
         """
         t0 = time.perf_counter()
         rng = np.random.default_rng(0)
         tokens = lambda n: rng.integers(1, self.cfg.vocab_size, n).astype(np.int32)  # noqa: E731
         for n in self._chunk_lengths():
+            if cancelled():
+                break
             self.reset(0)
             self._warm_rows(self.prefill(0, tokens(n))[None])                 # (1, V)
-        for n in range(1, self.max_batch + 1):
-            slots = list(range(n))
-            padded = next(b for b in self.batch_sizes if b >= n)
-            for spare in ([range(n, self.max_batch)] if padded == n else
-                          [range(n, self.max_batch), ()]):
-                for s in slots:
-                    self.reset(s)
-                self._warm_rows(self.decode(slots, list(tokens(n)), spare=list(spare)))  # (n, V)
+        for n, spare in self._decode_shapes():
+            if cancelled():
+                break
+            for s in range(n):
+                self.reset(s)
+            self._warm_rows(self.decode(list(range(n)), list(tokens(n)), spare=spare))  # (n, V)
         for s in range(self.max_batch):
             self.reset(s)
         return time.perf_counter() - t0
@@ -235,6 +236,16 @@ class BatchEngine:
             lengths += sorted({lo, hi}) if lo <= hi else []
             prev = max(prev, b)
         return lengths
+
+    def _decode_shapes(self) -> list[tuple[int, list[int]]]:
+        """(rows, spare slots) of every decode step shape: each row count padded to its
+        batch size with free slots, and unpadded (no free slot) where that differs."""
+        shapes = []
+        for n in range(1, self.max_batch + 1):
+            shapes.append((n, list(range(n, self.max_batch))))
+            if next(b for b in self.batch_sizes if b >= n) != n:
+                shapes.append((n, []))
+        return shapes
 
     @staticmethod
     def _warm_rows(logits) -> None:

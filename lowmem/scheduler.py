@@ -146,7 +146,7 @@ class Scheduler:
 
     def _warm_up(self) -> None:
         try:
-            self.warmup_s = self.batch.warm_up()
+            self.warmup_s = self.batch.warm_up(cancelled=lambda: self._stop)
         except Exception:   # noqa: BLE001 - serving still works, compiling as it goes
             log.exception("warm-up failed; shapes compile when first needed")
             for s in range(self.batch.max_batch):

@@ -261,3 +261,14 @@ def test_warm_up_compiles_every_shape_and_leaves_the_slots_clean(model, backend)
     want = [_solo(fresh, r) for r in reqs]
     for c, tokens in enumerate(got, 1):
         assert tokens == want[:c], c
+
+
+def test_warm_up_stops_when_cancelled(model):
+    """A shutdown during the warm-up: the next step is not run (nothing compiles)."""
+    batch, asked = BatchEngine(_engine(model, "host"), 3), []
+    with _Compiles() as warm:
+        batch.warm_up(cancelled=lambda: asked.append(1) or True)
+    assert warm.count == 0 and len(asked) == 2      # once before the chunks, once before decode
+    # padded with free slots to a batch size (1, 2, 4, 5), and unpadded where that differs
+    assert BatchEngine(batch.engine, 5)._decode_shapes() == [
+        (1, [1, 2, 3, 4]), (2, [2, 3, 4]), (3, [3, 4]), (3, []), (4, [4]), (5, [])]

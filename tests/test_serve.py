@@ -194,7 +194,7 @@ def test_health_and_requests_wait_for_the_warm_up(model_dir):
     rt = load(model_dir, **ENGINE)
     batch, release = BatchEngine(rt.engine, 2), threading.Event()
     real = batch.warm_up
-    batch.warm_up = lambda: (release.wait(60), real())[1]
+    batch.warm_up = lambda **kw: (release.wait(60), real(**kw))[1]
     with TestClient(create_app(Scheduler(batch), rt.tokenizer)) as c:
         r = c.get("/health")
         assert r.status_code == 503 and r.json() == {"status": "starting"}
