@@ -11,6 +11,14 @@ low nibble and row 2i+1 in its high nibble, both two's complement in [-8, 7].
 (``jnp.int4`` would take a whole byte per value on CPU, so we pack ourselves.)
 Scales are bf16, as in the release; quantization is symmetric (no zero point).
 
+An int4 weight may instead carry ``levels``: 16 integers in [-127, 127], the
+value each nibble stands for (nibble n means ``levels[n] * scale``). A
+non-uniform table puts more levels where weights are dense (near zero) and
+fewer in the tails: at the same 4.5 bits per weight it loses markedly less
+than the uniform grid on heavy-tailed weights (docs/FIDELITY.md). ``None``
+is the uniform two's complement grid above (nibble n means n, or n - 16 from
+8 on). Either way ``int_values`` gives the integer each weight stands for.
+
 QWeight is a JAX pytree (values and scales are leaves; bits and group size
 static), registered here where it is defined, so it travels through ``jax.jit``
 as numpy views, device arrays or tracers alike.
@@ -32,10 +40,15 @@ class QWeight:
     scales: np.ndarray  # bf16 (K // group_size, N)
     bits: int
     group_size: int
+    levels: tuple[int, ...] | None = None  # int4: nibble -> integer level; None = two's complement
 
     def __post_init__(self):
         if self.bits not in (4, 8):
             raise ValueError(f"bits must be 4 or 8, got {self.bits}")
+        if self.levels is not None:
+            if self.bits != 4:
+                raise ValueError("levels apply to int4 weights only")
+            check_levels(self.levels)
         if not (hasattr(self.values, "shape") and hasattr(self.scales, "shape")):
             return   # JAX rebuilds pytrees with placeholder leaves: nothing to check
         k, n = self.shape
@@ -55,8 +68,27 @@ class QWeight:
 
 
 jax.tree_util.register_pytree_node(
-    QWeight, lambda w: ((w.values, w.scales), (w.bits, w.group_size)),
+    QWeight, lambda w: ((w.values, w.scales), (w.bits, w.group_size, w.levels)),
     lambda aux, children: QWeight(*children, *aux))
+
+UNIFORM_LEVELS = tuple(range(8)) + tuple(range(-8, 0))   # what levels=None means, nibble order
+
+
+def check_levels(levels) -> tuple[int, ...]:
+    """A valid int4 level table as a tuple: 16 distinct integers in [-127, 127]."""
+    try:
+        table = tuple(int(v) for v in levels)
+    except (TypeError, ValueError):
+        raise ValueError(f"int4 levels must be 16 integers, got {levels!r}") from None
+    if (len(table) != 16 or len(set(table)) != 16 or any(v != lv for v, lv in zip(table, levels))
+            or any(not -127 <= v <= 127 for v in table)):
+        raise ValueError(f"int4 levels must be 16 distinct integers in [-127, 127], got {levels!r}")
+    return table
+
+
+def level_table(levels: tuple[int, ...] | None) -> np.ndarray:
+    """float32 (16,): the value of each nibble (the uniform grid for None)."""
+    return np.asarray(UNIFORM_LEVELS if levels is None else levels, np.float32)
 
 
 def pack_int4(q: np.ndarray) -> np.ndarray:
@@ -79,8 +111,13 @@ def unpack_int4(packed: np.ndarray) -> np.ndarray:
 
 
 def int_values(w: QWeight) -> np.ndarray:
-    """The integer values as int8 (K, N), unpacking int4."""
-    return unpack_int4(w.values) if w.bits == 4 else np.asarray(w.values)
+    """The integer values as int8 (K, N), unpacking int4 (through its level table)."""
+    if w.bits == 8:
+        return np.asarray(w.values)
+    q = unpack_int4(w.values)                                  # (K, N) int8 two's complement
+    if w.levels is None:
+        return q
+    return np.asarray(w.levels, np.int8)[q.view(np.uint8) & 0x0F]
 
 
 def dequantize(w: QWeight) -> np.ndarray:
