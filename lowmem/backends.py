@@ -237,7 +237,8 @@ class DeviceBackend:
         put = partial(jax.device_put, device=self.device)
         layers = []
         for layer in range(self.model.cfg.num_layers):
-            layers.append({role: QWeight(put(w.values), put(w.scales), w.bits, w.group_size)
+            layers.append({role: QWeight(put(w.values), put(w.scales), w.bits, w.group_size,
+                                         w.levels)
                            if isinstance(w, QWeight) else put(w)
                            for role, w in self.model.layer(layer).items()})
         return layers

@@ -25,8 +25,8 @@ DEMO_BITS = 4
 
 def _demo_settings() -> QuantSettings:
     """The quantizer's defaults for int4: the demo runs what a user's model would."""
-    from quant.pipeline import settings_group_size
-    return QuantSettings(DEMO_BITS, settings_group_size(DEMO_BITS, None))
+    from quant.pipeline import settings_for
+    return settings_for(DEMO_BITS)
 
 
 def _current(model_dir: Path) -> bool:

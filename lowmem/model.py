@@ -90,14 +90,19 @@ def rms_norm(cfg: GrokConfig, x: jax.Array, scale: jax.Array, precision: str = "
 
 
 def dequantize(w: QWeight, dtype=BF16) -> jax.Array:
-    """(K, N) weights from int8 or packed int4 values: ``int * scale`` rounded to dtype.
+    """(K, N) weights from int8 or packed int4 values: ``int * scale`` rounded to dtype
+    (int4 with a level table: ``levels[nibble] * scale``).
 
     The reference computes ``weight.astype(bf16) * scales`` in bf16, so the
     dequantized weights themselves are bf16 values; in fp32 the product of an
     int8 (or int4) and a bf16 scale is exact.
     """
     v = w.values
-    if w.bits == 4:
+    if w.bits == 4 and w.levels is not None:      # nibble -> its level (QWeight.levels)
+        table = jnp.asarray(w.levels, jnp.int8)                                   # (16,)
+        lo, hi = table[v & jnp.uint8(15)], table[v >> jnp.uint8(4)]               # (K/2, N) int8
+        v = jnp.stack([lo, hi], axis=1).reshape(v.shape[0] * 2, v.shape[1])      # (K, N)
+    elif w.bits == 4:
         as_i8 = lambda a: jax.lax.bitcast_convert_type(a, jnp.int8)  # noqa: E731
         lo = jax.lax.shift_right_arithmetic(as_i8(jax.lax.shift_left(v, jnp.uint8(4))), jnp.int8(4))
         hi = jax.lax.shift_right_arithmetic(as_i8(v), jnp.int8(4))

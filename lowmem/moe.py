@@ -54,11 +54,11 @@ def _chunk_rows(k: int, group: int, n: int, itemsize: int, chunk_bytes: int = CH
 
 
 def _chunked_matmul(x: jax.Array, n: int, group: int, bits: int, read,
-                    chunk_bytes: int = CHUNK_BYTES) -> jax.Array:
+                    chunk_bytes: int = CHUNK_BYTES, levels=None) -> jax.Array:
     """x (T, K) @ W (K, N) -> fp32 (T, N), W dequantized one chunk of rows at a time.
 
     ``read(i, rows)`` returns chunk i of W: ``(values, scales)`` of its ``rows``
-    input rows. W is dequantized exactly in
+    input rows (int4 ``levels``: QWeight.levels). W is dequantized exactly in
     fp32; only one chunk of it ever is (``chunk_bytes``), so a call's
     temporaries stay a small fraction of the weight instead of several times
     it; partial products are summed in fp32.
@@ -68,7 +68,7 @@ def _chunked_matmul(x: jax.Array, n: int, group: int, bits: int, read,
 
     def body(i, acc):
         q, s = read(i, rows)
-        w = M.dequantize(QWeight(q, s, bits, min(rows, group)), jnp.float32)  # (rows, N)
+        w = M.dequantize(QWeight(q, s, bits, min(rows, group), levels), jnp.float32)  # (rows, N)
         xc = jax.lax.dynamic_slice_in_dim(x, i * rows, rows, axis=1)      # (T, rows)
         return acc + jnp.dot(xc.astype(jnp.float32), w,
                              precision=jax.lax.Precision.HIGHEST)         # (T, N) fp32
@@ -86,7 +86,7 @@ def chunked_qmatmul(x: jax.Array, slots, slot, values: TensorEntry,
         q = _slot_rows(slots, slot, values, i * vrows, vrows)              # (vrows, N)
         s = _slot_rows(slots, slot, scales, (i * rows) // group, max(rows // group, 1))
         return q, s                                                         # s (srows, N) bf16
-    return _chunked_matmul(x, values.shape[1], group, bits, read)
+    return _chunked_matmul(x, values.shape[1], group, bits, read, levels=values.levels)
 
 
 def chunked_linear(x: jax.Array, w, precision: str = "bf16") -> jax.Array:
@@ -110,7 +110,7 @@ def chunked_linear(x: jax.Array, w, precision: str = "bf16") -> jax.Array:
         s = jax.lax.dynamic_slice_in_dim(w.scales, (i * rows) // group,
                                          max(rows // group, 1), 0)          # (srows, N) bf16
         return q, s
-    return _chunked_matmul(x, w.values.shape[1], group, bits, read, LINEAR_CHUNK_BYTES)
+    return _chunked_matmul(x, w.values.shape[1], group, bits, read, LINEAR_CHUNK_BYTES, w.levels)
 
 
 def expert_ffn_slot(x: jax.Array, slots, slot, parts: tuple[TensorEntry, ...]) -> jax.Array:

@@ -21,9 +21,9 @@ from pathlib import Path
 from lowmem import cli
 from quant.config import PRESETS, GrokConfig
 from quant.checkpoint import CheckpointError
-from quant.packed import PackedFormatError, QuantSettings, verify_model
-from quant.pipeline import (DEFAULT_GROUP_SIZE, PER_CHANNEL, Progress, QuantizeError,
-                            quantize_checkpoint, settings_group_size)
+from quant.packed import PackedFormatError, verify_model
+from quant.pipeline import (DEFAULT_GROUP_SIZE, DEFAULT_INT4_LEVELS, INT4_LEVELS, PER_CHANNEL,
+                            Progress, QuantizeError, quantize_checkpoint, settings_for)
 
 log = logging.getLogger("lowmem.quantize")
 
@@ -59,6 +59,11 @@ def build_parser(prog: str = "python -m lowmem.quantize") -> argparse.ArgumentPa
                    help=f"--bits 4 only: one scale per G input rows (e.g. 128, 64, 32; must "
                         f"divide the model widths), or '{PER_CHANNEL}': one per output channel "
                         f"(default {DEFAULT_GROUP_SIZE})")
+    p.add_argument("--int4-levels", choices=sorted(INT4_LEVELS),
+                   help=f"--bits 4 with groups: the 16 values a nibble stands for, "
+                        f"'{DEFAULT_INT4_LEVELS}' (default: non-uniform, denser near zero, "
+                        f"less error at the same bytes) or 'uniform' (-8..7; per channel "
+                        f"always)")
     p.add_argument("--attention", choices=("int8", "bf16"), default="int8",
                    help="attention weights: int8 as released (default) or dequantized bf16")
     p.add_argument("--tokenizer", type=Path, metavar="PATH",
@@ -156,12 +161,7 @@ def run_quantize(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
         parser.error(f"missing {', '.join(missing)} (or use --verify MODEL_DIR)")
     cfg = load_config(args)
     try:
-        if args.bits == 8 and args.group_size is not None:
-            raise ValueError("--group-size applies to --bits 4 only (int8 keeps the release "
-                             "scales)")
-        settings = QuantSettings(bits=args.bits,
-                                 group_size=settings_group_size(args.bits, args.group_size),
-                                 attention=args.attention)
+        settings = settings_for(args.bits, args.group_size, args.int4_levels, args.attention)
     except ValueError as e:
         raise QuantizeError(str(e)) from None
     progress = BarProgress() if sys.stderr.isatty() else LogProgress()

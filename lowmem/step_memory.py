@@ -40,7 +40,8 @@ def _abstract_layer(cfg: GrokConfig, settings: QuantSettings) -> dict:
         arr = SDS(e.shape, jnp.dtype(e.dtype))
         if e.part == "values":
             s = entries[e.name[:-len("values")] + "scales"]
-            out[e.role] = QWeight(arr, SDS(s.shape, jnp.bfloat16), e.bits, e.group_size)
+            out[e.role] = QWeight(arr, SDS(s.shape, jnp.bfloat16), e.bits, e.group_size,
+                                  e.levels)
         else:
             out[e.role] = arr
     return out

@@ -32,12 +32,13 @@ from pathlib import Path
 import numpy as np
 
 from quant.config import GrokConfig
-from quant.qweight import BF16, QWeight
+from quant.qweight import BF16, QWeight, check_levels
 from quant.spec import (ATTENTION_ROLES, EXPERT_ROLES, WeightSpec, expert_tensor_name, global_specs,
                         layer_specs, layers_in_file_order)
 
 FORMAT_MAGIC = "lowmem-grok1-packed"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3         # 3: int4 level tables (QuantSettings.int4_levels, TensorEntry.levels)
+READABLE_VERSIONS = (2, 3)  # a format 2 model reads as format 3 with no level tables
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.model"
 SEAL = "manifest_sha256"   # SHA-256 of the manifest's canonical JSON without this key
@@ -68,10 +69,16 @@ class QuantSettings:
     bits: int = 8                 # expert bits: 8 (release values) or 4
     group_size: int | None = None  # int4: input rows per scale; None = per output channel
     attention: str = "int8"        # 'int8' as released, or 'bf16'
+    int4_levels: tuple[int, ...] | None = None  # int4 groups: nibble -> level (QWeight.levels)
 
     def __post_init__(self):
         if self.bits not in (4, 8):
             raise ValueError(f"bits must be 8 or 4, got {self.bits}")
+        if self.int4_levels is not None:
+            if self.bits != 4 or self.group_size is None:
+                raise ValueError("int4 levels apply to --bits 4 with groups (not per channel)")
+            # a JSON list from the manifest becomes the hashable tuple QWeight keeps
+            object.__setattr__(self, "int4_levels", check_levels(self.int4_levels))
         if self.bits == 8 and self.group_size is not None:
             raise ValueError("--group-size applies to --bits 4 only (int8 keeps the release scales)")
         if self.group_size is not None and (self.group_size < 2 or self.group_size % 2):
@@ -105,6 +112,7 @@ class TensorEntry:
     part: str = "data"        # 'values', 'scales' or 'data'
     bits: int | None = None
     group_size: int | None = None
+    levels: tuple[int, ...] | None = None  # int4 values with a level table (QWeight.levels)
 
     @property
     def nbytes(self) -> int:
@@ -148,7 +156,8 @@ def expert_block_layout(cfg: GrokConfig, settings: QuantSettings) -> tuple[tuple
         group = settings.expert_group_size(spec)
         for part, shape, dtype in _quantized_parts(spec, settings.bits, group):
             block.add(name=f"{role}.{part}", shape=shape, dtype=dtype, role=role, part=part,
-                      bits=settings.bits, group_size=group)
+                      bits=settings.bits, group_size=group,
+                      levels=settings.int4_levels if part == "values" else None)
     return tuple(block.entries), _round_up(block.size, ALIGN)
 
 
@@ -209,6 +218,10 @@ def checksum(buf) -> int:
 
 def entry_to_json(entry: TensorEntry, crc: int | None) -> dict:
     d = asdict(entry)
+    if entry.levels is None:
+        del d["levels"]           # format 2 rows have no levels: uniform int4 or int8
+    else:
+        d["levels"] = list(entry.levels)
     d["shape"] = list(entry.shape)
     d["nbytes"] = entry.nbytes
     d["crc32"] = crc
@@ -273,7 +286,7 @@ def expert_weights(buf: np.ndarray, parts: list[TensorEntry]) -> dict[str, QWeig
     for p in parts:
         arrays[(p.role, p.part)] = (buf[p.offset:p.offset + p.nbytes]
                                     .view(DTYPES[p.dtype]).reshape(p.shape))
-    groups = {p.role: (p.bits, p.group_size) for p in parts}
+    groups = {p.role: (p.bits, p.group_size, p.levels) for p in parts if p.part == "values"}
     return {role: QWeight(arrays[(role, "values")], arrays[(role, "scales")], *groups[role])
             for role in EXPERT_ROLES}
 
@@ -286,8 +299,9 @@ def _check_manifest(model_dir: Path, manifest: dict) -> tuple[GrokConfig, QuantS
     if manifest.get("magic") != FORMAT_MAGIC:
         raise PackedFormatError(f"{path}: expected magic {FORMAT_MAGIC!r}, "
                                 f"found {manifest.get('magic')!r}")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise PackedFormatError(f"{path}: expected format_version {FORMAT_VERSION}, "
+    if manifest.get("format_version") not in READABLE_VERSIONS:
+        raise PackedFormatError(f"{path}: expected format_version "
+                                f"{' or '.join(map(str, READABLE_VERSIONS))}, "
                                 f"found {manifest.get('format_version')!r}")
     try:
         digest = manifest_digest(manifest)
@@ -431,7 +445,7 @@ class PackedModel:
         values, scales = self._by_name[name + ".values"], self._by_name[name + ".scales"]
         views = [self.view(values), self.view(scales)]
         self._check_once(name, [values, scales], views)
-        return QWeight(*views, values.bits, values.group_size)
+        return QWeight(*views, values.bits, values.group_size, values.levels)
 
     def embed(self) -> np.ndarray:
         return self._weight(global_specs(self.cfg)["embed"].name)  # bf16 (V, D)

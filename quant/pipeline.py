@@ -34,6 +34,7 @@ from quant.bf16 import to_bf16
 from quant.checkpoint import QuantizedWeight8bit, dequantize, read_tensor
 from quant.ckpt_config import check_finite, resolve_config
 from quant.int4 import ANCHORS, LS_STEPS, REFINE, clip_ratios_for, quantize_int4
+from quant.int4_levels import STUDENT_T_LEVELS, quantize_levels
 from quant.pack_writer import (RECORD_SUFFIX, Unit, UnitWriter, load_valid_record, plan_units,
                                write_record)
 from quant.outlock import OutputLock, OutputLocked
@@ -52,6 +53,11 @@ FINGERPRINT_WINDOWS = 16        # 64 KiB windows per checkpoint file in its fing
 # (docs/FIDELITY.md): 0.6x the KL to int8 for 12% more expert bytes per token.
 DEFAULT_GROUP_SIZE = 32
 PER_CHANNEL = "channel"         # the option value asking for one scale per output channel
+# int4 level tables by option name; the default for groups: non-uniform levels
+# (quant/int4_levels.py), 0.6x the uniform grid's KL to int8 on heavy-tailed
+# weights at the same bytes (docs/FIDELITY.md). Per channel is uniform only.
+INT4_LEVELS = {"student-t": STUDENT_T_LEVELS, "uniform": None}
+DEFAULT_INT4_LEVELS = "student-t"
 
 
 def settings_group_size(bits: int, requested: int | str | None) -> int | None:
@@ -63,6 +69,24 @@ def settings_group_size(bits: int, requested: int | str | None) -> int | None:
     if requested is None:
         return DEFAULT_GROUP_SIZE if bits == 4 else None
     return int(requested)
+
+
+def settings_for(bits: int, group_size: int | str | None = None, int4_levels: str | None = None,
+                 attention: str = "int8") -> QuantSettings:
+    """QuantSettings from the quantize options, defaults applied: int4 groups of
+    DEFAULT_GROUP_SIZE with DEFAULT_INT4_LEVELS; ValueError (one line) on a bad mix."""
+    if bits == 8 and (group_size is not None or int4_levels is not None):
+        raise ValueError("--group-size and --int4-levels apply to --bits 4 only (int8 keeps "
+                         "the release values)")
+    group = settings_group_size(bits, group_size)
+    if int4_levels is not None and int4_levels not in INT4_LEVELS:
+        raise ValueError(f"--int4-levels: expected one of {', '.join(INT4_LEVELS)}, "
+                         f"found {int4_levels!r}")
+    if group is None and INT4_LEVELS.get(int4_levels) is not None:
+        raise ValueError(f"--int4-levels {int4_levels} needs groups (--group-size G): per "
+                         f"channel uses the uniform grid")
+    name = int4_levels or (DEFAULT_INT4_LEVELS if bits == 4 and group is not None else "uniform")
+    return QuantSettings(bits, group, attention, INT4_LEVELS[name])
 
 
 class QuantizeError(ValueError):
@@ -96,6 +120,9 @@ def _expert_outputs(spec: WeightSpec, value: QuantizedWeight8bit, settings: Quan
         base = expert_tensor_name(spec.layer, spec.role, e)
         if settings.bits == 8:                  # pass-through: the release's bytes
             values, scales, err = value.weight[e], value.scales[e], 0.0
+        elif settings.int4_levels is not None:
+            res = quantize_levels(value.weight[e], value.scales[e], group, settings.int4_levels)
+            values, scales, err = res.weight.values, res.weight.scales, res.rel_error
         else:
             res = quantize_int4(value.weight[e], value.scales[e], group)
             values, scales, err = res.weight.values, res.weight.scales, res.rel_error
@@ -406,7 +433,13 @@ def _write_manifest(partial: Path, cfg: GrokConfig, settings: QuantSettings,
     extra = {"quant_error": errors, "quant_error_summary": error_summary(cfg, errors),
              "tokenizer": TOKENIZER if tokenizer is not None else None,
              "tokenizer_sha256": file_sha256(partial / TOKENIZER) if tokenizer else None}
-    if settings.bits == 4:
+    if settings.int4_levels is not None:
+        extra["int4_method"] = {
+            "rounding": "each weight to the nearest of the 16 levels times its group's scale",
+            "scale": "bf16(signed extreme * r / level) for the extreme levels and clip ratios "
+                     "r, then least-squares rescalings; the least squared error per (group, "
+                     "column)", "levels": list(settings.int4_levels)}
+    elif settings.bits == 4:
         extra["int4_method"] = {
             "rounding": "symmetric, round half to even, clipped to [-8, 7]",
             "scale": "bf16(amax * r / 7) or bf16(signed extreme * r / -8), then least-squares "

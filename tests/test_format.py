@@ -25,6 +25,7 @@ from quant.config import GrokConfig, preset
 from quant.packed import (ALIGN, FORMAT_MAGIC, FORMAT_VERSION, MANIFEST, PART_ALIGN,
                           QuantSettings, entry_to_json, expert_block_layout, file_sizes,
                           tensor_layout)
+from quant.int4_levels import STUDENT_T_LEVELS
 from quant.qweight import BF16, QWeight, dequantize, pack_int4
 
 try:
@@ -40,6 +41,7 @@ SETTINGS = {
     "int4": QuantSettings(4),
     "int4-g32": QuantSettings(4, 32),
     "int8-bf16attn": QuantSettings(8, attention="bf16"),
+    "int4-g32-levels": QuantSettings(4, 32, int4_levels=STUDENT_T_LEVELS),
 }
 
 # FORMAT_VERSION -> label -> SHA-256 of layout_json(preset("tiny"), settings).
@@ -56,6 +58,15 @@ PINNED_LAYOUT = {
         "int4": "6010cf3696e9c786b7fa5c5b5142dce4990140d863dc2c3a1de2c3ec95701b62",
         "int4-g32": "e66d6a0ced0a77d167418f13d13b7304ae3ebab23828461f4568545c865f1a8e",
         "int8-bf16attn": "789c0c833db3ee3fe5b608061be38178fc6ef1e2d27ea935da64290db2d4ea89",
+    },
+    # Version 3 adds int4 level tables (quant.int4_levels, the rows' `levels`); a model
+    # without them has version 2's layout.
+    3: {
+        "int8": "c18b3bf47b7fba6a009d96efd38d08dcc94d167087020d483b62ffd3161f9a01",
+        "int4": "6010cf3696e9c786b7fa5c5b5142dce4990140d863dc2c3a1de2c3ec95701b62",
+        "int4-g32": "e66d6a0ced0a77d167418f13d13b7304ae3ebab23828461f4568545c865f1a8e",
+        "int8-bf16attn": "789c0c833db3ee3fe5b608061be38178fc6ef1e2d27ea935da64290db2d4ea89",
+        "int4-g32-levels": "14268244fa4e6ff4b1c186d2d9e3d2a37fa79f6902bd82d57a907c0af3ba18b6",
     },
 }
 
@@ -227,6 +238,14 @@ def test_int4_nibble_example_in_doc(doc):
     w = QWeight(packed, np.array([[0.5]], BF16), 4, 2)
     assert dequantize(w).tolist() == [[-1.5], [2.5]]
     assert "0x5D" in doc and "-1.5" in doc and "2.5" in doc
+
+
+def test_int4_levels_example_in_doc(doc):
+    """The same byte with the default level table: nibbles 13 and 5 -> 67 and -29."""
+    w = QWeight(np.array([[0x5D]], np.uint8), np.array([[0.5]], BF16), 4, 2, STUDENT_T_LEVELS)
+    assert dequantize(w).tolist() == [[33.5], [-14.5]]
+    assert "`L[13]` = 67 and `L[5]` = -29" in doc and "33.5 and -14.5" in doc
+    assert str(list(STUDENT_T_LEVELS)) in doc
 
 
 if __name__ == "__main__":

@@ -120,8 +120,9 @@ def test_demo_model_is_rebuilt_when_the_default_settings_change(demo_model, tiny
     """The embedded default runs the quantizer's current int4 defaults: a demo directory
     quantized otherwise (here groups of 64, the old demo setting) is not current."""
     from lowmem import demo
-    from quant.pipeline import DEFAULT_GROUP_SIZE
-    assert demo._demo_settings() == QuantSettings(4, DEFAULT_GROUP_SIZE)
+    from quant.pipeline import DEFAULT_GROUP_SIZE, DEFAULT_INT4_LEVELS, INT4_LEVELS
+    assert demo._demo_settings() == QuantSettings(4, DEFAULT_GROUP_SIZE, int4_levels=INT4_LEVELS[
+        DEFAULT_INT4_LEVELS])
     assert not demo._current(demo_model)                       # int4 g64
     quantize_checkpoint(tiny_ckpt, tmp_path / "m", tiny_cfg, demo._demo_settings())
     assert demo._current(tmp_path / "m")

@@ -22,7 +22,7 @@ from lowmem.requant import dense_params, q4_0
 from quant.config import preset
 from quant.int4 import POSITIVE, quantize_int4
 from quant.packed import PackedModel, QuantSettings
-from quant.pipeline import quantize_checkpoint, settings_group_size
+from quant.pipeline import quantize_checkpoint, settings_for
 from quant.qweight import dequantize
 from quant.synthetic import HeavyTails, write_checkpoint
 
@@ -35,7 +35,7 @@ def heavy(tmp_path_factory):
     root = tmp_path_factory.mktemp("heavy12")
     cfg = preset("tiny-12")
     ckpt = write_checkpoint(cfg, root / "ckpt-0", seed=0, tails=HeavyTails(4.0))
-    default = QuantSettings(4, settings_group_size(4, None))       # what the CLI writes
+    default = settings_for(4)                                     # what the CLI writes
     quantize_checkpoint(ckpt, root / "int8", cfg, QuantSettings(8))
     quantize_checkpoint(ckpt, root / "int4", cfg, default)
     return (cfg, dense_params(PackedModel.open(root / "int8")),

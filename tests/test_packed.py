@@ -7,19 +7,22 @@ import numpy as np
 import pytest
 
 from quant.config import preset
-from quant.packed import (ALIGN, FORMAT_VERSION, MANIFEST, PART_ALIGN, IntegrityError,
+from quant.int4_levels import STUDENT_T_LEVELS
+from quant.packed import (ALIGN, MANIFEST, PART_ALIGN, IntegrityError,
                           PackedFormatError, PackedModel, QuantSettings, checksum,
                           entry_to_json, expert_block_layout, file_sizes, seal_manifest,
                           tensor_layout, verify_model)
 from quant.pipeline import quantize_checkpoint
+from quant.qweight import dequantize
 from quant.spec import checkpoint_specs
 
 SETTINGS = [QuantSettings(8), QuantSettings(4), QuantSettings(4, 32),
-            QuantSettings(8, attention="bf16")]
+            QuantSettings(8, attention="bf16"),
+            QuantSettings(4, 32, int4_levels=STUDENT_T_LEVELS)]
 
 
 def _ids(s):
-    return f"b{s.bits}-g{s.group_size}-{s.attention}"
+    return f"b{s.bits}-g{s.group_size}-{s.attention}" + ("-lv" if s.int4_levels else "")
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +126,10 @@ def _edit_manifest(path, fn, seal=True):
 
 @pytest.mark.parametrize("damage, pattern", [
     (lambda m: m.update(magic="something-else"), "expected magic"),
-    (lambda m: m.update(format_version=99), f"expected format_version {FORMAT_VERSION}, found 99"),
+    (lambda m: m.update(format_version=99), "expected format_version 2 or 3, found 99"),
+    (lambda m: m.update(format_version=1), "expected format_version 2 or 3, found 1"),
+    (lambda m: m["quant"].update(int4_levels=[0] * 16), "int4 levels must be 16 distinct"),
+    (lambda m: m["quant"].update(int4_levels=list(range(-8, 8))), r"fields \['levels'\] differ"),
     (lambda m: m.update(tensors=None), "expected 'tensors' to be a list of objects"),
     (lambda m: m["tensors"].__setitem__(3, [1]), "expected 'tensors' to be a list of objects"),
     (lambda m: m["tensors"][7].update(crc32=-1), "expected an unsigned 32-bit crc32"),
@@ -139,6 +145,19 @@ def test_open_rejects_bad_manifest(model_dir, tmp_path, damage, pattern):
     with pytest.raises(PackedFormatError, match=pattern) as exc:
         PackedModel.open(bad)
     assert str(bad / MANIFEST) in str(exc.value)
+
+
+def test_format_2_manifest_reads_as_uniform_int4(model_dir, tmp_path):
+    """A version 2 manifest (no int4_levels) is a version 3 model without level tables."""
+    old = damaged_copy(model_dir, tmp_path)
+
+    def to_v2(m):
+        m.update(format_version=2)
+        del m["quant"]["int4_levels"]
+    _edit_manifest(old / MANIFEST, to_v2)
+    a, b = PackedModel.open(model_dir).expert(1, 2), PackedModel.open(old).expert(1, 2)
+    assert b.gate.levels is None and PackedModel.open(old).settings == QuantSettings(4, 32)
+    np.testing.assert_array_equal(dequantize(a.down), dequantize(b.down))
 
 
 def test_open_refuses_any_unsealed_edit(model_dir, tmp_path):

@@ -87,16 +87,18 @@ def check_disk(workdir: Path, need: int, what: str) -> None:
 
 def default_settings(bits: int) -> QuantSettings:
     """What ``lowmem quantize --bits B`` writes with no other option (int4: groups of
-    ``quant.pipeline.DEFAULT_GROUP_SIZE``)."""
-    from quant.pipeline import settings_group_size
-    return QuantSettings(bits, settings_group_size(bits, None))
+    ``quant.pipeline.DEFAULT_GROUP_SIZE`` with the default level table)."""
+    from quant.pipeline import settings_for
+    return settings_for(bits)
 
 
 def model_name(layers: int, settings: QuantSettings) -> str:
-    """grok1-L2-int8, grok1-L2-int4-g32 (per channel: grok1-L2-int4): the settings are
-    in the name, so a cached model of other settings is never reused."""
+    """grok1-L2-int8, grok1-L2-int4-g32 (per channel: grok1-L2-int4; with a level table:
+    grok1-L2-int4-g32-lv): the settings are in the name, so a cached model of other
+    settings is never reused."""
     group = f"-g{settings.group_size}" if settings.group_size else ""
-    return f"grok1-L{layers}-int{settings.bits}{group}"
+    levels = "-lv" if settings.int4_levels else ""
+    return f"grok1-L{layers}-int{settings.bits}{group}{levels}"
 
 
 def build_models(args) -> list[Path]:
