@@ -19,4 +19,278 @@ is the n-th smallest level.
 """
 from __future__ import annotations
 
+import math
+
+import numpy as np
+from numba import njit, prange
+
+from quant.bf16 import round_bf16_scalar
+from quant.int4 import COL_TILE, Int4Result
+from quant.qweight import BF16, QWeight, check_levels
+
 STUDENT_T_LEVELS = (-127, -97, -75, -57, -42, -29, -17, -6, 4, 14, 25, 37, 51, 67, 86, 111)
+# Stage 1: the signed extreme is put on the smallest level (its sign flipped) or on the
+# largest one, times each clip ratio; chain order: ratio-major, smallest level first.
+CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8)
+LS_STEPS = 2       # least-squares rescalings per stage-1 candidate
+MAX_GROUP = 256    # keeps every per-group integer sum exact in float32 (see _score)
+
+
+@njit(cache=True)
+def _load_tile(w, ws, rb, r0, r1, c0, cw):
+    """Rows r0..r1, columns c0.. as float32 ``v`` (rows, cw) and one scale per column
+    ``s`` (cw,), so that the weights are ``v * s`` exactly: int8 values with their
+    row block's scale (the group lies inside one block), or fp32 values with s = 1."""
+    v = np.empty((r1 - r0, cw), np.float32)                  # (g, cw) f32
+    for k in range(r0, r1):
+        wr, vr = w[k, c0:c0 + cw], v[k - r0]
+        for j in range(cw):
+            vr[j] = np.float32(wr[j])
+    s = np.empty(cw, np.float32)
+    s[:] = ws[r0 // rb, c0:c0 + cw]
+    return v, s
+
+
+@njit(cache=True)
+def _extreme(v, s):
+    """Per column, the signed value of largest magnitude of ``v * s``; the negative
+    one when +a and -a tie (an order-free rule)."""
+    cw = v.shape[1]
+    hi, lo = np.zeros(cw, np.float32), np.zeros(cw, np.float32)
+    for k in range(v.shape[0]):
+        vr = v[k]
+        for j in range(cw):
+            x = vr[j] * s[j]
+            hi[j] = x if x > hi[j] else hi[j]
+            lo[j] = x if x < lo[j] else lo[j]
+    ext = np.empty(cw, np.float32)
+    for j in range(cw):
+        ext[j] = lo[j] if -lo[j] >= hi[j] else hi[j]
+    return ext
+
+
+@njit(cache=True)
+def _thresholds(d, mids):
+    """For scales ``d`` (cw,): the sign factor (cw,) and thresholds (15, cw)
+    ``mid_i * |d|`` (exact products: a half-integer of at most 9 bits times a bf16).
+    A zero scale codes as if it were 1 (its dequantized values are 0 anyway)."""
+    cw = len(d)
+    sg = np.empty(cw, np.float32)
+    thr = np.empty((15, cw), np.float32)                      # (15, cw) f32
+    for j in range(cw):
+        a = abs(d[j]) if d[j] != 0 else np.float32(1.0)
+        sg[j] = np.float32(-1.0) if d[j] < 0 else np.float32(1.0)
+        for i in range(15):
+            thr[i, j] = mids[i] * a
+    return sg, thr
+
+
+@njit(cache=True)
+def _rows(thr, steps):
+    """The 15 thresholds as a tuple of rows and the 15 steps as a tuple of scalars,
+    for _level's constant indexing."""
+    return ((thr[0], thr[1], thr[2], thr[3], thr[4], thr[5], thr[6], thr[7], thr[8],
+             thr[9], thr[10], thr[11], thr[12], thr[13], thr[14]),
+            (steps[0], steps[1], steps[2], steps[3], steps[4], steps[5], steps[6], steps[7],
+             steps[8], steps[9], steps[10], steps[11], steps[12], steps[13], steps[14]))
+
+
+@njit(inline="always", cache=True)
+def _level(x, j, t, e, base):
+    """The level nearest to x / d, for x = value * sign(d): ``base`` (the smallest
+    level) plus every step ``e[i]`` whose threshold ``t[i][j]`` x exceeds (exact
+    comparisons; a tie stays below). With ``e`` all ones and base 0: the level's
+    index in the sorted table.
+
+    Written out as a tree over constant indexes so that the caller's column loop
+    vectorizes (a loop over the thresholds, or a table lookup, does not: LLVM
+    then gathers along the thresholds or gives up)."""
+    z = np.float32(0.0)
+    return (((((e[0] if x > t[0][j] else z) + (e[1] if x > t[1][j] else z))
+              + ((e[2] if x > t[2][j] else z) + (e[3] if x > t[3][j] else z)))
+             + (((e[4] if x > t[4][j] else z) + (e[5] if x > t[5][j] else z))
+                + ((e[6] if x > t[6][j] else z) + (e[7] if x > t[7][j] else z))))
+            + ((((e[8] if x > t[8][j] else z) + (e[9] if x > t[9][j] else z))
+                + ((e[10] if x > t[10][j] else z) + (e[11] if x > t[11][j] else z)))
+               + (((e[12] if x > t[12][j] else z) + (e[13] if x > t[13][j] else z))
+                  + ((e[14] if x > t[14][j] else z) + base))))
+
+
+@njit(cache=True, error_model="numpy")
+def _score(v, s, d, mids, lev0, steps):
+    """Per column, for the codes of scale ``d``: (sum v q, sum q^2) as float64.
+
+    Summed in float32 in row order: for int8 input (integer v, |v q| <= 128 * 127,
+    at most MAX_GROUP rows) every term and partial sum is an exact integer below
+    2**24, so the sums are exact; fp32 input rounds each product and partial sum
+    to float32 (a fixed order: the test's reference reproduces it)."""
+    cw = v.shape[1]
+    sg, thr = _thresholds(d, mids)
+    t, e = _rows(thr, steps)
+    vq, qq = np.zeros(cw, np.float32), np.zeros(cw, np.float32)
+    for k in range(v.shape[0]):
+        vr = v[k]
+        for j in range(cw):
+            q = _level(vr[j] * s[j] * sg[j], j, t, e, lev0)
+            vq[j] += vr[j] * q
+            qq[j] += q * q
+    return vq.astype(np.float64), qq.astype(np.float64)
+
+
+@njit(cache=True)
+def _sum_squares(v):
+    """Per column sum v^2, float64 (exact for int8 values)."""
+    out = np.zeros(v.shape[1], np.float64)
+    for k in range(v.shape[0]):
+        vr = v[k]
+        for j in range(v.shape[1]):
+            out[j] += np.float64(vr[j]) * vr[j]
+    return out
+
+
+@njit(cache=True)
+def _err_and_ls(s, d, vv, vq, qq, err, nxt):
+    """Per column: the squared error of scale ``d`` from the sums (float64,
+    ``xx - 2 d xq + d^2 qq`` with xx = s^2 vv and xq = s vq), and the least-squares
+    rescaling ``bf16(f32(xq / qq))`` (``d`` itself where every level is 0)."""
+    for j in range(len(d)):
+        s64, d64 = np.float64(s[j]), np.float64(d[j])
+        xx, xq = s64 * s64 * vv[j], s64 * vq[j]
+        err[j] = xx - 2.0 * d64 * xq + d64 * d64 * qq[j]
+        nxt[j] = round_bf16_scalar(np.float32(xq / qq[j])) if qq[j] > 0 else d[j]
+        if nxt[j] == 0:
+            nxt[j] = np.float32(0.0)                             # stored as +0
+
+
+@njit(cache=True)
+def _search_tile(v, s, ratios, ls_steps, levels_sorted, mids):
+    """The search of this module's docstring for one tile: best scale per column."""
+    cw = v.shape[1]
+    lev0 = levels_sorted[0]
+    steps = levels_sorted[1:] - levels_sorted[:-1]
+    ext = _extreme(v, s)
+    vv = _sum_squares(v)
+    best = np.zeros(cw, np.float32)
+    best_err = np.full(cw, np.inf)
+    err, nxt = np.empty(cw, np.float64), np.empty(cw, np.float32)
+    d = np.empty(cw, np.float32)
+    for r in ratios:
+        for anchor in (levels_sorted[0], levels_sorted[-1]):
+            for j in range(cw):
+                d[j] = round_bf16_scalar(ext[j] * r / anchor)
+                d[j] = np.float32(0.0) if d[j] == 0 else d[j]
+            for step in range(ls_steps + 1):
+                vq, qq = _score(v, s, d, mids, lev0, steps)
+                _err_and_ls(s, d, vv, vq, qq, err, nxt)
+                for j in range(cw):
+                    if err[j] < best_err[j]:
+                        best[j], best_err[j] = d[j], err[j]
+                moved = False
+                for j in range(cw):
+                    moved |= nxt[j] != d[j]
+                if not moved:
+                    break          # every column converged: later steps repeat this one
+                d[:] = nxt
+    return best
+
+
+@njit(cache=True, error_model="numpy")
+def _pack_tile(v, s, d, mids, levels_sorted, nibble_of, r0, c0, packed):
+    """Codes of the chosen scales, packed two per byte (even row low nibble);
+    returns (sum (w - dequantized)^2, sum w^2) in float64."""
+    cw = v.shape[1]
+    sg, thr = _thresholds(d, mids)
+    t, ones = _rows(thr, np.ones(15, np.float32))
+    code = np.empty((2, cw), np.intp)
+    err = norm = 0.0
+    for k in range(0, v.shape[0], 2):
+        for h in range(2):
+            vr = v[k + h]
+            for j in range(cw):
+                x = vr[j] * s[j]
+                code[h, j] = np.intp(_level(x * sg[j], j, t, ones, np.float32(0.0)))
+        for h in range(2):
+            for j in range(cw):
+                x = v[k + h, j] * s[j]
+                e = np.float64(x) - np.float64(levels_sorted[code[h, j]]) * d[j]
+                err += e * e
+                norm += np.float64(x) * x
+        out = packed[(r0 + k) // 2, c0:c0 + cw]
+        for j in range(cw):
+            out[j] = np.uint8(nibble_of[code[0, j]] | (nibble_of[code[1, j]] << 4))
+    return err, norm
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _levels_kernel(w, ws, group, ratios, ls_steps, levels_sorted, nibble_of, packed,
+                   scales, err_parts, norm_parts):
+    """All (group, column tile) tiles in parallel; per-tile error sums, fixed order."""
+    k_n, n = w.shape
+    rb = k_n // ws.shape[0]
+    mids = (levels_sorted[1:] + levels_sorted[:-1]) * np.float32(0.5)
+    tiles_n = (n + COL_TILE - 1) // COL_TILE
+    for t in prange((k_n // group) * tiles_n):
+        gi, ci = t // tiles_n, t % tiles_n
+        r0, c0 = gi * group, ci * COL_TILE
+        cw = min(COL_TILE, n - c0)
+        v, s = _load_tile(w, ws, rb, r0, r0 + group, c0, cw)
+        d = _search_tile(v, s, ratios, ls_steps, levels_sorted, mids)
+        scales[gi, c0:c0 + cw] = d
+        err_parts[t], norm_parts[t] = _pack_tile(v, s, d, mids, levels_sorted, nibble_of,
+                                                 r0, c0, packed)
+
+
+def quantize_levels(values: np.ndarray, scales: np.ndarray | None, group_size: int | None,
+                    levels=STUDENT_T_LEVELS, clip_ratios: tuple[float, ...] = CLIP_RATIOS,
+                    ls_steps: int = LS_STEPS) -> Int4Result:
+    """int4 QWeight of a (K, N) matrix on the level table ``levels`` (nibble n stands
+    for ``levels[n] * scale``).
+
+    Same input contract as ``quant.int4.quantize_int4``: int8 (K, N) ``values`` with
+    bf16/fp32 (B, N) row-block ``scales`` (B divides K), or fp32 (K, N) with
+    ``scales=None``. Groups only: ``group_size`` must be even, divide K and be at most
+    MAX_GROUP (per-channel scales are not offered with levels, and larger groups would
+    lose the exactness of the float32 sums). Returns the weight (bf16 scales
+    (K // group_size, N), ``levels`` recorded) and its squared error sums."""
+    table = check_levels(levels)
+    k, n = values.shape
+    if group_size is None or not 2 <= group_size <= MAX_GROUP:
+        raise ValueError(f"group size {group_size}: level tables need groups of 2 to "
+                         f"{MAX_GROUP} rows (per-channel scales are not supported with levels)")
+    if k % group_size or group_size % 2:
+        raise ValueError(f"group size {group_size} must be even and divide K={k}")
+    if values.dtype not in (np.int8, np.float32):
+        raise ValueError(f"values must be int8 or float32, got {values.dtype}")
+    if (values.dtype == np.int8) != (scales is not None):
+        raise ValueError("int8 values need their row-block scales; fp32 values take scales=None")
+    if not clip_ratios or any(not 0 < r <= 1 for r in clip_ratios) or ls_steps < 0:
+        raise ValueError(f"clip ratios must be in (0, 1] and ls_steps >= 0, got "
+                         f"{clip_ratios}, {ls_steps}")
+    w, ws = _prepared(values, scales, group_size)
+    order = np.argsort(table)
+    levels_sorted = np.asarray(table, np.float32)[order]                # (16,) ascending
+    nibble_of = order.astype(np.int64)                                  # sorted index -> nibble
+    packed = np.empty((k // 2, n), np.uint8)                            # (K/2, N)
+    out_scales = np.empty((k // group_size, n), np.float32)             # (G, N)
+    tiles = (k // group_size) * (-(-n // COL_TILE))
+    err_parts, norm_parts = np.zeros(tiles), np.zeros(tiles)
+    _levels_kernel(w, ws, group_size, np.asarray(clip_ratios, np.float32), int(ls_steps),
+                   levels_sorted, nibble_of, packed, out_scales, err_parts, norm_parts)
+    weight = QWeight(packed, out_scales.astype(BF16), 4, group_size, levels=table)
+    return Int4Result(weight, float(err_parts.sum()), float(norm_parts.sum()))
+
+
+def _prepared(values, scales, group):
+    """(w, ws) for the kernel: int8 with float32 (B, N) scales when every group lies in
+    one row block, else the exact fp32 products ``w8 * s8`` with unit scales."""
+    k, n = values.shape
+    if scales is None:
+        return np.ascontiguousarray(values), np.ones((1, n), np.float32)
+    ws = np.ascontiguousarray(scales, dtype=np.float32)                # (B, N)
+    if ws.ndim != 2 or ws.shape[1] != n or k % ws.shape[0]:
+        raise ValueError(f"scales shape {ws.shape} does not fit values {values.shape}")
+    rb = k // ws.shape[0]
+    if rb % group == 0:
+        return np.ascontiguousarray(values), ws
+    x = values.reshape(ws.shape[0], rb, n).astype(np.float32) * ws[:, None, :]
+    return x.reshape(k, n), np.ones((1, n), np.float32)
