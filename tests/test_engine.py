@@ -21,6 +21,8 @@ from lowmem import reference as R
 from helpers import greedy_ids
 from lowmem.decoding import prompt_logits
 from lowmem.engine import Engine, EngineError, EngineOptions
+from lowmem.requant import dense_params
+from quant.int4_levels import STUDENT_T_LEVELS
 from quant.packed import PackedFormatError, PackedModel, QuantSettings
 from quant.pipeline import quantize_checkpoint
 
@@ -29,10 +31,12 @@ PROMPTS = [[5, 17, 99, 3, 250, 42, 7, 300], [11, 12, 13], [400, 1, 2, 77, 77, 8]
 
 @pytest.fixture(scope="module")
 def packed(tiny_cfg, tiny_ckpt, tmp_path_factory):
-    """Packed tiny models: int8 (release values) and int4 with groups of 32."""
+    """Packed tiny models: int8 (release values), int4 with groups of 32 (uniform grid)
+    and int4 with groups of 32 and the default level table."""
     root = tmp_path_factory.mktemp("packed")
     out = {}
-    for name, settings in (("int8", QuantSettings(8)), ("int4", QuantSettings(4, 32))):
+    for name, settings in (("int8", QuantSettings(8)), ("int4", QuantSettings(4, 32)),
+                           ("int4lv", QuantSettings(4, 32, int4_levels=STUDENT_T_LEVELS))):
         quantize_checkpoint(tiny_ckpt, root / name, tiny_cfg, settings)
         out[name] = PackedModel.open(root / name)
     return out
@@ -103,6 +107,22 @@ def test_fp32_engine_equals_fp32_reference(packed, ref_params_stored, tiny_cfg, 
         ref16 = R.forward(tiny_cfg, ref_params_stored, np.array(prompt), mode="bf16")[0]
         assert _rel(got, ref32) <= 2e-6
         assert _rel(ref16, ref32) > 1e-3      # the bound separates fp32 from bf16 math
+
+
+@pytest.mark.parametrize("backend", ["device", "host"])
+def test_int4_levels_engine_equals_fp32_reference_of_its_weights(packed, tiny_cfg, backend):
+    """Non-uniform int4 levels on both backends: the fp32 engine against the numpy
+    reference forward of the same stored weights (quant.qweight.dequantize through the
+    level table), with the bf16 output table (the int8 one would round the logits)."""
+    model = packed["int4lv"]
+    assert model.expert(0, 0).gate.levels == STUDENT_T_LEVELS
+    params = dense_params(model)
+    engine = _engine(model, backend=backend, precision="fp32", output_int8=False)
+    refs = [R.forward(tiny_cfg, params, np.array(p), mode="fp32")[0] for p in PROMPTS[:2]]
+    for prompt, ref in zip(PROMPTS, refs):
+        assert _rel(prompt_logits(engine, prompt), ref) <= 2e-6             # (T, V)
+    uniform = dict(params, layers=dense_params(packed["int4"])["layers"])  # other weights
+    assert _rel(R.forward(tiny_cfg, uniform, np.array(PROMPTS[0]), mode="fp32")[0], refs[0]) > 1e-3
 
 
 def test_fp32_prefill_equals_decode_steps(packed):

@@ -122,7 +122,7 @@ def manifests(tiny_cfg, tiny_ckpt, tmp_path_factory):
     """Real manifests (as written to disk) and file names: int8 and int4 g32."""
     root = tmp_path_factory.mktemp("format")
     out = {}
-    for label in ("int8", "int4-g32"):
+    for label in ("int8", "int4-g32", "int4-g32-levels"):
         model = root / label
         quantize_checkpoint(tiny_ckpt, model, tiny_cfg, SETTINGS[label])
         out[label] = (json.loads((model / MANIFEST).read_text()),

@@ -11,7 +11,7 @@ the first prompt, the mean KL and its standard error, and the mean paired
 difference to the first scheme.
 
     python tools/int4_kl_prompts.py --model /tmp/m-8 --prompts 47 \\
-        --schemes old-channel channel g64 g32 q4_0
+        --schemes old-channel channel g64 g32 q4_0 lv32
 
 Small presets only (the dense forward holds every expert in fp32).
 """
@@ -26,6 +26,7 @@ from lowmem import reference as R
 from lowmem.eval import kl_divergence
 from lowmem.requant import dense_params, q4_0
 from quant.int4 import POSITIVE, quantize_int4
+from quant.int4_levels import quantize_levels
 from quant.packed import PackedModel
 from quant.qweight import dequantize
 
@@ -33,10 +34,14 @@ FIDELITY_PROMPT = [(i * 37 + 5) % 500 + 4 for i in range(54)]   # docs/FIDELITY.
 
 
 def scheme(name: str):
-    """(K, N) fp32 -> dequantized (K, N) for 'g32', 'channel', 'old-g32', 'q4_0', ...:
-    'old-' is the search before the signed anchor (positive scales, no rescaling)."""
+    """(K, N) fp32 -> dequantized (K, N) for 'g32', 'channel', 'old-g32', 'q4_0', 'lv32', ...:
+    'old-' is the search before the signed anchor (positive scales, no rescaling);
+    'lvG' the default int4 level table in groups of G (quant.int4_levels)."""
     if name == "q4_0":
         return q4_0
+    if name.startswith("lv"):
+        group = int(name.removeprefix("lv"))
+        return lambda w: dequantize(quantize_levels(np.ascontiguousarray(w), None, group).weight)
     old = name.startswith("old-")
     spec = name.removeprefix("old-")
     group = None if spec == "channel" else int(spec.removeprefix("g"))
@@ -57,14 +62,27 @@ def requantize(params: dict, fn) -> tuple[dict, float]:
     return out, (err / norm) ** 0.5
 
 
+def text_prompts(path: str, vocab: int, count: int, length: int = 54) -> list[list[int]]:
+    """Up to ``count`` consecutive ``length``-token prompts of a text (release tokenizer)."""
+    from lowmem.tokenizer import Tokenizer, release_tokenizer_path
+    ids = Tokenizer(release_tokenizer_path()).encode(open(path, encoding="utf-8").read())
+    if max(ids) >= vocab:
+        raise SystemExit(f"error: --text needs a model with the release's vocabulary "
+                         f"(131072), found {vocab}")
+    return [ids[i:i + length] for i in range(0, len(ids) - length + 1, length)][:count]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, help="an int8 packed model directory")
     ap.add_argument("--schemes", nargs="+", default=["old-channel", "channel", "g64", "g32",
-                                                     "q4_0"])
+                                                     "q4_0", "lv32"])
     ap.add_argument("--prompts", type=int, default=47, help="random prompts besides the "
                     "FIDELITY prompt (default 47)")
     ap.add_argument("--seed", type=int, default=7, help="random prompts' seed (default 7)")
+    ap.add_argument("--text", help="instead of random prompts: consecutive 54-token prompts "
+                    "of this UTF-8 text, through the release tokenizer (a model with its "
+                    "131072-token vocabulary, e.g. the demo preset)")
     args = ap.parse_args(argv)
     model = PackedModel.open(args.model)
     if model.settings.bits != 8:
@@ -72,9 +90,12 @@ def main(argv=None) -> int:
               f"{model.settings.bits}-bit experts", file=sys.stderr)
         return 2
     cfg, params = model.cfg, dense_params(model)
-    rng = np.random.default_rng(args.seed)
-    prompts = [FIDELITY_PROMPT] + [list(rng.integers(4, min(504, cfg.vocab_size), 54))
-                                   for _ in range(args.prompts)]
+    if args.text:
+        prompts = text_prompts(args.text, cfg.vocab_size, args.prompts + 1)
+    else:
+        rng = np.random.default_rng(args.seed)
+        prompts = [FIDELITY_PROMPT] + [list(rng.integers(4, min(504, cfg.vocab_size), 54))
+                                       for _ in range(args.prompts)]
     refs = [R.forward(cfg, params, np.asarray(p), "fp32")[0] for p in prompts]
     first = None
     print(f"{'scheme':12s} {'weight err':>10s} {'KL prompt 1':>11s} {'KL mean':>8s} "
