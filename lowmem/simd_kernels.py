@@ -7,7 +7,10 @@ IR: a call takes 32 rows x 64 columns and up to 8 tokens, keeps one fp32
 register accumulator per (token, 16 columns), decodes each nibble exactly (a
 table lookup with AVX-512, else ``bitcast(n ^ 0x4B000008) - 8388616.0``) and
 multiplies by the scale once per call; ``_prefer_512`` asks LLVM for 512-bit
-vectors where it would otherwise prefer 256. Measured on the 2-core target
+vectors where it would otherwise prefer 256. An int4 weight with a level
+table (``QWeight.levels``) passes the table, float32 (16,), as one more
+argument ``lv`` (``None`` for the uniform grid): numba types it, so each
+kernel is compiled once per kind and the uniform code is unchanged. Measured on the 2-core target
 (6144 x 32768 and 32768 x 6144): one token 3.4-3.6 ms per matrix, at the
 memory floor; 8 tokens 11-13 ms, FMA-bound.
 
@@ -71,13 +74,38 @@ def _hi4(typingctx, v):
     return None
 
 
+def _lo(v, lv):
+    """Low nibble (even row) of a packed int4 byte as float32: lv[n] for a
+    level table lv (float32 (16,)), the two's complement value for lv None."""
+    raise NotImplementedError("only callable from numba code")
+
+
+def _hi(v, lv):
+    """High nibble (odd row) of a packed int4 byte as float32, as _lo."""
+    raise NotImplementedError("only callable from numba code")
+
+
+@overload(_lo, inline="always")
+def _lo_overload(v, lv):
+    if lv is None or isinstance(lv, types.NoneType):
+        return lambda v, lv: _lo4(v)
+    return lambda v, lv: lv[v & 15]
+
+
+@overload(_hi, inline="always")
+def _hi_overload(v, lv):
+    if lv is None or isinstance(lv, types.NoneType):
+        return lambda v, lv: _hi4(v)
+    return lambda v, lv: lv[v >> 4]
+
+
 def _splat(ty, value, lanes=16):
     return ir.Constant(ir.VectorType(ty, lanes), [value] * lanes)
 
 
 def _broadcast(builder, value):
-    """A float32 scalar in all 16 lanes."""
-    vf = ir.VectorType(ir.FloatType(), 16)
+    """A scalar (float32, i64, ...) in all 16 lanes."""
+    vf = ir.VectorType(value.type, 16)
     v = builder.insert_element(ir.Constant(vf, ir.Undefined), value, ir.Constant(ir.IntType(32), 0))
     return builder.shuffle_vector(v, ir.Constant(vf, ir.Undefined), _splat(ir.IntType(32), 0))
 
@@ -107,27 +135,48 @@ def _has_avx512(context):
     return "+avx512f" in context.codegen().magic_tuple()[2].split(",")
 
 
-def _decode_q4(builder, ptr, lut):
+def _decode_q4(builder, ptr, lut, levels=None):
     """16 packed bytes -> (even rows, odd rows) as exact float32 vectors.
 
     lut: vpermps, a 16-entry table lookup that reads only the low 4 bits of
     each lane (AVX-512; 1 instruction per nibble). Otherwise, portable: for a
     nibble n holding the two's complement q, the bits n ^ 0x4B000008 are the
     float 2^23 + 8 + q (one xor, one subtraction). Measured: the table is
-    1.2x faster at T = 1, 1.05x at T = 8 on one core."""
+    1.2x faster at T = 1, 1.05x at T = 8 on one core.
+
+    levels: None for the uniform grid (a constant table), else the weight's
+    level table as an IR value: with lut the <16 x float> itself (loaded once
+    per call, so a non-uniform table costs what the constant one does),
+    without it a float* to the table, read by llvm.masked.gather (exact on
+    any target; the xor trick only fits the uniform grid)."""
     i32, f32 = ir.IntType(32), ir.FloatType()
     vf, vi = ir.VectorType(f32, 16), ir.VectorType(i32, 16)
     w = builder.zext(builder.load(ptr, align=1), vi)
+    lo, hi = builder.and_(w, _splat(i32, 15)), builder.lshr(w, _splat(i32, 4))
     if lut:
         perm = cgutils.get_or_insert_function(
             builder.module, ir.FunctionType(vf, [vf, vi]), "llvm.x86.avx512.permvar.sf.512")
-        table = ir.Constant(vf, [float(n - 16 if n > 7 else n) for n in range(16)])
-        return (builder.call(perm, [table, w]),
-                builder.call(perm, [table, builder.lshr(w, _splat(i32, 4))]))
-    lo = builder.xor(builder.and_(w, _splat(i32, 15)), _splat(i32, 0x4B000008))
-    hi = builder.xor(builder.lshr(w, _splat(i32, 4)), _splat(i32, 0x4B000008))
+        table = levels if levels is not None else \
+            ir.Constant(vf, [float(n - 16 if n > 7 else n) for n in range(16)])
+        return builder.call(perm, [table, w]), builder.call(perm, [table, hi])
+    if levels is not None:
+        return _gather(builder, levels, lo), _gather(builder, levels, hi)
+    lo = builder.xor(lo, _splat(i32, 0x4B000008))
+    hi = builder.xor(hi, _splat(i32, 0x4B000008))
     off = _splat(f32, 8388616.0)
     return (builder.fsub(builder.bitcast(lo, vf), off), builder.fsub(builder.bitcast(hi, vf), off))
+
+
+def _gather(builder, base, idx):
+    """base[idx] for a float* base and 16 i32 indices in [0, 16): llvm.masked.gather."""
+    i1, i32, i64, f32 = ir.IntType(1), ir.IntType(32), ir.IntType(64), ir.FloatType()
+    vf, vp = ir.VectorType(f32, 16), ir.VectorType(f32.as_pointer(), 16)
+    addr = builder.shl(builder.zext(idx, ir.VectorType(i64, 16)), _splat(i64, 2))  # bytes
+    addr = builder.add(addr, _broadcast(builder, builder.ptrtoint(base, i64)))
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(
+        vf, [vp, i32, ir.VectorType(i1, 16), vf]), "llvm.masked.gather.v16f32.v16p0")
+    return builder.call(fn, [builder.inttoptr(addr, vp), ir.Constant(i32, 4),
+                             _splat(i1, 1), ir.Constant(vf, ir.Undefined)])
 
 
 def _prefetch(builder, ptr):
@@ -152,12 +201,14 @@ def _q4_codegen(tb, nv, lut):
                                      for j in (1, 2, 3, 5, 6, 8, 10))
         fma = cgutils.get_or_insert_function(
             builder.module, ir.FunctionType(vf, [vf, vf, vf]), "llvm.fma.v16f32")
+        levels = _level_operand(context, builder, sig.args[11], args[11], table)
         acc = [[[cgutils.alloca_once_value(builder, _splat(f32, 0.0)) for _ in range(chains)]
                 for _ in range(nv)] for _ in range(tb)]
         with cgutils.for_range(builder, nb) as loop:
             row = pm.at(builder.add(i0, loop.index), n0)  # packed row i0 + i
             _prefetch(builder, builder.gep(row, [ir.Constant(i64, _Q4_PREFETCH)]))
-            w = [_decode_q4(builder, pm.vec(row, 16 * c, ir.IntType(8)), table) for c in range(nv)]
+            w = [_decode_q4(builder, pm.vec(row, 16 * c, ir.IntType(8)), table, levels)
+                 for c in range(nv)]
             kk = builder.add(k, builder.mul(loop.index, ir.Constant(i64, 2)))
             for t in range(tb):
                 xp = xm.at(builder.add(t0, ir.Constant(i64, t)), kk)
@@ -173,6 +224,19 @@ def _q4_codegen(tb, nv, lut):
         _q4_store(builder, fma, acc, sm.at(gi, n0), am, t0, a0, sm)
         return context.get_dummy_value()
     return codegen
+
+
+def _level_operand(context, builder, ty, value, lut):
+    """The `levels` of _decode_q4 for a kernel's lv argument: None (uniform),
+    the 16 floats as one vector (lut, loaded here, before the row loop) or
+    the table's float*."""
+    if isinstance(ty, types.NoneType):
+        return None
+    data = context.make_array(ty)(context, builder, value).data  # float* (16,)
+    if not lut:
+        return data
+    vf = ir.VectorType(ir.FloatType(), 16)
+    return builder.load(builder.bitcast(data, vf.as_pointer()), align=4)
 
 
 def _q4_store(builder, fma, acc, srow, am, t0, a0, sm):
@@ -196,7 +260,7 @@ def _q4_store(builder, fma, acc, srow, am, t0, a0, sm):
 
 
 def _q4_kernel(tb, nv, lut=None):
-    """An intrinsic k(p, i0, nb, n0, x, t0, k, sc, gi, acc, a0) doing, for
+    """An intrinsic k(p, i0, nb, n0, x, t0, k, sc, gi, acc, a0, lv) doing, for
     t < tb tokens and c < 16 * nv columns:
 
         acc[t0+t, a0+c] += scale[gi, n0+c] * sum_{i < nb} (x[t0+t, k+2i] * even(p[i0+i, n0+c])
@@ -204,12 +268,19 @@ def _q4_kernel(tb, nv, lut=None):
 
     with the tb * nv accumulators in registers. All arrays C-contiguous 2-D
     (p uint8 packed int4, sc uint16 bf16 bits, x and acc float32); the caller
-    guarantees the ranges (no bounds checks). lut: nibble decoder (see
-    _decode_q4); None picks the table where the target has AVX-512."""
-    def typer(typingctx, p, i0, nb, n0, x, t0, k, sc, gi, acc, a0):
+    guarantees the ranges (no bounds checks). lv: None (nibbles are two's
+    complement) or the level table, float32 (16,) C-contiguous (even/odd
+    above are lv[nibble]). lut: nibble decoder (see _decode_q4); None picks
+    the table where the target has AVX-512."""
+    def typer(typingctx, p, i0, nb, n0, x, t0, k, sc, gi, acc, a0, lv):
         arrays = (p, x, sc, acc)
-        if all(isinstance(a, types.Array) and a.ndim == 2 and a.layout == "C" for a in arrays):
-            return types.none(p, i0, nb, n0, x, t0, k, sc, gi, acc, a0), _q4_codegen(tb, nv, lut)
+        table_ok = isinstance(lv, types.NoneType) or (
+            isinstance(lv, types.Array) and lv.ndim == 1 and lv.layout == "C"
+            and lv.dtype == types.float32)
+        if table_ok and all(isinstance(a, types.Array) and a.ndim == 2 and a.layout == "C"
+                            for a in arrays):
+            return (types.none(p, i0, nb, n0, x, t0, k, sc, gi, acc, a0, lv),
+                    _q4_codegen(tb, nv, lut))
         return None
     typer.__name__ = typer.__qualname__ = f"_q4_t{tb}"
     return intrinsic(typer)
@@ -269,27 +340,27 @@ _i8_t5, _i8_t6, _i8_t7, _i8_t8 = (_i8_kernel(t, 2) for t in (5, 6, 7, 8))
 
 
 @njit(inline="always", cache=True)
-def _q4_strip(tb, p, i0, nb, n0, x, t0, k, sc, gi, acc, a0):
+def _q4_strip(tb, p, i0, nb, n0, x, t0, k, sc, gi, acc, a0, lv):
     """One 64-column int4 strip for tb <= 8 tokens: up to 16 register
-    accumulators (4 vectors x 4 tokens or 2 x 8, in two halves)."""
+    accumulators (4 vectors x 4 tokens or 2 x 8, in two halves); lv: see _q4_kernel."""
     if tb == 1:
-        _q4_t1(p, i0, nb, n0, x, t0, k, sc, gi, acc, a0)
+        _q4_t1(p, i0, nb, n0, x, t0, k, sc, gi, acc, a0, lv)
     elif tb == 2:
-        _q4_t2(p, i0, nb, n0, x, t0, k, sc, gi, acc, a0)
+        _q4_t2(p, i0, nb, n0, x, t0, k, sc, gi, acc, a0, lv)
     elif tb == 3:
-        _q4_t3(p, i0, nb, n0, x, t0, k, sc, gi, acc, a0)
+        _q4_t3(p, i0, nb, n0, x, t0, k, sc, gi, acc, a0, lv)
     elif tb == 4:
-        _q4_t4(p, i0, nb, n0, x, t0, k, sc, gi, acc, a0)
+        _q4_t4(p, i0, nb, n0, x, t0, k, sc, gi, acc, a0, lv)
     else:
         for h in range(0, 64, 32):
             if tb == 5:
-                _q4_t5(p, i0, nb, n0 + h, x, t0, k, sc, gi, acc, a0 + h)
+                _q4_t5(p, i0, nb, n0 + h, x, t0, k, sc, gi, acc, a0 + h, lv)
             elif tb == 6:
-                _q4_t6(p, i0, nb, n0 + h, x, t0, k, sc, gi, acc, a0 + h)
+                _q4_t6(p, i0, nb, n0 + h, x, t0, k, sc, gi, acc, a0 + h, lv)
             elif tb == 7:
-                _q4_t7(p, i0, nb, n0 + h, x, t0, k, sc, gi, acc, a0 + h)
+                _q4_t7(p, i0, nb, n0 + h, x, t0, k, sc, gi, acc, a0 + h, lv)
             else:
-                _q4_t8(p, i0, nb, n0 + h, x, t0, k, sc, gi, acc, a0 + h)
+                _q4_t8(p, i0, nb, n0 + h, x, t0, k, sc, gi, acc, a0 + h, lv)
 
 
 @njit(inline="always", cache=True)
@@ -315,15 +386,16 @@ def _i8_strip(tb, p, i0, nb, n0, x, t0, k, sc, gi, acc, a0):
                 _i8_t8(p, i0, nb, n0 + h, x, t0, k, sc, gi, acc, a0 + h)
 
 
-def _strip(tb, p, i0, nb, n0, x, t0, k, sc, gi, acc, a0):
-    """One 64-column micro-kernel strip, dispatched on the stored dtype."""
+def _strip(tb, p, i0, nb, n0, x, t0, k, sc, gi, acc, a0, lv):
+    """One 64-column micro-kernel strip, dispatched on the stored dtype (lv:
+    the int4 level table or None; int8 weights take None)."""
     raise NotImplementedError("only callable from numba code")
 
 
 @overload(_strip, inline="always")
-def _strip_overload(tb, p, i0, nb, n0, x, t0, k, sc, gi, acc, a0):
+def _strip_overload(tb, p, i0, nb, n0, x, t0, k, sc, gi, acc, a0, lv):
     if p.dtype == types.uint8:
-        return lambda tb, p, i0, nb, n0, x, t0, k, sc, gi, acc, a0: _q4_strip(
-            tb, p, i0, nb, n0, x, t0, k, sc, gi, acc, a0)
-    return lambda tb, p, i0, nb, n0, x, t0, k, sc, gi, acc, a0: _i8_strip(
+        return lambda tb, p, i0, nb, n0, x, t0, k, sc, gi, acc, a0, lv: _q4_strip(
+            tb, p, i0, nb, n0, x, t0, k, sc, gi, acc, a0, lv)
+    return lambda tb, p, i0, nb, n0, x, t0, k, sc, gi, acc, a0, lv: _i8_strip(
         tb, p, i0, nb, n0, x, t0, k, sc, gi, acc, a0)
