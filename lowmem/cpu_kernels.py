@@ -23,7 +23,8 @@ int8 and packed int4 run micro-kernels written as explicit 16-lane LLVM
 vector code (``lowmem.simd_kernels``): a call takes 16 (int8) or 32 (int4) rows x
 64 columns and up to 8 tokens, keeps one fp32 register accumulator per
 (token, 16 columns), decodes each weight exactly (int8: sign-extend, convert;
-int4: a table lookup with AVX-512, else an xor and a subtraction) and
+int4: a table lookup with AVX-512, else an xor and a subtraction; int4
+with levels: its table, see ``_operand``) and
 multiplies by the scale once per call. Measured on the 2-core target
 (Sapphire Rapids, 6144 x 32768 and 32768 x 6144): int4 one token 3.4-3.6 ms
 per matrix, ~30 GB/s, i.e. at the memory floor, 8 tokens 11-13 ms; int8 one
@@ -114,9 +115,10 @@ def gelu_tanh(v):
 # ----------------------------------------------------------------------------
 
 @njit(fastmath=_FM, cache=True)
-def _tile_rows(x, w, sc, g, k0, k1, n0, m, t, acc, a0):
+def _tile_rows(x, w, sc, g, k0, k1, n0, m, t, acc, a0, lv):
     """One token, one stored value per weight (int8, bf16 bits or fp32):
-    decode in registers straight from the four row streams."""
+    decode in registers straight from the four row streams (lv: unused, the
+    call of _tile_q4)."""
     k = k0
     a = acc[t, a0:a0 + m]
     while k < k1:
@@ -174,20 +176,14 @@ def _strip_tail(x, w, sc, g, k0, k1, n0, m, t0, t1, acc, a0, lv):
 
 @overload(_strip_tail, inline="always")
 def _strip_tail_overload(x, w, sc, g, k0, k1, n0, m, t0, t1, acc, a0, lv):
-    if w.dtype == types.uint8:
-        def tail(x, w, sc, g, k0, k1, n0, m, t0, t1, acc, a0, lv):
-            if t1 - t0 == 1:
-                _tile_q4(x, w, sc, g, k0, k1, n0, m, t0, acc, a0, lv)
-            else:
-                _tile_tokens(x, w, sc, g, k0, k1, n0, m, t0, t1, acc, a0, lv)
-        return tail
+    one = _tile_q4 if w.dtype == types.uint8 else _tile_rows
 
-    def tail_rows(x, w, sc, g, k0, k1, n0, m, t0, t1, acc, a0, lv):
+    def tail(x, w, sc, g, k0, k1, n0, m, t0, t1, acc, a0, lv):
         if t1 - t0 == 1:
-            _tile_rows(x, w, sc, g, k0, k1, n0, m, t0, acc, a0)
+            one(x, w, sc, g, k0, k1, n0, m, t0, acc, a0, lv)
         else:
             _tile_tokens(x, w, sc, g, k0, k1, n0, m, t0, t1, acc, a0, lv)
-    return tail_rows
+    return tail
 
 
 @njit(fastmath=_FM, cache=True)
@@ -228,7 +224,7 @@ def _tile1_overload(x, w, sc, g, k0, k1, n0, m, t, acc, a0, lv):
         return lambda x, w, sc, g, k0, k1, n0, m, t, acc, a0, lv: _tile_strips(
             x, w, sc, g, k0, k1, n0, m, t, t + 1, acc, a0, 1, _I8_ROWS, lv)
     return lambda x, w, sc, g, k0, k1, n0, m, t, acc, a0, lv: _tile_rows(
-        x, w, sc, g, k0, k1, n0, m, t, acc, a0)
+        x, w, sc, g, k0, k1, n0, m, t, acc, a0, lv)
 
 
 def _decode(w, k, r, n0, jn, buf, lv):
@@ -478,11 +474,15 @@ def _c_contiguous(a: np.ndarray, what: str) -> np.ndarray:
 
 
 def _operand(w, what: str = "weight"):
-    """(stored values, uint16 scale bits, group_size, (K, N)) of a weight.
+    """(stored values, uint16 scale bits, group_size, (K, N), levels) of a weight.
 
     Accepts a QWeight (int8, or int4 packed in uint8, with bf16 scales) or a
     2-D float32 / bf16 ndarray (given one group of scales 1.0). bf16 goes to
     numba as its uint16 bits. Views only: the weight bytes are never copied.
+    levels: an int4 level table as float32 (16,), else None. The kernels take
+    it as one more argument rather than a new stored dtype or a table folded
+    into the scales: numba specializes on its type, so None compiles exactly
+    the uniform code (same speed, same bits) and an array the table variant.
     """
     if isinstance(w, QWeight):
         want = np.int8 if w.bits == 8 else np.uint8
@@ -496,26 +496,16 @@ def _operand(w, what: str = "weight"):
             raise ValueError(f"{what}: int4 needs an even group_size, got {w.group_size}")
         values = _c_contiguous(w.values, f"{what} values")
         scales = _c_contiguous(w.scales, f"{what} scales").view(np.uint16)
-        return values, scales, w.group_size, w.shape
+        return values, scales, w.group_size, w.shape, \
+            None if w.levels is None else level_table(w.levels)
     if isinstance(w, np.ndarray) and w.ndim == 2 and w.dtype in (np.float32, BF16):
         values = _c_contiguous(w, what)
         if values.dtype == BF16:
             values = values.view(np.uint16)
         ones = np.full((1, w.shape[1]), 0x3F80, np.uint16)  # bf16 1.0: shares the scaled code
-        return values, ones, max(1, w.shape[0]), w.shape
+        return values, ones, max(1, w.shape[0]), w.shape, None
     desc = f"{w.ndim}-D {w.dtype} array" if isinstance(w, np.ndarray) else type(w).__name__
     raise TypeError(f"{what}: expected a QWeight or a 2-D float32/bfloat16 array, got {desc}")
-
-
-def _levels(w) -> np.ndarray | None:
-    """The int4 level table of w, float32 (16,), or None (uniform grid, int8, floats).
-
-    act_int8 does not use it: the int8-activation kernels decode nibbles
-    with the uniform offset (q + 8 as unsigned bytes), so weights with a
-    table keep the fp32 kernels there (see matmul)."""
-    if isinstance(w, QWeight) and w.levels is not None:
-        return level_table(w.levels)
-    return None
 
 
 def _activations(x, k: int, what: str) -> tuple[np.ndarray, bool]:
@@ -563,19 +553,11 @@ def matmul(x, w, *, col_block: int | None = None, k_chunk: int | None = None,
     and benchmarks; k_chunk must be a multiple of 8). act_int8 (default
     ACT_INT8): x quantized to int8 per block of 32 and int8 dot products
     (lowmem.act8_kernels), for QWeights whose K and group size are multiples
-    of 32 and that have no int4 level table (others stay fp32, on x as
-    given); a numerics change, hence opt-in.
-
-    An int4 QWeight with ``levels`` is computed through its table: the
-    kernels take it as one more argument, float32 (16,), or None for the
-    uniform grid. One argument threaded down the call chain, rather than a
-    new stored dtype or a table folded into the scales, because numba
-    specializes on its type: None compiles exactly the uniform code of
-    before (same speed, same bits), an array the table variant, and nothing
-    else in the signatures or the on-disk layout changes.
+    of 32 and without int4 levels (others stay fp32, on x as given: the
+    int8-activation kernels decode the uniform grid only); a numerics
+    change, hence opt-in. int4 levels: see _operand.
     """
-    values, scales, g, (k, n) = _operand(w)
-    lv = _levels(w)
+    values, scales, g, (k, n), lv = _operand(w)
     x2, vector = _activations(x, k, "matmul")
     if k == 0 or n == 0:
         out = np.zeros((x2.shape[0], n), np.float32)

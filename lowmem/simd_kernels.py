@@ -7,12 +7,17 @@ IR: a call takes 32 rows x 64 columns and up to 8 tokens, keeps one fp32
 register accumulator per (token, 16 columns), decodes each nibble exactly (a
 table lookup with AVX-512, else ``bitcast(n ^ 0x4B000008) - 8388616.0``) and
 multiplies by the scale once per call; ``_prefer_512`` asks LLVM for 512-bit
-vectors where it would otherwise prefer 256. An int4 weight with a level
-table (``QWeight.levels``) passes the table, float32 (16,), as one more
-argument ``lv`` (``None`` for the uniform grid): numba types it, so each
-kernel is compiled once per kind and the uniform code is unchanged. Measured on the 2-core target
+vectors where it would otherwise prefer 256. Measured on the 2-core target
 (6144 x 32768 and 32768 x 6144): one token 3.4-3.6 ms per matrix, at the
 memory floor; 8 tokens 11-13 ms, FMA-bound.
+
+An int4 weight with a level table (``QWeight.levels``) passes the table,
+float32 (16,), as one more argument ``lv`` (``None`` for the uniform grid):
+numba types it, so the uniform code is compiled exactly as without tables.
+The table is loaded once per call: AVX-512 looks it up with the same
+vpermps as the uniform constant table (measured 1.00-1.02x the uniform time,
+Zen 5, 2 threads, T = 1 and 8); AVX2 with two 8-entry vpermps and a blend;
+other targets with a gather (exact, slower).
 
 int8 (``_i8_kernel``) has the same call and accumulators: 16 bytes of a row
 are sign-extended to i32 lanes and converted to float32 (exact), 2 uops per
@@ -132,39 +137,68 @@ class _Mat:
 def _has_avx512(context):
     """Whether numba compiles for a CPU with AVX-512F (its cache is keyed on
     the same feature string, so cached code never crosses machines)."""
-    return "+avx512f" in context.codegen().magic_tuple()[2].split(",")
+    return _has_feature(context, "avx512f")
 
 
-def _decode_q4(builder, ptr, lut, levels=None):
+def _has_feature(context, name):
+    """Whether numba compiles for a CPU with this feature (e.g. "avx2")."""
+    return "+" + name in context.codegen().magic_tuple()[2].split(",")
+
+
+def _decode_q4(builder, ptr, kind, levels=None):
     """16 packed bytes -> (even rows, odd rows) as exact float32 vectors.
 
-    lut: vpermps, a 16-entry table lookup that reads only the low 4 bits of
-    each lane (AVX-512; 1 instruction per nibble). Otherwise, portable: for a
-    nibble n holding the two's complement q, the bits n ^ 0x4B000008 are the
-    float 2^23 + 8 + q (one xor, one subtraction). Measured: the table is
-    1.2x faster at T = 1, 1.05x at T = 8 on one core.
+    kind "lut": vpermps, a 16-entry table lookup that reads only the low 4
+    bits of each lane (AVX-512; 1 instruction per nibble). "xor", portable,
+    the uniform grid only: for a nibble n holding the two's complement q, the
+    bits n ^ 0x4B000008 are the float 2^23 + 8 + q (one xor, one
+    subtraction). Measured: the table is 1.2x faster at T = 1, 1.05x at T = 8
+    on one core.
 
     levels: None for the uniform grid (a constant table), else the weight's
-    level table as an IR value: with lut the <16 x float> itself (loaded once
-    per call, so a non-uniform table costs what the constant one does),
-    without it a float* to the table, read by llvm.masked.gather (exact on
-    any target; the xor trick only fits the uniform grid)."""
+    level table as IR values (see _level_operand), loaded once per call: for
+    "lut" the <16 x float> itself (a non-uniform table costs what the
+    constant one does); for "perm8" (AVX2) its two halves as <8 x float>,
+    looked up by two 8-entry vpermps and a blend on bit 3; for "gather"
+    (any other target) a float* read by llvm.masked.gather. The xor trick
+    fits only the uniform grid."""
     i32, f32 = ir.IntType(32), ir.FloatType()
     vf, vi = ir.VectorType(f32, 16), ir.VectorType(i32, 16)
     w = builder.zext(builder.load(ptr, align=1), vi)
     lo, hi = builder.and_(w, _splat(i32, 15)), builder.lshr(w, _splat(i32, 4))
-    if lut:
+    if kind == "lut":
         perm = cgutils.get_or_insert_function(
             builder.module, ir.FunctionType(vf, [vf, vi]), "llvm.x86.avx512.permvar.sf.512")
         table = levels if levels is not None else \
             ir.Constant(vf, [float(n - 16 if n > 7 else n) for n in range(16)])
         return builder.call(perm, [table, w]), builder.call(perm, [table, hi])
-    if levels is not None:
+    if kind == "perm8":
+        return _perm8(builder, levels, lo), _perm8(builder, levels, hi)
+    if kind == "gather":
         return _gather(builder, levels, lo), _gather(builder, levels, hi)
     lo = builder.xor(lo, _splat(i32, 0x4B000008))
     hi = builder.xor(hi, _splat(i32, 0x4B000008))
     off = _splat(f32, 8388616.0)
     return (builder.fsub(builder.bitcast(lo, vf), off), builder.fsub(builder.bitcast(hi, vf), off))
+
+
+def _perm8(builder, halves, idx):
+    """table[idx] for 16 i32 indices in [0, 16) and the table as two <8 x
+    float> halves: AVX2 vpermps (reads the low 3 bits) on each, bit 3 picks."""
+    i32, f32 = ir.IntType(32), ir.FloatType()
+    v8f, v8i = ir.VectorType(f32, 8), ir.VectorType(i32, 8)
+    perm = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(v8f, [v8f, v8i]), "llvm.x86.avx2.permps")
+    out = []
+    for h in range(2):
+        part = builder.shuffle_vector(idx, ir.Constant(idx.type, ir.Undefined),
+                                      ir.Constant(v8i, list(range(8 * h, 8 * h + 8))))
+        upper = builder.icmp_unsigned("!=", builder.and_(part, _splat(i32, 8, 8)),
+                                      _splat(i32, 0, 8))
+        out.append(builder.select(upper, builder.call(perm, [halves[1], part]),
+                                  builder.call(perm, [halves[0], part])))
+    return builder.shuffle_vector(out[0], out[1], ir.Constant(ir.VectorType(i32, 16),
+                                                              list(range(16))))
 
 
 def _gather(builder, base, idx):
@@ -188,12 +222,12 @@ def _prefetch(builder, ptr):
                       ir.Constant(i32, 1)])
 
 
-def _q4_codegen(tb, nv, lut):
-    """Codegen of _q4_kernel(tb, nv, lut): see there."""
+def _q4_codegen(tb, nv, lut, perm8):
+    """Codegen of _q4_kernel(tb, nv, lut, perm8): see there."""
     chains = 2 if tb == 1 else 1  # one token: even and odd rows in two chains
 
     def codegen(context, builder, sig, args):
-        table = _has_avx512(context) if lut is None else lut
+        kind = _decoder(context, isinstance(sig.args[11], types.NoneType), lut, perm8)
         i64, f32 = ir.IntType(64), ir.FloatType()
         vf = ir.VectorType(f32, 16)
         pm, xm, sm, am = (_Mat(context, builder, sig.args[j], args[j]) for j in (0, 4, 7, 9))
@@ -201,13 +235,13 @@ def _q4_codegen(tb, nv, lut):
                                      for j in (1, 2, 3, 5, 6, 8, 10))
         fma = cgutils.get_or_insert_function(
             builder.module, ir.FunctionType(vf, [vf, vf, vf]), "llvm.fma.v16f32")
-        levels = _level_operand(context, builder, sig.args[11], args[11], table)
+        levels = _level_operand(context, builder, sig.args[11], args[11], kind)
         acc = [[[cgutils.alloca_once_value(builder, _splat(f32, 0.0)) for _ in range(chains)]
                 for _ in range(nv)] for _ in range(tb)]
         with cgutils.for_range(builder, nb) as loop:
             row = pm.at(builder.add(i0, loop.index), n0)  # packed row i0 + i
             _prefetch(builder, builder.gep(row, [ir.Constant(i64, _Q4_PREFETCH)]))
-            w = [_decode_q4(builder, pm.vec(row, 16 * c, ir.IntType(8)), table, levels)
+            w = [_decode_q4(builder, pm.vec(row, 16 * c, ir.IntType(8)), kind, levels)
                  for c in range(nv)]
             kk = builder.add(k, builder.mul(loop.index, ir.Constant(i64, 2)))
             for t in range(tb):
@@ -226,17 +260,29 @@ def _q4_codegen(tb, nv, lut):
     return codegen
 
 
-def _level_operand(context, builder, ty, value, lut):
-    """The `levels` of _decode_q4 for a kernel's lv argument: None (uniform),
-    the 16 floats as one vector (lut, loaded here, before the row loop) or
-    the table's float*."""
+def _decoder(context, uniform, lut, perm8):
+    """The kind of _decode_q4 a kernel uses: lut / perm8 as in _q4_kernel."""
+    if _has_avx512(context) if lut is None else lut:
+        return "lut"
+    if uniform:
+        return "xor"
+    return "perm8" if (_has_feature(context, "avx2") if perm8 is None else perm8) else "gather"
+
+
+def _level_operand(context, builder, ty, value, kind):
+    """The `levels` of _decode_q4 for a kernel's lv argument, loaded here,
+    before the row loop: None (uniform), the 16 floats as one vector
+    ("lut"), as two halves ("perm8") or the table's float* ("gather")."""
     if isinstance(ty, types.NoneType):
         return None
     data = context.make_array(ty)(context, builder, value).data  # float* (16,)
-    if not lut:
+    if kind == "gather":
         return data
-    vf = ir.VectorType(ir.FloatType(), 16)
-    return builder.load(builder.bitcast(data, vf.as_pointer()), align=4)
+    lanes = 16 if kind == "lut" else 8
+    vp = ir.VectorType(ir.FloatType(), lanes).as_pointer()
+    parts = [builder.load(builder.bitcast(builder.gep(data, [ir.Constant(ir.IntType(64), h)]),
+                                          vp), align=4) for h in range(0, 16, lanes)]
+    return parts[0] if kind == "lut" else parts
 
 
 def _q4_store(builder, fma, acc, srow, am, t0, a0, sm):
@@ -259,7 +305,7 @@ def _q4_store(builder, fma, acc, srow, am, t0, a0, sm):
                           ptr, align=4)
 
 
-def _q4_kernel(tb, nv, lut=None):
+def _q4_kernel(tb, nv, lut=None, perm8=None):
     """An intrinsic k(p, i0, nb, n0, x, t0, k, sc, gi, acc, a0, lv) doing, for
     t < tb tokens and c < 16 * nv columns:
 
@@ -270,8 +316,10 @@ def _q4_kernel(tb, nv, lut=None):
     (p uint8 packed int4, sc uint16 bf16 bits, x and acc float32); the caller
     guarantees the ranges (no bounds checks). lv: None (nibbles are two's
     complement) or the level table, float32 (16,) C-contiguous (even/odd
-    above are lv[nibble]). lut: nibble decoder (see _decode_q4); None picks
-    the table where the target has AVX-512."""
+    above are lv[nibble]). Nibble decoder (see _decode_q4): lut True the
+    AVX-512 table, False the others, None the table where the target has
+    AVX-512; perm8, for a level table without lut: True AVX2's two 8-entry
+    tables, False the gather, None AVX2's where the target has it."""
     def typer(typingctx, p, i0, nb, n0, x, t0, k, sc, gi, acc, a0, lv):
         arrays = (p, x, sc, acc)
         table_ok = isinstance(lv, types.NoneType) or (
@@ -280,7 +328,7 @@ def _q4_kernel(tb, nv, lut=None):
         if table_ok and all(isinstance(a, types.Array) and a.ndim == 2 and a.layout == "C"
                             for a in arrays):
             return (types.none(p, i0, nb, n0, x, t0, k, sc, gi, acc, a0, lv),
-                    _q4_codegen(tb, nv, lut))
+                    _q4_codegen(tb, nv, lut, perm8))
         return None
     typer.__name__ = typer.__qualname__ = f"_q4_t{tb}"
     return intrinsic(typer)

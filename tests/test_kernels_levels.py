@@ -105,19 +105,22 @@ def test_uniform_table_is_bit_identical_to_uniform_grid(t):
             np.testing.assert_array_equal(got, want)
 
 
-@pytest.mark.parametrize("lut", [False, True])
+@pytest.mark.parametrize("lut,perm8", [(True, None), (False, True), (False, False)])
 @pytest.mark.parametrize("tb,nv", [(1, 4), (3, 4), (8, 2)])
-def test_int4_micro_kernel_levels_both_decoders(tb, nv, lut):
-    """One micro-kernel call at offsets with a level table, with either
-    decoder: lut=True the AVX-512 vpermps on the loaded table, lut=False the
-    gather that CPUs without AVX-512 run (tested here on any CPU)."""
-    if lut and not simd_kernels._has_avx512(cpu_target.target_context):
+def test_int4_micro_kernel_levels_every_decoder(tb, nv, lut, perm8):
+    """One micro-kernel call at offsets with a level table, with each
+    decoder: the AVX-512 vpermps on the loaded table (lut), AVX2's two
+    8-entry vpermps (perm8), the gather of other CPUs (tested on any CPU)."""
+    ctx = cpu_target.target_context
+    if lut and not simd_kernels._has_avx512(ctx):
         pytest.skip("the table decoder needs AVX-512")
+    if perm8 and not simd_kernels._has_feature(ctx, "avx2"):
+        pytest.skip("the 8-entry tables need AVX2")
     rng = np.random.default_rng(tb * 10 + nv + 7)
     k, n, i0, n0, t0, a0 = 64, 160, 3, 64, 1, 16
     w = _qweight(rng, k, n, k, SHUFFLED_LEVELS)
     x = rng.standard_normal((tb + 2, k)).astype(np.float32)
-    kern = simd_kernels._q4_kernel(tb, nv, lut=lut)
+    kern = simd_kernels._q4_kernel(tb, nv, lut=lut, perm8=perm8)
 
     @njit
     def run(p, x, sc, acc, lv):
@@ -216,7 +219,7 @@ print("ok")
 
 def test_levels_on_an_avx2_target(tmp_path):
     """matmul with level tables compiled for a CPU without AVX-512 (numba
-    told haswell): the gather decoder in the strips, the scalar tails, the
+    told haswell): AVX2's 8-entry table decoder in the strips, the scalar tails, the
     multi-token buffers and the act_int8 fallback, against float64."""
     from helpers import run_on_avx2_target
     run_on_avx2_target(_AVX2_CHECK, tmp_path)
