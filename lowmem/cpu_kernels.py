@@ -23,7 +23,8 @@ int8 and packed int4 run micro-kernels written as explicit 16-lane LLVM
 vector code (``lowmem.simd_kernels``): a call takes 16 (int8) or 32 (int4) rows x
 64 columns and up to 8 tokens, keeps one fp32 register accumulator per
 (token, 16 columns), decodes each weight exactly (int8: sign-extend, convert;
-int4: a table lookup with AVX-512, else an xor and a subtraction) and
+int4: a table lookup with AVX-512, else an xor and a subtraction; int4
+with levels: its table, see ``_operand``) and
 multiplies by the scale once per call. Measured on the 2-core target
 (Sapphire Rapids, 6144 x 32768 and 32768 x 6144): int4 one token 3.4-3.6 ms
 per matrix, ~30 GB/s, i.e. at the memory floor, 8 tokens 11-13 ms; int8 one
@@ -61,9 +62,9 @@ from numba import njit, prange, types
 from numba.extending import overload
 
 from lowmem import act8_kernels
-from lowmem.simd_kernels import _hi4, _lo4, _prefer_512, _strip
+from lowmem.simd_kernels import _hi, _lo, _prefer_512, _strip
 from quant.bf16 import round_bf16_scalar
-from quant.qweight import BF16, QWeight
+from quant.qweight import BF16, QWeight, level_table
 
 _FM = {"contract"}
 _FM_REDUCE = {"contract", "reassoc"}
@@ -114,9 +115,10 @@ def gelu_tanh(v):
 # ----------------------------------------------------------------------------
 
 @njit(fastmath=_FM, cache=True)
-def _tile_rows(x, w, sc, g, k0, k1, n0, m, t, acc, a0):
+def _tile_rows(x, w, sc, g, k0, k1, n0, m, t, acc, a0, lv):
     """One token, one stored value per weight (int8, bf16 bits or fp32):
-    decode in registers straight from the four row streams."""
+    decode in registers straight from the four row streams (lv: unused, the
+    call of _tile_q4)."""
     k = k0
     a = acc[t, a0:a0 + m]
     while k < k1:
@@ -142,8 +144,9 @@ def _tile_rows(x, w, sc, g, k0, k1, n0, m, t, acc, a0):
 
 
 @njit(fastmath=_FM, cache=True)
-def _tile_q4(x, p, sc, g, k0, k1, n0, m, t, acc, a0):
-    """One token, packed int4 (uint8 (K // 2, N)); k0, k1 and g are even."""
+def _tile_q4(x, p, sc, g, k0, k1, n0, m, t, acc, a0, lv):
+    """One token, packed int4 (uint8 (K // 2, N)); k0, k1 and g are even;
+    lv: level table or None (see lowmem.simd_kernels._lo)."""
     k = k0
     a = acc[t, a0:a0 + m]
     while k < k1:
@@ -155,36 +158,36 @@ def _tile_q4(x, p, sc, g, k0, k1, n0, m, t, acc, a0):
             p1 = p[k // 2 + 1, n0:n0 + m]
             x0, x1, x2, x3 = x[t, k], x[t, k + 1], x[t, k + 2], x[t, k + 3]
             for j in range(m):
-                a[j] += _f32(s[j]) * ((x0 * _lo4(p0[j]) + x1 * _hi4(p0[j]))
-                                      + (x2 * _lo4(p1[j]) + x3 * _hi4(p1[j])))
+                a[j] += _f32(s[j]) * ((x0 * _lo(p0[j], lv) + x1 * _hi(p0[j], lv))
+                                      + (x2 * _lo(p1[j], lv) + x3 * _hi(p1[j], lv)))
             k += 4
         while k < kend:
             p0 = p[k // 2, n0:n0 + m]
             x0, x1 = x[t, k], x[t, k + 1]
             for j in range(m):
-                a[j] += _f32(s[j]) * (x0 * _lo4(p0[j]) + x1 * _hi4(p0[j]))
+                a[j] += _f32(s[j]) * (x0 * _lo(p0[j], lv) + x1 * _hi(p0[j], lv))
             k += 2
 
 
-def _strip_tail(x, w, sc, g, k0, k1, n0, m, t0, t1, acc, a0):
+def _strip_tail(x, w, sc, g, k0, k1, n0, m, t0, t1, acc, a0, lv):
     """Columns after the last whole strip: the generic tiles."""
     raise NotImplementedError("only callable from numba code")
 
 
 @overload(_strip_tail, inline="always")
-def _strip_tail_overload(x, w, sc, g, k0, k1, n0, m, t0, t1, acc, a0):
+def _strip_tail_overload(x, w, sc, g, k0, k1, n0, m, t0, t1, acc, a0, lv):
     one = _tile_q4 if w.dtype == types.uint8 else _tile_rows
 
-    def tail(x, w, sc, g, k0, k1, n0, m, t0, t1, acc, a0):
+    def tail(x, w, sc, g, k0, k1, n0, m, t0, t1, acc, a0, lv):
         if t1 - t0 == 1:
-            one(x, w, sc, g, k0, k1, n0, m, t0, acc, a0)
+            one(x, w, sc, g, k0, k1, n0, m, t0, acc, a0, lv)
         else:
-            _tile_tokens(x, w, sc, g, k0, k1, n0, m, t0, t1, acc, a0)
+            _tile_tokens(x, w, sc, g, k0, k1, n0, m, t0, t1, acc, a0, lv)
     return tail
 
 
 @njit(fastmath=_FM, cache=True)
-def _tile_strips(x, p, sc, g, k0, k1, n0, m, t0, t1, acc, a0, d, rows):
+def _tile_strips(x, p, sc, g, k0, k1, n0, m, t0, t1, acc, a0, d, rows, lv):
     """Packed int4 (d = 2 weight rows per stored row) or int8 (d = 1),
     tokens t0..t1: for each block of `rows` weight rows within a scale group,
     micro-kernels walk the 64-column strips in order (one row stream per
@@ -201,48 +204,49 @@ def _tile_strips(x, p, sc, g, k0, k1, n0, m, t0, t1, acc, a0, d, rows):
             for j in range(0, m_main, _STRIP):
                 for t in range(t0, t1, 8):
                     _strip(min(8, t1 - t), p, k // d, (k2 - k) // d, n0 + j, x, t, k,
-                           sc, gi, acc, a0 + j)
+                           sc, gi, acc, a0 + j, lv)
             k = k2
     if m_main < m:
-        _strip_tail(x, p, sc, g, k0, k1, n0 + m_main, m - m_main, t0, t1, acc, a0 + m_main)
+        _strip_tail(x, p, sc, g, k0, k1, n0 + m_main, m - m_main, t0, t1, acc, a0 + m_main, lv)
 
 
-def _tile1(x, w, sc, g, k0, k1, n0, m, t, acc, a0):
+def _tile1(x, w, sc, g, k0, k1, n0, m, t, acc, a0, lv):
     """One-token tile, dispatched on the stored dtype (uint8 = packed int4)."""
     raise NotImplementedError("only callable from numba code")
 
 
 @overload(_tile1)
-def _tile1_overload(x, w, sc, g, k0, k1, n0, m, t, acc, a0):
+def _tile1_overload(x, w, sc, g, k0, k1, n0, m, t, acc, a0, lv):
     if w.dtype == types.uint8:
-        return lambda x, w, sc, g, k0, k1, n0, m, t, acc, a0: _tile_strips(
-            x, w, sc, g, k0, k1, n0, m, t, t + 1, acc, a0, 2, _Q4_ROWS)
+        return lambda x, w, sc, g, k0, k1, n0, m, t, acc, a0, lv: _tile_strips(
+            x, w, sc, g, k0, k1, n0, m, t, t + 1, acc, a0, 2, _Q4_ROWS, lv)
     if w.dtype == types.int8:
-        return lambda x, w, sc, g, k0, k1, n0, m, t, acc, a0: _tile_strips(
-            x, w, sc, g, k0, k1, n0, m, t, t + 1, acc, a0, 1, _I8_ROWS)
-    return lambda x, w, sc, g, k0, k1, n0, m, t, acc, a0: _tile_rows(
-        x, w, sc, g, k0, k1, n0, m, t, acc, a0)
+        return lambda x, w, sc, g, k0, k1, n0, m, t, acc, a0, lv: _tile_strips(
+            x, w, sc, g, k0, k1, n0, m, t, t + 1, acc, a0, 1, _I8_ROWS, lv)
+    return lambda x, w, sc, g, k0, k1, n0, m, t, acc, a0, lv: _tile_rows(
+        x, w, sc, g, k0, k1, n0, m, t, acc, a0, lv)
 
 
-def _decode(w, k, r, n0, jn, buf):
-    """buf[:r, :jn] = integer/float values of rows k..k+r of W, columns n0..n0+jn."""
+def _decode(w, k, r, n0, jn, buf, lv):
+    """buf[:r, :jn] = integer/float values of rows k..k+r of W, columns n0..n0+jn
+    (int4: through the level table lv, or two's complement for None)."""
     raise NotImplementedError("only callable from numba code")
 
 
 @overload(_decode, inline="always")
-def _decode_overload(w, k, r, n0, jn, buf):
+def _decode_overload(w, k, r, n0, jn, buf, lv):
     if w.dtype == types.uint8:
-        def decode_q4(w, k, r, n0, jn, buf):
+        def decode_q4(w, k, r, n0, jn, buf, lv):
             for i in range(r // 2):
                 p = w[k // 2 + i, n0:n0 + jn]
                 lo = buf[2 * i]
                 hi = buf[2 * i + 1]
                 for j in range(jn):
-                    lo[j] = _lo4(p[j])
-                    hi[j] = _hi4(p[j])
+                    lo[j] = _lo(p[j], lv)
+                    hi[j] = _hi(p[j], lv)
         return decode_q4
 
-    def decode_rows(w, k, r, n0, jn, buf):
+    def decode_rows(w, k, r, n0, jn, buf, lv):
         for i in range(r):
             row = w[k + i, n0:n0 + jn]
             out = buf[i]
@@ -296,7 +300,7 @@ def _accumulate_buffer(x, k, r, t0, t1, buf, s, jn, acc, a0):
 
 
 @njit(fastmath=_FM, cache=True)
-def _tile_tokens(x, w, sc, g, k0, k1, n0, m, t0, t1, acc, a0):
+def _tile_tokens(x, w, sc, g, k0, k1, n0, m, t0, t1, acc, a0, lv):
     """Several tokens: decode 4 rows x _SUB columns once into an L1 buffer,
     then apply them to every token, so decode work is paid once per tile."""
     buf = np.empty((4, _SUB), np.float32)
@@ -311,30 +315,30 @@ def _tile_tokens(x, w, sc, g, k0, k1, n0, m, t0, t1, acc, a0):
             r = min(4, kend - k)  # even for int4: k, kend, g are even
             for j0 in range(0, m, _SUB):
                 jn = min(_SUB, m - j0)
-                _decode(w, k, r, n0 + j0, jn, buf)
+                _decode(w, k, r, n0 + j0, jn, buf, lv)
                 _accumulate_buffer(x, k, r, t0, t1, buf, s[j0:j0 + jn], jn, acc, a0 + j0)
             k += r
 
 
-def _tile_n(x, w, sc, g, k0, k1, n0, m, t0, t1, acc, a0):
+def _tile_n(x, w, sc, g, k0, k1, n0, m, t0, t1, acc, a0, lv):
     """Several-token tile, dispatched on the stored dtype (uint8 = packed int4)."""
     raise NotImplementedError("only callable from numba code")
 
 
 @overload(_tile_n)
-def _tile_n_overload(x, w, sc, g, k0, k1, n0, m, t0, t1, acc, a0):
+def _tile_n_overload(x, w, sc, g, k0, k1, n0, m, t0, t1, acc, a0, lv):
     if w.dtype == types.uint8:
-        return lambda x, w, sc, g, k0, k1, n0, m, t0, t1, acc, a0: _tile_strips(
-            x, w, sc, g, k0, k1, n0, m, t0, t1, acc, a0, 2, _Q4_ROWS)
+        return lambda x, w, sc, g, k0, k1, n0, m, t0, t1, acc, a0, lv: _tile_strips(
+            x, w, sc, g, k0, k1, n0, m, t0, t1, acc, a0, 2, _Q4_ROWS, lv)
     if w.dtype == types.int8:
-        return lambda x, w, sc, g, k0, k1, n0, m, t0, t1, acc, a0: _tile_strips(
-            x, w, sc, g, k0, k1, n0, m, t0, t1, acc, a0, 1, _I8_ROWS)
-    return lambda x, w, sc, g, k0, k1, n0, m, t0, t1, acc, a0: _tile_tokens(
-        x, w, sc, g, k0, k1, n0, m, t0, t1, acc, a0)
+        return lambda x, w, sc, g, k0, k1, n0, m, t0, t1, acc, a0, lv: _tile_strips(
+            x, w, sc, g, k0, k1, n0, m, t0, t1, acc, a0, 1, _I8_ROWS, lv)
+    return lambda x, w, sc, g, k0, k1, n0, m, t0, t1, acc, a0, lv: _tile_tokens(
+        x, w, sc, g, k0, k1, n0, m, t0, t1, acc, a0, lv)
 
 
 @njit(fastmath=_FM, cache=True)
-def _accumulate(x, w, sc, g, k0, k1, n0, m, acc, a0):
+def _accumulate(x, w, sc, g, k0, k1, n0, m, acc, a0, lv):
     """acc[:, a0:a0+m] += x[:, k0:k1] @ W[k0:k1, n0:n0+m], all tokens.
 
     With more tokens than one block, tiles of _ROW_TILE rows are reused for
@@ -342,13 +346,13 @@ def _accumulate(x, w, sc, g, k0, k1, n0, m, acc, a0):
     """
     T = x.shape[0]
     if T == 1:
-        _tile1(x, w, sc, g, k0, k1, n0, m, 0, acc, a0)
+        _tile1(x, w, sc, g, k0, k1, n0, m, 0, acc, a0, lv)
         return
     step = k1 - k0 if T <= _TOKEN_BLOCK else _ROW_TILE
     for kk in range(k0, k1, step):
         kk1 = min(k1, kk + step)
         for t0 in range(0, T, _TOKEN_BLOCK):
-            _tile_n(x, w, sc, g, kk, kk1, n0, m, t0, min(T, t0 + _TOKEN_BLOCK), acc, a0)
+            _tile_n(x, w, sc, g, kk, kk1, n0, m, t0, min(T, t0 + _TOKEN_BLOCK), acc, a0, lv)
 
 
 # ----------------------------------------------------------------------------
@@ -356,8 +360,9 @@ def _accumulate(x, w, sc, g, k0, k1, n0, m, acc, a0):
 # ----------------------------------------------------------------------------
 
 @njit(parallel=True, fastmath=_FM, cache=True)
-def _matmul_kernel(x, w, sc, g, nb, kchunk, parts):
-    """parts[c] (T, N) += x[:, rows of chunk c] @ W[those rows]; parts is zeroed."""
+def _matmul_kernel(x, w, sc, g, nb, kchunk, parts, lv):
+    """parts[c] (T, N) += x[:, rows of chunk c] @ W[those rows]; parts is zeroed;
+    lv: the int4 level table or None (see matmul)."""
     K = x.shape[1]
     nk, _, N = parts.shape
     ncb = (N + nb - 1) // nb
@@ -366,7 +371,8 @@ def _matmul_kernel(x, w, sc, g, nb, kchunk, parts):
         c = item - cb * nk
         n0 = cb * nb
         k0 = c * kchunk
-        _accumulate(x, w, sc, g, k0, min(K, k0 + kchunk), n0, min(nb, N - n0), parts[c], n0)
+        _accumulate(x, w, sc, g, k0, min(K, k0 + kchunk), n0, min(nb, N - n0), parts[c], n0,
+                    lv)
 
 
 @njit(fastmath=_FM, cache=True)
@@ -384,7 +390,7 @@ def _accumulate_a8(x, xq, dx, bs, w, sc, g, k0, k1, n0, m, acc, a0):
             act8_kernels.tile_strips(xq, dx, bs, w, sc, g, kk, kk1, n0, m, t0, t1, acc, a0)
             if m_main < m:
                 _strip_tail(x, w, sc, g, kk, kk1, n0 + m_main, m - m_main, t0, t1, acc,
-                            a0 + m_main)
+                            a0 + m_main, None)
 
 
 @njit(parallel=True, fastmath=_FM, cache=True)
@@ -468,11 +474,15 @@ def _c_contiguous(a: np.ndarray, what: str) -> np.ndarray:
 
 
 def _operand(w, what: str = "weight"):
-    """(stored values, uint16 scale bits, group_size, (K, N)) of a weight.
+    """(stored values, uint16 scale bits, group_size, (K, N), levels) of a weight.
 
     Accepts a QWeight (int8, or int4 packed in uint8, with bf16 scales) or a
     2-D float32 / bf16 ndarray (given one group of scales 1.0). bf16 goes to
     numba as its uint16 bits. Views only: the weight bytes are never copied.
+    levels: an int4 level table as float32 (16,), else None. The kernels take
+    it as one more argument rather than a new stored dtype or a table folded
+    into the scales: numba specializes on its type, so None compiles exactly
+    the uniform code (same speed, same bits) and an array the table variant.
     """
     if isinstance(w, QWeight):
         want = np.int8 if w.bits == 8 else np.uint8
@@ -486,13 +496,14 @@ def _operand(w, what: str = "weight"):
             raise ValueError(f"{what}: int4 needs an even group_size, got {w.group_size}")
         values = _c_contiguous(w.values, f"{what} values")
         scales = _c_contiguous(w.scales, f"{what} scales").view(np.uint16)
-        return values, scales, w.group_size, w.shape
+        return values, scales, w.group_size, w.shape, \
+            None if w.levels is None else level_table(w.levels)
     if isinstance(w, np.ndarray) and w.ndim == 2 and w.dtype in (np.float32, BF16):
         values = _c_contiguous(w, what)
         if values.dtype == BF16:
             values = values.view(np.uint16)
         ones = np.full((1, w.shape[1]), 0x3F80, np.uint16)  # bf16 1.0: shares the scaled code
-        return values, ones, max(1, w.shape[0]), w.shape
+        return values, ones, max(1, w.shape[0]), w.shape, None
     desc = f"{w.ndim}-D {w.dtype} array" if isinstance(w, np.ndarray) else type(w).__name__
     raise TypeError(f"{what}: expected a QWeight or a 2-D float32/bfloat16 array, got {desc}")
 
@@ -542,15 +553,17 @@ def matmul(x, w, *, col_block: int | None = None, k_chunk: int | None = None,
     and benchmarks; k_chunk must be a multiple of 8). act_int8 (default
     ACT_INT8): x quantized to int8 per block of 32 and int8 dot products
     (lowmem.act8_kernels), for QWeights whose K and group size are multiples
-    of 32 (others stay fp32); a numerics change, hence opt-in.
+    of 32 and without int4 levels (others stay fp32, on x as given: the
+    int8-activation kernels decode the uniform grid only); a numerics
+    change, hence opt-in. int4 levels: see _operand.
     """
-    values, scales, g, (k, n) = _operand(w)
+    values, scales, g, (k, n), lv = _operand(w)
     x2, vector = _activations(x, k, "matmul")
     if k == 0 or n == 0:
         out = np.zeros((x2.shape[0], n), np.float32)
         return out[0] if vector else out
     a8 = (ACT_INT8 if act_int8 is None else act_int8) and isinstance(w, QWeight) \
-        and k % act8_kernels.BLOCK == 0 and g % act8_kernels.BLOCK == 0
+        and lv is None and k % act8_kernels.BLOCK == 0 and g % act8_kernels.BLOCK == 0
     nb, kchunk, nk = _plan(x2.shape[0], k, n, values.nbytes, 32 if a8 else 8)
     if col_block is not None:
         nb = max(1, min(n, col_block))
@@ -565,7 +578,7 @@ def matmul(x, w, *, col_block: int | None = None, k_chunk: int | None = None,
         xd = (xq.reshape(len(xq), -1, 32) * dx[:, :, None]).reshape(xq.shape)  # (T, K) f32
         _matmul_a8_kernel(xd, xq, dx, bs, values, scales, g, nb, kchunk, parts)
     else:
-        _matmul_kernel(x2, values, scales, g, nb, kchunk, parts)
+        _matmul_kernel(x2, values, scales, g, nb, kchunk, parts, lv)
     out = parts[0] if nk == 1 else parts.sum(axis=0, dtype=np.float32)  # (T, N)
     return out[0] if vector else out
 

@@ -11,6 +11,14 @@ vectors where it would otherwise prefer 256. Measured on the 2-core target
 (6144 x 32768 and 32768 x 6144): one token 3.4-3.6 ms per matrix, at the
 memory floor; 8 tokens 11-13 ms, FMA-bound.
 
+An int4 weight with a level table (``QWeight.levels``) passes the table,
+float32 (16,), as one more argument ``lv`` (``None`` for the uniform grid):
+numba types it, so the uniform code is compiled exactly as without tables.
+The table is loaded once per call: AVX-512 looks it up with the same
+vpermps as the uniform constant table (measured 1.00-1.02x the uniform time,
+Zen 5, 2 threads, T = 1 and 8); AVX2 with two 8-entry vpermps and a blend;
+other targets with a gather (exact, slower).
+
 int8 (``_i8_kernel``) has the same call and accumulators: 16 bytes of a row
 are sign-extended to i32 lanes and converted to float32 (exact), 2 uops per
 16 weights. Measured on the same target: one token 6.5-7 ms per matrix (at the
@@ -71,13 +79,38 @@ def _hi4(typingctx, v):
     return None
 
 
+def _lo(v, lv):
+    """Low nibble (even row) of a packed int4 byte as float32: lv[n] for a
+    level table lv (float32 (16,)), the two's complement value for lv None."""
+    raise NotImplementedError("only callable from numba code")
+
+
+def _hi(v, lv):
+    """High nibble (odd row) of a packed int4 byte as float32, as _lo."""
+    raise NotImplementedError("only callable from numba code")
+
+
+@overload(_lo, inline="always")
+def _lo_overload(v, lv):
+    if lv is None or isinstance(lv, types.NoneType):
+        return lambda v, lv: _lo4(v)
+    return lambda v, lv: lv[v & 15]
+
+
+@overload(_hi, inline="always")
+def _hi_overload(v, lv):
+    if lv is None or isinstance(lv, types.NoneType):
+        return lambda v, lv: _hi4(v)
+    return lambda v, lv: lv[v >> 4]
+
+
 def _splat(ty, value, lanes=16):
     return ir.Constant(ir.VectorType(ty, lanes), [value] * lanes)
 
 
 def _broadcast(builder, value):
-    """A float32 scalar in all 16 lanes."""
-    vf = ir.VectorType(ir.FloatType(), 16)
+    """A scalar (float32, i64, ...) in all 16 lanes."""
+    vf = ir.VectorType(value.type, 16)
     v = builder.insert_element(ir.Constant(vf, ir.Undefined), value, ir.Constant(ir.IntType(32), 0))
     return builder.shuffle_vector(v, ir.Constant(vf, ir.Undefined), _splat(ir.IntType(32), 0))
 
@@ -104,30 +137,80 @@ class _Mat:
 def _has_avx512(context):
     """Whether numba compiles for a CPU with AVX-512F (its cache is keyed on
     the same feature string, so cached code never crosses machines)."""
-    return "+avx512f" in context.codegen().magic_tuple()[2].split(",")
+    return _has_feature(context, "avx512f")
 
 
-def _decode_q4(builder, ptr, lut):
+def _has_feature(context, name):
+    """Whether numba compiles for a CPU with this feature (e.g. "avx2")."""
+    return "+" + name in context.codegen().magic_tuple()[2].split(",")
+
+
+def _decode_q4(builder, ptr, kind, levels=None):
     """16 packed bytes -> (even rows, odd rows) as exact float32 vectors.
 
-    lut: vpermps, a 16-entry table lookup that reads only the low 4 bits of
-    each lane (AVX-512; 1 instruction per nibble). Otherwise, portable: for a
-    nibble n holding the two's complement q, the bits n ^ 0x4B000008 are the
-    float 2^23 + 8 + q (one xor, one subtraction). Measured: the table is
-    1.2x faster at T = 1, 1.05x at T = 8 on one core."""
+    kind "lut": vpermps, a 16-entry table lookup that reads only the low 4
+    bits of each lane (AVX-512; 1 instruction per nibble). "xor", portable,
+    the uniform grid only: for a nibble n holding the two's complement q, the
+    bits n ^ 0x4B000008 are the float 2^23 + 8 + q (one xor, one
+    subtraction). Measured: the table is 1.2x faster at T = 1, 1.05x at T = 8
+    on one core.
+
+    levels: None for the uniform grid (a constant table), else the weight's
+    level table as IR values (see _level_operand), loaded once per call: for
+    "lut" the <16 x float> itself (a non-uniform table costs what the
+    constant one does); for "perm8" (AVX2) its two halves as <8 x float>,
+    looked up by two 8-entry vpermps and a blend on bit 3; for "gather"
+    (any other target) a float* read by llvm.masked.gather. The xor trick
+    fits only the uniform grid."""
     i32, f32 = ir.IntType(32), ir.FloatType()
     vf, vi = ir.VectorType(f32, 16), ir.VectorType(i32, 16)
     w = builder.zext(builder.load(ptr, align=1), vi)
-    if lut:
+    lo, hi = builder.and_(w, _splat(i32, 15)), builder.lshr(w, _splat(i32, 4))
+    if kind == "lut":
         perm = cgutils.get_or_insert_function(
             builder.module, ir.FunctionType(vf, [vf, vi]), "llvm.x86.avx512.permvar.sf.512")
-        table = ir.Constant(vf, [float(n - 16 if n > 7 else n) for n in range(16)])
-        return (builder.call(perm, [table, w]),
-                builder.call(perm, [table, builder.lshr(w, _splat(i32, 4))]))
-    lo = builder.xor(builder.and_(w, _splat(i32, 15)), _splat(i32, 0x4B000008))
-    hi = builder.xor(builder.lshr(w, _splat(i32, 4)), _splat(i32, 0x4B000008))
+        table = levels if levels is not None else \
+            ir.Constant(vf, [float(n - 16 if n > 7 else n) for n in range(16)])
+        return builder.call(perm, [table, w]), builder.call(perm, [table, hi])
+    if kind == "perm8":
+        return _perm8(builder, levels, lo), _perm8(builder, levels, hi)
+    if kind == "gather":
+        return _gather(builder, levels, lo), _gather(builder, levels, hi)
+    lo = builder.xor(lo, _splat(i32, 0x4B000008))
+    hi = builder.xor(hi, _splat(i32, 0x4B000008))
     off = _splat(f32, 8388616.0)
     return (builder.fsub(builder.bitcast(lo, vf), off), builder.fsub(builder.bitcast(hi, vf), off))
+
+
+def _perm8(builder, halves, idx):
+    """table[idx] for 16 i32 indices in [0, 16) and the table as two <8 x
+    float> halves: AVX2 vpermps (reads the low 3 bits) on each, bit 3 picks."""
+    i32, f32 = ir.IntType(32), ir.FloatType()
+    v8f, v8i = ir.VectorType(f32, 8), ir.VectorType(i32, 8)
+    perm = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(v8f, [v8f, v8i]), "llvm.x86.avx2.permps")
+    out = []
+    for h in range(2):
+        part = builder.shuffle_vector(idx, ir.Constant(idx.type, ir.Undefined),
+                                      ir.Constant(v8i, list(range(8 * h, 8 * h + 8))))
+        upper = builder.icmp_unsigned("!=", builder.and_(part, _splat(i32, 8, 8)),
+                                      _splat(i32, 0, 8))
+        out.append(builder.select(upper, builder.call(perm, [halves[1], part]),
+                                  builder.call(perm, [halves[0], part])))
+    return builder.shuffle_vector(out[0], out[1], ir.Constant(ir.VectorType(i32, 16),
+                                                              list(range(16))))
+
+
+def _gather(builder, base, idx):
+    """base[idx] for a float* base and 16 i32 indices in [0, 16): llvm.masked.gather."""
+    i1, i32, i64, f32 = ir.IntType(1), ir.IntType(32), ir.IntType(64), ir.FloatType()
+    vf, vp = ir.VectorType(f32, 16), ir.VectorType(f32.as_pointer(), 16)
+    addr = builder.shl(builder.zext(idx, ir.VectorType(i64, 16)), _splat(i64, 2))  # bytes
+    addr = builder.add(addr, _broadcast(builder, builder.ptrtoint(base, i64)))
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(
+        vf, [vp, i32, ir.VectorType(i1, 16), vf]), "llvm.masked.gather.v16f32.v16p0")
+    return builder.call(fn, [builder.inttoptr(addr, vp), ir.Constant(i32, 4),
+                             _splat(i1, 1), ir.Constant(vf, ir.Undefined)])
 
 
 def _prefetch(builder, ptr):
@@ -139,12 +222,12 @@ def _prefetch(builder, ptr):
                       ir.Constant(i32, 1)])
 
 
-def _q4_codegen(tb, nv, lut):
-    """Codegen of _q4_kernel(tb, nv, lut): see there."""
+def _q4_codegen(tb, nv, lut, perm8):
+    """Codegen of _q4_kernel(tb, nv, lut, perm8): see there."""
     chains = 2 if tb == 1 else 1  # one token: even and odd rows in two chains
 
     def codegen(context, builder, sig, args):
-        table = _has_avx512(context) if lut is None else lut
+        kind = _decoder(context, isinstance(sig.args[11], types.NoneType), lut, perm8)
         i64, f32 = ir.IntType(64), ir.FloatType()
         vf = ir.VectorType(f32, 16)
         pm, xm, sm, am = (_Mat(context, builder, sig.args[j], args[j]) for j in (0, 4, 7, 9))
@@ -152,12 +235,14 @@ def _q4_codegen(tb, nv, lut):
                                      for j in (1, 2, 3, 5, 6, 8, 10))
         fma = cgutils.get_or_insert_function(
             builder.module, ir.FunctionType(vf, [vf, vf, vf]), "llvm.fma.v16f32")
+        levels = _level_operand(context, builder, sig.args[11], args[11], kind)
         acc = [[[cgutils.alloca_once_value(builder, _splat(f32, 0.0)) for _ in range(chains)]
                 for _ in range(nv)] for _ in range(tb)]
         with cgutils.for_range(builder, nb) as loop:
             row = pm.at(builder.add(i0, loop.index), n0)  # packed row i0 + i
             _prefetch(builder, builder.gep(row, [ir.Constant(i64, _Q4_PREFETCH)]))
-            w = [_decode_q4(builder, pm.vec(row, 16 * c, ir.IntType(8)), table) for c in range(nv)]
+            w = [_decode_q4(builder, pm.vec(row, 16 * c, ir.IntType(8)), kind, levels)
+                 for c in range(nv)]
             kk = builder.add(k, builder.mul(loop.index, ir.Constant(i64, 2)))
             for t in range(tb):
                 xp = xm.at(builder.add(t0, ir.Constant(i64, t)), kk)
@@ -173,6 +258,31 @@ def _q4_codegen(tb, nv, lut):
         _q4_store(builder, fma, acc, sm.at(gi, n0), am, t0, a0, sm)
         return context.get_dummy_value()
     return codegen
+
+
+def _decoder(context, uniform, lut, perm8):
+    """The kind of _decode_q4 a kernel uses: lut / perm8 as in _q4_kernel."""
+    if _has_avx512(context) if lut is None else lut:
+        return "lut"
+    if uniform:
+        return "xor"
+    return "perm8" if (_has_feature(context, "avx2") if perm8 is None else perm8) else "gather"
+
+
+def _level_operand(context, builder, ty, value, kind):
+    """The `levels` of _decode_q4 for a kernel's lv argument, loaded here,
+    before the row loop: None (uniform), the 16 floats as one vector
+    ("lut"), as two halves ("perm8") or the table's float* ("gather")."""
+    if isinstance(ty, types.NoneType):
+        return None
+    data = context.make_array(ty)(context, builder, value).data  # float* (16,)
+    if kind == "gather":
+        return data
+    lanes = 16 if kind == "lut" else 8
+    vp = ir.VectorType(ir.FloatType(), lanes).as_pointer()
+    parts = [builder.load(builder.bitcast(builder.gep(data, [ir.Constant(ir.IntType(64), h)]),
+                                          vp), align=4) for h in range(0, 16, lanes)]
+    return parts[0] if kind == "lut" else parts
 
 
 def _q4_store(builder, fma, acc, srow, am, t0, a0, sm):
@@ -195,8 +305,8 @@ def _q4_store(builder, fma, acc, srow, am, t0, a0, sm):
                           ptr, align=4)
 
 
-def _q4_kernel(tb, nv, lut=None):
-    """An intrinsic k(p, i0, nb, n0, x, t0, k, sc, gi, acc, a0) doing, for
+def _q4_kernel(tb, nv, lut=None, perm8=None):
+    """An intrinsic k(p, i0, nb, n0, x, t0, k, sc, gi, acc, a0, lv) doing, for
     t < tb tokens and c < 16 * nv columns:
 
         acc[t0+t, a0+c] += scale[gi, n0+c] * sum_{i < nb} (x[t0+t, k+2i] * even(p[i0+i, n0+c])
@@ -204,12 +314,21 @@ def _q4_kernel(tb, nv, lut=None):
 
     with the tb * nv accumulators in registers. All arrays C-contiguous 2-D
     (p uint8 packed int4, sc uint16 bf16 bits, x and acc float32); the caller
-    guarantees the ranges (no bounds checks). lut: nibble decoder (see
-    _decode_q4); None picks the table where the target has AVX-512."""
-    def typer(typingctx, p, i0, nb, n0, x, t0, k, sc, gi, acc, a0):
+    guarantees the ranges (no bounds checks). lv: None (nibbles are two's
+    complement) or the level table, float32 (16,) C-contiguous (even/odd
+    above are lv[nibble]). Nibble decoder (see _decode_q4): lut True the
+    AVX-512 table, False the others, None the table where the target has
+    AVX-512; perm8, for a level table without lut: True AVX2's two 8-entry
+    tables, False the gather, None AVX2's where the target has it."""
+    def typer(typingctx, p, i0, nb, n0, x, t0, k, sc, gi, acc, a0, lv):
         arrays = (p, x, sc, acc)
-        if all(isinstance(a, types.Array) and a.ndim == 2 and a.layout == "C" for a in arrays):
-            return types.none(p, i0, nb, n0, x, t0, k, sc, gi, acc, a0), _q4_codegen(tb, nv, lut)
+        table_ok = isinstance(lv, types.NoneType) or (
+            isinstance(lv, types.Array) and lv.ndim == 1 and lv.layout == "C"
+            and lv.dtype == types.float32)
+        if table_ok and all(isinstance(a, types.Array) and a.ndim == 2 and a.layout == "C"
+                            for a in arrays):
+            return (types.none(p, i0, nb, n0, x, t0, k, sc, gi, acc, a0, lv),
+                    _q4_codegen(tb, nv, lut, perm8))
         return None
     typer.__name__ = typer.__qualname__ = f"_q4_t{tb}"
     return intrinsic(typer)
@@ -269,27 +388,27 @@ _i8_t5, _i8_t6, _i8_t7, _i8_t8 = (_i8_kernel(t, 2) for t in (5, 6, 7, 8))
 
 
 @njit(inline="always", cache=True)
-def _q4_strip(tb, p, i0, nb, n0, x, t0, k, sc, gi, acc, a0):
+def _q4_strip(tb, p, i0, nb, n0, x, t0, k, sc, gi, acc, a0, lv):
     """One 64-column int4 strip for tb <= 8 tokens: up to 16 register
-    accumulators (4 vectors x 4 tokens or 2 x 8, in two halves)."""
+    accumulators (4 vectors x 4 tokens or 2 x 8, in two halves); lv: see _q4_kernel."""
     if tb == 1:
-        _q4_t1(p, i0, nb, n0, x, t0, k, sc, gi, acc, a0)
+        _q4_t1(p, i0, nb, n0, x, t0, k, sc, gi, acc, a0, lv)
     elif tb == 2:
-        _q4_t2(p, i0, nb, n0, x, t0, k, sc, gi, acc, a0)
+        _q4_t2(p, i0, nb, n0, x, t0, k, sc, gi, acc, a0, lv)
     elif tb == 3:
-        _q4_t3(p, i0, nb, n0, x, t0, k, sc, gi, acc, a0)
+        _q4_t3(p, i0, nb, n0, x, t0, k, sc, gi, acc, a0, lv)
     elif tb == 4:
-        _q4_t4(p, i0, nb, n0, x, t0, k, sc, gi, acc, a0)
+        _q4_t4(p, i0, nb, n0, x, t0, k, sc, gi, acc, a0, lv)
     else:
         for h in range(0, 64, 32):
             if tb == 5:
-                _q4_t5(p, i0, nb, n0 + h, x, t0, k, sc, gi, acc, a0 + h)
+                _q4_t5(p, i0, nb, n0 + h, x, t0, k, sc, gi, acc, a0 + h, lv)
             elif tb == 6:
-                _q4_t6(p, i0, nb, n0 + h, x, t0, k, sc, gi, acc, a0 + h)
+                _q4_t6(p, i0, nb, n0 + h, x, t0, k, sc, gi, acc, a0 + h, lv)
             elif tb == 7:
-                _q4_t7(p, i0, nb, n0 + h, x, t0, k, sc, gi, acc, a0 + h)
+                _q4_t7(p, i0, nb, n0 + h, x, t0, k, sc, gi, acc, a0 + h, lv)
             else:
-                _q4_t8(p, i0, nb, n0 + h, x, t0, k, sc, gi, acc, a0 + h)
+                _q4_t8(p, i0, nb, n0 + h, x, t0, k, sc, gi, acc, a0 + h, lv)
 
 
 @njit(inline="always", cache=True)
@@ -315,15 +434,16 @@ def _i8_strip(tb, p, i0, nb, n0, x, t0, k, sc, gi, acc, a0):
                 _i8_t8(p, i0, nb, n0 + h, x, t0, k, sc, gi, acc, a0 + h)
 
 
-def _strip(tb, p, i0, nb, n0, x, t0, k, sc, gi, acc, a0):
-    """One 64-column micro-kernel strip, dispatched on the stored dtype."""
+def _strip(tb, p, i0, nb, n0, x, t0, k, sc, gi, acc, a0, lv):
+    """One 64-column micro-kernel strip, dispatched on the stored dtype (lv:
+    the int4 level table or None; int8 weights take None)."""
     raise NotImplementedError("only callable from numba code")
 
 
 @overload(_strip, inline="always")
-def _strip_overload(tb, p, i0, nb, n0, x, t0, k, sc, gi, acc, a0):
+def _strip_overload(tb, p, i0, nb, n0, x, t0, k, sc, gi, acc, a0, lv):
     if p.dtype == types.uint8:
-        return lambda tb, p, i0, nb, n0, x, t0, k, sc, gi, acc, a0: _q4_strip(
-            tb, p, i0, nb, n0, x, t0, k, sc, gi, acc, a0)
-    return lambda tb, p, i0, nb, n0, x, t0, k, sc, gi, acc, a0: _i8_strip(
+        return lambda tb, p, i0, nb, n0, x, t0, k, sc, gi, acc, a0, lv: _q4_strip(
+            tb, p, i0, nb, n0, x, t0, k, sc, gi, acc, a0, lv)
+    return lambda tb, p, i0, nb, n0, x, t0, k, sc, gi, acc, a0, lv: _i8_strip(
         tb, p, i0, nb, n0, x, t0, k, sc, gi, acc, a0)

@@ -170,7 +170,7 @@ def test_int4_micro_kernel_both_decoders(tb, nv, lut):
 
     @njit
     def run(p, x, sc, acc):
-        kern(p, i0, p.shape[0] - i0 - 2, n0, x, t0, 2 * i0, sc, 0, acc, a0)
+        kern(p, i0, p.shape[0] - i0 - 2, n0, x, t0, 2 * i0, sc, 0, acc, a0, None)
 
     acc = np.zeros((tb + 2, 128), np.float32)
     run(w.values, x, w.scales.view(np.uint16), acc)

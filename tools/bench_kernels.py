@@ -13,6 +13,7 @@ weight bytes, and the ratio to the floor (1.00 = at memory bandwidth).
     python tools/bench_kernels.py --mmap /tmp/bench   # weights as np.memmap files
     python tools/bench_kernels.py --cases int4-gate int8-gate --tokens 1 2 4 8 --threads 1 --act-int8
     python tools/bench_kernels.py --cases logits logits-int8 --tokens 1 2 4 8 16 --repeats 5
+    python tools/bench_kernels.py --cases int4g32-gate int4lv32-gate int4g32-down int4lv32-down
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from membw import parallel_sum, words  # noqa: E402
 from lowmem import cpu_kernels as kernels  # noqa: E402
 from lowmem import logits_kernels  # noqa: E402
+from quant.int4_levels import STUDENT_T_LEVELS  # noqa: E402
 from quant.qweight import QWeight  # noqa: E402
 
 D, F, V = 6144, 32768, 131072
@@ -58,12 +60,14 @@ def _store(arr: np.ndarray, mmap_dir: Path | None, name: str) -> np.ndarray:
     return np.memmap(path, dtype=arr.dtype, mode="r", shape=arr.shape)
 
 
-def _qweight(rng, k, n, bits, group, mmap_dir, name) -> QWeight:
-    """Random int8 or packed-int4 weight with bf16 scales (values do not matter for speed)."""
+def _qweight(rng, k, n, bits, group, mmap_dir, name, levels=None) -> QWeight:
+    """Random int8 or packed-int4 weight with bf16 scales (values do not matter
+    for speed); levels: an int4 level table (QWeight.levels) or None."""
     raw = rng.integers(0, 256, (k // 2 if bits == 4 else k, n), dtype=np.uint8)
     values = raw if bits == 4 else raw.view(np.int8)
     scales = (rng.random((k // group, n), dtype=np.float32) * 1e-3).astype(ml_dtypes.bfloat16)
-    return QWeight(_store(values, mmap_dir, name), _store(scales, mmap_dir, name + "_s"), bits, group)
+    return QWeight(_store(values, mmap_dir, name), _store(scales, mmap_dir, name + "_s"), bits,
+                   group, levels)
 
 
 def _bf16_table(rng, rows, cols, mmap_dir, name) -> np.ndarray:
@@ -90,7 +94,7 @@ def _buffers(*weights):
     return out
 
 
-# name -> (kernel, input width, weights as (rows, cols, bits, group) or "bf16")
+# name -> (kernel, input width, weights as (rows, cols, bits, group[, int4 levels]) or "bf16")
 CASES = {
     "int8-gate": ("matmul", D, [(D, F, 8, D)]),          # per-channel scales, as released
     "int8-down": ("matmul", F, [(F, D, 8, F // 8)]),     # the release's 8 row blocks
@@ -100,6 +104,8 @@ CASES = {
     "int4g64-down": ("matmul", F, [(F, D, 4, 64)]),
     "int4g32-gate": ("matmul", D, [(D, F, 4, 32)]),      # the int4 default
     "int4g32-down": ("matmul", F, [(F, D, 4, 32)]),
+    "int4lv32-gate": ("matmul", D, [(D, F, 4, 32, STUDENT_T_LEVELS)]),  # non-uniform levels
+    "int4lv32-down": ("matmul", F, [(F, D, 4, 32, STUDENT_T_LEVELS)]),
     "bf16-gate": ("matmul", D, [(D, F, "bf16", None)]),
     "logits": ("matmul_nt", D, [(V, D, "bf16", None)]),  # tied embeddings, x @ e.T
     "logits-int8": ("logits_int8", D, [(V, D, "table8", None)]),  # --output-table int8
@@ -113,11 +119,11 @@ def _build(name, rng, mmap_dir):
     """(fn(x) running the case's kernel, input width, weights read)."""
     kernel, width, specs = CASES[name]
     weights = []
-    for i, (rows, cols, bits, group) in enumerate(specs):
+    for i, (rows, cols, bits, group, *levels) in enumerate(specs):
         tag = f"{name}-{i}"
         make = {"bf16": _bf16_table, "table8": _int8_table}.get(bits)
         weights.append(make(rng, rows, cols, mmap_dir, tag) if make
-                       else _qweight(rng, rows, cols, bits, group, mmap_dir, tag))
+                       else _qweight(rng, rows, cols, bits, group, mmap_dir, tag, *levels))
     fn = getattr(logits_kernels if kernel == "logits_int8" else kernels, kernel)
     return (lambda x: fn(x, *weights)), width, weights
 
