@@ -75,9 +75,10 @@ def settings_for(bits: int, group_size: int | str | None = None, int4_levels: st
                  attention: str = "int8") -> QuantSettings:
     """QuantSettings from the quantize options, defaults applied: int4 groups of
     DEFAULT_GROUP_SIZE with DEFAULT_INT4_LEVELS; ValueError (one line) on a bad mix."""
-    if bits == 8 and (group_size is not None or int4_levels is not None):
-        raise ValueError("--group-size and --int4-levels apply to --bits 4 only (int8 keeps "
-                         "the release values)")
+    for option, value in (("--group-size", group_size), ("--int4-levels", int4_levels)):
+        if bits == 8 and value is not None:
+            raise ValueError(f"{option} applies to --bits 4 only (int8 keeps the release "
+                             f"values and scales)")
     group = settings_group_size(bits, group_size)
     if int4_levels is not None and int4_levels not in INT4_LEVELS:
         raise ValueError(f"--int4-levels: expected one of {', '.join(INT4_LEVELS)}, "

@@ -60,15 +60,19 @@ def _mean_kl(cfg, ref_params, params):
 
 
 def test_int4_default_kl_against_int8(heavy):
-    """Measured (12 prompts of 40 tokens): default 0.201, old per channel 0.443 (0.45x),
-    per channel with today's search 0.374 (0.54x), llama.cpp Q4_0 on the experts
-    0.249 (0.81x); the bounds leave ~25% for the noise of such rankings."""
+    """The default (groups of 32, the Student-t level table) against the old default,
+    per channel, the uniform grid in groups of 32 and llama.cpp's Q4_0 on the experts.
+    Measured (12 prompts of 40 tokens): default 0.182, old per channel 0.443 (0.41x;
+    issue 14's target: 0.5x), per channel with today's search 0.374 (0.49x), uniform
+    groups of 32 0.201 (0.90x), Q4_0 0.249 (0.73x). Deterministic (seeded weights)."""
     cfg, p8, p4 = heavy
     default = _mean_kl(cfg, p8, p4)
     old = _mean_kl(cfg, p8, _requant(p8, lambda w: dequantize(
         quantize_int4(w, None, None, anchors=POSITIVE, ls_steps=0).weight)))
     channel = _mean_kl(cfg, p8, _requant(p8, lambda w: dequantize(quantize_int4(w).weight)))
+    uniform = _mean_kl(cfg, p8, _requant(p8, lambda w: dequantize(quantize_int4(w, None, 32).weight)))
     ggml = _mean_kl(cfg, p8, _requant(p8, q4_0))
-    assert 0.01 < default <= 0.6 * old, (default, old)
-    assert default <= 0.7 * channel, (default, channel)
-    assert default <= ggml, (default, ggml)
+    assert 0.01 < default <= 0.5 * old, (default, old)
+    assert default <= 0.6 * channel, (default, channel)
+    assert default < uniform, (default, uniform)
+    assert default <= 0.85 * ggml, (default, ggml)

@@ -240,7 +240,8 @@ def test_resume_of_a_finished_directory_is_a_no_op(models, tiny_cfg, tiny_ckpt, 
     shutil.copytree(models["int4"], out)
     before = dir_bytes(out)
     manifest = quantize(tiny_ckpt, out, tiny_cfg, QuantSettings(4), resume=True)
-    assert manifest["quant"] == {"bits": 4, "group_size": None, "attention": "int8"}
+    assert manifest["quant"] == {"bits": 4, "group_size": None, "attention": "int8",
+                                 "int4_levels": None}
     assert dir_bytes(out) == before
     with pytest.raises(QuantizeError, match="already exists with other settings"):
         quantize(tiny_ckpt, out, tiny_cfg, QuantSettings(4, 32), resume=True)
@@ -354,6 +355,12 @@ def test_cli_bad_inputs(tiny_ckpt, tmp_path, caplog, monkeypatch):
     assert "group size 96 does not divide" in msg
     msg = _main_error(caplog, [*base, "--out", str(out), "--bits", "8", "--group-size", "32"])
     assert "--group-size applies to --bits 4" in msg
+    msg = _main_error(caplog, [*base, "--out", str(out), "--bits", "8", "--int4-levels",
+                               "uniform"])
+    assert "--int4-levels applies to --bits 4" in msg
+    msg = _main_error(caplog, [*base, "--out", str(out), "--bits", "4", "--group-size",
+                               "channel", "--int4-levels", "student-t"])
+    assert "--int4-levels student-t needs groups" in msg
     out.mkdir()
     msg = _main_error(caplog, [*base, "--out", str(out), "--bits", "8"])
     assert "already exists" in msg and str(out) in msg
@@ -450,3 +457,18 @@ def test_peak_memory_does_not_grow_with_layers(tmp_path):
         peaks[layers] = json.loads(proc.stdout)["peak_kb"] / 1024
         shutil.rmtree(ckpt)
     assert peaks[6] < peaks[2] + 32, peaks
+
+
+def test_cli_int4_levels_default_and_uniform(tiny_ckpt, tmp_path):
+    """--bits 4 writes the Student-t level table by default; --int4-levels uniform none."""
+    from quant.int4_levels import STUDENT_T_LEVELS
+    base = ["--checkpoint", str(tiny_ckpt), "--preset", "tiny", "--bits", "4", "-q"]
+    assert main([*base, "--out", str(tmp_path / "lv")]) == 0
+    assert main([*base, "--out", str(tmp_path / "u"), "--int4-levels", "uniform"]) == 0
+    lv = json.loads((tmp_path / "lv" / "manifest.json").read_text())
+    u = json.loads((tmp_path / "u" / "manifest.json").read_text())
+    assert lv["quant"] == {"bits": 4, "group_size": 32, "attention": "int8",
+                           "int4_levels": list(STUDENT_T_LEVELS)}
+    assert u["quant"]["int4_levels"] is None and "levels" not in u["int4_method"]
+    assert lv["int4_method"]["levels"] == list(STUDENT_T_LEVELS)
+    assert lv["quant_error_summary"]["gate"]["mean"] < u["quant_error_summary"]["gate"]["mean"]
