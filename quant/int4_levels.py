@@ -163,35 +163,150 @@ def _err_and_ls(s, d, vv, vq, qq, err, nxt):
 
 
 @njit(cache=True)
-def _search_tile(v, s, ratios, ls_steps, levels_sorted, mids):
-    """The search of this module's docstring for one tile: best scale per column."""
+def _window_tables(levels_sorted, mids):
+    """Step tuples for _level that give, from the same 15 comparisons as the level:
+    the threshold above it (+inf at the top), the one below it (m_0 at the bottom:
+    _window_ref replaces it by -inf), the gap to the next level up (0 at the top)
+    and to the next one down (0 at the bottom)."""
+    gaps = levels_sorted[1:] - levels_sorted[:-1]                  # (15,)
+    up_m, dn_m = np.empty(15, np.float32), np.zeros(15, np.float32)
+    up_g, dn_g = np.empty(15, np.float32), np.empty(15, np.float32)
+    up_m[:14], up_m[14] = mids[1:] - mids[:-1], np.inf
+    dn_m[1:] = mids[1:] - mids[:-1]
+    up_g[:14], up_g[14] = gaps[1:] - gaps[:-1], -gaps[14]
+    dn_g[0], dn_g[1:] = gaps[0], gaps[1:] - gaps[:-1]
+    return up_m, dn_m, up_g, dn_g
+
+
+@njit(cache=True, error_model="numpy")
+def _window_ref(v, s, d, mids, levels_sorted, win):
+    """The exact pass of _score at a family's reference scale ``d``, which also keeps,
+    per weight, its level and its neighbours (thresholds above and below, gaps to
+    the levels there) into ``win`` (5, rows, cw); returns (sign, |d|, vq, qq)."""
     cw = v.shape[1]
-    lev0 = levels_sorted[0]
-    steps = levels_sorted[1:] - levels_sorted[:-1]
+    sg, thr = _thresholds(d, mids)
+    gaps = levels_sorted[1:] - levels_sorted[:-1]
+    up_m, dn_m, up_g, dn_g = _window_tables(levels_sorted, mids)
+    t, e = _rows(thr, gaps)
+    _, eum = _rows(thr, up_m)
+    _, edm = _rows(thr, dn_m)
+    _, eug = _rows(thr, up_g)
+    _, edg = _rows(thr, dn_g)
+    lev0, m0, z, ninf = levels_sorted[0], mids[0], np.float32(0.0), np.float32(-np.inf)
+    vq, qq = np.zeros(cw, np.float32), np.zeros(cw, np.float32)
+    x = np.empty(cw, np.float32)
+    for k in range(v.shape[0]):                 # one tree per loop: each loop vectorizes
+        vr, qc, mup, mdn, gup, gdn = v[k], win[0, k], win[1, k], win[2, k], win[3, k], win[4, k]
+        for j in range(cw):
+            x[j] = vr[j] * s[j] * sg[j]
+        for j in range(cw):
+            qc[j] = _level(x[j], j, t, e, lev0)
+        for j in range(cw):
+            mup[j] = _level(x[j], j, t, eum, m0)
+        for j in range(cw):
+            mdn[j] = _level(x[j], j, t, edm, m0)
+        for j in range(cw):
+            mdn[j] = mdn[j] if x[j] > t[0][j] else ninf
+        for j in range(cw):
+            gup[j] = _level(x[j], j, t, eug, gaps[0])
+        for j in range(cw):
+            gdn[j] = _level(x[j], j, t, edg, z)
+        for j in range(cw):
+            vq[j] += vr[j] * qc[j]
+            qq[j] += qc[j] * qc[j]
+    size = np.empty(cw, np.float32)
+    for j in range(cw):
+        size[j] = abs(d[j]) if d[j] != 0 else np.float32(1.0)
+    return sg, size, vq.astype(np.float64), qq.astype(np.float64)
+
+
+@njit(cache=True, error_model="numpy")
+def _score_window(v, s, d, sg_ref, size_ref, gamma, win):
+    """_score for a scale ``d`` near the family's reference: within a factor
+    ``gamma`` (the least ratio of two same-sign midpoints) no weight crosses more
+    than one midpoint, so its level is its reference level, one up or one down,
+    decided by two exact comparisons. Returns (vq, qq, ok); ok is False when some
+    column's scale is outside the window or of the other sign (then use _score)."""
+    cw = v.shape[1]
+    size, xs = np.empty(cw, np.float32), np.empty(cw, np.float32)
+    ok = True
+    for j in range(cw):
+        size[j] = abs(d[j]) if d[j] != 0 else np.float32(1.0)
+        sgn = np.float32(-1.0) if d[j] < 0 else np.float32(1.0)
+        a, b = np.float64(size[j]), np.float64(size_ref[j])
+        ok &= sgn == sg_ref[j] and a < b * gamma and b < a * gamma
+        xs[j] = s[j] * sgn
+    vq, qq = np.zeros(cw, np.float32), np.zeros(cw, np.float32)
+    if not ok:
+        return vq.astype(np.float64), qq.astype(np.float64), False
+    z = np.float32(0.0)
+    for k in range(v.shape[0]):
+        vr, qc, mup, mdn, gup, gdn = v[k], win[0, k], win[1, k], win[2, k], win[3, k], win[4, k]
+        for j in range(cw):
+            x = vr[j] * xs[j]
+            q = (qc[j] + (gup[j] if x > mup[j] * size[j] else z)) \
+                - (gdn[j] if x <= mdn[j] * size[j] else z)
+            vq[j] += vr[j] * q
+            qq[j] += q * q
+    return vq.astype(np.float64), qq.astype(np.float64), True
+
+
+@njit(cache=True)
+def _search_tile(v, s, ratios, ls_steps, levels_sorted, mids, gamma):
+    """The search of this module's docstring for one tile: best scale per column.
+
+    Family by family (the extreme on the smallest level, then on the largest): the
+    first ratio's candidate is scored exactly and kept as the window reference, the
+    other candidates of the family through _score_window. Errors are recorded per
+    (chain, step) and reduced in the canonical order (ratio-major, smallest level
+    first, then the steps), keeping the first least error."""
+    cw = v.shape[1]
+    n_ch = 2 * len(ratios)
     ext = _extreme(v, s)
     vv = _sum_squares(v)
-    best = np.zeros(cw, np.float32)
-    best_err = np.full(cw, np.inf)
-    err, nxt = np.empty(cw, np.float64), np.empty(cw, np.float32)
-    d = np.empty(cw, np.float32)
-    for r in ratios:
-        for anchor in (levels_sorted[0], levels_sorted[-1]):
+    errs = np.full((n_ch, ls_steps + 1, cw), np.inf)
+    ds = np.zeros((n_ch, ls_steps + 1, cw), np.float32)
+    win = np.empty((5, v.shape[0], cw), np.float32)            # (5, g, cw) window data
+    err, nxt, d = np.empty(cw, np.float64), np.empty(cw, np.float32), np.empty(cw, np.float32)
+    for fam in range(2):
+        anchor = levels_sorted[0] if fam == 0 else levels_sorted[-1]
+        for ri in range(len(ratios)):
             for j in range(cw):
-                d[j] = round_bf16_scalar(ext[j] * r / anchor)
+                d[j] = round_bf16_scalar(ext[j] * ratios[ri] / anchor)
                 d[j] = np.float32(0.0) if d[j] == 0 else d[j]
             for step in range(ls_steps + 1):
-                vq, qq = _score(v, s, d, mids, lev0, steps)
+                if ri == 0 and step == 0:
+                    sg_ref, size_ref, vq, qq = _window_ref(v, s, d, mids, levels_sorted, win)
+                else:
+                    vq, qq, ok = _score_window(v, s, d, sg_ref, size_ref, gamma, win)
+                    if not ok:
+                        vq, qq = _score(v, s, d, mids, levels_sorted[0],
+                                        levels_sorted[1:] - levels_sorted[:-1])
                 _err_and_ls(s, d, vv, vq, qq, err, nxt)
-                for j in range(cw):
-                    if err[j] < best_err[j]:
-                        best[j], best_err[j] = d[j], err[j]
+                errs[2 * ri + fam, step], ds[2 * ri + fam, step] = err, d
                 moved = False
                 for j in range(cw):
                     moved |= nxt[j] != d[j]
                 if not moved:
                     break          # every column converged: later steps repeat this one
                 d[:] = nxt
+    best, best_err = np.zeros(cw, np.float32), np.full(cw, np.inf)
+    for c in range(n_ch):
+        for step in range(ls_steps + 1):
+            for j in range(cw):
+                if errs[c, step, j] < best_err[j]:
+                    best[j], best_err[j] = ds[c, step, j], errs[c, step, j]
     return best
+
+
+def window_ratio(levels_sorted: np.ndarray) -> float:
+    """The least ratio |m_b / m_a| of two consecutive same-sign midpoints (a zero
+    midpoint is never crossed), slightly shrunk: within this factor of a scale, a
+    weight crosses at most one midpoint (see _score_window)."""
+    m = (levels_sorted[1:].astype(np.float64) + levels_sorted[:-1]) / 2
+    ratios = [b / a for a, b in zip(m[:-1], m[1:]) if a > 0 and b > 0]
+    ratios += [a / b for a, b in zip(m[:-1], m[1:]) if a < 0 and b < 0]
+    return min(ratios, default=np.inf) * (1 - 1e-9)
 
 
 @njit(cache=True, error_model="numpy")
@@ -222,8 +337,8 @@ def _pack_tile(v, s, d, mids, levels_sorted, nibble_of, r0, c0, packed):
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def _levels_kernel(w, ws, group, ratios, ls_steps, levels_sorted, nibble_of, packed,
-                   scales, err_parts, norm_parts):
+def _levels_kernel(w, ws, group, ratios, ls_steps, levels_sorted, gamma, nibble_of,
+                   packed, scales, err_parts, norm_parts):
     """All (group, column tile) tiles in parallel; per-tile error sums, fixed order."""
     k_n, n = w.shape
     rb = k_n // ws.shape[0]
@@ -234,7 +349,7 @@ def _levels_kernel(w, ws, group, ratios, ls_steps, levels_sorted, nibble_of, pac
         r0, c0 = gi * group, ci * COL_TILE
         cw = min(COL_TILE, n - c0)
         v, s = _load_tile(w, ws, rb, r0, r0 + group, c0, cw)
-        d = _search_tile(v, s, ratios, ls_steps, levels_sorted, mids)
+        d = _search_tile(v, s, ratios, ls_steps, levels_sorted, mids, gamma)
         scales[gi, c0:c0 + cw] = d
         err_parts[t], norm_parts[t] = _pack_tile(v, s, d, mids, levels_sorted, nibble_of,
                                                  r0, c0, packed)
@@ -275,7 +390,8 @@ def quantize_levels(values: np.ndarray, scales: np.ndarray | None, group_size: i
     tiles = (k // group_size) * (-(-n // COL_TILE))
     err_parts, norm_parts = np.zeros(tiles), np.zeros(tiles)
     _levels_kernel(w, ws, group_size, np.asarray(clip_ratios, np.float32), int(ls_steps),
-                   levels_sorted, nibble_of, packed, out_scales, err_parts, norm_parts)
+                   levels_sorted, window_ratio(levels_sorted), nibble_of, packed, out_scales,
+                   err_parts, norm_parts)
     weight = QWeight(packed, out_scales.astype(BF16), 4, group_size, levels=table)
     return Int4Result(weight, float(err_parts.sum()), float(norm_parts.sum()))
 

@@ -235,3 +235,21 @@ def test_bad_inputs():
         quantize_levels(q8, None, 32)
     with pytest.raises(ValueError, match="int8 or float32"):
         quantize_levels(q8.astype(np.int16), s8, 32)
+
+
+@pytest.mark.parametrize("table", [
+    (-127, -97, -75, -57, -42, -29, -17, -6, 4, 14, 25, 37, 51, 67, 86, 87),
+    (-120, -90, -70, -50, -35, -20, -10, -3, 3, 10, 20, 35, 50, 125, 126, 127),
+], ids=["window-1.13", "window-1.008"])
+def test_matches_reference_narrow_windows(table):
+    """Tables whose closest same-sign midpoints are 13% and 0.8% apart: most or
+    nearly all candidates leave the window around their family's reference scale
+    and are scored by the full pass, the others by the window pass."""
+    from quant.int4_levels import window_ratio
+    assert window_ratio(np.sort(np.asarray(table, np.float32))) < 1.14
+    q8, s8 = release_like(student_t((128, 300), 4, 9), 2)
+    res = quantize_levels(q8, s8, 32, levels=table)
+    d_ref, c_ref = reference(q8, s8, 32, levels=table)
+    got = np.asarray(res.weight.scales).astype(np.float32)
+    np.testing.assert_array_equal(got.view(np.uint32), d_ref.view(np.uint32))
+    np.testing.assert_array_equal(nibbles(res.weight), c_ref)
