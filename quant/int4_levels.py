@@ -25,7 +25,7 @@ import numpy as np
 from numba import njit, prange
 
 from quant.bf16 import round_bf16_scalar
-from quant.int4 import COL_TILE, Int4Result
+from quant.int4 import Int4Result
 from quant.qweight import BF16, QWeight, check_levels
 
 STUDENT_T_LEVELS = (-127, -97, -75, -57, -42, -29, -17, -6, 4, 14, 25, 37, 51, 67, 86, 111)
@@ -34,6 +34,7 @@ STUDENT_T_LEVELS = (-127, -97, -75, -57, -42, -29, -17, -6, 4, 14, 25, 37, 51, 6
 CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8)
 LS_STEPS = 2       # least-squares rescalings per stage-1 candidate
 MAX_GROUP = 256    # keeps every per-group integer sum exact in float32 (see _score)
+LEVEL_TILE = 256   # columns per tile: its window data (5 x group x 128 float32) stays in L2
 
 
 @njit(cache=True)
@@ -70,19 +71,15 @@ def _extreme(v, s):
 
 
 @njit(cache=True)
-def _thresholds(d, mids):
-    """For scales ``d`` (cw,): the sign factor (cw,) and thresholds (15, cw)
-    ``mid_i * |d|`` (exact products: a half-integer of at most 9 bits times a bf16).
-    A zero scale codes as if it were 1 (its dequantized values are 0 anyway)."""
-    cw = len(d)
-    sg = np.empty(cw, np.float32)
-    thr = np.empty((15, cw), np.float32)                      # (15, cw) f32
-    for j in range(cw):
+def _thresholds(d, mids, sg, thr):
+    """For scales ``d`` (cw,): the sign factors ``sg`` (cw,) and thresholds ``thr``
+    (15, cw) ``mid_i * |d|`` (exact products: a half-integer of at most 9 bits times
+    a bf16). A zero scale codes as if it were 1 (its dequantized values are 0 anyway)."""
+    for j in range(len(d)):
         a = abs(d[j]) if d[j] != 0 else np.float32(1.0)
         sg[j] = np.float32(-1.0) if d[j] < 0 else np.float32(1.0)
         for i in range(15):
             thr[i, j] = mids[i] * a
-    return sg, thr
 
 
 @njit(cache=True)
@@ -117,24 +114,23 @@ def _level(x, j, t, e, base):
 
 
 @njit(cache=True, error_model="numpy")
-def _score(v, s, d, mids, lev0, steps):
-    """Per column, for the codes of scale ``d``: (sum v q, sum q^2) as float64.
+def _score(v, s, d, mids, lev0, steps, sg, thr, vq, qq):
+    """Per column, for the codes of scale ``d``: ``vq`` = sum v q and ``qq`` = sum q^2
+    (float32, overwritten; ``sg`` and ``thr`` are scratch for _thresholds).
 
     Summed in float32 in row order: for int8 input (integer v, |v q| <= 128 * 127,
     at most MAX_GROUP rows) every term and partial sum is an exact integer below
     2**24, so the sums are exact; fp32 input rounds each product and partial sum
     to float32 (a fixed order: the test's reference reproduces it)."""
-    cw = v.shape[1]
-    sg, thr = _thresholds(d, mids)
+    _thresholds(d, mids, sg, thr)
     t, e = _rows(thr, steps)
-    vq, qq = np.zeros(cw, np.float32), np.zeros(cw, np.float32)
+    vq[:], qq[:] = 0, 0
     for k in range(v.shape[0]):
         vr = v[k]
-        for j in range(cw):
+        for j in range(v.shape[1]):
             q = _level(vr[j] * s[j] * sg[j], j, t, e, lev0)
             vq[j] += vr[j] * q
             qq[j] += q * q
-    return vq.astype(np.float64), qq.astype(np.float64)
 
 
 @njit(cache=True)
@@ -154,10 +150,10 @@ def _err_and_ls(s, d, vv, vq, qq, err, nxt):
     ``xx - 2 d xq + d^2 qq`` with xx = s^2 vv and xq = s vq), and the least-squares
     rescaling ``bf16(f32(xq / qq))`` (``d`` itself where every level is 0)."""
     for j in range(len(d)):
-        s64, d64 = np.float64(s[j]), np.float64(d[j])
-        xx, xq = s64 * s64 * vv[j], s64 * vq[j]
-        err[j] = xx - 2.0 * d64 * xq + d64 * d64 * qq[j]
-        nxt[j] = round_bf16_scalar(np.float32(xq / qq[j])) if qq[j] > 0 else d[j]
+        s64, d64, q2 = np.float64(s[j]), np.float64(d[j]), np.float64(qq[j])
+        xx, xq = s64 * s64 * vv[j], s64 * np.float64(vq[j])
+        err[j] = xx - 2.0 * d64 * xq + d64 * d64 * q2
+        nxt[j] = round_bf16_scalar(np.float32(xq / q2)) if q2 > 0 else d[j]
         if nxt[j] == 0:
             nxt[j] = np.float32(0.0)                             # stored as +0
 
@@ -179,12 +175,13 @@ def _window_tables(levels_sorted, mids):
 
 
 @njit(cache=True, error_model="numpy")
-def _window_ref(v, s, d, mids, levels_sorted, win):
+def _window_ref(v, s, d, mids, levels_sorted, win, sg, size, thr, x, vq, qq):
     """The exact pass of _score at a family's reference scale ``d``, which also keeps,
     per weight, its level and its neighbours (thresholds above and below, gaps to
-    the levels there) into ``win`` (5, rows, cw); returns (sign, |d|, vq, qq)."""
+    the levels there) into ``win`` (5, rows, cw), and the reference's sign and size
+    (|d|, 1 for 0) into ``sg`` and ``size``; ``thr`` and ``x`` are scratch."""
     cw = v.shape[1]
-    sg, thr = _thresholds(d, mids)
+    _thresholds(d, mids, sg, thr)
     gaps = levels_sorted[1:] - levels_sorted[:-1]
     up_m, dn_m, up_g, dn_g = _window_tables(levels_sorted, mids)
     t, e = _rows(thr, gaps)
@@ -193,8 +190,7 @@ def _window_ref(v, s, d, mids, levels_sorted, win):
     _, eug = _rows(thr, up_g)
     _, edg = _rows(thr, dn_g)
     lev0, m0, z, ninf = levels_sorted[0], mids[0], np.float32(0.0), np.float32(-np.inf)
-    vq, qq = np.zeros(cw, np.float32), np.zeros(cw, np.float32)
-    x = np.empty(cw, np.float32)
+    vq[:], qq[:] = 0, 0
     for k in range(v.shape[0]):                 # one tree per loop: each loop vectorizes
         vr, qc, mup, mdn, gup, gdn = v[k], win[0, k], win[1, k], win[2, k], win[3, k], win[4, k]
         for j in range(cw):
@@ -214,21 +210,19 @@ def _window_ref(v, s, d, mids, levels_sorted, win):
         for j in range(cw):
             vq[j] += vr[j] * qc[j]
             qq[j] += qc[j] * qc[j]
-    size = np.empty(cw, np.float32)
     for j in range(cw):
         size[j] = abs(d[j]) if d[j] != 0 else np.float32(1.0)
-    return sg, size, vq.astype(np.float64), qq.astype(np.float64)
 
 
 @njit(cache=True, error_model="numpy")
-def _score_window(v, s, d, sg_ref, size_ref, gamma, win):
+def _score_window(v, s, d, sg_ref, size_ref, gamma, win, size, xs, vq, qq):
     """_score for a scale ``d`` near the family's reference: within a factor
     ``gamma`` (the least ratio of two same-sign midpoints) no weight crosses more
     than one midpoint, so its level is its reference level, one up or one down,
-    decided by two exact comparisons. Returns (vq, qq, ok); ok is False when some
-    column's scale is outside the window or of the other sign (then use _score)."""
+    decided by two exact comparisons. Fills ``vq`` and ``qq`` as _score does
+    (``size``, ``xs``: scratch) and returns True, or returns False when some column's
+    scale is outside the window or of the other sign (then use _score)."""
     cw = v.shape[1]
-    size, xs = np.empty(cw, np.float32), np.empty(cw, np.float32)
     ok = True
     for j in range(cw):
         size[j] = abs(d[j]) if d[j] != 0 else np.float32(1.0)
@@ -236,9 +230,9 @@ def _score_window(v, s, d, sg_ref, size_ref, gamma, win):
         a, b = np.float64(size[j]), np.float64(size_ref[j])
         ok &= sgn == sg_ref[j] and a < b * gamma and b < a * gamma
         xs[j] = s[j] * sgn
-    vq, qq = np.zeros(cw, np.float32), np.zeros(cw, np.float32)
     if not ok:
-        return vq.astype(np.float64), qq.astype(np.float64), False
+        return False
+    vq[:], qq[:] = 0, 0
     z = np.float32(0.0)
     for k in range(v.shape[0]):
         vr, qc, mup, mdn, gup, gdn = v[k], win[0, k], win[1, k], win[2, k], win[3, k], win[4, k]
@@ -248,7 +242,7 @@ def _score_window(v, s, d, sg_ref, size_ref, gamma, win):
                 - (gdn[j] if x <= mdn[j] * size[j] else z)
             vq[j] += vr[j] * q
             qq[j] += q * q
-    return vq.astype(np.float64), qq.astype(np.float64), True
+    return True
 
 
 @njit(cache=True)
@@ -268,6 +262,10 @@ def _search_tile(v, s, ratios, ls_steps, levels_sorted, mids, gamma):
     ds = np.zeros((n_ch, ls_steps + 1, cw), np.float32)
     win = np.empty((5, v.shape[0], cw), np.float32)            # (5, g, cw) window data
     err, nxt, d = np.empty(cw, np.float64), np.empty(cw, np.float32), np.empty(cw, np.float32)
+    scratch = np.empty((5, cw), np.float32)
+    sg_ref, size_ref, sg, size, x = scratch[0], scratch[1], scratch[2], scratch[3], scratch[4]
+    vq, qq, thr = np.empty(cw, np.float32), np.empty(cw, np.float32), np.empty((15, cw), np.float32)
+    gaps = levels_sorted[1:] - levels_sorted[:-1]
     for fam in range(2):
         anchor = levels_sorted[0] if fam == 0 else levels_sorted[-1]
         for ri in range(len(ratios)):
@@ -276,12 +274,10 @@ def _search_tile(v, s, ratios, ls_steps, levels_sorted, mids, gamma):
                 d[j] = np.float32(0.0) if d[j] == 0 else d[j]
             for step in range(ls_steps + 1):
                 if ri == 0 and step == 0:
-                    sg_ref, size_ref, vq, qq = _window_ref(v, s, d, mids, levels_sorted, win)
-                else:
-                    vq, qq, ok = _score_window(v, s, d, sg_ref, size_ref, gamma, win)
-                    if not ok:
-                        vq, qq = _score(v, s, d, mids, levels_sorted[0],
-                                        levels_sorted[1:] - levels_sorted[:-1])
+                    _window_ref(v, s, d, mids, levels_sorted, win, sg_ref, size_ref, thr, x,
+                                vq, qq)
+                elif not _score_window(v, s, d, sg_ref, size_ref, gamma, win, size, x, vq, qq):
+                    _score(v, s, d, mids, levels_sorted[0], gaps, sg, thr, vq, qq)
                 _err_and_ls(s, d, vv, vq, qq, err, nxt)
                 errs[2 * ri + fam, step], ds[2 * ri + fam, step] = err, d
                 moved = False
@@ -312,28 +308,40 @@ def window_ratio(levels_sorted: np.ndarray) -> float:
 @njit(cache=True, error_model="numpy")
 def _pack_tile(v, s, d, mids, levels_sorted, nibble_of, r0, c0, packed):
     """Codes of the chosen scales, packed two per byte (even row low nibble);
-    returns (sum (w - dequantized)^2, sum w^2) in float64."""
+    returns (sum (w - dequantized)^2, sum w^2) in float64. Levels and codes come
+    from _level trees (a table lookup would not vectorize); the nibble lookup is
+    skipped for a sorted table (``nibble_of`` = identity)."""
     cw = v.shape[1]
-    sg, thr = _thresholds(d, mids)
+    sg, thr = np.empty(cw, np.float32), np.empty((15, cw), np.float32)
+    _thresholds(d, mids, sg, thr)
     t, ones = _rows(thr, np.ones(15, np.float32))
-    code = np.empty((2, cw), np.intp)
-    err = norm = 0.0
+    _, gaps = _rows(thr, levels_sorted[1:] - levels_sorted[:-1])
+    sorted_table = (nibble_of == np.arange(16)).all()
+    code, q, x = np.empty((2, cw), np.float32), np.empty(cw, np.float32), np.empty(cw, np.float32)
+    err, norm = np.zeros(cw, np.float64), np.zeros(cw, np.float64)
+    z, lev0 = np.float32(0.0), levels_sorted[0]
     for k in range(0, v.shape[0], 2):
         for h in range(2):
-            vr = v[k + h]
+            vr, ch = v[k + h], code[h]
             for j in range(cw):
-                x = vr[j] * s[j]
-                code[h, j] = np.intp(_level(x * sg[j], j, t, ones, np.float32(0.0)))
-        for h in range(2):
+                x[j] = vr[j] * s[j]
             for j in range(cw):
-                x = v[k + h, j] * s[j]
-                e = np.float64(x) - np.float64(levels_sorted[code[h, j]]) * d[j]
-                err += e * e
-                norm += np.float64(x) * x
+                ch[j] = _level(x[j] * sg[j], j, t, ones, z)
+            for j in range(cw):
+                q[j] = _level(x[j] * sg[j], j, t, gaps, lev0)
+            for j in range(cw):
+                e = np.float64(x[j]) - np.float64(q[j]) * d[j]
+                err[j] += e * e
+                norm[j] += np.float64(x[j]) * x[j]
         out = packed[(r0 + k) // 2, c0:c0 + cw]
-        for j in range(cw):
-            out[j] = np.uint8(nibble_of[code[0, j]] | (nibble_of[code[1, j]] << 4))
-    return err, norm
+        if sorted_table:
+            for j in range(cw):
+                out[j] = np.uint8(code[0, j]) | (np.uint8(code[1, j]) << np.uint8(4))
+        else:
+            for j in range(cw):
+                out[j] = np.uint8(nibble_of[np.intp(code[0, j])]
+                                  | (nibble_of[np.intp(code[1, j])] << 4))
+    return err.sum(), norm.sum()
 
 
 @njit(parallel=True, cache=True, nogil=True)
@@ -343,11 +351,11 @@ def _levels_kernel(w, ws, group, ratios, ls_steps, levels_sorted, gamma, nibble_
     k_n, n = w.shape
     rb = k_n // ws.shape[0]
     mids = (levels_sorted[1:] + levels_sorted[:-1]) * np.float32(0.5)
-    tiles_n = (n + COL_TILE - 1) // COL_TILE
+    tiles_n = (n + LEVEL_TILE - 1) // LEVEL_TILE
     for t in prange((k_n // group) * tiles_n):
         gi, ci = t // tiles_n, t % tiles_n
-        r0, c0 = gi * group, ci * COL_TILE
-        cw = min(COL_TILE, n - c0)
+        r0, c0 = gi * group, ci * LEVEL_TILE
+        cw = min(LEVEL_TILE, n - c0)
         v, s = _load_tile(w, ws, rb, r0, r0 + group, c0, cw)
         d = _search_tile(v, s, ratios, ls_steps, levels_sorted, mids, gamma)
         scales[gi, c0:c0 + cw] = d
@@ -387,7 +395,7 @@ def quantize_levels(values: np.ndarray, scales: np.ndarray | None, group_size: i
     nibble_of = order.astype(np.int64)                                  # sorted index -> nibble
     packed = np.empty((k // 2, n), np.uint8)                            # (K/2, N)
     out_scales = np.empty((k // group_size, n), np.float32)             # (G, N)
-    tiles = (k // group_size) * (-(-n // COL_TILE))
+    tiles = (k // group_size) * (-(-n // LEVEL_TILE))
     err_parts, norm_parts = np.zeros(tiles), np.zeros(tiles)
     _levels_kernel(w, ws, group_size, np.asarray(clip_ratios, np.float32), int(ls_steps),
                    levels_sorted, window_ratio(levels_sorted), nibble_of, packed, out_scales,
