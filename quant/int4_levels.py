@@ -159,40 +159,32 @@ def _err_and_ls(s, d, vv, vq, qq, err, nxt):
 
 
 @njit(cache=True)
-def _window_tables(levels_sorted, mids):
-    """Step tuples for _level that give, from the same 15 comparisons as the level:
-    the threshold above it (+inf at the top), the one below it (m_0 at the bottom:
-    _window_ref replaces it by -inf), the gap to the next level up (0 at the top)
-    and to the next one down (0 at the bottom)."""
-    gaps = levels_sorted[1:] - levels_sorted[:-1]                  # (15,)
+def _window_steps(mids):
+    """Step arrays for _level that give, from the same 15 comparisons as the level,
+    the midpoint above it (+inf at the top) and the one below it (m_0 at the
+    bottom: _window_ref replaces it by -inf)."""
     up_m, dn_m = np.empty(15, np.float32), np.zeros(15, np.float32)
-    up_g, dn_g = np.empty(15, np.float32), np.empty(15, np.float32)
     up_m[:14], up_m[14] = mids[1:] - mids[:-1], np.inf
     dn_m[1:] = mids[1:] - mids[:-1]
-    up_g[:14], up_g[14] = gaps[1:] - gaps[:-1], -gaps[14]
-    dn_g[0], dn_g[1:] = gaps[0], gaps[1:] - gaps[:-1]
-    return up_m, dn_m, up_g, dn_g
+    return up_m, dn_m
 
 
 @njit(cache=True, error_model="numpy")
 def _window_ref(v, s, d, mids, levels_sorted, win, sg, size, thr, x, vq, qq):
     """The exact pass of _score at a family's reference scale ``d``, which also keeps,
-    per weight, its level and its neighbours (thresholds above and below, gaps to
-    the levels there) into ``win`` (5, rows, cw), and the reference's sign and size
-    (|d|, 1 for 0) into ``sg`` and ``size``; ``thr`` and ``x`` are scratch."""
+    per weight, its level and the midpoints above and below it (+-inf past the
+    ends) into ``win`` (3, rows, cw), and the reference's sign and size (|d|, 1 for
+    0) into ``sg`` and ``size``; ``thr`` and ``x`` are scratch."""
     cw = v.shape[1]
     _thresholds(d, mids, sg, thr)
-    gaps = levels_sorted[1:] - levels_sorted[:-1]
-    up_m, dn_m, up_g, dn_g = _window_tables(levels_sorted, mids)
-    t, e = _rows(thr, gaps)
+    up_m, dn_m = _window_steps(mids)
+    t, e = _rows(thr, levels_sorted[1:] - levels_sorted[:-1])
     _, eum = _rows(thr, up_m)
     _, edm = _rows(thr, dn_m)
-    _, eug = _rows(thr, up_g)
-    _, edg = _rows(thr, dn_g)
-    lev0, m0, z, ninf = levels_sorted[0], mids[0], np.float32(0.0), np.float32(-np.inf)
+    lev0, m0, ninf = levels_sorted[0], mids[0], np.float32(-np.inf)
     vq[:], qq[:] = 0, 0
     for k in range(v.shape[0]):                 # one tree per loop: each loop vectorizes
-        vr, qc, mup, mdn, gup, gdn = v[k], win[0, k], win[1, k], win[2, k], win[3, k], win[4, k]
+        vr, qc, mup, mdn = v[k], win[0, k], win[1, k], win[2, k]
         for j in range(cw):
             x[j] = vr[j] * s[j] * sg[j]
         for j in range(cw):
@@ -204,10 +196,6 @@ def _window_ref(v, s, d, mids, levels_sorted, win, sg, size, thr, x, vq, qq):
         for j in range(cw):
             mdn[j] = mdn[j] if x[j] > t[0][j] else ninf
         for j in range(cw):
-            gup[j] = _level(x[j], j, t, eug, gaps[0])
-        for j in range(cw):
-            gdn[j] = _level(x[j], j, t, edg, z)
-        for j in range(cw):
             vq[j] += vr[j] * qc[j]
             qq[j] += qc[j] * qc[j]
     for j in range(cw):
@@ -218,10 +206,15 @@ def _window_ref(v, s, d, mids, levels_sorted, win, sg, size, thr, x, vq, qq):
 def _score_window(v, s, d, sg_ref, size_ref, gamma, win, size, xs, vq, qq):
     """_score for a scale ``d`` near the family's reference: within a factor
     ``gamma`` (the least ratio of two same-sign midpoints) no weight crosses more
-    than one midpoint, so its level is its reference level, one up or one down,
-    decided by two exact comparisons. Fills ``vq`` and ``qq`` as _score does
-    (``size``, ``xs``: scratch) and returns True, or returns False when some column's
-    scale is outside the window or of the other sign (then use _score)."""
+    than one midpoint, so its level is its reference level L_c, or the next one up
+    (2 m_c - L_c, m_c the midpoint above) or down (2 m_(c-1) - L_c), decided by
+    two exact comparisons. Fills ``vq`` and ``qq`` as _score does (``size``, ``xs``:
+    scratch) and returns True, or returns False when some column's scale is
+    outside the window or of the other sign (then use _score).
+
+    The sums go to arrays allocated here and every load precedes the selects:
+    otherwise LLVM needs more run-time alias checks than it allows, or cannot
+    if-convert, and the column loop stays scalar."""
     cw = v.shape[1]
     ok = True
     for j in range(cw):
@@ -232,16 +225,17 @@ def _score_window(v, s, d, sg_ref, size_ref, gamma, win, size, xs, vq, qq):
         xs[j] = s[j] * sgn
     if not ok:
         return False
-    vq[:], qq[:] = 0, 0
-    z = np.float32(0.0)
+    a_vq, a_qq = np.zeros(cw, np.float32), np.zeros(cw, np.float32)
+    two = np.float32(2.0)
     for k in range(v.shape[0]):
-        vr, qc, mup, mdn, gup, gdn = v[k], win[0, k], win[1, k], win[2, k], win[3, k], win[4, k]
+        vr, qc, mup, mdn = v[k], win[0, k], win[1, k], win[2, k]
         for j in range(cw):
-            x = vr[j] * xs[j]
-            q = (qc[j] + (gup[j] if x > mup[j] * size[j] else z)) \
-                - (gdn[j] if x <= mdn[j] * size[j] else z)
-            vq[j] += vr[j] * q
-            qq[j] += q * q
+            w8, q0, mu, md, sz = vr[j], qc[j], mup[j], mdn[j], size[j]
+            x = w8 * xs[j]
+            q = two * mu - q0 if x > mu * sz else (two * md - q0 if x <= md * sz else q0)
+            a_vq[j] += w8 * q
+            a_qq[j] += q * q
+    vq[:], qq[:] = a_vq, a_qq
     return True
 
 
@@ -260,7 +254,7 @@ def _search_tile(v, s, ratios, ls_steps, levels_sorted, mids, gamma):
     vv = _sum_squares(v)
     errs = np.full((n_ch, ls_steps + 1, cw), np.inf)
     ds = np.zeros((n_ch, ls_steps + 1, cw), np.float32)
-    win = np.empty((5, v.shape[0], cw), np.float32)            # (5, g, cw) window data
+    win = np.empty((3, v.shape[0], cw), np.float32)            # (3, g, cw) window data
     err, nxt, d = np.empty(cw, np.float64), np.empty(cw, np.float32), np.empty(cw, np.float32)
     scratch = np.empty((5, cw), np.float32)
     sg_ref, size_ref, sg, size, x = scratch[0], scratch[1], scratch[2], scratch[3], scratch[4]
