@@ -188,11 +188,10 @@ def _window_ref(v, s, d, mids, levels_sorted, win, sg, size, thr, x, vq, qq):
         for j in range(cw):
             x[j] = vr[j] * s[j] * sg[j]
         for j in range(cw):
-            qc[j] = _level(x[j], j, t, e, lev0)
-        for j in range(cw):
-            mup[j] = _level(x[j], j, t, eum, m0)
-        for j in range(cw):
-            mdn[j] = _level(x[j], j, t, edm, m0)
+            xj = x[j]
+            qc[j] = _level(xj, j, t, e, lev0)
+            mup[j] = _level(xj, j, t, eum, m0)
+            mdn[j] = _level(xj, j, t, edm, m0)
         for j in range(cw):
             mdn[j] = mdn[j] if x[j] > t[0][j] else ninf
         for j in range(cw):
@@ -241,7 +240,8 @@ def _score_window(v, s, d, sg_ref, size_ref, gamma, win, size, xs, vq, qq):
 
 @njit(cache=True)
 def _search_tile(v, s, ratios, ls_steps, levels_sorted, mids, gamma):
-    """The search of this module's docstring for one tile: best scale per column.
+    """The search of this module's docstring for one tile: per column the best scale,
+    its squared error (float64, from the sums) and sum v^2.
 
     Family by family (the extreme on the smallest level, then on the largest): the
     first ratio's candidate is scored exactly and kept as the window reference, the
@@ -286,7 +286,9 @@ def _search_tile(v, s, ratios, ls_steps, levels_sorted, mids, gamma):
             for j in range(cw):
                 if errs[c, step, j] < best_err[j]:
                     best[j], best_err[j] = ds[c, step, j], errs[c, step, j]
-    return best
+    for j in range(cw):                   # the formula may leave a rounding residue below 0
+        best_err[j] = max(best_err[j], 0.0)
+    return best, best_err, vv
 
 
 def window_ratio(levels_sorted: np.ndarray) -> float:
@@ -300,33 +302,23 @@ def window_ratio(levels_sorted: np.ndarray) -> float:
 
 
 @njit(cache=True, error_model="numpy")
-def _pack_tile(v, s, d, mids, levels_sorted, nibble_of, r0, c0, packed):
-    """Codes of the chosen scales, packed two per byte (even row low nibble);
-    returns (sum (w - dequantized)^2, sum w^2) in float64. Levels and codes come
-    from _level trees (a table lookup would not vectorize); the nibble lookup is
-    skipped for a sorted table (``nibble_of`` = identity)."""
+def _pack_tile(v, s, d, mids, nibble_of, r0, c0, packed):
+    """Codes of the chosen scales, packed two per byte (even row low nibble). The
+    codes come from a _level tree (a table lookup would not vectorize); the nibble
+    lookup is skipped for a sorted table (``nibble_of`` = identity)."""
     cw = v.shape[1]
     sg, thr = np.empty(cw, np.float32), np.empty((15, cw), np.float32)
     _thresholds(d, mids, sg, thr)
     t, ones = _rows(thr, np.ones(15, np.float32))
-    _, gaps = _rows(thr, levels_sorted[1:] - levels_sorted[:-1])
     sorted_table = (nibble_of == np.arange(16)).all()
-    code, q, x = np.empty((2, cw), np.float32), np.empty(cw, np.float32), np.empty(cw, np.float32)
-    err, norm = np.zeros(cw, np.float64), np.zeros(cw, np.float64)
-    z, lev0 = np.float32(0.0), levels_sorted[0]
+    code, x = np.empty((2, cw), np.float32), np.empty(cw, np.float32)
     for k in range(0, v.shape[0], 2):
         for h in range(2):
             vr, ch = v[k + h], code[h]
             for j in range(cw):
-                x[j] = vr[j] * s[j]
+                x[j] = vr[j] * s[j] * sg[j]
             for j in range(cw):
-                ch[j] = _level(x[j] * sg[j], j, t, ones, z)
-            for j in range(cw):
-                q[j] = _level(x[j] * sg[j], j, t, gaps, lev0)
-            for j in range(cw):
-                e = np.float64(x[j]) - np.float64(q[j]) * d[j]
-                err[j] += e * e
-                norm[j] += np.float64(x[j]) * x[j]
+                ch[j] = _level(x[j], j, t, ones, np.float32(0.0))
         out = packed[(r0 + k) // 2, c0:c0 + cw]
         if sorted_table:
             for j in range(cw):
@@ -335,13 +327,14 @@ def _pack_tile(v, s, d, mids, levels_sorted, nibble_of, r0, c0, packed):
             for j in range(cw):
                 out[j] = np.uint8(nibble_of[np.intp(code[0, j])]
                                   | (nibble_of[np.intp(code[1, j])] << 4))
-    return err.sum(), norm.sum()
 
 
 @njit(parallel=True, cache=True, nogil=True)
 def _levels_kernel(w, ws, group, ratios, ls_steps, levels_sorted, gamma, nibble_of,
                    packed, scales, err_parts, norm_parts):
-    """All (group, column tile) tiles in parallel; per-tile error sums, fixed order."""
+    """All (group, column tile) tiles in parallel; per-tile error sums, fixed order:
+    the search's own error of each chosen scale (``xx - 2 d xq + d^2 qq``, float64
+    from exact sums for int8 input) and sum w^2."""
     k_n, n = w.shape
     rb = k_n // ws.shape[0]
     mids = (levels_sorted[1:] + levels_sorted[:-1]) * np.float32(0.5)
@@ -351,10 +344,11 @@ def _levels_kernel(w, ws, group, ratios, ls_steps, levels_sorted, gamma, nibble_
         r0, c0 = gi * group, ci * LEVEL_TILE
         cw = min(LEVEL_TILE, n - c0)
         v, s = _load_tile(w, ws, rb, r0, r0 + group, c0, cw)
-        d = _search_tile(v, s, ratios, ls_steps, levels_sorted, mids, gamma)
+        d, err, vv = _search_tile(v, s, ratios, ls_steps, levels_sorted, mids, gamma)
         scales[gi, c0:c0 + cw] = d
-        err_parts[t], norm_parts[t] = _pack_tile(v, s, d, mids, levels_sorted, nibble_of,
-                                                 r0, c0, packed)
+        _pack_tile(v, s, d, mids, nibble_of, r0, c0, packed)
+        err_parts[t] = err.sum()
+        norm_parts[t] = (s.astype(np.float64) ** 2 * vv).sum()
 
 
 def quantize_levels(values: np.ndarray, scales: np.ndarray | None, group_size: int | None,
@@ -368,7 +362,9 @@ def quantize_levels(values: np.ndarray, scales: np.ndarray | None, group_size: i
     ``scales=None``. Groups only: ``group_size`` must be even, divide K and be at most
     MAX_GROUP (per-channel scales are not offered with levels, and larger groups would
     lose the exactness of the float32 sums). Returns the weight (bf16 scales
-    (K // group_size, N), ``levels`` recorded) and its squared error sums."""
+    (K // group_size, N), ``levels`` recorded) and its squared error sums: the
+    search's own error of the chosen scales, from exact sums for int8 input (to
+    ~1e-12), from float32 sums for fp32 input (to ~1e-6, relative)."""
     table = check_levels(levels)
     k, n = values.shape
     if group_size is None or not 2 <= group_size <= MAX_GROUP:

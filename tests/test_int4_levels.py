@@ -124,7 +124,10 @@ def test_matches_reference(name, k, n, blocks, group, dist):
     x = values.astype(np.float32) if blocks is None else \
         (values.reshape(blocks, k // blocks, n) * scales[:, None, :]).reshape(k, n)
     deq = dequantize(res.weight).astype(np.float64)
-    assert res.sq_error == pytest.approx(((x - deq) ** 2).sum(), rel=1e-9)
+    # The reported error is the search's own: exact sums for int8 inside row blocks,
+    # float32-rounded sums (relative ~1e-6) for fp32 products.
+    exact = blocks is not None and (k // blocks) % group == 0
+    assert res.sq_error == pytest.approx(((x - deq) ** 2).sum(), rel=1e-9 if exact else 1e-5)
     assert res.sq_norm == pytest.approx((x.astype(np.float64) ** 2).sum(), rel=1e-12)
 
 
