@@ -16,16 +16,44 @@ degrees of freedom (between the Gaussian and the heavy tails measured), each
 group divided by minus its signed extreme, times 127, rounded; 200,000 groups,
 60 iterations (derivation: ``tools/int4_levels_fit.py``). Sorted, so nibble n
 is the n-th smallest level.
+
+The search (``quantize_levels``; the prototype that measured well, KL to int8
+0.40x of the old default on the heavy-tailed 12-layer model): per (group,
+column), with ``ext`` the signed value of largest magnitude (the negative one
+on a tie), stage-1 candidates ``bf16(ext * r / L)`` for L the smallest and the
+largest level and r in CLIP_RATIOS; each followed by LS_STEPS least-squares
+rescalings ``bf16(sum x q / sum q^2)`` of its own codes (a chain). Every
+candidate is scored by its squared error ``sum x^2 - 2 d sum x q + d^2 sum q^2``
+(float64 from the float32 sums of _score); the first least error in the order
+(ratio, smallest level first, step) wins, so a candidate must be strictly
+better than every earlier one.
+
+Codes, exactly: weight x takes the level nearest to x / d, the smaller one on a
+tie. Each midpoint m between adjacent levels is compared with x through the
+product ``m * |d|``, exact in float32 (at most 9 + 8 significant bits), so no
+division rounds; ``searchsorted(mids, float32(x / d))`` (the test's reference)
+decides the same, since a correctly rounded quotient equals a midpoint only
+when it is one. A scale 0 codes as if it were 1 (its group dequantizes to 0).
+
+Speed, without changing a bit: without a gather (LLVM does not vectorize table
+lookups on AMD CPUs) a level costs 15 comparisons (_level), about four times
+a uniform rint. Only the first candidate of each family (the extreme on the
+smallest, or on the largest level) pays that; it records, per weight, its level
+and the midpoints above and below it. Any scale within a factor ``gamma`` of
+that reference (the least ratio of two same-sign midpoints: 1.29 for
+STUDENT_T_LEVELS) moves a weight across at most one midpoint, so the other
+candidates, nearly all inside, take two exact comparisons per weight
+(_score_window); the others the full pass. A chain whose scales stopped moving
+in every column of its tile stops. At Grok-1 shapes this still takes about 3x
+the uniform g32 search (tools/bench_int4_levels.py).
 """
 from __future__ import annotations
-
-import math
 
 import numpy as np
 from numba import njit, prange
 
 from quant.bf16 import round_bf16_scalar
-from quant.int4 import COL_TILE, Int4Result
+from quant.int4 import Int4Result
 from quant.qweight import BF16, QWeight, check_levels
 
 STUDENT_T_LEVELS = (-127, -97, -75, -57, -42, -29, -17, -6, 4, 14, 25, 37, 51, 67, 86, 111)
@@ -34,6 +62,7 @@ STUDENT_T_LEVELS = (-127, -97, -75, -57, -42, -29, -17, -6, 4, 14, 25, 37, 51, 6
 CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8)
 LS_STEPS = 2       # least-squares rescalings per stage-1 candidate
 MAX_GROUP = 256    # keeps every per-group integer sum exact in float32 (see _score)
+LEVEL_TILE = 256   # columns per tile (64 and 128 measured slower: per-pass overheads)
 
 
 @njit(cache=True)
@@ -70,19 +99,15 @@ def _extreme(v, s):
 
 
 @njit(cache=True)
-def _thresholds(d, mids):
-    """For scales ``d`` (cw,): the sign factor (cw,) and thresholds (15, cw)
-    ``mid_i * |d|`` (exact products: a half-integer of at most 9 bits times a bf16).
-    A zero scale codes as if it were 1 (its dequantized values are 0 anyway)."""
-    cw = len(d)
-    sg = np.empty(cw, np.float32)
-    thr = np.empty((15, cw), np.float32)                      # (15, cw) f32
-    for j in range(cw):
+def _thresholds(d, mids, sg, thr):
+    """For scales ``d`` (cw,): the sign factors ``sg`` (cw,) and thresholds ``thr``
+    (15, cw) ``mid_i * |d|`` (exact products: a half-integer of at most 9 bits times
+    a bf16). A zero scale codes as if it were 1 (its dequantized values are 0 anyway)."""
+    for j in range(len(d)):
         a = abs(d[j]) if d[j] != 0 else np.float32(1.0)
         sg[j] = np.float32(-1.0) if d[j] < 0 else np.float32(1.0)
         for i in range(15):
             thr[i, j] = mids[i] * a
-    return sg, thr
 
 
 @njit(cache=True)
@@ -117,24 +142,23 @@ def _level(x, j, t, e, base):
 
 
 @njit(cache=True, error_model="numpy")
-def _score(v, s, d, mids, lev0, steps):
-    """Per column, for the codes of scale ``d``: (sum v q, sum q^2) as float64.
+def _score(v, s, d, mids, lev0, steps, sg, thr, vq, qq):
+    """Per column, for the codes of scale ``d``: ``vq`` = sum v q and ``qq`` = sum q^2
+    (float32, overwritten; ``sg`` and ``thr`` are scratch for _thresholds).
 
     Summed in float32 in row order: for int8 input (integer v, |v q| <= 128 * 127,
     at most MAX_GROUP rows) every term and partial sum is an exact integer below
     2**24, so the sums are exact; fp32 input rounds each product and partial sum
     to float32 (a fixed order: the test's reference reproduces it)."""
-    cw = v.shape[1]
-    sg, thr = _thresholds(d, mids)
+    _thresholds(d, mids, sg, thr)
     t, e = _rows(thr, steps)
-    vq, qq = np.zeros(cw, np.float32), np.zeros(cw, np.float32)
+    vq[:], qq[:] = 0, 0
     for k in range(v.shape[0]):
         vr = v[k]
-        for j in range(cw):
+        for j in range(v.shape[1]):
             q = _level(vr[j] * s[j] * sg[j], j, t, e, lev0)
             vq[j] += vr[j] * q
             qq[j] += q * q
-    return vq.astype(np.float64), qq.astype(np.float64)
 
 
 @njit(cache=True)
@@ -154,90 +178,205 @@ def _err_and_ls(s, d, vv, vq, qq, err, nxt):
     ``xx - 2 d xq + d^2 qq`` with xx = s^2 vv and xq = s vq), and the least-squares
     rescaling ``bf16(f32(xq / qq))`` (``d`` itself where every level is 0)."""
     for j in range(len(d)):
-        s64, d64 = np.float64(s[j]), np.float64(d[j])
-        xx, xq = s64 * s64 * vv[j], s64 * vq[j]
-        err[j] = xx - 2.0 * d64 * xq + d64 * d64 * qq[j]
-        nxt[j] = round_bf16_scalar(np.float32(xq / qq[j])) if qq[j] > 0 else d[j]
+        s64, d64, q2 = np.float64(s[j]), np.float64(d[j]), np.float64(qq[j])
+        xx, xq = s64 * s64 * vv[j], s64 * np.float64(vq[j])
+        err[j] = xx - 2.0 * d64 * xq + d64 * d64 * q2
+        nxt[j] = round_bf16_scalar(np.float32(xq / q2)) if q2 > 0 else d[j]
         if nxt[j] == 0:
             nxt[j] = np.float32(0.0)                             # stored as +0
 
 
 @njit(cache=True)
-def _search_tile(v, s, ratios, ls_steps, levels_sorted, mids):
-    """The search of this module's docstring for one tile: best scale per column."""
+def _window_steps(mids):
+    """Step arrays for _level that give, from the same 15 comparisons as the level,
+    the midpoint above it (+inf at the top) and the one below it (m_0 at the
+    bottom: _window_ref replaces it by -inf)."""
+    up_m, dn_m = np.empty(15, np.float32), np.zeros(15, np.float32)
+    up_m[:14], up_m[14] = mids[1:] - mids[:-1], np.inf
+    dn_m[1:] = mids[1:] - mids[:-1]
+    return up_m, dn_m
+
+
+@njit(cache=True, error_model="numpy")
+def _window_ref(v, s, d, mids, levels_sorted, win, sg, size, thr, x, vq, qq):
+    """The exact pass of _score at a family's reference scale ``d``, which also keeps,
+    per weight, its level and the midpoints above and below it (+-inf past the
+    ends) into ``win`` (3, rows, cw), and the reference's sign and size (|d|, 1 for
+    0) into ``sg`` and ``size``; ``thr`` and ``x`` are scratch."""
     cw = v.shape[1]
-    lev0 = levels_sorted[0]
-    steps = levels_sorted[1:] - levels_sorted[:-1]
+    _thresholds(d, mids, sg, thr)
+    up_m, dn_m = _window_steps(mids)
+    t, e = _rows(thr, levels_sorted[1:] - levels_sorted[:-1])
+    _, eum = _rows(thr, up_m)
+    _, edm = _rows(thr, dn_m)
+    lev0, m0, ninf = levels_sorted[0], mids[0], np.float32(-np.inf)
+    vq[:], qq[:] = 0, 0
+    for k in range(v.shape[0]):                 # one tree per loop: each loop vectorizes
+        vr, qc, mup, mdn = v[k], win[0, k], win[1, k], win[2, k]
+        for j in range(cw):
+            x[j] = vr[j] * s[j] * sg[j]
+        for j in range(cw):
+            xj = x[j]
+            qc[j] = _level(xj, j, t, e, lev0)
+            mup[j] = _level(xj, j, t, eum, m0)
+            mdn[j] = _level(xj, j, t, edm, m0)
+        for j in range(cw):
+            mdn[j] = mdn[j] if x[j] > t[0][j] else ninf
+        for j in range(cw):
+            vq[j] += vr[j] * qc[j]
+            qq[j] += qc[j] * qc[j]
+    for j in range(cw):
+        size[j] = abs(d[j]) if d[j] != 0 else np.float32(1.0)
+
+
+@njit(cache=True, error_model="numpy")
+def _score_window(v, s, d, sg_ref, size_ref, gamma, win, size, xs, vq, qq):
+    """_score for a scale ``d`` near the family's reference: within a factor
+    ``gamma`` (the least ratio of two same-sign midpoints) no weight crosses more
+    than one midpoint, so its level is its reference level L_c, or the next one up
+    (2 m_c - L_c, m_c the midpoint above) or down (2 m_(c-1) - L_c), decided by
+    two exact comparisons. Fills ``vq`` and ``qq`` as _score does (``size``, ``xs``:
+    scratch) and returns True, or returns False when some column's scale is
+    outside the window or of the other sign (then use _score).
+
+    The sums go to arrays allocated here and every load precedes the selects:
+    otherwise LLVM needs more run-time alias checks than it allows, or cannot
+    if-convert, and the column loop stays scalar."""
+    cw = v.shape[1]
+    ok = True
+    for j in range(cw):
+        size[j] = abs(d[j]) if d[j] != 0 else np.float32(1.0)
+        sgn = np.float32(-1.0) if d[j] < 0 else np.float32(1.0)
+        a, b = np.float64(size[j]), np.float64(size_ref[j])
+        ok &= sgn == sg_ref[j] and a < b * gamma and b < a * gamma
+        xs[j] = s[j] * sgn
+    if not ok:
+        return False
+    a_vq, a_qq = np.zeros(cw, np.float32), np.zeros(cw, np.float32)
+    two = np.float32(2.0)
+    for k in range(v.shape[0]):
+        vr, qc, mup, mdn = v[k], win[0, k], win[1, k], win[2, k]
+        for j in range(cw):
+            w8, q0, mu, md, sz = vr[j], qc[j], mup[j], mdn[j], size[j]
+            x = w8 * xs[j]
+            q = two * mu - q0 if x > mu * sz else (two * md - q0 if x <= md * sz else q0)
+            a_vq[j] += w8 * q
+            a_qq[j] += q * q
+    vq[:], qq[:] = a_vq, a_qq
+    return True
+
+
+@njit(cache=True)
+def _search_tile(v, s, ratios, ls_steps, levels_sorted, mids, gamma):
+    """The search of this module's docstring for one tile: per column the best scale,
+    its squared error (float64, from the sums) and sum v^2.
+
+    Family by family (the extreme on the smallest level, then on the largest): the
+    first ratio's candidate is scored exactly and kept as the window reference, the
+    other candidates of the family through _score_window. Errors are recorded per
+    (chain, step) and reduced in the canonical order (ratio-major, smallest level
+    first, then the steps), keeping the first least error."""
+    cw = v.shape[1]
+    n_ch = 2 * len(ratios)
     ext = _extreme(v, s)
     vv = _sum_squares(v)
-    best = np.zeros(cw, np.float32)
-    best_err = np.full(cw, np.inf)
-    err, nxt = np.empty(cw, np.float64), np.empty(cw, np.float32)
-    d = np.empty(cw, np.float32)
-    for r in ratios:
-        for anchor in (levels_sorted[0], levels_sorted[-1]):
+    errs = np.full((n_ch, ls_steps + 1, cw), np.inf)
+    ds = np.zeros((n_ch, ls_steps + 1, cw), np.float32)
+    win = np.empty((3, v.shape[0], cw), np.float32)            # (3, g, cw) window data
+    err, nxt, d = np.empty(cw, np.float64), np.empty(cw, np.float32), np.empty(cw, np.float32)
+    scratch = np.empty((5, cw), np.float32)
+    sg_ref, size_ref, sg, size, x = scratch[0], scratch[1], scratch[2], scratch[3], scratch[4]
+    vq, qq, thr = np.empty(cw, np.float32), np.empty(cw, np.float32), np.empty((15, cw), np.float32)
+    gaps = levels_sorted[1:] - levels_sorted[:-1]
+    for fam in range(2):
+        anchor = levels_sorted[0] if fam == 0 else levels_sorted[-1]
+        for ri in range(len(ratios)):
             for j in range(cw):
-                d[j] = round_bf16_scalar(ext[j] * r / anchor)
+                d[j] = round_bf16_scalar(ext[j] * ratios[ri] / anchor)
                 d[j] = np.float32(0.0) if d[j] == 0 else d[j]
             for step in range(ls_steps + 1):
-                vq, qq = _score(v, s, d, mids, lev0, steps)
+                if ri == 0 and step == 0:
+                    _window_ref(v, s, d, mids, levels_sorted, win, sg_ref, size_ref, thr, x,
+                                vq, qq)
+                elif not _score_window(v, s, d, sg_ref, size_ref, gamma, win, size, x, vq, qq):
+                    _score(v, s, d, mids, levels_sorted[0], gaps, sg, thr, vq, qq)
                 _err_and_ls(s, d, vv, vq, qq, err, nxt)
-                for j in range(cw):
-                    if err[j] < best_err[j]:
-                        best[j], best_err[j] = d[j], err[j]
+                errs[2 * ri + fam, step], ds[2 * ri + fam, step] = err, d
                 moved = False
                 for j in range(cw):
                     moved |= nxt[j] != d[j]
                 if not moved:
                     break          # every column converged: later steps repeat this one
                 d[:] = nxt
-    return best
+    best, best_err = np.zeros(cw, np.float32), np.full(cw, np.inf)
+    for c in range(n_ch):
+        for step in range(ls_steps + 1):
+            for j in range(cw):
+                if errs[c, step, j] < best_err[j]:
+                    best[j], best_err[j] = ds[c, step, j], errs[c, step, j]
+    for j in range(cw):                   # the formula may leave a rounding residue below 0
+        best_err[j] = max(best_err[j], 0.0)
+    return best, best_err, vv
+
+
+def window_ratio(levels_sorted: np.ndarray) -> float:
+    """The least ratio |m_b / m_a| of two consecutive same-sign midpoints (a zero
+    midpoint is never crossed), slightly shrunk: within this factor of a scale, a
+    weight crosses at most one midpoint (see _score_window)."""
+    m = (levels_sorted[1:].astype(np.float64) + levels_sorted[:-1]) / 2
+    ratios = [b / a for a, b in zip(m[:-1], m[1:]) if a > 0 and b > 0]
+    ratios += [a / b for a, b in zip(m[:-1], m[1:]) if a < 0 and b < 0]
+    return min(ratios, default=np.inf) * (1 - 1e-9)
 
 
 @njit(cache=True, error_model="numpy")
-def _pack_tile(v, s, d, mids, levels_sorted, nibble_of, r0, c0, packed):
-    """Codes of the chosen scales, packed two per byte (even row low nibble);
-    returns (sum (w - dequantized)^2, sum w^2) in float64."""
+def _pack_tile(v, s, d, mids, nibble_of, r0, c0, packed):
+    """Codes of the chosen scales, packed two per byte (even row low nibble). The
+    codes come from a _level tree (a table lookup would not vectorize); the nibble
+    lookup is skipped for a sorted table (``nibble_of`` = identity)."""
     cw = v.shape[1]
-    sg, thr = _thresholds(d, mids)
+    sg, thr = np.empty(cw, np.float32), np.empty((15, cw), np.float32)
+    _thresholds(d, mids, sg, thr)
     t, ones = _rows(thr, np.ones(15, np.float32))
-    code = np.empty((2, cw), np.intp)
-    err = norm = 0.0
+    sorted_table = (nibble_of == np.arange(16)).all()
+    code, x = np.empty((2, cw), np.float32), np.empty(cw, np.float32)
     for k in range(0, v.shape[0], 2):
         for h in range(2):
-            vr = v[k + h]
+            vr, ch = v[k + h], code[h]
             for j in range(cw):
-                x = vr[j] * s[j]
-                code[h, j] = np.intp(_level(x * sg[j], j, t, ones, np.float32(0.0)))
-        for h in range(2):
+                x[j] = vr[j] * s[j] * sg[j]
             for j in range(cw):
-                x = v[k + h, j] * s[j]
-                e = np.float64(x) - np.float64(levels_sorted[code[h, j]]) * d[j]
-                err += e * e
-                norm += np.float64(x) * x
+                ch[j] = _level(x[j], j, t, ones, np.float32(0.0))
         out = packed[(r0 + k) // 2, c0:c0 + cw]
-        for j in range(cw):
-            out[j] = np.uint8(nibble_of[code[0, j]] | (nibble_of[code[1, j]] << 4))
-    return err, norm
+        if sorted_table:
+            for j in range(cw):
+                out[j] = np.uint8(code[0, j]) | (np.uint8(code[1, j]) << np.uint8(4))
+        else:
+            for j in range(cw):
+                out[j] = np.uint8(nibble_of[np.intp(code[0, j])]
+                                  | (nibble_of[np.intp(code[1, j])] << 4))
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def _levels_kernel(w, ws, group, ratios, ls_steps, levels_sorted, nibble_of, packed,
-                   scales, err_parts, norm_parts):
-    """All (group, column tile) tiles in parallel; per-tile error sums, fixed order."""
+def _levels_kernel(w, ws, group, ratios, ls_steps, levels_sorted, gamma, nibble_of,
+                   packed, scales, err_parts, norm_parts):
+    """All (group, column tile) tiles in parallel; per-tile error sums, fixed order:
+    the search's own error of each chosen scale (``xx - 2 d xq + d^2 qq``, float64
+    from exact sums for int8 input) and sum w^2."""
     k_n, n = w.shape
     rb = k_n // ws.shape[0]
     mids = (levels_sorted[1:] + levels_sorted[:-1]) * np.float32(0.5)
-    tiles_n = (n + COL_TILE - 1) // COL_TILE
+    tiles_n = (n + LEVEL_TILE - 1) // LEVEL_TILE
     for t in prange((k_n // group) * tiles_n):
         gi, ci = t // tiles_n, t % tiles_n
-        r0, c0 = gi * group, ci * COL_TILE
-        cw = min(COL_TILE, n - c0)
+        r0, c0 = gi * group, ci * LEVEL_TILE
+        cw = min(LEVEL_TILE, n - c0)
         v, s = _load_tile(w, ws, rb, r0, r0 + group, c0, cw)
-        d = _search_tile(v, s, ratios, ls_steps, levels_sorted, mids)
+        d, err, vv = _search_tile(v, s, ratios, ls_steps, levels_sorted, mids, gamma)
         scales[gi, c0:c0 + cw] = d
-        err_parts[t], norm_parts[t] = _pack_tile(v, s, d, mids, levels_sorted, nibble_of,
-                                                 r0, c0, packed)
+        _pack_tile(v, s, d, mids, nibble_of, r0, c0, packed)
+        err_parts[t] = err.sum()
+        norm_parts[t] = (s.astype(np.float64) ** 2 * vv).sum()
 
 
 def quantize_levels(values: np.ndarray, scales: np.ndarray | None, group_size: int | None,
@@ -251,7 +390,9 @@ def quantize_levels(values: np.ndarray, scales: np.ndarray | None, group_size: i
     ``scales=None``. Groups only: ``group_size`` must be even, divide K and be at most
     MAX_GROUP (per-channel scales are not offered with levels, and larger groups would
     lose the exactness of the float32 sums). Returns the weight (bf16 scales
-    (K // group_size, N), ``levels`` recorded) and its squared error sums."""
+    (K // group_size, N), ``levels`` recorded) and its squared error sums: the
+    search's own error of the chosen scales, from exact sums for int8 input (to
+    ~1e-12), from float32 sums for fp32 input (to ~1e-6, relative)."""
     table = check_levels(levels)
     k, n = values.shape
     if group_size is None or not 2 <= group_size <= MAX_GROUP:
@@ -272,10 +413,11 @@ def quantize_levels(values: np.ndarray, scales: np.ndarray | None, group_size: i
     nibble_of = order.astype(np.int64)                                  # sorted index -> nibble
     packed = np.empty((k // 2, n), np.uint8)                            # (K/2, N)
     out_scales = np.empty((k // group_size, n), np.float32)             # (G, N)
-    tiles = (k // group_size) * (-(-n // COL_TILE))
+    tiles = (k // group_size) * (-(-n // LEVEL_TILE))
     err_parts, norm_parts = np.zeros(tiles), np.zeros(tiles)
     _levels_kernel(w, ws, group_size, np.asarray(clip_ratios, np.float32), int(ls_steps),
-                   levels_sorted, nibble_of, packed, out_scales, err_parts, norm_parts)
+                   levels_sorted, window_ratio(levels_sorted), nibble_of, packed, out_scales,
+                   err_parts, norm_parts)
     weight = QWeight(packed, out_scales.astype(BF16), 4, group_size, levels=table)
     return Int4Result(weight, float(err_parts.sum()), float(norm_parts.sum()))
 

@@ -5,6 +5,8 @@ division and ``np.searchsorted`` over the midpoints (the kernel compares with
 exact threshold products instead), every candidate of every chain scored (the
 kernel stops a chain when no column moved), sums over explicit row loops.
 """
+import zlib
+
 import ml_dtypes
 import numpy as np
 import pytest
@@ -36,7 +38,8 @@ def reference(values, scales, group, levels=STUDENT_T_LEVELS, ratios=CLIP_RATIOS
     k, n = values.shape
     if scales is not None and (k // scales.shape[0]) % group:        # groups span blocks:
         b = scales.shape[0]                                           # fp32 products, as fp32 input
-        values = (values.reshape(b, k // b, n) * scales[:, None, :].astype(np.float32)).reshape(k, n)
+        x = values.reshape(b, k // b, n) * scales[:, None, :].astype(np.float32)
+        values = x.reshape(k, n)
         scales = None
     if scales is None:
         v, s = values.astype(np.float32), np.ones((k // group, n), np.float32)
@@ -110,9 +113,9 @@ CASES = [  # (name, K, N, blocks or None for fp32, group, distribution)
 
 @pytest.mark.parametrize("name,k,n,blocks,group,dist", CASES, ids=[c[0] for c in CASES])
 def test_matches_reference(name, k, n, blocks, group, dist):
-    rng = np.random.default_rng(hash(name) % 2**32)
-    w = rng.standard_normal((k, n)).astype(np.float32) if dist == "gauss" else \
-        student_t((k, n), int(dist[1:]), hash(name) % 2**32)
+    seed = zlib.crc32(name.encode())                 # stable across runs (unlike hash)
+    w = np.random.default_rng(seed).standard_normal((k, n)).astype(np.float32) \
+        if dist == "gauss" else student_t((k, n), int(dist[1:]), seed)
     w = with_special_groups(w, group)
     values, scales = release_like(w, blocks) if blocks else (w, None)
     res = quantize_levels(values, scales, group)
@@ -124,22 +127,25 @@ def test_matches_reference(name, k, n, blocks, group, dist):
     x = values.astype(np.float32) if blocks is None else \
         (values.reshape(blocks, k // blocks, n) * scales[:, None, :]).reshape(k, n)
     deq = dequantize(res.weight).astype(np.float64)
-    assert res.sq_error == pytest.approx(((x - deq) ** 2).sum(), rel=1e-9)
+    # The reported error is the search's own: exact sums for int8 inside row blocks,
+    # float32-rounded sums (relative ~1e-6) for fp32 products.
+    exact = blocks is not None and (k // blocks) % group == 0
+    assert res.sq_error == pytest.approx(((x - deq) ** 2).sum(), rel=1e-9 if exact else 1e-5)
     assert res.sq_norm == pytest.approx((x.astype(np.float64) ** 2).sum(), rel=1e-12)
 
 
 def test_zero_and_constant_groups():
-    """A zero group gets scale +0; a constant group is reproduced exactly when its value
-    is a level times a bf16 (here 0.5 = -127 * bf16(0.5 / -127) is not, but the error
-    stays within half the level gap)."""
-    w = with_special_groups(np.random.default_rng(3).standard_normal((64, 8)).astype(np.float32), 32)
+    """A zero group gets scale +0 and dequantizes to 0; a constant group lands on the
+    smallest level, so it comes back up to the bf16 rounding of its scale (< 0.4%)."""
+    w = np.random.default_rng(3).standard_normal((64, 8)).astype(np.float32)
+    w = with_special_groups(w, 32)
     res = quantize_levels(w, None, 32)
     sc = np.asarray(res.weight.scales).astype(np.float32)
     assert sc[0, 0] == 0 and not np.signbit(sc[0, 0]) and (sc[:, 3] == 0).all()
     deq = dequantize(res.weight)
     assert (deq[:32, 0] == 0).all() and (deq[:, 3] == 0).all()
-    np.testing.assert_allclose(deq[32:64, 1], 0.5, rtol=0.01)
-    np.testing.assert_allclose(deq[:32, 2], -0.25, rtol=0.01)
+    np.testing.assert_allclose(deq[32:64, 1], 0.5, rtol=0.004)
+    np.testing.assert_allclose(deq[:32, 2], -0.25, rtol=0.004)
 
 
 def nearest_check(w, res):
@@ -235,3 +241,21 @@ def test_bad_inputs():
         quantize_levels(q8, None, 32)
     with pytest.raises(ValueError, match="int8 or float32"):
         quantize_levels(q8.astype(np.int16), s8, 32)
+
+
+@pytest.mark.parametrize("table", [
+    (-127, -97, -75, -57, -42, -29, -17, -6, 4, 14, 25, 37, 51, 67, 86, 87),
+    (-120, -90, -70, -50, -35, -20, -10, -3, 3, 10, 20, 35, 50, 125, 126, 127),
+], ids=["window-1.13", "window-1.008"])
+def test_matches_reference_narrow_windows(table):
+    """Tables whose closest same-sign midpoints are 13% and 0.8% apart: most or
+    nearly all candidates leave the window around their family's reference scale
+    and are scored by the full pass, the others by the window pass."""
+    from quant.int4_levels import window_ratio
+    assert window_ratio(np.sort(np.asarray(table, np.float32))) < 1.14
+    q8, s8 = release_like(student_t((128, 300), 4, 9), 2)
+    res = quantize_levels(q8, s8, 32, levels=table)
+    d_ref, c_ref = reference(q8, s8, 32, levels=table)
+    got = np.asarray(res.weight.scales).astype(np.float32)
+    np.testing.assert_array_equal(got.view(np.uint32), d_ref.view(np.uint32))
+    np.testing.assert_array_equal(nibbles(res.weight), c_ref)
