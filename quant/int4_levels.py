@@ -30,10 +30,11 @@ better than every earlier one.
 
 Codes, exactly: weight x takes the level nearest to x / d, the smaller one on a
 tie. Each midpoint m between adjacent levels is compared with x through the
-product ``m * |d|``, exact in float32 (at most 9 + 8 significant bits), so no
-division rounds; ``searchsorted(mids, float32(x / d))`` (the test's reference)
-decides the same, since a correctly rounded quotient equals a midpoint only
-when it is one. A scale 0 codes as if it were 1 (its group dequantizes to 0).
+product ``m * |d|``, exact in float32 (at most 9 + 8 significant bits, outside
+the subnormal range far below any weight), so no division rounds;
+``searchsorted(mids, float32(x / d))`` (the test's reference) decides the same,
+since a correctly rounded quotient equals a midpoint only when it is one. A
+scale 0 codes as if it were 1 (its group dequantizes to 0).
 
 Speed, without changing a bit: without a gather (LLVM does not vectorize table
 lookups on AMD CPUs) a level costs 15 comparisons (_level), about four times
