@@ -250,7 +250,7 @@ def _score_window(v, s, d, sg_ref, size_ref, gamma, win, size, xs, vq, qq):
         size[j] = abs(d[j]) if d[j] != 0 else np.float32(1.0)
         sgn = np.float32(-1.0) if d[j] < 0 else np.float32(1.0)
         a, b = np.float64(size[j]), np.float64(size_ref[j])
-        ok &= sgn == sg_ref[j] and a < b * gamma and b < a * gamma
+        ok &= (sgn == sg_ref[j]) & (a < b * gamma) & (b < a * gamma)    # no branches
         xs[j] = s[j] * sgn
     if not ok:
         return False
