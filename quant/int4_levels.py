@@ -46,7 +46,7 @@ STUDENT_T_LEVELS) moves a weight across at most one midpoint, so the other
 candidates, nearly all inside, take two exact comparisons per weight
 (_score_window); the others the full pass. A chain whose scales stopped moving
 in every column of its tile stops. At Grok-1 shapes (int8, 8 row blocks) this
-still takes 2.1-2.6x the time of the uniform g32 search, short of the 1.5x
+still takes 2.1-3.1x the CPU time of the uniform g32 search, short of the 1.5x
 aimed at (tools/bench_int4_levels.py; shared 2-core machine, load ~2).
 """
 from __future__ import annotations
