@@ -23,19 +23,13 @@ int8 and packed int4 run micro-kernels written as explicit 16-lane LLVM
 vector code (``lowmem.simd_kernels``): a call takes 16 (int8) or 32 (int4) rows x
 64 columns and up to 8 tokens, keeps one fp32 register accumulator per
 (token, 16 columns), decodes each weight exactly (int8: sign-extend, convert;
-int4: a table lookup with AVX-512, else an xor and a subtraction; int4
-with levels: its table, see ``_operand``) and
-multiplies by the scale once per call. Measured on the 2-core target
-(Sapphire Rapids, 6144 x 32768 and 32768 x 6144): int4 one token 3.4-3.6 ms
-per matrix, ~30 GB/s, i.e. at the memory floor, 8 tokens 11-13 ms; int8 one
-token 6.5-7 ms, at the floor, 2 tokens 6.6-7.2, 8 tokens 15.5-17.5; on the
-Zen 5 VM (idle, 2 threads) the same: one token 0.9-1.1x the read, 8 tokens
-2-3.3x (FMA-bound; one thread 1.6-2x at one token). ``act_int8=True`` (opt-in,
-a numerics change) quantizes the activations to int8 per 32 and runs int8
-dot products instead (``lowmem.act8_kernels``): 0.8-0.95x the read at one
-token, 1.4-2.3x at 8. Other dtypes (bf16, fp32) and the columns after the
-last 64-column strip decode 4 rows at a time into an L1 buffer applied to
-every token of the block.
+int4: a 16-entry table lookup, the weight's levels or the uniform grid, see
+``_operand``) and multiplies by the scale once per call: at the read floor at
+one token, FMA-bound from 2-4 tokens (figures: docs/PERFORMANCE.md section 3).
+``act_int8=True`` (opt-in, a numerics change) quantizes the activations to
+int8 per 32 and runs int8 dot products instead (``lowmem.act8_kernels``).
+Other dtypes (bf16, fp32) and the columns after the last 64-column strip
+decode 4 rows at a time into an L1 buffer applied to every token of the block.
 
 Floating point: ``fastmath={'contract'}`` only lets LLVM fuse ``a * b + c`` into
 one FMA (one rounding instead of two, never less accurate); it does not reorder
