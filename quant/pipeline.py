@@ -34,6 +34,8 @@ from quant.bf16 import to_bf16
 from quant.checkpoint import QuantizedWeight8bit, dequantize, read_tensor
 from quant.ckpt_config import check_finite, resolve_config
 from quant.int4 import ANCHORS, LS_STEPS, REFINE, clip_ratios_for, quantize_int4
+from quant.int4_levels import CLIP_RATIOS as LEVEL_CLIP_RATIOS
+from quant.int4_levels import LS_STEPS as LEVEL_LS_STEPS
 from quant.int4_levels import STUDENT_T_LEVELS, quantize_levels
 from quant.pack_writer import (RECORD_SUFFIX, Unit, UnitWriter, load_valid_record, plan_units,
                                write_record)
@@ -439,7 +441,8 @@ def _write_manifest(partial: Path, cfg: GrokConfig, settings: QuantSettings,
             "rounding": "each weight to the nearest of the 16 levels times its group's scale",
             "scale": "bf16(signed extreme * r / level) for the extreme levels and clip ratios "
                      "r, then least-squares rescalings; the least squared error per (group, "
-                     "column)", "levels": list(settings.int4_levels)}
+                     "column)", "levels": list(settings.int4_levels),
+            "clip_ratios": list(LEVEL_CLIP_RATIOS), "ls_steps": LEVEL_LS_STEPS}
     elif settings.bits == 4:
         extra["int4_method"] = {
             "rounding": "symmetric, round half to even, clipped to [-8, 7]",

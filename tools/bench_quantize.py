@@ -18,7 +18,8 @@ hypervisor's cache below a VM is outside its reach, so say so when quoting);
 
     python tools/bench_quantize.py                      # grok-1 width, 1 layer
     python tools/bench_quantize.py --ckpt /data/ckpt-grok1-L1 --cache warm
-    python tools/bench_quantize.py --bits --group-size 32   # int4 g32 (the CLI default) only
+    python tools/bench_quantize.py --bits --group-size 32   # int4 g32, uniform grid
+    python tools/bench_quantize.py --bits --group-size 32 --int4-levels student-t uniform
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ import numba
 
 from quant.config import PRESETS, preset
 from quant.packed import QuantSettings
-from quant.pipeline import quantize_checkpoint
+from quant.pipeline import INT4_LEVELS, quantize_checkpoint, settings_for
 from quant.spec import checkpoint_specs
 from quant.synthetic import write_checkpoint
 
@@ -98,6 +99,7 @@ def bench_one(ckpt: Path, cfg, settings: QuantSettings, out: Path, cache: str,
     gb = nbytes / 1e9
     print(f"--bits {settings.bits}"
           + (f" --group-size {settings.group_size}" if settings.group_size else "")
+          + (" (levels)" if settings.int4_levels else "")
           + f": read {t_read:6.2f} s ({gb / t_read:5.2f} GB/s) | quantize {t_quant:6.2f} s "
           f"({gb / t_quant:5.2f} GB/s in, {out_bytes / 1e9:.2f} GB out) | "
           f"ratio {t_quant / t_read:5.2f}x (target <= 2) | process peak RSS so far "
@@ -118,6 +120,10 @@ def main() -> None:
                     help="which runs (default: 8 4; int4 here is per channel); none "
                     "('--bits --group-size 32') runs only the --group-size run")
     ap.add_argument("--group-size", type=int, help="also run --bits 4 with this group size")
+    ap.add_argument("--int4-levels", nargs="+", choices=sorted(INT4_LEVELS),
+                    default=["uniform"], help="level tables of the --group-size runs "
+                    "(default uniform; 'student-t uniform' runs both: the CLI default is "
+                    "student-t)")
     args = ap.parse_args()
     if not args.bits and not args.group_size:
         ap.error("--bits: nothing to run (give 8 and/or 4, or --group-size)")
@@ -128,7 +134,7 @@ def main() -> None:
           f"{os.cpu_count()} CPUs, {numba.get_num_threads()} numba threads", flush=True)
     runs = [QuantSettings(bits) for bits in args.bits]
     if args.group_size:
-        runs.append(QuantSettings(4, args.group_size))
+        runs += [settings_for(4, args.group_size, name) for name in args.int4_levels]
     for settings in runs:
         bench_one(ckpt, cfg, settings, args.work_dir / "bench-out", args.cache, paths, nbytes)
 
