@@ -120,9 +120,11 @@ def _quad_i8(builder, r0, r1, r2, r3):
 def _dot(builder, vnni, acc, u, xb):
     """acc + sum over each 4 bytes of u (unsigned) * xb (signed): vpdpbusd."""
     if vnni:
+        # The dword-typed declaration: LLVM <= 17 knows only it, and newer LLVMs
+        # (operands now <64 x i8>) upgrade it when they parse the IR.
         fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(
-            _V16I, [_V16I, _V64B, _V64B]), "llvm.x86.avx512.vpdpbusd.512")
-        return builder.call(fn, [acc, builder.bitcast(u, _V64B), builder.bitcast(xb, _V64B)])
+            _V16I, [_V16I, _V16I, _V16I]), "llvm.x86.avx512.vpdpbusd.512")
+        return builder.call(fn, [acc, builder.bitcast(u, _V16I), builder.bitcast(xb, _V16I)])
     v64 = ir.VectorType(_I32, 64)
     prod = builder.mul(builder.zext(builder.bitcast(u, _V64B), v64),
                        builder.sext(builder.bitcast(xb, _V64B), v64))
