@@ -7,7 +7,7 @@ Student-t weights, with most of its mass near zero; the 16 levels that
 minimize the squared error of such values (Lloyd-Max: k-means in one dimension
 with one level pinned at the extreme) are closer together near zero and
 further apart in the tails. Measured on the 12-layer heavy-tailed synthetic
-model (docs/FIDELITY.md): weight error 0.132 -> 0.105 and KL to int8 0.67x of
+model (docs/FIDELITY.md): weight error 0.132 -> 0.103 and KL to int8 0.72x of
 the uniform grid's, at the same 4.5 bits per weight (groups of 32, one bf16
 scale each).
 
@@ -17,8 +17,8 @@ group divided by minus its signed extreme, times 127, rounded; 200,000 groups,
 60 iterations (derivation: ``tools/int4_levels_fit.py``). Sorted, so nibble n
 is the n-th smallest level.
 
-The search (``quantize_levels``; the prototype that measured well, KL to int8
-0.40x of the old default on the heavy-tailed 12-layer model): per (group,
+The search (``quantize_levels``; KL to int8 0.43x of the old default over 48
+prompts on the heavy-tailed 12-layer model, docs/FIDELITY.md): per (group,
 column), with ``ext`` the signed value of largest magnitude (the negative one
 on a tie), stage-1 candidates ``bf16(ext * r / L)`` for L the smallest and the
 largest level and r in CLIP_RATIOS; each followed by LS_STEPS least-squares
@@ -46,8 +46,8 @@ STUDENT_T_LEVELS) moves a weight across at most one midpoint, so the other
 candidates, nearly all inside, take two exact comparisons per weight
 (_score_window); the others the full pass. A chain whose scales stopped moving
 in every column of its tile stops. At Grok-1 shapes (int8, 8 row blocks) this
-still takes 2.1-3.1x the CPU time of the uniform g32 search, short of the 1.5x
-aimed at (tools/bench_int4_levels.py; shared 2-core machine, load ~2).
+takes 1.5-1.9x the CPU time of the uniform g32 search with the two clip ratios
+kept (2.1-3.1x with five); the whole quantizer 1.32x (docs/PERFORMANCE.md).
 """
 from __future__ import annotations
 
