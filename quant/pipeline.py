@@ -56,7 +56,7 @@ FINGERPRINT_WINDOWS = 16        # 64 KiB windows per checkpoint file in its fing
 DEFAULT_GROUP_SIZE = 32
 PER_CHANNEL = "channel"         # the option value asking for one scale per output channel
 # int4 level tables by option name; the default for groups: non-uniform levels
-# (quant/int4_levels.py), 0.6x the uniform grid's KL to int8 on heavy-tailed
+# (quant/int4_levels.py), 0.72x the uniform grid's KL to int8 on heavy-tailed
 # weights at the same bytes (docs/FIDELITY.md). Per channel is uniform only.
 INT4_LEVELS = {"student-t": STUDENT_T_LEVELS, "uniform": None}
 DEFAULT_INT4_LEVELS = "student-t"
@@ -123,11 +123,10 @@ def _expert_outputs(spec: WeightSpec, value: QuantizedWeight8bit, settings: Quan
         base = expert_tensor_name(spec.layer, spec.role, e)
         if settings.bits == 8:                  # pass-through: the release's bytes
             values, scales, err = value.weight[e], value.scales[e], 0.0
-        elif settings.int4_levels is not None:
-            res = quantize_levels(value.weight[e], value.scales[e], group, settings.int4_levels)
-            values, scales, err = res.weight.values, res.weight.scales, res.rel_error
         else:
-            res = quantize_int4(value.weight[e], value.scales[e], group)
+            res = (quantize_int4(value.weight[e], value.scales[e], group)
+                   if settings.int4_levels is None else
+                   quantize_levels(value.weight[e], value.scales[e], group, settings.int4_levels))
             values, scales, err = res.weight.values, res.weight.scales, res.rel_error
         errors[base] = err
         yield base + ".values", values          # (K, N) int8 or (K/2, N) uint8

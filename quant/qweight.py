@@ -45,10 +45,11 @@ class QWeight:
     def __post_init__(self):
         if self.bits not in (4, 8):
             raise ValueError(f"bits must be 4 or 8, got {self.bits}")
-        if self.levels is not None:
-            if self.bits != 4:
-                raise ValueError("levels apply to int4 weights only")
-            check_levels(self.levels)
+        if self.levels is not None and (self.bits != 4 or len(self.levels) != 16):
+            # the values themselves are checked where a table comes in (check_levels: the
+            # manifest's QuantSettings, quantize_levels), not again at every construction
+            raise ValueError(f"levels: 16 for int4 weights only, got {len(self.levels)} "
+                             f"for int{self.bits}")
         if not (hasattr(self.values, "shape") and hasattr(self.scales, "shape")):
             return   # JAX rebuilds pytrees with placeholder leaves: nothing to check
         k, n = self.shape
