@@ -1,26 +1,32 @@
-"""Batched decode: B sequences advance one token each in one step, sharing every expert load.
+"""Continuous batching steps: decode rows and prompt chunks share every expert load.
 
 A ``BatchEngine`` is built on an ``Engine`` (its backend, placed layers,
 final norm and MoE) and holds ``max_batch`` KV cache slots, preallocated
-once. A decode step takes the slots of the running sequences and one token
-for each; per layer it
+once. A step (``step``) takes the running sequences' slots with one token
+each (decode rows) and any prompt chunks of sequences still reading their
+prompt; per layer it
 
-1. projects q/k/v for all B rows at once (one read of the attention weights;
-   on the host backend one numba callback for the three),
-2. writes each row's key/value into its own slot at its own position and
-   attends over that slot alone (one jitted call per row of the
+1. projects q/k/v for all B decode rows at once (one read of the attention
+   weights; on the host backend one numba callback for the three),
+2. writes each decode row's key/value into its own slot at its own position
+   and attends over that slot alone (one jitted call per row of the
    single-sequence ``kv_write`` and ``model.attend``: exactly the arithmetic
    of a solo decode step; each slot's cache stays its own buffer, donated,
-   so nothing is copied), then applies the output projection to all B rows,
-3. routes the B rows together and makes ONE MoE call (``Engine.moe_layer``):
-   the union of the experts they need is fetched once and each expert is
-   applied to exactly the rows routed to it.
+   so nothing is copied), then applies the output projection to all B rows;
+   each prompt chunk runs the single-sequence attention block on its slot
+   (``Engine.attention_layer``: a solo prefill's arithmetic),
+3. routes every group and makes ONE MoE call for all of them
+   (``Engine.moe_layers``): the union of the experts the decodes and the
+   prompts need is fetched once and each expert is applied to exactly the
+   rows routed to it. Before, a prompt chunk ran in a step of its own and read
+   its experts again.
 
-Prefill of a new request runs on its slot through the single-sequence path
-(``Engine.advance``), one chunk at a time, so the scheduler can interleave
-it with the running decodes. A step's rows are padded to a few fixed batch
-sizes (powers of two and ``max_batch``) with spare (free) slots, whose rows
-the MoE ignores, so each size compiles once and no step recompiles.
+The logits rows (the decode rows, then the last row of each chunk that ends
+a prompt) are gathered into one buffer and read the output table once. A
+step's decode rows are padded to a few fixed batch sizes (powers of two and
+``max_batch``) with spare (free) slots, whose rows the MoE ignores; prompt
+chunks are padded to the prefill buckets: each shape compiles once and no
+step recompiles, whatever the mix.
 
 ``sample_rows`` draws one token per row with that row's own settings and its
 own PRNG key, split exactly as ``decoding.generate_tokens`` splits a solo
@@ -82,9 +88,27 @@ def _mark_rows(valids, tokens, pos):
 _embed = jax.jit(M.embed, static_argnums=(0, 1))
 
 
-@partial(jax.jit, static_argnums=(0, 1, 2))
-def _rows_logits(cfg, logits_fn, precision, h, final_norm, table):
-    """Final norm and tied output logits of every row -> fp32 (B, V): one read of the table."""
+@partial(jax.jit, static_argnums=(1,))
+def _row_buffer(h, size):
+    """The step's logits rows (size, D): the first rows of h (T, D), zeros after (a
+    chunk-only step starts from its first chunk's h: every row it reads is put after)."""
+    rows = min(h.shape[0], size)
+    return jnp.zeros((size, h.shape[1]), h.dtype).at[:rows].set(h[:rows])
+
+
+@partial(jax.jit, donate_argnums=(0,))
+def _put_row(rows, h, src, dst):
+    """rows (R, D) with row dst replaced by row src of h (T, D): a prompt chunk's last
+    real row joins the step's logits rows (both indices dynamic: no compile per index)."""
+    return jax.lax.dynamic_update_slice_in_dim(
+        rows, jax.lax.dynamic_slice_in_dim(h, src, 1, 0), dst, 0)
+
+
+@partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _rows_logits(cfg, logits_fn, precision, count, rows, final_norm, table):
+    """Final norm and tied output logits of the first ``count`` rows -> fp32 (count, V):
+    one read of the table for every row of the step (compiled once per count)."""
+    h = rows[:count]                                                            # (count, D)
     return logits_fn(cfg, M.final_hidden(cfg, h, final_norm, precision), table, precision)
 
 
@@ -184,13 +208,7 @@ class BatchEngine:
 
     def prefill(self, slot: int, tokens) -> jax.Array:
         """Feed one prompt chunk (<= ``chunk`` tokens) to a slot -> fp32 logits (V,)."""
-        try:
-            logits, st = self.engine.advance(self.states[slot], tokens)
-        except BaseException:
-            self.states[slot] = self._fresh()   # the donated cache may be gone
-            raise
-        self.states[slot] = st
-        return logits
+        return self.step([], [], [(slot, tokens, True)])[0]
 
     def warm_up(self, cancelled=lambda: False) -> float:
         """Compile every shape serving can run, on the free slots, then reset them -> seconds.
@@ -273,18 +291,71 @@ class BatchEngine:
         return pad
 
     def decode(self, slots: list[int], tokens: list[int], spare=()) -> jax.Array:
-        """Advance each slot's sequence by its token -> fp32 logits (B, V).
+        """Advance each slot's sequence by its token -> fp32 logits (B, V) (``step``
+        without prompt chunks)."""
+        return self.step(slots, tokens, spare=spare)
 
-        ``spare``: free slots that may pad the step to a compiled batch size
-        (their contents are discarded). If the step fails midway the slots'
-        donated caches are gone: they are replaced by fresh ones (their
-        sequences cannot go on).
+    def step(self, slots: list[int], tokens: list[int], chunks=(), spare=()) -> jax.Array | None:
+        """One continuous-batching step -> fp32 logits (rows, V), or None if no row wants any.
+
+        ``slots`` advance by one token each (``tokens``); ``chunks``, a list of
+        (slot, prompt chunk of <= ``chunk`` tokens, wants logits), advance their
+        prompts. Per layer each sequence attends on its own cache and ONE MoE call
+        serves every row: an expert is read once for the decodes and the prompts.
+        The logits rows are the decode rows, then the last row of each chunk that
+        wants logits, in that order (one read of the output table). ``spare``:
+        free slots that may pad the decode rows to a compiled batch size (their
+        contents are discarded). If the step fails midway the slots' donated
+        caches are gone: they are replaced by fresh ones (their sequences cannot
+        go on).
         """
-        if len(set(slots)) != len(slots) or not 0 < len(slots) <= self.max_batch:
-            raise EngineError(f"decode needs 1 to {self.max_batch} distinct slots, got {slots}")
+        every = list(slots) + [c[0] for c in chunks]
+        if len(set(every)) != len(every) or not 0 < len(every) <= self.max_batch \
+                or len(slots) != len(tokens):
+            raise EngineError(f"a step needs 1 to {self.max_batch} distinct slots and one token "
+                              f"per decode slot, got slots {every} and tokens {list(tokens)}")
         n = len(slots)
-        pad = self._padding(list(slots), spare)
-        return self._decode(list(slots) + pad, list(tokens) + [0] * len(pad), n)
+        if n and max(self.states[s].pos for s in slots) >= self.context:
+            raise EngineError(f"a sequence would exceed the context of {self.context}")
+        padded = [self.engine.chunk_tokens(self.states[c[0]], c[1]) for c in chunks]
+        pad = self._padding(list(slots), [s for s in spare if s not in every]) if n else []
+        try:
+            dec = self._decode_rows(list(slots) + pad, list(tokens) + [0] * len(pad)) if n else None
+            runs = [self._chunk_rows(c[0], *p) for c, p in zip(chunks, padded)]
+            for layer in range(len(self.engine.layers)):
+                self._layer(layer, dec, n, runs)
+            logits = self._logits(dec, n, [r for r, c in zip(runs, chunks) if c[2]])
+        except BaseException:
+            for s in every + pad:
+                self.states[s] = self._fresh()
+            raise
+        if dec is not None:
+            for s, c, v, p in zip(dec["slots"], dec["caches"], dec["valids"], dec["pos"]):
+                self.states[s] = SequenceState(c, v, int(p) + 1)
+        for r in runs:
+            self.states[r["slot"]] = SequenceState(r["caches"], r["valid"], r["pos"] + r["n"])
+        return logits
+
+    def _decode_rows(self, slots: list[int], tokens: list[int]) -> dict:
+        """The decode rows' start: their keys marked valid, their embeddings (B, D)."""
+        eng, cfg = self.engine, self.cfg
+        states = [self.states[s] for s in slots]
+        pos = np.array([st.pos for st in states], np.int32)                      # (B,)
+        toks = np.asarray(tokens, np.int32).reshape(len(slots))                  # (B,)
+        valids = _mark_rows(tuple(st.valid for st in states), toks, pos)
+        eng.timer.mark("python")
+        h = _embed(cfg, eng.precision, eng.backend.embed_rows(toks))             # (B, D)
+        eng.timer.mark("embedding", h, valids)
+        return {"slots": slots, "pos": pos, "valids": valids, "h": h,
+                "caches": [list(st.caches) for st in states]}
+
+    def _chunk_rows(self, slot: int, padded: np.ndarray, n: int) -> dict:
+        """A prompt chunk's start on its slot (padded, n real tokens): embedded (T, D),
+        its keys marked valid."""
+        st = self.states[slot]
+        h, valid = self.engine.chunk_input(st, padded, n)
+        return {"slot": slot, "pos": st.pos, "n": n, "h": h, "valid": valid,
+                "caches": list(st.caches)}
 
     def _attention(self, layer: int, h, caches: list[list], valids, pos: np.ndarray):
         """One layer's attention for B rows: shared projections, one attend call per row
@@ -299,33 +370,34 @@ class BatchEngine:
             outs.append(out)                                                     # (1, Hq*K)
         return _attention_out(cfg, linear, prec, lp, h, tuple(outs))             # (B, D)
 
-    def _decode(self, slots: list[int], tokens: list[int], n: int) -> jax.Array:
-        """The step over every row; rows >= n pad it (the MoE and the logits skip them)
-        -> fp32 logits (n, V)."""
-        eng, cfg, backend, prec = self.engine, self.cfg, self.engine.backend, self.engine.precision
-        states = [self.states[s] for s in slots]
-        pos = np.array([st.pos for st in states], np.int32)                      # (B,)
-        if int(pos.max()) >= self.context:
-            raise EngineError(f"a sequence would exceed the context of {self.context}")
-        toks = np.asarray(tokens, np.int32).reshape(len(slots))                  # (B,)
-        try:
-            valids = _mark_rows(tuple(st.valid for st in states), toks, pos)
-            caches = [list(st.caches) for st in states]
-            eng.timer.mark("python")
-            h = _embed(cfg, prec, backend.embed_rows(toks))                      # (B, D)
-            eng.timer.mark("embedding", h, valids)
-            for layer in range(len(eng.layers)):
-                h = self._attention(layer, h, caches, valids, pos)                  # (B, D)
-                eng.timer.mark("attention", h)
-                h = eng.moe_layer(layer, h, n)
-            # only the real rows sample: padding rows never read the output table
-            logits = _rows_logits(cfg, backend.logits_fn, prec, h[:n] if n < len(h) else h,
-                                  eng.final_norm, backend.logits_table)           # (n, V)
-            eng.timer.mark("logits", logits)
-        except BaseException:
-            for s in slots:
-                self.states[s] = self._fresh()
-            raise
-        for s, c, v, p in zip(slots, caches, valids, pos):
-            self.states[s] = SequenceState(c, v, int(p) + 1)
+    def _layer(self, layer: int, dec: dict | None, n: int, runs: list[dict]) -> None:
+        """One layer for every group of rows: its attention, then one shared MoE call."""
+        eng, groups = self.engine, []
+        if dec is not None:
+            dec["h"] = self._attention(layer, dec["h"], dec["caches"], dec["valids"], dec["pos"])
+            eng.timer.mark("attention", dec["h"])
+            groups.append((dec["h"], n))
+        for r in runs:
+            r["h"], r["caches"][layer] = eng.attention_layer(layer, r["h"], r["caches"][layer],
+                                                             r["valid"], r["pos"])
+            groups.append((r["h"], r["n"]))
+        outs = eng.moe_layers(layer, groups)
+        if dec is not None:
+            dec["h"] = outs.pop(0)
+        for r, h in zip(runs, outs):
+            r["h"] = h
+
+    def _logits(self, dec: dict | None, n: int, runs: list[dict]) -> jax.Array | None:
+        """Logits of the n real decode rows and the last real row of each chunk in runs
+        (padding rows never read the output table) -> fp32 (n + len(runs), V)."""
+        count = n + len(runs)
+        if count == 0:
+            return None
+        eng, backend = self.engine, self.engine.backend
+        rows = _row_buffer(dec["h"] if dec is not None else runs[0]["h"], self.max_batch)
+        for i, r in enumerate(runs):
+            rows = _put_row(rows, r["h"], np.int32(r["n"] - 1), np.int32(n + i))
+        logits = _rows_logits(self.cfg, backend.logits_fn, eng.precision, count, rows,
+                              eng.final_norm, backend.logits_table)              # (count, V)
+        eng.timer.mark("logits", logits)
         return logits

@@ -286,6 +286,13 @@ class Engine:
         new request chunk by chunk between decode steps; the state's KV
         cache is donated. A chunk is at most the largest prefill bucket.
         """
+        padded, n = self.chunk_tokens(state, tokens)
+        return self._forward_chunk(state, padded, n, "last")
+
+    def chunk_tokens(self, state, tokens) -> tuple[np.ndarray, int]:
+        """Check one prompt chunk for a sequence state -> (the chunk padded to its
+        bucket, its real length); EngineError if it is empty, longer than the largest
+        bucket or past the context."""
         tokens = np.asarray(tokens, np.int32).reshape(-1)
         if not 0 < len(tokens) <= max(self.options.prefill_buckets):
             raise EngineError(f"a chunk holds 1 to {max(self.options.prefill_buckets)} tokens, "
@@ -293,7 +300,7 @@ class Engine:
         if state.pos + len(tokens) > self.context:
             raise EngineError(f"sequence of {state.pos + len(tokens)} tokens exceeds the "
                               f"context of {self.context}")
-        return self._forward_chunk(state, self._padded(tokens), len(tokens), "last")
+        return self._padded(tokens), len(tokens)
 
     def moe_layer(self, layer: int, h: jax.Array, n: int) -> jax.Array:
         """Route rows h (T, D) of one layer and add their experts' outputs -> (T, D).
@@ -302,25 +309,39 @@ class Engine:
         (batched decode): one routing read, one MoE call, each needed expert
         fetched once for all rows. Rows >= n are padding.
         """
+        return self.moe_layers(layer, [(h, n)])[0]
+
+    def moe_layers(self, layer: int, groups: list[tuple]) -> list[jax.Array]:
+        """``moe_layer`` for several groups of rows (h (T_i, D), real rows n_i) at once:
+        each group is routed in its own jitted call (shapes compiled already), and ONE
+        MoE call applies each needed expert to the rows of every group routed to it
+        (a continuous-batching step: its prompt chunks and its decode rows)."""
         cfg, k, timer = self.cfg, self.cfg.num_selected_experts, self.timer
         lp, nxt = self.layers[layer], self.layers[min(layer + 1, len(self.layers) - 1)]
-        moe_in, gates, experts, routing = _route(
-            cfg, self.precision, lp["moe_norm"], lp["router"], nxt["moe_norm"], nxt["router"], h)
-        routing = self.to_host(routing)                                     # (T, 2k) sync
+        moe_groups, real = [], []
+        for h, n in groups:
+            moe_in, gates, experts, routing = _route(
+                cfg, self.precision, lp["moe_norm"], lp["router"], nxt["moe_norm"],
+                nxt["router"], h)
+            routing = self.to_host(routing)                                 # (T, 2k) sync
+            moe_groups.append((moe_in, gates, routing[:, :k], experts, n))
+            real.append(routing[:n])
+        real = np.concatenate(real)                                         # (R, 2k) real rows
         timer.mark("routing")
         if self.options.record_routing:
-            self.routing_trace.append((layer, routing[:n, :k].copy()))
-        guess = self._guess(layer, routing, n)
+            self.routing_trace.append((layer, real[:, :k].copy()))
+        guess = self._guess(layer, real, len(real))
         waited, calls, writes = (self.expert_stats.wait_s, self.experts.dispatches,
                                  self.experts.slot_writes)
-        moe = self.experts.moe(layer, moe_in, gates, routing[:, :k], experts, n, guess)
-        h = _residual(cfg, self.precision, h, moe, lp["moe_post_norm"])
-        self.dispatches += 2 + self.experts.dispatches - calls             # route, residual
+        moes = self.experts.moe_groups(layer, moe_groups, guess)
+        out = [_residual(cfg, self.precision, h, moe, lp["moe_post_norm"])
+               for (h, _), moe in zip(groups, moes)]
+        self.dispatches += 2 * len(groups) + self.experts.dispatches - calls  # route, residual
         self.slot_writes += self.experts.slot_writes - writes
-        timer.mark("experts", h)
+        timer.mark("experts", *out)
         timer.add("experts", -(self.expert_stats.wait_s - waited))
         timer.add("transfer_wait", self.expert_stats.wait_s - waited)
-        return h
+        return out
 
     def _guess(self, layer: int, routing: np.ndarray, n: int):
         """Experts to prefetch while this layer computes: the next layer's guess, and at
@@ -343,34 +364,52 @@ class Engine:
         padded[:n] = part
         return padded
 
+    def chunk_input(self, state: SequenceState, tokens: np.ndarray, n: int):
+        """Embed a padded chunk of a sequence and mark its real keys valid -> (h (T, D)
+        activations, valid (S,)): the start of ``_forward_chunk``, public for the
+        batched steps of ``lowmem.batch``, which run chunks beside decode rows."""
+        cfg, prec, backend = self.cfg, self.precision, self.backend
+        rows = backend.embed_rows(tokens)                                  # (T, D) bf16
+        h = _embed(cfg, prec, rows)                                         # (T, D) activations
+        valid = _mark_valid(state.valid, tokens, state.pos, n)
+        self.dispatches += 2 + isinstance(rows, jax.Array)
+        self.timer.mark("embedding", h, valid)
+        return h, valid
+
+    def attention_layer(self, layer: int, h: jax.Array, cache, valid: jax.Array, pos: int):
+        """One layer's attention block on a chunk of one sequence -> (h (T, D), the
+        updated cache; the cache passed in is donated)."""
+        self.dispatches += 1
+        out = _attention(self.cfg, self.backend.linear, self.precision, self.layers[layer], h,
+                         cache, valid, pos)
+        self.timer.mark("attention", out[0])
+        return out
+
+    def last_logits(self, h: jax.Array, index: int) -> jax.Array:
+        """Final norm and output logits of row ``index`` of h -> fp32 (V,)."""
+        self.dispatches += 1
+        logits = _last_logits(self.cfg, self.backend.logits_fn, self.precision, h,
+                              self.final_norm, self.backend.logits_table, index)
+        self.timer.mark("logits", logits)
+        return logits
+
     def _forward_chunk(self, state: SequenceState, tokens: np.ndarray, n: int, want: str | None):
         """One padded chunk through every layer; logits of its last real row ('last'),
         of every row ('all', (T, V) padded rows included) or none."""
-        cfg, timer, pos, backend = self.cfg, self.timer, state.pos, self.backend
-        prec = self.precision
-        rows = backend.embed_rows(tokens)                                  # (T, D) bf16
-        h = _embed(cfg, prec, rows)                                         # (T, D) activations
-        valid = _mark_valid(state.valid, tokens, pos, n)
-        self.dispatches += 2 + isinstance(rows, jax.Array) + len(self.layers)  # + attention
-        timer.mark("embedding", h, valid)
+        h, valid = self.chunk_input(state, tokens, n)
         caches = list(state.caches)
-        for layer, lp in enumerate(self.layers):
-            h, caches[layer] = _attention(cfg, backend.linear, prec, lp, h, caches[layer],
-                                          valid, pos)
-            timer.mark("attention", h)
+        for layer in range(len(self.layers)):
+            h, caches[layer] = self.attention_layer(layer, h, caches[layer], valid, state.pos)
             h = self.moe_layer(layer, h, n)
         logits = None
         if want == "last":   # only the last chunk's: the output embedding is 1.6 GB to read
-            logits = _last_logits(cfg, backend.logits_fn, prec, h, self.final_norm,
-                                  backend.logits_table, n - 1)
-            timer.mark("logits", logits)
-            self.dispatches += 1
+            logits = self.last_logits(h, n - 1)
         elif want == "all":
-            logits = _all_logits(cfg, backend.logits_fn, prec, h, self.final_norm,
-                                 backend.logits_table)
-            timer.mark("logits", logits)
+            logits = _all_logits(self.cfg, self.backend.logits_fn, self.precision, h,
+                                 self.final_norm, self.backend.logits_table)
+            self.timer.mark("logits", logits)
             self.dispatches += 1
-        return logits, SequenceState(caches, valid, pos + n)
+        return logits, SequenceState(caches, valid, state.pos + n)
 
 
 def enable_compilation_cache(path: str | os.PathLike | None = None) -> Path:

@@ -1,7 +1,12 @@
 """The MoE call: each routed expert applied to exactly the tokens routed to it.
 
-Two implementations behind one method, ``moe(layer, x, gates, experts, n_real,
-next_guess)`` -> fp32 (T, D) sum of gated expert outputs:
+Two implementations behind one method, ``moe_groups(layer, groups, next_guess)``:
+each group ``(x, gates, experts_host, experts, n_real)`` is a set of rows (a
+prompt chunk, or the decode rows of a batch) whose rows >= n_real are padding,
+and each gets back its fp32 (T, D) sum of gated expert outputs. Every expert
+the groups need is read once for all of them: a continuous-batching step runs
+its prompt chunks and its decode rows through one call. ``moe(layer, x, ...)``
+is the one-group case.
 
 - ``DeviceMoE``: expert blocks come through an ``ExpertCache`` (one slot
   array in device memory); one jitted call per layer runs the k routed
@@ -207,6 +212,15 @@ class DeviceMoE:
             self.dispatches += 1
         return acc
 
+    def moe_groups(self, layer: int, groups: list[tuple], next_guess: tuple | None = None
+                   ) -> list[jax.Array]:
+        """``moe`` of each group in turn: an expert the groups share is fetched once and
+        hit in the cache after (its slot stays while the cache holds it); the
+        device computes each group in its own jitted call, of a shape already
+        compiled."""
+        return [self.moe(layer, *g, next_guess if i == 0 else None)
+                for i, g in enumerate(groups)]
+
     def _accumulate(self, acc, keys, x, gates, masked):
         """One jitted call for up to k experts; a short group is padded with expert -1."""
         slots = [self.cache.get(key) for key in keys]
@@ -239,20 +253,34 @@ class HostMoE:
     def moe(self, layer: int, x: jax.Array, gates: jax.Array, experts_host: np.ndarray,
             experts: jax.Array, n_real: int, next_guess: tuple | None = None) -> np.ndarray:
         """Like DeviceMoE.moe; nothing to prefetch: the kernels read the mapping."""
+        return self.moe_groups(layer, [(x, gates, experts_host, experts, n_real)])[0]
+
+    def moe_groups(self, layer: int, groups: list[tuple], next_guess: tuple | None = None
+                   ) -> list[np.ndarray]:
+        """The real rows of every group in ONE pass: each expert is read once and
+        applied to all rows routed to it, whichever group they belong to."""
         from lowmem.cpu_kernels import expert_ffn
-        xs = np.asarray(x)[:n_real].astype(np.float32)                    # (n, D), no slice op
-        g = np.asarray(gates, np.float32)[:n_real]                         # (n, k) unrounded
-        routed = experts_host[:n_real]                                      # (n, k)
-        acc = np.zeros((x.shape[0], x.shape[1]), np.float32)               # (T, D)
+        real = [n for *_, n in groups]
+        xs = np.concatenate([np.asarray(g[0])[:n] for g, n in zip(groups, real)]
+                            ).astype(np.float32)                           # (R, D), R real rows
+        gs = np.concatenate([np.asarray(g[1], np.float32)[:n] for g, n in zip(groups, real)])
+        routed = np.concatenate([g[2][:n] for g, n in zip(groups, real)])  # (R, k)
+        acc = np.zeros(xs.shape, np.float32)                               # (R, D)
         for _, e in ExpertCache.needed(layer, routed):
             rows, slot = np.nonzero(routed == e)
             block = self.model.expert(layer, e)
             out = expert_ffn(np.ascontiguousarray(xs[rows]), block.gate, block.up, block.down,
                              round_bf16=False)                          # the MoE is fp32
-            acc[rows] += g[rows, slot][:, None] * out
+            acc[rows] += gs[rows, slot][:, None] * out
             self.stats.requests += 1
             self.stats.bytes_moved += block.nbytes
-        return acc
+        outs, start = [], 0
+        for g, n in zip(groups, real):
+            out = np.zeros((g[0].shape[0], acc.shape[1]), np.float32)      # (T, D), padding 0
+            out[:n] = acc[start:start + n]
+            outs.append(out)
+            start += n
+        return outs
 
     def close(self) -> None:
         pass

@@ -4,10 +4,14 @@ One worker thread owns the engine. Each iteration of its loop
 
 1. drops cancelled sequences (a client that went away frees its slot within
    one step) and admits queued requests into free KV cache slots,
-2. runs ONE prefill chunk of the oldest sequence still reading its prompt
-   (a long prompt never stalls the running decodes for more than a chunk),
-3. runs ONE decode step over every sequence that has its next token
-   pending, then samples each row with its own settings and key.
+2. runs ONE step (``BatchEngine.step``) over every sequence that has its
+   next token pending and the next prompt chunks of the sequences still
+   reading their prompt, oldest first, up to ``prefill_tokens`` prompt tokens
+   (a long prompt never stalls the running decodes for more than that); the
+   step's MoE reads each expert once for the decodes and the prompts, so a
+   burst of new requests is read in one step, not one step each,
+3. samples each row (a decode row, or a prompt's last chunk) with its own
+   settings and key.
 
 Submitting never blocks: the waiting queue is bounded (``QueueFull``), and a
 request that cannot fit the context is refused at once (``EngineError``).
@@ -74,8 +78,13 @@ class Sequence:
 class Scheduler:
     """Bounded queue, ``max_batch`` running sequences, one worker thread."""
 
-    def __init__(self, batch: BatchEngine, max_queue: int = 64):
+    def __init__(self, batch: BatchEngine, max_queue: int = 64,
+                 prefill_tokens: int | None = None):
+        """prefill_tokens: prompt tokens a step may take (default: one chunk)."""
         self.batch, self.max_queue = batch, max_queue
+        self.prefill_tokens = prefill_tokens or batch.chunk
+        if self.prefill_tokens < 1:
+            raise EngineError(f"prefill_tokens must be >= 1, got {prefill_tokens}")
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.free = list(range(batch.max_batch))
@@ -169,12 +178,11 @@ class Scheduler:
                 time.sleep(0.001)
 
     def step(self) -> bool:
-        """One iteration: clean up and admit, one prefill chunk, one decode step."""
+        """One iteration: clean up and admit, then one step of decodes and prompt chunks."""
         t0 = time.perf_counter()
         self._drop_cancelled()
         self._admit()
-        worked = self._prefill_one()
-        worked = self._decode() or worked
+        worked = self._step()
         if worked:
             self.steps += 1
             self.busy_s += time.perf_counter() - t0
@@ -197,36 +205,38 @@ class Scheduler:
                 self.batch.reset(seq.slot)
                 self.running.append(seq)
 
-    def _prefill_one(self) -> bool:
-        seq = next((s for s in self.running if s.fed < len(s.request.prompt_ids)), None)
-        if seq is None:
-            return False
-        ids = seq.request.prompt_ids
-        part = ids[seq.fed:seq.fed + self.batch.chunk]
-        try:
-            logits = self.batch.prefill(seq.slot, part)
-        except Exception as e:   # noqa: BLE001 - reported to that request alone
-            log.exception("prefill failed")
-            self._finish(seq, None, error=f"prefill failed: {e}")
-            return True
-        seq.fed += len(part)
-        if seq.fed == len(ids):
-            self._sample([seq], logits[None])
-        return True
+    def _chunks(self) -> list[tuple[Sequence, tuple, bool]]:
+        """(sequence, its next prompt chunk, whether it ends the prompt) for the sequences
+        still reading their prompt, oldest first, within ``prefill_tokens`` tokens."""
+        out, budget = [], self.prefill_tokens
+        for seq in self.running:
+            ids = seq.request.prompt_ids
+            if seq.fed == len(ids) or budget == 0:
+                continue
+            part = ids[seq.fed:seq.fed + min(self.batch.chunk, budget)]
+            out.append((seq, part, seq.fed + len(part) == len(ids)))
+            budget -= len(part)
+        return out
 
-    def _decode(self) -> bool:
+    def _step(self) -> bool:
         ready = [s for s in self.running if s.pending is not None]
-        if not ready:
+        chunks = self._chunks()
+        if not ready and not chunks:
             return False
         try:
-            logits = self.batch.decode([s.slot for s in ready], [s.pending for s in ready],
-                                       spare=list(self.free))
+            logits = self.batch.step([s.slot for s in ready], [s.pending for s in ready],
+                                     [(s.slot, part, last) for s, part, last in chunks],
+                                     spare=list(self.free))
         except Exception as e:   # noqa: BLE001 - the step's sequences cannot go on
-            log.exception("decode step failed")
-            for s in ready:
-                self._finish(s, None, error=f"decode step failed: {e}")
+            log.exception("step failed")
+            for s in ready + [c[0] for c in chunks]:
+                self._finish(s, None, error=f"step failed: {e}")
             return True
-        self._sample(ready, logits)
+        for seq, part, _ in chunks:
+            seq.fed += len(part)
+        rows = ready + [seq for seq, _, last in chunks if last]
+        if rows:
+            self._sample(rows, logits)
         return True
 
     def _sample(self, seqs: list[Sequence], logits) -> None:

@@ -290,6 +290,11 @@ def build_parser(prog: str = "python -m lowmem.serve") -> argparse.ArgumentParse
                         "(default 8)")
     p.add_argument("--max-queue", type=cli.int_type(1), default=64,
                    help="requests waiting for a slot before new ones get 429, >= 1 (default 64)")
+    p.add_argument("--prefill-tokens", type=cli.int_type(1), default=None,
+                   help="prompt tokens one step may read beside the running decodes, >= 1 "
+                        "(default: the largest prefill bucket, 256): more reads a burst of "
+                        "prompts in fewer steps, less keeps each step of the running streams "
+                        "short")
     p.add_argument("--no-warmup", dest="warmup", action="store_false",
                    help="start at once and compile each step shape when a request first "
                         "needs it (default: compile them all before /health says ok)")
@@ -317,7 +322,7 @@ def _serve(args) -> int:
             raise EngineError(f"{runtime.engine.model.model_dir}: no tokenizer.model in the "
                               f"model directory; the server needs one to read and write text")
         batch = BatchEngine(runtime.engine, args.max_batch)
-        scheduler = Scheduler(batch, args.max_queue)
+        scheduler = Scheduler(batch, args.max_queue, args.prefill_tokens)
         name = args.model_name or Path(str(runtime.engine.model.model_dir)).name
         app = create_app(scheduler, runtime.tokenizer, name, warm_up=args.warmup)
         cli.stage("serving %s on http://%s:%d/v1 (max batch %d, queue %d)", name, args.host,

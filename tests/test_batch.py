@@ -245,8 +245,12 @@ class _Compiles:
 def test_warm_up_compiles_every_shape_and_leaves_the_slots_clean(model, backend):
     """After ``warm_up``, requests at every concurrency 1..max_batch (mixed prompt lengths,
     settings and top_logprobs, joining while others prefill) compile nothing, and each
-    gives exactly the tokens of a fresh engine's solo run (the warmed slots are reset)."""
+    gives exactly the tokens of a fresh engine's solo run (the warmed slots are reset).
+    The steps mix decode rows with several prompt chunks (up to 16 prompt tokens a step).
+    JAX's caches are emptied first: what earlier tests compiled must not hide a shape."""
+    import jax
     batch = BatchEngine(_engine(model, backend), 5)      # batch sizes 1, 2, 4, 5
+    jax.clear_caches()
     with _Compiles() as warm:
         seconds = batch.warm_up()
     assert warm.count > 0 and seconds > 0
@@ -272,3 +276,81 @@ def test_warm_up_stops_when_cancelled(model):
     # padded with free slots to a batch size (1, 2, 4, 5), and unpadded where that differs
     assert BatchEngine(batch.engine, 5)._decode_shapes() == [
         (1, [1, 2, 3, 4]), (2, [2, 3, 4]), (3, [3, 4]), (3, []), (4, [4]), (5, [])]
+
+
+@pytest.mark.parametrize("backend", ["host", "device"])
+def test_step_mixes_prompt_chunks_with_decode_rows(model, backend):
+    """One step of 2 decode rows and 2 prompt chunks (one ending its prompt, one not) gives
+    the logits of separate decode and prefill calls on the same states, and (host) reads
+    each expert once per layer for all rows: the union of the groups' experts."""
+    cfg = model.cfg
+    mixed, apart = (BatchEngine(Engine(model, EngineOptions(
+        backend=backend, expert_cache_gb=1.0, context=64, prefill_buckets=(4, 16),
+        record_routing=True, prefetch=False)), 4) for _ in range(2))
+    for batch in (mixed, apart):
+        for slot in (0, 1):
+            batch.prefill(slot, PROMPTS[slot][:4])
+    want_dec = np.asarray(apart.decode([0, 1], [5, 6]))                          # (2, V)
+    want_end = np.asarray(apart.prefill(2, PROMPTS[2]))                          # (V,)
+    apart.step([], [], [(3, PROMPTS[4][:16], False)])
+    mixed.engine.routing_trace.clear()
+    before = mixed.engine.expert_stats.requests
+    got = np.asarray(mixed.step([0, 1], [5, 6], [(2, PROMPTS[2], True),
+                                                 (3, PROMPTS[4][:16], False)]))   # (3, V)
+    assert got.shape == (3, cfg.vocab_size)
+    # the numba products of more rows accumulate in another order (see the test above)
+    for g, w in zip(got, list(want_dec) + [want_end]):
+        np.testing.assert_allclose(g, w, rtol=0, atol=1e-5 * np.abs(w).max())
+        assert int(np.argmax(g)) == int(np.argmax(w))
+    assert [mixed.position(s) for s in range(4)] == [5, 4, 6, 16]
+    trace = mixed.engine.routing_trace
+    assert [layer for layer, _ in trace] == list(range(cfg.num_layers))
+    assert all(experts.shape == (2 + 6 + 16, cfg.num_selected_experts) for _, experts in trace)
+    if backend == "host":
+        union = sum(len(np.unique(experts)) for _, experts in trace)
+        assert mixed.engine.expert_stats.requests - before == union
+    # the next decode of every slot goes on from the mixed step's caches exactly
+    np.testing.assert_allclose(np.asarray(mixed.decode([2, 3], [7, 8])),
+                               np.asarray(apart.decode([2, 3], [7, 8])), rtol=0, atol=1e-4)
+
+
+def test_step_rejects_shared_slots_and_keeps_the_others(model):
+    """A slot twice in a step (decode and chunk), or a chunk past the context, fails
+    before anything runs: the other sequences' states are untouched."""
+    batch = BatchEngine(_engine(model, "host"), 3)
+    batch.prefill(0, PROMPTS[0][:4])
+    with pytest.raises(EngineError, match="distinct"):
+        batch.step([0], [5], [(0, [1, 2], True)])
+    with pytest.raises(EngineError, match="a chunk holds 1 to 16 tokens, got 17"):
+        batch.step([0], [5], [(1, [1] * 17, True)])
+    for _ in range(4):
+        batch.prefill(1, list(range(1, 17)))
+    with pytest.raises(EngineError, match="65 tokens exceeds the context of 64"):
+        batch.step([0], [5], [(1, [1], True)])
+    assert [batch.position(s) for s in (0, 1)] == [4, 64]
+    batch.step([0], [5])
+    assert batch.position(0) == 5
+
+
+def test_a_burst_of_prompts_is_read_in_one_step(model):
+    """Requests arriving together: their prompts join one step within the scheduler's
+    prompt-token budget (oldest first, a chunk cut at the budget), and the first tokens
+    equal a solo run's."""
+    engine = _engine(model, "host")
+    reqs = [Request(tuple(PROMPTS[i]), 2, SamplingParams(temperature=0.0), 0, False)
+            for i in (0, 1, 2)]                                   # 8 + 3 + 6 tokens
+    sched = Scheduler(BatchEngine(engine, 4), prefill_tokens=12)
+    events = [[] for _ in reqs]
+    seqs = [sched.submit(r, events[i].append) for i, r in enumerate(reqs)]
+    sched.step()
+    assert [s.fed for s in seqs] == [8, 3, 1]                    # 12 tokens: the third cut
+    assert [len(e) for e in events] == [1, 1, 0]
+    sched.step()
+    assert [s.fed for s in seqs] == [8, 3, 6]
+    assert [len(s.generated) for s in seqs] == [2, 2, 1]
+    for _ in range(10):
+        sched.step()
+    assert all(s.finished for s in seqs)
+    assert [s.generated for s in seqs] == [_solo(engine, r) for r in reqs]
+    with pytest.raises(EngineError, match="prefill_tokens"):
+        Scheduler(BatchEngine(engine, 1), prefill_tokens=-1)

@@ -215,6 +215,11 @@ def test_no_warmup_option():
     assert build_parser().parse_args([]).warmup is True
     assert build_parser().parse_args(["--no-warmup"]).warmup is False
     assert "--no-warmup" in build_parser().format_help()
+    assert build_parser().parse_args([]).prefill_tokens is None
+    assert build_parser().parse_args(["--prefill-tokens", "8"]).prefill_tokens == 8
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["--prefill-tokens", "0"])
+    assert e.value.code == 2
 
 
 def _free_port() -> int:
@@ -231,7 +236,7 @@ def live_server(model_dir):
         [str(Path(__file__).parents[1])] + sys.path))
     cmd = [sys.executable, "-m", "lowmem.serve", "--model", str(model_dir), "--port", str(port),
            "--max-batch", "4", "--max-queue", "64", "--context", str(CONTEXT),
-           "--backend", "host"]
+           "--backend", "host", "--prefill-tokens", "8"]   # prompts split across steps
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     for _ in range(240):
