@@ -79,8 +79,9 @@ class _HostMatmul:
 
     def __call__(self, x, handle, layer):
         from lowmem.cpu_kernels import matmul
-        weight = _HOST_BACKENDS[int(handle)].weights[int(layer)][self.role]
-        return matmul(np.asarray(x, np.float32), weight)
+        backend = _HOST_BACKENDS[int(handle)]
+        weight = backend.weights[int(layer)][self.role]
+        return matmul(np.asarray(x, np.float32), weight, act_int8=backend.act_int8)
 
 
 def host_linear(x: jax.Array, w: HostWeight, precision: str = "bf16") -> jax.Array:
@@ -98,9 +99,10 @@ class _HostQKV:
 
     def __call__(self, x, handle, layer):
         from lowmem.cpu_kernels import matmul
-        weights = _HOST_BACKENDS[int(handle)].weights[int(layer)]
+        backend = _HOST_BACKENDS[int(handle)]
+        weights = backend.weights[int(layer)]
         x = np.asarray(x, np.float32)
-        return tuple(matmul(x, weights[role]) for role in ("q", "k", "v"))
+        return tuple(matmul(x, weights[role], act_int8=backend.act_int8) for role in "qkv")
 
 
 def host_qkv(x: jax.Array, wq: HostWeight, wk: HostWeight, wv: HostWeight,
@@ -157,6 +159,9 @@ class HostBackend:
 
     def __init__(self, model: PackedModel, device, options):
         self.model, self.device = model, device
+        # int8 activations in every quantized matmul (attention and experts) when asked;
+        # None leaves the kernels' process default (cpu_kernels.ACT_INT8)
+        self.act_int8 = True if options.act_int8 else None
         self.handle = next(_HANDLES)
         self.weights = [model.layer(i) for i in range(model.cfg.num_layers)]
         self.embed = model.embed()                                        # bf16 (V, D) memmap
@@ -183,7 +188,7 @@ class HostBackend:
         return self.embed[tokens]                                         # (T, D) bf16
 
     def make_moe(self, options, fetch_hook: Callable | None = None) -> HostMoE:
-        return HostMoE(self.model)
+        return HostMoE(self.model, self.act_int8)
 
     def close(self) -> None:
         _HOST_BACKENDS.pop(self.handle, None)
@@ -228,6 +233,9 @@ class DeviceBackend:
         if options.output_int8:
             raise BackendError("output_int8 (--output-table int8) is a host-backend option; "
                                "the device backend reads the bf16 output table")
+        if options.act_int8:
+            raise BackendError("act_int8 (--act-int8) is a host-backend option (the numba "
+                               "kernels); the device backend computes with fp32/bf16 activations")
         self.model, self.device, self.options = model, device, options
         self.embed_host = model.embed()
         self.logits_table = jax.device_put(self.embed_host, device)       # (V, D) bf16

@@ -194,14 +194,14 @@ def run(args) -> dict:
     finally:
         rt.close()
     report = {"model": str(args.model), "precision": args.precision,
-              "output_table": args.output_table, "tokens": tokens,
+              "output_table": args.output_table, "act_int8": args.act_int8, "tokens": tokens,
               "requant_experts": args.requant_experts, "expert_bytes_per_token": nbytes}
     if args.release_oracle:
         ref = load_oracle(args.release_oracle, len(tokens), logits.shape[1])
         report["reference"] = {"release_oracle": str(args.release_oracle)}
     elif args.reference:
-        ref_rt = load(args.reference, **dict(
-            kwargs, precision=args.reference_precision,
+        ref_rt = load(args.reference, **dict(        # --act-int8 is the model's, never the reference's
+            kwargs, precision=args.reference_precision, act_int8=False,
             output_int8=cli.OUTPUT_TABLES[args.reference_output_table]))
         try:
             ref = teacher_forced_logits(ref_rt.engine, tokens, not args.no_progress)

@@ -247,8 +247,10 @@ class HostMoE:
 
     dispatches = slot_writes = 0        # numba kernels: nothing dispatched to XLA
 
-    def __init__(self, model: PackedModel):
-        self.model, self.stats = model, CacheStats()
+    def __init__(self, model: PackedModel, act_int8: bool | None = None):
+        """act_int8: int8 activations in the expert kernels (EngineOptions.act_int8); None,
+        the kernels' process default applies (cpu_kernels.ACT_INT8, fp32 unless set)."""
+        self.model, self.stats, self.act_int8 = model, CacheStats(), act_int8
 
     def moe(self, layer: int, x: jax.Array, gates: jax.Array, experts_host: np.ndarray,
             experts: jax.Array, n_real: int, next_guess: tuple | None = None) -> np.ndarray:
@@ -270,7 +272,7 @@ class HostMoE:
             rows, slot = np.nonzero(routed == e)
             block = self.model.expert(layer, e)
             out = expert_ffn(np.ascontiguousarray(xs[rows]), block.gate, block.up, block.down,
-                             round_bf16=False)                          # the MoE is fp32
+                             round_bf16=False, act_int8=self.act_int8)  # the MoE is fp32
             acc[rows] += gs[rows, slot][:, None] * out
             self.stats.requests += 1
             self.stats.bytes_moved += block.nbytes

@@ -239,6 +239,25 @@ def test_output_int8_option_changes_logits_by_its_rounding_only(packed):
         _engine(packed["int8"], backend="device", output_int8=True)
 
 
+@pytest.mark.parametrize("bits", ["int8", "int4"])
+def test_act_int8_option_runs_the_int8_activation_kernels(packed, bits, monkeypatch):
+    """EngineOptions.act_int8: the logits are exactly those of the process-wide
+    int8-activation default (cpu_kernels.ACT_INT8), which the kernel tests check against
+    a float64 reference; they differ from fp32 activations by the activation rounding
+    only (well under 5%, same argmax). The device backend refuses it."""
+    from lowmem import cpu_kernels
+    fp32 = prompt_logits(_engine(packed[bits], backend="host", precision="fp32"), PROMPTS[0])
+    a8 = prompt_logits(_engine(packed[bits], backend="host", precision="fp32", act_int8=True),
+                       PROMPTS[0])
+    monkeypatch.setattr(cpu_kernels, "ACT_INT8", True)
+    default = prompt_logits(_engine(packed[bits], backend="host", precision="fp32"), PROMPTS[0])
+    np.testing.assert_array_equal(a8, default)
+    assert 0 < _rel(a8, fp32) < 5e-2
+    assert np.array_equal(a8.argmax(-1), fp32.argmax(-1))
+    with pytest.raises(EngineError, match="host-backend option"):
+        _engine(packed[bits], backend="device", act_int8=True)
+
+
 def test_output_table_default_is_int8_for_int4_models_only(packed):
     """auto (None): the int8 table for int4 experts, the bf16 table for int8 ones
     (the release's values) and on the device backend."""

@@ -58,6 +58,20 @@ def test_model_against_itself_is_exact(models, tmp_path):
     assert [p["token"] for p in rep["per_position"]] == PROMPT
 
 
+def test_act_int8_applies_to_the_model_only(models, tmp_path):
+    """--act-int8 evaluates the int8-activation kernels against the same model with fp32
+    activations: the reference keeps them (else this KL would be 0), and the KL is the
+    one computed independently from the two engines' own logits."""
+    rc, rep = _run(tmp_path, "--model", str(models["int8"]), "--reference", str(models["int8"]),
+                   "--act-int8")
+    assert rc == 0 and rep["act_int8"] is True
+    engine = Engine(PackedModel.open(models["int8"]), EngineOptions(backend="host",
+                                                                    act_int8=True))
+    want = _numpy_kl(_logits(models["int8"]), prompt_logits(engine, PROMPT))
+    assert rep["overall"]["kl_mean"] > 0
+    np.testing.assert_allclose(rep["overall"]["kl_mean"], want.mean(), rtol=1e-3, atol=1e-12)
+
+
 def test_int4_against_int8_matches_numpy(models, tmp_path):
     rc, rep = _run(tmp_path, "--model", str(models["int4"]), "--reference", str(models["int8"]),
                    "--precision", "fp32")
