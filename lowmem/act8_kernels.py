@@ -14,12 +14,14 @@ A call takes one block of 32 weight rows x 64 columns (one 64-column strip)
 for up to 4 tokens. The weights stay in their stored layout: each group of 4
 rows is turned into 16-column dword vectors of those 4 rows' bytes by two
 levels of in-lane byte/word unpacks (int4: the nibbles are split in between),
-as unsigned bytes (int4 nibble q + 8, int8 byte q + 128); the offset times
-the block's activation sum is subtracted once per block. The block's int32
-sums are converted, times the activation scale, transposed back to column
-order and added into the fp32 accumulators with the weight scale. Without
-AVX-512 VNNI the same dot product is plain LLVM vector code (correct on any
-CPU, slower).
+as unsigned bytes (int4 nibble q + 8, int8 byte q + 128; int4 with a level
+table (QWeight.levels, the default of int4 models) levels[nibble] + 128, one
+vpshufb per 64 nibbles); the offset times the block's activation sum is
+subtracted once per block, so the int32 sums are exact whatever the table.
+The block's int32 sums are converted, times the activation scale, transposed
+back to column order and added into the fp32 accumulators with the weight
+scale. Without AVX-512 VNNI the same dot product (and the table lookup, a
+select chain) is plain LLVM vector code (correct on any CPU, slower).
 
 Measured (Zen 5 VM, idle, tools/bench_kernels.py --act-int8; ratio to a read
 of the same bytes): int4 one token 0.78-0.91 with 2 threads, 1.01-1.14 with
@@ -92,18 +94,53 @@ def _unpack(builder, a, b, high, elem):
     return builder.bitcast(r, _V16I)
 
 
-def _quad_q4(builder, p0, p1):
+def _quad_q4(builder, p0, p1, table=None):
     """Packed rows p0 (weight rows k, k+1) and p1 (k+2, k+3), 64 columns ->
-    4 dword vectors [u_k, u_k+1, u_k+2, u_k+3] (u = nibble q + 8); vector
-    2v + h, dword 4l + m = column 16l + 8v + 4h + m."""
+    4 dword vectors [u_k, u_k+1, u_k+2, u_k+3] (u = nibble q + 8, or with a
+    level table (see _table) levels[nibble] + 128); vector 2v + h, dword
+    4l + m = column 16l + 8v + 4h + m."""
     out = []
     for v in (False, True):
         w = _unpack(builder, p0, p1, v, _I8)                   # words [p0[c], p1[c]]
-        lo = builder.xor(builder.and_(w, _splat(_I32, 0x0F0F0F0F)), _splat(_I32, 0x08080808))
-        hi = builder.lshr(w, _splat(_I32, 4))
-        hi = builder.xor(builder.and_(hi, _splat(_I32, 0x0F0F0F0F)), _splat(_I32, 0x08080808))
+        lo = builder.and_(w, _splat(_I32, 0x0F0F0F0F))         # nibbles, one per byte
+        hi = builder.and_(builder.lshr(w, _splat(_I32, 4)), _splat(_I32, 0x0F0F0F0F))
+        if table is None:
+            lo, hi = (builder.xor(n, _splat(_I32, 0x08080808)) for n in (lo, hi))
+        else:
+            lo, hi = (_lookup(builder, table, n) for n in (lo, hi))
         out += [_unpack(builder, lo, hi, h, _I8) for h in (False, True)]
     return out
+
+
+def _table(context, builder, ty, value, vnni):
+    """The level table argument (float32 (16,) or None) as the bytes
+    levels[n] + 128 (unsigned, in [1, 255]), loaded once per call: for
+    vpshufb the <64 x i8> of the 16 bytes in each 128-bit lane, for the
+    portable select chain the 16 bytes each splat to <64 x i8>."""
+    if isinstance(ty, types.NoneType):
+        return None
+    data = context.make_array(ty)(context, builder, value).data  # float* (16,)
+    lv = builder.load(builder.bitcast(data, _V16F.as_pointer()), align=4)
+    b = builder.trunc(builder.add(builder.fptosi(lv, _V16I), _splat(_I32, 128)),
+                      ir.VectorType(_I8, 16))                      # (16,) levels + 128
+    if vnni:
+        return builder.shuffle_vector(b, ir.Constant(b.type, ir.Undefined), ir.Constant(
+            ir.VectorType(_I32, 64), [i % 16 for i in range(64)]))
+    return [builder.shuffle_vector(b, ir.Constant(b.type, ir.Undefined), _splat(_I32, n, 64))
+            for n in range(16)]
+
+
+def _lookup(builder, table, nib):
+    """Each byte n (< 16) of nib (<16 x i32>) -> the table's byte n."""
+    nib = builder.bitcast(nib, _V64B)
+    if not isinstance(table, list):  # AVX-512BW vpshufb: the low 4 bits index the lane
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(
+            _V64B, [_V64B, _V64B]), "llvm.x86.avx512.pshuf.b.512")
+        return builder.bitcast(builder.call(fn, [table, nib]), _V16I)
+    out = table[0]
+    for n in range(1, 16):
+        out = builder.select(builder.icmp_unsigned("==", nib, _splat(_I8, n, 64)), table[n], out)
+    return builder.bitcast(out, _V16I)
 
 
 def _quad_i8(builder, r0, r1, r2, r3):
@@ -148,7 +185,8 @@ def _row(builder, pm, row, n0):
 
 
 def _codegen(bits, tb, vnni, mode):
-    """Codegen of _kernel(bits, tb, vnni, mode): see there."""
+    """Codegen of _kernel(bits, tb, vnni, mode): see there (the level table,
+    argument 13, is typed None or an array, and so compiled in or not)."""
     def codegen(context, builder, sig, args):
         use_vnni = _has_vnni(context) if vnni is None else vnni
         i64 = ir.IntType(64)
@@ -157,9 +195,11 @@ def _codegen(bits, tb, vnni, mode):
         i0, n0, t0, k, gi, a0 = (context.cast(builder, args[j], sig.args[j], types.intp)
                                  for j in (1, 2, 4, 5, 9, 11))
         um = _Mat(context, builder, sig.args[12], args[12])  # (32, 64) decoded quads
+        table = None if mode == "read" else _table(context, builder, sig.args[13], args[13],
+                                                   use_vnni)
         acc = [[_splat(_I32, 0)] * 4 for _ in range(tb)]
         for q in range(BLOCK // 4):
-            u = _quad(builder, bits, pm, i0, n0, q, um, mode)
+            u = _quad(builder, bits, pm, i0, n0, q, um, mode, table)
             for t in range(tb):
                 xp = xm.at(builder.add(t0, ir.Constant(i64, t)), builder.add(k, ir.Constant(i64, 4 * q)))
                 x4 = builder.load(builder.bitcast(xp, _I32.as_pointer()), align=1)
@@ -168,15 +208,16 @@ def _codegen(bits, tb, vnni, mode):
                     ir.Constant(_V16I, ir.Undefined), _splat(_I32, 0))
                 acc[t] = [_dot(builder, use_vnni, a, w, xb) for a, w in zip(acc[t], u)]
         blk = builder.sdiv(k, ir.Constant(i64, BLOCK))
-        _store(builder, acc, bits, (dm, bm, sm, am), (t0, blk, gi, n0, a0))
+        offset = 8 if bits == 4 and isinstance(sig.args[13], types.NoneType) else 128
+        _store(builder, acc, offset, (dm, bm, sm, am), (t0, blk, gi, n0, a0))
         return context.get_dummy_value()
     return codegen
 
 
-def _quad(builder, bits, pm, i0, n0, q, um, mode):
+def _quad(builder, bits, pm, i0, n0, q, um, mode, table):
     """The 4 dword vectors of quad q (weight rows 4q..4q+3 of the block):
     decoded from the stored rows ("fused"; "write" also stores them in um's
-    rows 4q..4q+3) or loaded from um ("read")."""
+    rows 4q..4q+3) or loaded from um ("read"); table: see _quad_q4."""
     i64 = ir.IntType(64)
     slots = [builder.bitcast(um.at(ir.Constant(i64, 4 * q + v), ir.Constant(i64, 0)),
                              _V16I.as_pointer()) for v in range(4)]
@@ -185,14 +226,14 @@ def _quad(builder, bits, pm, i0, n0, q, um, mode):
     step = 2 if bits == 4 else 4  # stored rows per group of 4 weight rows
     rows = [_row(builder, pm, builder.add(i0, ir.Constant(i64, step * q + r)), n0)
             for r in range(step)]
-    u = _quad_q4(builder, *rows) if bits == 4 else _quad_i8(builder, *rows)
+    u = _quad_q4(builder, *rows, table) if bits == 4 else _quad_i8(builder, *rows)
     if mode == "write":
         for vec, ptr in zip(u, slots):
             builder.store(vec, ptr, align=1)
     return u
 
 
-def _store(builder, acc, bits, mats, idx):
+def _store(builder, acc, offset, mats, idx):
     """acc_out[t0 + t, a0 + c] += scale[gi, n0 + c] * dx[t, blk] * (sum - offset * xsum)."""
     dm, bm, sm, am = mats
     t0, blk, gi, n0, a0 = idx
@@ -204,7 +245,7 @@ def _store(builder, acc, bits, mats, idx):
     for c in range(4):
         sb = builder.zext(builder.load(sm.vec(srow, 16 * c, ir.IntType(16)), align=2), _V16I)
         scales.append(builder.bitcast(builder.shl(sb, _splat(_I32, 16)), _V16F))
-    offset = ir.Constant(_I32, 8 if bits == 4 else 128)
+    offset = ir.Constant(_I32, offset)  # of the unsigned weight bytes
     for t, sums in enumerate(acc):
         row = builder.add(t0, ir.Constant(i64, t))
         corr = builder.mul(builder.load(bm.at(row, blk)), offset)
@@ -230,7 +271,7 @@ def _bcast(builder, value, vty):
 
 
 def _kernel(bits, tb, vnni=None, mode="fused"):
-    """An intrinsic k(p, i0, n0, xq, t0, k, dx, bs, sc, gi, acc, a0, u) doing, for
+    """An intrinsic k(p, i0, n0, xq, t0, k, dx, bs, sc, gi, acc, a0, u, lv) doing, for
     t < tb tokens, the 64 columns c of one strip and the 32 weight rows
     k..k+31 (k % 32 == 0; stored rows from i0: int4 k // 2, int8 k):
 
@@ -243,14 +284,22 @@ def _kernel(bits, tb, vnni=None, mode="fused"):
     None = vpdpbusd where the target has AVX-512 VNNI, False = portable IR.
     u: uint8 (32, 64), the block's decoded weights (best 64-byte aligned): mode
     "fused" ignores it, "write" fills it while computing, "read" takes the
-    weights from it instead of p (more tokens, one decode)."""
+    weights from it instead of p (more tokens, one decode). lv: None (int4
+    nibbles are two's complement) or, int4 only, the level table float32 (16,)
+    (integers in [-127, 127]; w above is lv[nibble]): vpdpbusd then takes
+    lv[n] + 128 (vpshufb, or a select chain without VNNI) and the correction
+    128 * xsum, so the int32 sums are the same exact integers. A "read" call
+    needs the table of its "write" call (only its type: the offset)."""
     bits_of = {types.uint8: 4, types.int8: 8}
 
-    def typer(typingctx, p, i0, n0, xq, t0, k, dx, bs, sc, gi, acc, a0, u):
+    def typer(typingctx, p, i0, n0, xq, t0, k, dx, bs, sc, gi, acc, a0, u, lv):
         arrays = (p, xq, dx, bs, sc, acc, u)
+        table_ok = isinstance(lv, types.NoneType) or (
+            bits == 4 and isinstance(lv, types.Array) and lv.ndim == 1 and lv.layout == "C"
+            and lv.dtype == types.float32)
         if all(isinstance(a, types.Array) and a.ndim == 2 and a.layout == "C" for a in arrays) \
-                and bits_of.get(p.dtype) == bits:
-            return (types.none(p, i0, n0, xq, t0, k, dx, bs, sc, gi, acc, a0, u),
+                and bits_of.get(p.dtype) == bits and table_ok:
+            return (types.none(p, i0, n0, xq, t0, k, dx, bs, sc, gi, acc, a0, u, lv),
                     _codegen(bits, tb, vnni, mode))
         return None
     typer.__name__ = typer.__qualname__ = f"_a8_i{bits}_t{tb}_{mode}"
@@ -267,15 +316,15 @@ _i8_r1, _i8_r2, _i8_r3, _i8_r4 = (_kernel(8, t, mode="read") for t in range(1, 5
 def _dispatch(k1, k2, k3, k4):
     """An inline njit calling k1..k4 by the (runtime) token count tb."""
     @njit(inline="always", cache=True)
-    def run(tb, p, i0, n0, xq, t0, k, dx, bs, sc, gi, acc, a0, u):
+    def run(tb, p, i0, n0, xq, t0, k, dx, bs, sc, gi, acc, a0, u, lv):
         if tb == 1:
-            k1(p, i0, n0, xq, t0, k, dx, bs, sc, gi, acc, a0, u)
+            k1(p, i0, n0, xq, t0, k, dx, bs, sc, gi, acc, a0, u, lv)
         elif tb == 2:
-            k2(p, i0, n0, xq, t0, k, dx, bs, sc, gi, acc, a0, u)
+            k2(p, i0, n0, xq, t0, k, dx, bs, sc, gi, acc, a0, u, lv)
         elif tb == 3:
-            k3(p, i0, n0, xq, t0, k, dx, bs, sc, gi, acc, a0, u)
+            k3(p, i0, n0, xq, t0, k, dx, bs, sc, gi, acc, a0, u, lv)
         else:
-            k4(p, i0, n0, xq, t0, k, dx, bs, sc, gi, acc, a0, u)
+            k4(p, i0, n0, xq, t0, k, dx, bs, sc, gi, acc, a0, u, lv)
     return run
 
 
@@ -298,33 +347,34 @@ def _rows_per_byte_overload(p):
     return lambda p: d
 
 
-def _pass(mode, tb, p, i0, n0, xq, t0, k, dx, bs, sc, gi, acc, a0, u):
+def _pass(mode, tb, p, i0, n0, xq, t0, k, dx, bs, sc, gi, acc, a0, u, lv):
     """One call for tb <= 4 tokens (mode 0 fused, 1 write, 2 read), by stored dtype."""
     raise NotImplementedError("only callable from numba code")
 
 
 @overload(_pass, inline="always")
-def _pass_overload(mode, tb, p, i0, n0, xq, t0, k, dx, bs, sc, gi, acc, a0, u):
+def _pass_overload(mode, tb, p, i0, n0, xq, t0, k, dx, bs, sc, gi, acc, a0, u, lv):
     q4 = p.dtype == types.uint8
     fused, write, read = (_pass_q4, _write_q4, _read_q4) if q4 else (_pass_i8, _write_i8, _read_i8)
 
-    def run(mode, tb, p, i0, n0, xq, t0, k, dx, bs, sc, gi, acc, a0, u):
+    def run(mode, tb, p, i0, n0, xq, t0, k, dx, bs, sc, gi, acc, a0, u, lv):
         if mode == 0:
-            fused(tb, p, i0, n0, xq, t0, k, dx, bs, sc, gi, acc, a0, u)
+            fused(tb, p, i0, n0, xq, t0, k, dx, bs, sc, gi, acc, a0, u, lv)
         elif mode == 1:
-            write(tb, p, i0, n0, xq, t0, k, dx, bs, sc, gi, acc, a0, u)
+            write(tb, p, i0, n0, xq, t0, k, dx, bs, sc, gi, acc, a0, u, lv)
         else:
-            read(tb, p, i0, n0, xq, t0, k, dx, bs, sc, gi, acc, a0, u)
+            read(tb, p, i0, n0, xq, t0, k, dx, bs, sc, gi, acc, a0, u, lv)
     return run
 
 
 @njit(cache=True)
-def tile_strips(xq, dx, bs, p, sc, g, k0, k1, n0, m, t0, t1, acc, a0):
+def tile_strips(xq, dx, bs, p, sc, g, k0, k1, n0, m, t0, t1, acc, a0, lv):
     """acc[t0:t1, a0 + j] += the int8-activation product for rows k0..k1
     (multiples of 32, and g too) and the whole 64-column strips j < m - m % 64
     of columns n0 + j; the caller does the columns after them. Up to 4
     tokens a call decodes the weights itself; beyond, the first call also
-    keeps them decoded (2 KB, in L1) for the others."""
+    keeps them decoded (2 KB, in L1) for the others. lv: int4 level table
+    (float32 (16,)) or None, see _kernel."""
     d = _rows_per_byte(p)
     u = np.empty((BLOCK + 1, 64), np.uint8)
     off = (-u.ctypes.data) % 64  # 64-byte aligned rows
@@ -333,9 +383,10 @@ def tile_strips(xq, dx, bs, p, sc, g, k0, k1, n0, m, t0, t1, acc, a0):
         gi = k // g
         for j in range(0, m - m % 64, 64):
             if t1 - t0 <= _MAX_TB:
-                _pass(0, t1 - t0, p, k // d, n0 + j, xq, t0, k, dx, bs, sc, gi, acc, a0 + j, u)
+                _pass(0, t1 - t0, p, k // d, n0 + j, xq, t0, k, dx, bs, sc, gi, acc, a0 + j,
+                      u, lv)
                 continue
-            _pass(1, _MAX_TB, p, k // d, n0 + j, xq, t0, k, dx, bs, sc, gi, acc, a0 + j, u)
+            _pass(1, _MAX_TB, p, k // d, n0 + j, xq, t0, k, dx, bs, sc, gi, acc, a0 + j, u, lv)
             for t in range(t0 + _MAX_TB, t1, _MAX_TB):
                 _pass(2, min(_MAX_TB, t1 - t), p, k // d, n0 + j, xq, t, k, dx, bs, sc, gi,
-                      acc, a0 + j, u)
+                      acc, a0 + j, u, lv)

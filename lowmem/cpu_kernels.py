@@ -27,7 +27,8 @@ int4: a 16-entry table lookup, the weight's levels or the uniform grid, see
 ``_operand``) and multiplies by the scale once per call: at the read floor at
 one token, FMA-bound from 2-4 tokens (figures: docs/PERFORMANCE.md section 3).
 ``act_int8=True`` (opt-in, a numerics change) quantizes the activations to
-int8 per 32 and runs int8 dot products instead (``lowmem.act8_kernels``).
+int8 per 32 and runs int8 dot products instead (``lowmem.act8_kernels``;
+int4 level tables decoded by a byte shuffle, the dot products as exact).
 Other dtypes (bf16, fp32) and the columns after the last 64-column strip
 decode 4 rows at a time into an L1 buffer applied to every token of the block.
 
@@ -370,10 +371,11 @@ def _matmul_kernel(x, w, sc, g, nb, kchunk, parts, lv):
 
 
 @njit(fastmath=_FM, cache=True)
-def _accumulate_a8(x, xq, dx, bs, w, sc, g, k0, k1, n0, m, acc, a0):
+def _accumulate_a8(x, xq, dx, bs, w, sc, g, k0, k1, n0, m, acc, a0, lv):
     """_accumulate with int8 activations (lowmem.act8_kernels) for the whole
     64-column strips; the columns after them get the fp32 tiles on x = the
-    dequantized int8 activations (same numbers); k0, k1, g multiples of 32."""
+    dequantized int8 activations (same numbers); k0, k1, g multiples of 32;
+    lv: the int4 level table or None."""
     T = x.shape[0]
     step = k1 - k0 if T <= _TOKEN_BLOCK else _ROW_TILE  # token blocks: accumulators in L2
     m_main = m - m % _STRIP
@@ -381,14 +383,14 @@ def _accumulate_a8(x, xq, dx, bs, w, sc, g, k0, k1, n0, m, acc, a0):
         kk1 = min(k1, kk + step)
         for t0 in range(0, T, _TOKEN_BLOCK):
             t1 = min(T, t0 + _TOKEN_BLOCK)
-            act8_kernels.tile_strips(xq, dx, bs, w, sc, g, kk, kk1, n0, m, t0, t1, acc, a0)
+            act8_kernels.tile_strips(xq, dx, bs, w, sc, g, kk, kk1, n0, m, t0, t1, acc, a0, lv)
             if m_main < m:
                 _strip_tail(x, w, sc, g, kk, kk1, n0 + m_main, m - m_main, t0, t1, acc,
-                            a0 + m_main, None)
+                            a0 + m_main, lv)
 
 
 @njit(parallel=True, fastmath=_FM, cache=True)
-def _matmul_a8_kernel(x, xq, dx, bs, w, sc, g, nb, kchunk, parts):
+def _matmul_a8_kernel(x, xq, dx, bs, w, sc, g, nb, kchunk, parts, lv):
     """_matmul_kernel with int8 activations (xq, dx, bs from quantize_activations)."""
     K = x.shape[1]
     nk, _, N = parts.shape
@@ -399,7 +401,7 @@ def _matmul_a8_kernel(x, xq, dx, bs, w, sc, g, nb, kchunk, parts):
         n0 = cb * nb
         k0 = c * kchunk
         _accumulate_a8(x, xq, dx, bs, w, sc, g, k0, min(K, k0 + kchunk), n0,
-                       min(nb, N - n0), parts[c], n0)
+                       min(nb, N - n0), parts[c], n0, lv)
 
 
 @njit(parallel=True, fastmath=_FM, cache=True)
@@ -547,9 +549,8 @@ def matmul(x, w, *, col_block: int | None = None, k_chunk: int | None = None,
     and benchmarks; k_chunk must be a multiple of 8). act_int8 (default
     ACT_INT8): x quantized to int8 per block of 32 and int8 dot products
     (lowmem.act8_kernels), for QWeights whose K and group size are multiples
-    of 32 and without int4 levels (others stay fp32, on x as given: the
-    int8-activation kernels decode the uniform grid only); a numerics
-    change, hence opt-in. int4 levels: see _operand.
+    of 32, int4 level tables included (others stay fp32, on x as given); a
+    numerics change, hence opt-in. int4 levels: see _operand.
     """
     values, scales, g, (k, n), lv = _operand(w)
     x2, vector = _activations(x, k, "matmul")
@@ -557,7 +558,7 @@ def matmul(x, w, *, col_block: int | None = None, k_chunk: int | None = None,
         out = np.zeros((x2.shape[0], n), np.float32)
         return out[0] if vector else out
     a8 = (ACT_INT8 if act_int8 is None else act_int8) and isinstance(w, QWeight) \
-        and lv is None and k % act8_kernels.BLOCK == 0 and g % act8_kernels.BLOCK == 0
+        and k % act8_kernels.BLOCK == 0 and g % act8_kernels.BLOCK == 0
     nb, kchunk, nk = _plan(x2.shape[0], k, n, values.nbytes, 32 if a8 else 8)
     if col_block is not None:
         nb = max(1, min(n, col_block))
@@ -570,7 +571,7 @@ def matmul(x, w, *, col_block: int | None = None, k_chunk: int | None = None,
     if a8:
         xq, dx, bs = act8_kernels.quantize_activations(x2)  # (T, K) int8, (T, K/32) x2
         xd = (xq.reshape(len(xq), -1, 32) * dx[:, :, None]).reshape(xq.shape)  # (T, K) f32
-        _matmul_a8_kernel(xd, xq, dx, bs, values, scales, g, nb, kchunk, parts)
+        _matmul_a8_kernel(xd, xq, dx, bs, values, scales, g, nb, kchunk, parts, lv)
     else:
         _matmul_kernel(x2, values, scales, g, nb, kchunk, parts, lv)
     out = parts[0] if nk == 1 else parts.sum(axis=0, dtype=np.float32)  # (T, N)

@@ -310,9 +310,9 @@ def test_act8_micro_kernel(bits, tb, vnni, mode):
     @njit
     def run(p, xq, dx, bs, sc, acc, u, scratch):
         if mode == "read":  # u from another token's call, into a scratch accumulator
-            writer(p, i0, n0, xq, 0, kb, dx, bs, sc, kb // 32, scratch, 0, u)
+            writer(p, i0, n0, xq, 0, kb, dx, bs, sc, kb // 32, scratch, 0, u, None)
             p = np.zeros_like(p)  # nothing left to read there
-        kern(p, i0, n0, xq, t0, kb, dx, bs, sc, kb // 32, acc, a0, u)
+        kern(p, i0, n0, xq, t0, kb, dx, bs, sc, kb // 32, acc, a0, u, None)
 
     acc = np.zeros((tb + 2, 128), np.float32)
     u = np.zeros((32, 64), np.uint8)
