@@ -141,6 +141,30 @@ def output_int8_choice(options, model: PackedModel) -> bool:
     return model.settings.bits == 4
 
 
+def act_int8_choice(options, model: PackedModel) -> bool:
+    """Whether the host backend's quantized matmuls take int8 activations.
+
+    ``options.act_int8`` None (auto, the default): yes for models whose experts are
+    int4 on a CPU with AVX-512 VNNI (where the int8 kernels are fast): their owners
+    chose bytes over exactness, and the activation rounding adds a KL about 1/60 of
+    what the int4 weights cost (docs/FIDELITY.md) for 1.5-2.3x the multiply-adds
+    per second wherever several tokens share an expert (prefill, serving). No for
+    int8 models (the release's values, computed exactly) and other CPUs. True /
+    False force it.
+    """
+    if options.act_int8 is not None:
+        return bool(options.act_int8)
+    return model.settings.bits == 4 and _host_has_vnni()
+
+
+def _host_has_vnni() -> bool:
+    """Whether numba compiles for a CPU with AVX-512 VNNI and BW (the int8 kernels' fast
+    path; the feature string numba's own kernels are compiled and cached for)."""
+    from numba.core.registry import cpu_target
+    feats = cpu_target.target_context.codegen().magic_tuple()[2].split(",")
+    return "+avx512vnni" in feats and "+avx512bw" in feats
+
+
 def host_logits(cfg, hn: jax.Array, handle: jax.Array, precision: str = "bf16") -> jax.Array:
     """Tied output logits of hn (T, D) with the numba kernel on the mapped table -> fp32 (T, V).
 
@@ -159,9 +183,11 @@ class HostBackend:
 
     def __init__(self, model: PackedModel, device, options):
         self.model, self.device = model, device
-        # int8 activations in every quantized matmul (attention and experts) when asked;
-        # None leaves the kernels' process default (cpu_kernels.ACT_INT8)
-        self.act_int8 = True if options.act_int8 else None
+        # int8 activations in every quantized matmul (attention and experts), or fp32
+        self.act_int8 = act_int8_choice(options, model)
+        if self.act_int8:
+            log.info("activations: int8 in the quantized matmuls%s",
+                     " (auto: int4 experts, AVX-512 VNNI)" if options.act_int8 is None else "")
         self.handle = next(_HANDLES)
         self.weights = [model.layer(i) for i in range(model.cfg.num_layers)]
         self.embed = model.embed()                                        # bf16 (V, D) memmap

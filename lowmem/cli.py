@@ -25,6 +25,7 @@ DEFAULT_PROMPT = "The answer to life the universe and everything is of course"
 DEFAULT_PRESET = "grok-1"
 GIB = 1 << 30
 OUTPUT_TABLES = {"auto": None, "bf16": False, "int8": True}   # --output-table -> output_int8
+ACTIVATIONS = {"auto": None, "fp32": False, "int8": True}     # --activations -> act_int8
 MAX_SIZE = 1 << 50                      # 1 PiB: anything larger is a typo, not a device
 SEED_MAX = 2**32 - 1                    # jax.random.key takes a uint32 seed without x64
 STAGE_LOGGER = "lowmem.stage"           # one line per stage of a run, shown unless -q
@@ -255,11 +256,14 @@ def add_engine_arguments(p) -> None:
                         "(default auto)")
     p.add_argument("--output-int8", dest="output_table", action="store_const", const="int8",
                    help="the same as --output-table int8 (default: off, --output-table decides)")
-    p.add_argument("--act-int8", action="store_true",
-                   help="host backend: the quantized matmuls (experts, attention) quantize their "
-                        "inputs to int8 per 32 values (AVX-512 VNNI): 1.5-2.3x faster where several tokens share an "
-                        "expert (prefill, serving), a measured change of the logits "
-                        "(docs/FIDELITY.md) (default: off, fp32 activations)")
+    p.add_argument("--activations", choices=ACTIVATIONS, default="auto",
+                   help="host backend: the inputs of the quantized matmuls (experts, attention) "
+                        "in fp32, or int8 per 32 values (AVX-512 VNNI; 1.5-2.3x faster where "
+                        "several tokens share an expert: prefill, serving; a measured change of "
+                        "the logits, docs/FIDELITY.md); auto = int8 for models with int4 experts "
+                        "on a CPU with AVX-512 VNNI, else fp32 (default auto)")
+    p.add_argument("--act-int8", dest="activations", action="store_const", const="int8",
+                   help="the same as --activations int8 (default: off, --activations decides)")
     add_precision_argument(p)
 
 
@@ -277,7 +281,7 @@ def engine_kwargs(args) -> dict:
                 prefetch=not args.no_prefetch, cache_policy=args.cache_policy,
                 staging_workers=args.staging_workers,
                 precision=args.precision, output_int8=OUTPUT_TABLES[args.output_table],
-                act_int8=args.act_int8)
+                act_int8=ACTIVATIONS[args.activations])
 
 
 # --- checks that need more than one option, or a file ---------------------------------

@@ -83,7 +83,8 @@ class EngineOptions:
         quantize their inputs to int8 per 32 values and multiply in int8 (AVX-512 VNNI, as llama.cpp's
         quantized matmuls do): 1.5-2.3x faster wherever several tokens share an
         expert (prefill, serving), a measured change of the logits
-        (docs/FIDELITY.md), hence off by default.
+        (docs/FIDELITY.md). None (auto): on for models with int4 experts on a CPU
+        with AVX-512 VNNI, off for int8 models (``backends.act_int8_choice``).
     """
     backend: str = "auto"                 # 'auto', 'host' (numba on the mapped files), 'device'
     expert_cache_gb: float | None = None  # device backend, GiB; None = what fits
@@ -100,7 +101,7 @@ class EngineOptions:
     verify: bool = True                   # check each tensor's CRC-32 when first read (packed.py)
     precision: str = DEFAULT_PRECISION    # 'fp32' (exact math) or 'bf16' (the release's run)
     output_int8: bool | None = None       # host: int8 output table; None = auto (int4 models)
-    act_int8: bool = False                # host: int8 activations in the expert kernels
+    act_int8: bool | None = None          # host: int8 activations; None = auto (int4 + VNNI)
 
 
 def cache_length(context: int, buckets: tuple[int, ...] = PREFILL_BUCKETS) -> int:

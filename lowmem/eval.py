@@ -191,16 +191,18 @@ def run(args) -> dict:
             logits = teacher_forced_logits(rt.engine, tokens, not args.no_progress)
         from lowmem.requant import expert_bytes_per_token
         nbytes = expert_bytes_per_token(rt.engine.model, args.requant_experts)
+        int8_acts = getattr(rt.engine.backend, "act_int8", None) and not args.requant_experts
     finally:
         rt.close()
     report = {"model": str(args.model), "precision": args.precision,
-              "output_table": args.output_table, "act_int8": args.act_int8, "tokens": tokens,
+              "output_table": args.output_table, "activations": "int8" if int8_acts else "fp32",
+              "tokens": tokens,
               "requant_experts": args.requant_experts, "expert_bytes_per_token": nbytes}
     if args.release_oracle:
         ref = load_oracle(args.release_oracle, len(tokens), logits.shape[1])
         report["reference"] = {"release_oracle": str(args.release_oracle)}
     elif args.reference:
-        ref_rt = load(args.reference, **dict(        # --act-int8 is the model's, never the reference's
+        ref_rt = load(args.reference, **dict(     # --activations is the model's: the reference
             kwargs, precision=args.reference_precision, act_int8=False,
             output_int8=cli.OUTPUT_TABLES[args.reference_output_table]))
         try:

@@ -247,9 +247,9 @@ class HostMoE:
 
     dispatches = slot_writes = 0        # numba kernels: nothing dispatched to XLA
 
-    def __init__(self, model: PackedModel, act_int8: bool | None = None):
-        """act_int8: int8 activations in the expert kernels (EngineOptions.act_int8); None,
-        the kernels' process default applies (cpu_kernels.ACT_INT8, fp32 unless set)."""
+    def __init__(self, model: PackedModel, act_int8: bool = False):
+        """act_int8: int8 activations in the expert kernels (the backend's choice,
+        ``backends.act_int8_choice``), else fp32."""
         self.model, self.stats, self.act_int8 = model, CacheStats(), act_int8
 
     def moe(self, layer: int, x: jax.Array, gates: jax.Array, experts_host: np.ndarray,

@@ -31,7 +31,10 @@ def run_case(name: str, cfg, ckpt: Path, workdir: Path) -> dict:
     from quant.pipeline import quantize_checkpoint
     bits, group, backend, precision = CASES[name]
     quantize_checkpoint(ckpt, workdir / "model", cfg, QuantSettings(bits, group))
-    rt = load(workdir / "model", backend=backend, expert_cache_gb=1.0, precision=precision)
+    # fp32 activations: the int8 ones (the host's default for int4 models on AVX-512 VNNI
+    # CPUs) would make the pins depend on the CPU
+    rt = load(workdir / "model", backend=backend, expert_cache_gb=1.0, precision=precision,
+              act_int8=False)
     tokens = greedy_ids(rt.engine, PROMPT, 8)
     logits = prompt_logits(rt.engine, PROMPT)[-2:]
     return {"tokens": [int(t) for t in tokens], "logits": np.round(logits, 6).tolist()}

@@ -287,8 +287,10 @@ def test_output_table_option_maps_to_the_engine_field(capsys):
                            (["--output-int8"], True)):
             assert cli.engine_kwargs(parser.parse_args(base + argv))["output_int8"] is want, \
                 (name, argv)
-        assert cli.engine_kwargs(parser.parse_args(base))["act_int8"] is False
-        assert cli.engine_kwargs(parser.parse_args(base + ["--act-int8"]))["act_int8"] is True
+        for argv, want in (([], None), (["--activations", "fp32"], False),
+                           (["--activations", "int8"], True), (["--act-int8"], True)):
+            assert cli.engine_kwargs(parser.parse_args(base + argv))["act_int8"] is want, \
+                (name, argv)
     with pytest.raises(SystemExit) as e:
         G.build_parser().parse_args(["--output-table", "int4"])
     assert e.value.code == 2 and "--output-table" in capsys.readouterr().err

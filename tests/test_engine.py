@@ -113,11 +113,12 @@ def test_fp32_engine_equals_fp32_reference(packed, ref_params_stored, tiny_cfg, 
 def test_int4_levels_engine_equals_fp32_reference_of_its_weights(packed, tiny_cfg, backend):
     """Non-uniform int4 levels on both backends: the fp32 engine against the numpy
     reference forward of the same stored weights (quant.qweight.dequantize through the
-    level table), with the bf16 output table (the int8 one would round the logits)."""
+    level table), with the bf16 output table and fp32 activations (the int8 ones, host
+    defaults for int4 models, would round the logits)."""
     model = packed["int4lv"]
     assert model.expert(0, 0).gate.levels == STUDENT_T_LEVELS
     params = dense_params(model)
-    engine = _engine(model, backend=backend, precision="fp32", output_int8=False)
+    engine = _engine(model, backend=backend, precision="fp32", output_int8=False, act_int8=False)
     refs = [R.forward(tiny_cfg, params, np.array(p), mode="fp32")[0] for p in PROMPTS[:2]]
     for prompt, ref in zip(PROMPTS, refs):
         assert _rel(prompt_logits(engine, prompt), ref) <= 2e-6             # (T, V)
@@ -239,21 +240,21 @@ def test_output_int8_option_changes_logits_by_its_rounding_only(packed):
         _engine(packed["int8"], backend="device", output_int8=True)
 
 
-@pytest.mark.parametrize("bits", ["int8", "int4"])
-def test_act_int8_option_runs_the_int8_activation_kernels(packed, bits, monkeypatch):
-    """EngineOptions.act_int8: the logits are exactly those of the process-wide
-    int8-activation default (cpu_kernels.ACT_INT8), which the kernel tests check against
-    a float64 reference; they differ from fp32 activations by the activation rounding
-    only (well under 5%, same argmax). The device backend refuses it."""
-    from lowmem import cpu_kernels
-    fp32 = prompt_logits(_engine(packed[bits], backend="host", precision="fp32"), PROMPTS[0])
-    a8 = prompt_logits(_engine(packed[bits], backend="host", precision="fp32", act_int8=True),
-                       PROMPTS[0])
-    monkeypatch.setattr(cpu_kernels, "ACT_INT8", True)
-    default = prompt_logits(_engine(packed[bits], backend="host", precision="fp32"), PROMPTS[0])
-    np.testing.assert_array_equal(a8, default)
+@pytest.mark.parametrize("bits", ["int8", "int4", "int4lv"])
+def test_act_int8_option_and_its_auto_choice(packed, bits):
+    """EngineOptions.act_int8: True runs the int8-activation kernels (checked against a
+    float64 reference of their arithmetic in tests/test_kernels*.py), whose logits differ
+    from fp32 activations by the activation rounding only (under 5%, same argmax); None
+    (auto) is int8 for int4 experts on an AVX-512 VNNI CPU, else fp32; the device
+    backend refuses True."""
+    from lowmem.backends import _host_has_vnni
+    run = lambda a: prompt_logits(_engine(packed[bits], backend="host",  # noqa: E731
+                                          precision="fp32", act_int8=a), PROMPTS[0])
+    fp32, a8, auto = run(False), run(True), run(None)
     assert 0 < _rel(a8, fp32) < 5e-2
     assert np.array_equal(a8.argmax(-1), fp32.argmax(-1))
+    want = a8 if bits != "int8" and _host_has_vnni() else fp32
+    np.testing.assert_array_equal(auto, want)
     with pytest.raises(EngineError, match="host-backend option"):
         _engine(packed[bits], backend="device", act_int8=True)
 
@@ -264,7 +265,8 @@ def test_output_table_default_is_int8_for_int4_models_only(packed):
     logits = {}
     for bits in ("int8", "int4"):
         for choice in (None, False, True):
-            engine = _engine(packed[bits], backend="host", precision="fp32", output_int8=choice)
+            engine = _engine(packed[bits], backend="host", precision="fp32", output_int8=choice,
+                             act_int8=False)
             assert (engine.backend.output_q is not None) == (choice or (choice is None
                                                                          and bits == "int4"))
             logits[bits, choice] = prompt_logits(engine, PROMPTS[1])

@@ -59,12 +59,12 @@ def test_model_against_itself_is_exact(models, tmp_path):
 
 
 def test_act_int8_applies_to_the_model_only(models, tmp_path):
-    """--act-int8 evaluates the int8-activation kernels against the same model with fp32
+    """--act-int8 (--activations int8) evaluates the int8-activation kernels against the same model with fp32
     activations: the reference keeps them (else this KL would be 0), and the KL is the
     one computed independently from the two engines' own logits."""
     rc, rep = _run(tmp_path, "--model", str(models["int8"]), "--reference", str(models["int8"]),
                    "--act-int8")
-    assert rc == 0 and rep["act_int8"] is True
+    assert rc == 0 and rep["activations"] == "int8"
     engine = Engine(PackedModel.open(models["int8"]), EngineOptions(backend="host",
                                                                     act_int8=True))
     want = _numpy_kl(_logits(models["int8"]), prompt_logits(engine, PROMPT))

@@ -107,11 +107,11 @@ def test_default_model_has_negative_scales(default_int4):
 def test_fp32_engine_equals_dense_numpy_on_signed_int4(default_int4, tiny_cfg, backend):
     """The engine on a model with negative scales equals the dense numpy forward of
     the stored values (quant.qweight.dequantize); with the scales' signs dropped
-    the forward moves far beyond that tolerance. (The bf16 output table: the int8
-    one, the host default for int4 models, rounds the logits on purpose.)"""
+    the forward moves far beyond that tolerance. (The bf16 output table and fp32
+    activations: the int8 ones, host defaults for int4 models, round on purpose.)"""
     prompt = [5, 17, 99, 3, 250, 42, 7, 300]
     engine = Engine(default_int4, EngineOptions(backend=backend, precision="fp32",
-                                                output_int8=False))
+                                                output_int8=False, act_int8=False))
     got = prompt_logits(engine, prompt)                                     # (T, V)
     params = dense_params(default_int4)
     ref = R.forward(tiny_cfg, params, np.array(prompt), mode="fp32")[0]

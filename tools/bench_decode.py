@@ -205,12 +205,12 @@ def table_build_seconds(model: PackedModel) -> float:
 
 
 def bench_model(model_dir: Path, args) -> list[dict]:
-    """One row per --output-table choice; their decode repeats are interleaved,
-    with the floors measured in between, so a noisy neighbour slows all alike."""
+    """One row per --output-table x --activations choice; their decode repeats are
+    interleaved, with the floors measured in between, so a noisy neighbour slows all alike."""
     from lowmem.api import load
-    from lowmem.cli import OUTPUT_TABLES
-    rts = [load(model_dir, backend="host", context=args.context, output_int8=OUTPUT_TABLES[t])
-           for t in args.output_table]
+    from lowmem.cli import ACTIVATIONS, OUTPUT_TABLES
+    rts = [load(model_dir, backend="host", context=args.context, output_int8=OUTPUT_TABLES[t],
+                act_int8=ACTIVATIONS[a]) for t in args.output_table for a in args.activations]
     model = rts[0].engine.model
     bufs = [touched_buffers(model, rt.engine.backend.output_q) for rt in rts]
     nbytes = [{k: sum(int(b.nbytes) for b in v) for k, v in bb.items()} for bb in bufs]
@@ -228,10 +228,11 @@ def bench_model(model_dir: Path, args) -> list[dict]:
             steps[i] += decode_seconds(rt.engine, prompt, args.tokens)
     rows = []
     for i, rt in enumerate(rts):
-        output_q = rt.engine.backend.output_q
+        output_q, backend = rt.engine.backend.output_q, rt.engine.backend
         per_token, step = sum(nbytes[i].values()), float(np.median(steps[i]))
         rows.append({
-            "model": f"{model_dir.name}/{'int8' if output_q is not None else 'bf16'}",
+            "model": f"{model_dir.name}/{'int8' if output_q is not None else 'bf16'}"
+                     f"/{'a8' if backend.act_int8 else 'f32'}",
             "bits": model.settings.bits, "bytes": nbytes[i], "bytes_per_token": per_token,
             "s_per_token": step, "p90": float(np.percentile(steps[i], 90)),
             "tokens_per_s": 1.0 / step, "gbps": per_token / step / GB,
@@ -244,10 +245,10 @@ def bench_model(model_dir: Path, args) -> list[dict]:
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"\n{'model / table':<24}{'GB/token':>9}{'s/token':>9}{'p90':>8}{'tok/s':>7}{'GB/s':>7}"
+    print(f"\n{'model / table / acts':<28}{'GB/token':>9}{'s/token':>9}{'p90':>8}{'tok/s':>7}{'GB/s':>7}"
           f"{'floor same':>11}{'floor anon':>11}{'vs same':>8}{'vs anon':>8}")
     for r in rows:
-        print(f"{r['model']:<24}{r['bytes_per_token'] / GB:9.3f}{r['s_per_token']:9.3f}"
+        print(f"{r['model']:<28}{r['bytes_per_token'] / GB:9.3f}{r['s_per_token']:9.3f}"
               f"{r['p90']:8.3f}{r['tokens_per_s']:7.2f}{r['gbps']:7.2f}{r['floor_same_gbps']:11.2f}"
               f"{r['floor_anon_gbps']:11.2f}{r['gbps'] / r['floor_same_gbps']:8.0%}"
               f"{r['gbps'] / r['floor_anon_gbps']:8.0%}")
@@ -275,9 +276,12 @@ def main(argv=None) -> int:
     ap.add_argument("--prefill", type=int, nargs="*", default=[11, 256],
                     help="prompt lengths whose prefill is timed (default 11 256)")
     ap.add_argument("--threads", type=int, default=None, help="numba threads (default: all)")
-    ap.add_argument("--act-int8", action="store_true",
-                    help="int8 activations in the expert kernels (cpu_kernels.ACT_INT8; "
-                         "a numerics change, see docs/PERFORMANCE.md)")
+    ap.add_argument("--activations", nargs="+", choices=("auto", "fp32", "int8"),
+                    default=["auto"], help="activations of the quantized matmuls to run each "
+                    "model with, repeats interleaved (default auto: int8 for int4 models on "
+                    "AVX-512 VNNI); e.g. --activations fp32 int8 for a side-by-side")
+    ap.add_argument("--act-int8", dest="activations", action="store_const", const=["int8"],
+                    help="the same as --activations int8")
     ap.add_argument("--prompt-tokens", type=int, default=8)
     ap.add_argument("--output-table", nargs="+", choices=("auto", "bf16", "int8"),
                     default=["auto"], help="logits table(s) to run each model with, repeats "
@@ -299,11 +303,8 @@ def main(argv=None) -> int:
                   f"{args.threads}", file=sys.stderr)
             return 2
         numba.set_num_threads(args.threads)
-    if args.act_int8:
-        from lowmem import cpu_kernels
-        cpu_kernels.ACT_INT8 = True
-    print(f"# threads: {args.threads or 'all'}, {'int8' if args.act_int8 else 'fp32'} "
-          f"activations, load average {os.getloadavg()[0]:.2f}", flush=True)
+    print(f"# threads: {args.threads or 'all'}, activations {' '.join(args.activations)}, "
+          f"load average {os.getloadavg()[0]:.2f}", flush=True)
     dirs = [Path(m) for m in args.model] if args.model else build_models(args)
     rows = []
     for d in dirs:
