@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from functools import partial
 
 import jax
@@ -170,6 +171,27 @@ def sampling_columns(params: list[SamplingParams]) -> tuple[np.ndarray, ...]:
     """(temperature, top_p, top_k) columns of the rows' settings, (B,) each, fixed dtypes:
     the scheduler and the warm-up build them alike, so they share compiled versions."""
     return tuple(np.array(col) for col in zip(*(p.as_args() for p in params)))
+
+
+@dataclass
+class _DecodeRows:
+    """A step's decode rows while it runs: B slots, one token each at its position."""
+    slots: list[int]
+    pos: np.ndarray             # (B,) int32
+    valids: tuple               # B x (S,) bool
+    h: jax.Array                # (B, D) activations
+    caches: list[list]          # B x layers
+
+
+@dataclass
+class _ChunkRows:
+    """A step's prompt chunk while it runs: one slot, n real tokens from pos."""
+    slot: int
+    pos: int
+    n: int
+    h: jax.Array                # (T, D) activations, T the chunk's bucket
+    valid: jax.Array            # (S,) bool
+    caches: list                # layers
 
 
 class BatchEngine:
@@ -330,13 +352,13 @@ class BatchEngine:
                 self.states[s] = self._fresh()
             raise
         if dec is not None:
-            for s, c, v, p in zip(dec["slots"], dec["caches"], dec["valids"], dec["pos"]):
+            for s, c, v, p in zip(dec.slots, dec.caches, dec.valids, dec.pos):
                 self.states[s] = SequenceState(c, v, int(p) + 1)
         for r in runs:
-            self.states[r["slot"]] = SequenceState(r["caches"], r["valid"], r["pos"] + r["n"])
+            self.states[r.slot] = SequenceState(r.caches, r.valid, r.pos + r.n)
         return logits
 
-    def _decode_rows(self, slots: list[int], tokens: list[int]) -> dict:
+    def _decode_rows(self, slots: list[int], tokens: list[int]) -> _DecodeRows:
         """The decode rows' start: their keys marked valid, their embeddings (B, D)."""
         eng, cfg = self.engine, self.cfg
         states = [self.states[s] for s in slots]
@@ -346,16 +368,14 @@ class BatchEngine:
         eng.timer.mark("python")
         h = _embed(cfg, eng.precision, eng.backend.embed_rows(toks))             # (B, D)
         eng.timer.mark("embedding", h, valids)
-        return {"slots": slots, "pos": pos, "valids": valids, "h": h,
-                "caches": [list(st.caches) for st in states]}
+        return _DecodeRows(slots, pos, valids, h, [list(st.caches) for st in states])
 
-    def _chunk_rows(self, slot: int, padded: np.ndarray, n: int) -> dict:
+    def _chunk_rows(self, slot: int, padded: np.ndarray, n: int) -> _ChunkRows:
         """A prompt chunk's start on its slot (padded, n real tokens): embedded (T, D),
         its keys marked valid."""
         st = self.states[slot]
         h, valid = self.engine.chunk_input(st, padded, n)
-        return {"slot": slot, "pos": st.pos, "n": n, "h": h, "valid": valid,
-                "caches": list(st.caches)}
+        return _ChunkRows(slot, st.pos, n, h, valid, list(st.caches))
 
     def _attention(self, layer: int, h, caches: list[list], valids, pos: np.ndarray):
         """One layer's attention for B rows: shared projections, one attend call per row
@@ -370,33 +390,34 @@ class BatchEngine:
             outs.append(out)                                                     # (1, Hq*K)
         return _attention_out(cfg, linear, prec, lp, h, tuple(outs))             # (B, D)
 
-    def _layer(self, layer: int, dec: dict | None, n: int, runs: list[dict]) -> None:
+    def _layer(self, layer: int, dec: _DecodeRows | None, n: int, runs: list[_ChunkRows]):
         """One layer for every group of rows: its attention, then one shared MoE call."""
         eng, groups = self.engine, []
         if dec is not None:
-            dec["h"] = self._attention(layer, dec["h"], dec["caches"], dec["valids"], dec["pos"])
-            eng.timer.mark("attention", dec["h"])
-            groups.append((dec["h"], n))
+            dec.h = self._attention(layer, dec.h, dec.caches, dec.valids, dec.pos)
+            eng.timer.mark("attention", dec.h)
+            groups.append((dec.h, n))
         for r in runs:
-            r["h"], r["caches"][layer] = eng.attention_layer(layer, r["h"], r["caches"][layer],
-                                                             r["valid"], r["pos"])
-            groups.append((r["h"], r["n"]))
+            r.h, r.caches[layer] = eng.attention_layer(layer, r.h, r.caches[layer], r.valid,
+                                                       r.pos)
+            groups.append((r.h, r.n))
         outs = eng.moe_layers(layer, groups)
         if dec is not None:
-            dec["h"] = outs.pop(0)
+            dec.h = outs.pop(0)
         for r, h in zip(runs, outs):
-            r["h"] = h
+            r.h = h
 
-    def _logits(self, dec: dict | None, n: int, runs: list[dict]) -> jax.Array | None:
+    def _logits(self, dec: _DecodeRows | None, n: int, runs: list[_ChunkRows]
+                ) -> jax.Array | None:
         """Logits of the n real decode rows and the last real row of each chunk in runs
         (padding rows never read the output table) -> fp32 (n + len(runs), V)."""
         count = n + len(runs)
         if count == 0:
             return None
         eng, backend = self.engine, self.engine.backend
-        rows = _row_buffer(dec["h"] if dec is not None else runs[0]["h"], self.max_batch)
+        rows = _row_buffer(dec.h if dec is not None else runs[0].h, self.max_batch)  # (R, D)
         for i, r in enumerate(runs):
-            rows = _put_row(rows, r["h"], np.int32(r["n"] - 1), np.int32(n + i))
+            rows = _put_row(rows, r.h, np.int32(r.n - 1), np.int32(n + i))
         logits = _rows_logits(self.cfg, backend.logits_fn, eng.precision, count, rows,
                               eng.final_norm, backend.logits_table)              # (count, V)
         eng.timer.mark("logits", logits)
