@@ -247,11 +247,12 @@ def test_warm_up_compiles_every_shape_and_leaves_the_slots_clean(model, backend)
     """After ``warm_up``, requests at every concurrency 1..max_batch (mixed prompt lengths,
     settings and top_logprobs, joining while others prefill) compile nothing, and each
     gives exactly the tokens of a fresh engine's solo run (the warmed slots are reset).
-    The steps mix decode rows with several prompt chunks (up to 16 prompt tokens a step).
-    JAX's caches are emptied first: what earlier tests compiled must not hide a shape."""
-    import jax
-    batch = BatchEngine(_engine(model, backend), 5)      # batch sizes 1, 2, 4, 5
-    jax.clear_caches()
+    The steps mix decode rows with several prompt chunks (up to 12 prompt tokens a step).
+    Buckets and context of its own (5, 12; 48 tokens): no shape is shared with what
+    earlier tests compiled, so none can hide a shape the warm-up misses. (Emptying
+    JAX's caches instead made every later test compile again: minutes of CI.)"""
+    batch = BatchEngine(Engine(model, EngineOptions(backend=backend, expert_cache_gb=1.0,
+                                                    context=48, prefill_buckets=(5, 12))), 5)
     with _Compiles() as warm:
         seconds = batch.warm_up()
     assert warm.count > 0 and seconds > 0
@@ -262,7 +263,8 @@ def test_warm_up_compiles_every_shape_and_leaves_the_slots_clean(model, backend)
     with _Compiles() as serving:
         got = [_run_all(sched, reqs[:c])[0] for c in range(1, 6)]
     assert serving.count == 0
-    fresh = _engine(model, backend)
+    fresh = Engine(model, EngineOptions(backend=backend, expert_cache_gb=1.0, context=48,
+                                        prefill_buckets=(5, 12)))
     want = [_solo(fresh, r) for r in reqs]
     for c, tokens in enumerate(got, 1):
         assert tokens == want[:c], c
