@@ -177,6 +177,12 @@ def _has_vnni(context):
     return "+avx512vnni" in feats and "+avx512bw" in feats
 
 
+def fast_on_host() -> bool:
+    """Whether these kernels compile to vpdpbusd here (else portable, slower code)."""
+    from numba.core.registry import cpu_target
+    return _has_vnni(cpu_target.target_context)
+
+
 def _row(builder, pm, row, n0):
     """64 bytes of stored row `row` from column n0, prefetching ahead along it."""
     ptr = pm.at(row, n0)

@@ -146,23 +146,16 @@ def act_int8_choice(options, model: PackedModel) -> bool:
 
     ``options.act_int8`` None (auto, the default): yes for models whose experts are
     int4 on a CPU with AVX-512 VNNI (where the int8 kernels are fast): their owners
-    chose bytes over exactness, and the activation rounding adds a KL about 1/60 of
-    what the int4 weights cost (docs/FIDELITY.md) for 1.5-2.3x the multiply-adds
+    chose bytes over exactness, and the activation rounding adds 2-5% to the KL
+    the int4 weights cost (docs/FIDELITY.md) for 1.5-2.3x the multiply-adds
     per second wherever several tokens share an expert (prefill, serving). No for
     int8 models (the release's values, computed exactly) and other CPUs. True /
     False force it.
     """
     if options.act_int8 is not None:
         return bool(options.act_int8)
-    return model.settings.bits == 4 and _host_has_vnni()
-
-
-def _host_has_vnni() -> bool:
-    """Whether numba compiles for a CPU with AVX-512 VNNI and BW (the int8 kernels' fast
-    path; the feature string numba's own kernels are compiled and cached for)."""
-    from numba.core.registry import cpu_target
-    feats = cpu_target.target_context.codegen().magic_tuple()[2].split(",")
-    return "+avx512vnni" in feats and "+avx512bw" in feats
+    from lowmem.act8_kernels import fast_on_host
+    return model.settings.bits == 4 and fast_on_host()
 
 
 def host_logits(cfg, hn: jax.Array, handle: jax.Array, precision: str = "bf16") -> jax.Array:

@@ -264,7 +264,7 @@ class HostMoE:
         from lowmem.cpu_kernels import expert_ffn
         real = [n for *_, n in groups]
         xs = np.concatenate([np.asarray(g[0])[:n] for g, n in zip(groups, real)]
-                            ).astype(np.float32)                           # (R, D), R real rows
+                            ).astype(np.float32, copy=False)               # (R, D), R real rows
         gs = np.concatenate([np.asarray(g[1], np.float32)[:n] for g, n in zip(groups, real)])
         routed = np.concatenate([g[2][:n] for g, n in zip(groups, real)])  # (R, k)
         acc = np.zeros(xs.shape, np.float32)                               # (R, D)

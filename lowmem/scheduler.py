@@ -82,7 +82,7 @@ class Scheduler:
                  prefill_tokens: int | None = None):
         """prefill_tokens: prompt tokens a step may take (default: one chunk)."""
         self.batch, self.max_queue = batch, max_queue
-        self.prefill_tokens = prefill_tokens or batch.chunk
+        self.prefill_tokens = batch.chunk if prefill_tokens is None else prefill_tokens
         if self.prefill_tokens < 1:
             raise EngineError(f"prefill_tokens must be >= 1, got {prefill_tokens}")
         self.waiting: deque[Sequence] = deque()

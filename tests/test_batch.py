@@ -356,4 +356,4 @@ def test_a_burst_of_prompts_is_read_in_one_step(model):
     assert all(s.finished for s in seqs)
     assert [s.generated for s in seqs] == [_solo(engine, r) for r in reqs]
     with pytest.raises(EngineError, match="prefill_tokens"):
-        Scheduler(BatchEngine(engine, 1), prefill_tokens=-1)
+        Scheduler(BatchEngine(engine, 1), prefill_tokens=0)

@@ -247,13 +247,13 @@ def test_act_int8_option_and_its_auto_choice(packed, bits):
     from fp32 activations by the activation rounding only (under 5%, same argmax); None
     (auto) is int8 for int4 experts on an AVX-512 VNNI CPU, else fp32; the device
     backend refuses True."""
-    from lowmem.backends import _host_has_vnni
+    from lowmem.act8_kernels import fast_on_host
     run = lambda a: prompt_logits(_engine(packed[bits], backend="host",  # noqa: E731
                                           precision="fp32", act_int8=a), PROMPTS[0])
     fp32, a8, auto = run(False), run(True), run(None)
     assert 0 < _rel(a8, fp32) < 5e-2
     assert np.array_equal(a8.argmax(-1), fp32.argmax(-1))
-    want = a8 if bits != "int8" and _host_has_vnni() else fp32
+    want = a8 if bits != "int8" and fast_on_host() else fp32
     np.testing.assert_array_equal(auto, want)
     with pytest.raises(EngineError, match="host-backend option"):
         _engine(packed[bits], backend="device", act_int8=True)
