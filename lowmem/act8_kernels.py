@@ -11,21 +11,31 @@ by 64 activation bytes and sums them by 4 into 16 int32 lanes: 4x the
 multiply-adds of an FMA, exactly, in integers.
 
 A call takes one block of 32 weight rows x 64 columns (one 64-column strip)
-for up to 4 tokens. The weights stay in their stored layout: each group of 4
-rows is turned into 16-column dword vectors of those 4 rows' bytes by two
-levels of in-lane byte/word unpacks (int4: the nibbles are split in between),
-as unsigned bytes (int4 nibble q + 8, int8 byte q + 128; int4 with a level
-table (QWeight.levels, the default of int4 models) levels[nibble] + 128, one
-vpshufb per 64 nibbles); the offset times the block's activation sum is
-subtracted once per block, so the int32 sums are exact whatever the table.
-The block's int32 sums are converted, times the activation scale, transposed
-back to column order and added into the fp32 accumulators with the weight
-scale. Without AVX-512 VNNI the same dot product (and the table lookup, a
-select chain) is plain LLVM vector code (correct on any CPU, slower).
+for up to _MAX_TB tokens. The weights stay in their stored layout: each group
+of 4 rows is turned into 16-column dword vectors of those 4 rows' bytes by
+two levels of in-lane byte/word unpacks (int4: the nibbles are split in
+between), as unsigned bytes (int4 nibble q + 8, int8 byte q + 128; int4 with
+a level table (QWeight.levels, the default of int4 models) levels[nibble] +
+128, one vpshufb per 64 nibbles); each token's int32 sums start at -offset
+times the block's activation sum, so they end exact whatever the table.
+The sums are converted, times the activation scale, and added into the fp32
+accumulators with the weight scale, all in the unpacks' lane order (the
+scales are permuted to it once per call): the accumulators of a strip stay
+permuted over all the blocks of a call of tile_strips and its caller puts
+them back in column order once (natural_order), instead of 4 64-lane
+shuffles per token and block. Without AVX-512 VNNI the same dot product (and
+the table lookup, a select chain) is plain LLVM vector code (correct on any
+CPU, slower).
 
 Measured (Zen 5 VM, idle, tools/bench_kernels.py --act-int8; ratio to a read
 of the same bytes): int4 one token 0.78-0.91 with 2 threads, 1.01-1.14 with
-one (fp32 kernels: 1.76-1.83), 8 tokens 1.9-2.3 (fp32 3.0-3.3). Numerics and
+one (fp32 kernels: 1.76-1.83), 8 tokens 1.9-2.3 (fp32 3.0-3.3). Lane order
+and 6 tokens a call (shared 2-core VM, load average 0.8-0.9, against the
+previous kernels interleaved in one process, Grok-1 gate/down int4, int4
+levels g32, int8 gate): time 0.96-1.00x at T = 1, 0.83-1.01x at 4, 0.74-0.81x
+at 5, 0.77-0.83x at 6, 0.90-0.98x at 8 with 2 threads (one thread: 0.97-1.09x,
+0.80-0.98x, 0.68-0.80x, 0.66-0.82x, 0.87-1.00x); read ratio at 8 tokens
+1.34-1.93 (previous 1.56-2.12, same runs). Numerics and
 why it is off by default: docs/PERFORMANCE.md, issue 10 section.
 """
 from __future__ import annotations
@@ -39,7 +49,7 @@ from numba.extending import intrinsic, overload
 from lowmem.simd_kernels import _Mat, _prefetch, _splat
 
 BLOCK = 32                 # weight rows (= activations) per int8 activation scale
-_MAX_TB = 4                # tokens per call (16 int32 register accumulators; 6: no faster)
+_MAX_TB = 6                # tokens per call (24 int32 register accumulators; see tile_strips)
 _PREFETCH = 256            # bytes ahead along a row that a call prefetches
 _I8 = ir.IntType(8)
 _I32 = ir.IntType(32)
@@ -203,7 +213,10 @@ def _codegen(bits, tb, vnni, mode):
         um = _Mat(context, builder, sig.args[12], args[12])  # (32, 64) decoded quads
         table = None if mode == "read" else _table(context, builder, sig.args[13], args[13],
                                                    use_vnni)
-        acc = [[_splat(_I32, 0)] * 4 for _ in range(tb)]
+        blk = builder.sdiv(k, ir.Constant(i64, BLOCK))
+        offset = 8 if bits == 4 and isinstance(sig.args[13], types.NoneType) else 128
+        acc = [[_correction(builder, bm, builder.add(t0, ir.Constant(i64, t)), blk, offset)] * 4
+               for t in range(tb)]
         for q in range(BLOCK // 4):
             u = _quad(builder, bits, pm, i0, n0, q, um, mode, table)
             for t in range(tb):
@@ -213,9 +226,7 @@ def _codegen(bits, tb, vnni, mode):
                     ir.Constant(_V16I, ir.Undefined), x4, ir.Constant(_I32, 0)),
                     ir.Constant(_V16I, ir.Undefined), _splat(_I32, 0))
                 acc[t] = [_dot(builder, use_vnni, a, w, xb) for a, w in zip(acc[t], u)]
-        blk = builder.sdiv(k, ir.Constant(i64, BLOCK))
-        offset = 8 if bits == 4 and isinstance(sig.args[13], types.NoneType) else 128
-        _store(builder, acc, offset, (dm, bm, sm, am), (t0, blk, gi, n0, a0))
+        _store(builder, acc, (dm, sm, am), (t0, blk, gi, n0, a0))
         return context.get_dummy_value()
     return codegen
 
@@ -239,35 +250,75 @@ def _quad(builder, bits, pm, i0, n0, q, um, mode, table):
     return u
 
 
-def _store(builder, acc, offset, mats, idx):
-    """acc_out[t0 + t, a0 + c] += scale[gi, n0 + c] * dx[t, blk] * (sum - offset * xsum)."""
-    dm, bm, sm, am = mats
+def _correction(builder, bm, row, blk, offset):
+    """-offset * xsum[row, blk] in all 16 int32 lanes: the start of a token's
+    sums, so that they end as sum - offset * xsum (the same integer, mod 2^32,
+    as subtracting it at the end, one broadcast instead of 4 subtractions)."""
+    corr = builder.mul(builder.load(bm.at(row, blk)), ir.Constant(_I32, -offset))
+    return _bcast(builder, corr, _V16I)
+
+
+def _lane_scales(builder, sm, gi, n0):
+    """The strip's 64 bf16 weight scales as 4 fp32 vectors in the lane order of
+    the sums (_quad_q4: vector i, lane l = column 16(l // 4) + 4i + l % 4):
+    one permutation per call, shared by its tokens."""
+    v64 = ir.VectorType(ir.IntType(16), 64)
+    raw = builder.load(builder.bitcast(sm.at(gi, n0), v64.as_pointer()), align=2)
+    out = []
+    for i in range(4):
+        sb = builder.shuffle_vector(raw, ir.Constant(v64, ir.Undefined), ir.Constant(
+            _V16I, [16 * (lane // 4) + 4 * i + lane % 4 for lane in range(16)]))
+        out.append(builder.bitcast(builder.shl(builder.zext(sb, _V16I), _splat(_I32, 16)), _V16F))
+    return out
+
+
+def _store(builder, acc, mats, idx):
+    """acc_out[t0 + t, a0 + lane] += scale * dx[t, blk] * sums, in lane order:
+    acc_out's 64 floats from a0 are the strip's columns permuted as the sums
+    (see _lane_scales); natural_order restores them once, after the last block."""
+    dm, sm, am = mats
     t0, blk, gi, n0, a0 = idx
     i64, f32 = ir.IntType(64), ir.FloatType()
     fma = cgutils.get_or_insert_function(
         builder.module, ir.FunctionType(_V16F, [_V16F, _V16F, _V16F]), "llvm.fma.v16f32")
-    srow = sm.at(gi, n0)
-    scales = []
-    for c in range(4):
-        sb = builder.zext(builder.load(sm.vec(srow, 16 * c, ir.IntType(16)), align=2), _V16I)
-        scales.append(builder.bitcast(builder.shl(sb, _splat(_I32, 16)), _V16F))
-    offset = ir.Constant(_I32, offset)  # of the unsigned weight bytes
+    scales = _lane_scales(builder, sm, gi, n0)
     for t, sums in enumerate(acc):
         row = builder.add(t0, ir.Constant(i64, t))
-        corr = builder.mul(builder.load(bm.at(row, blk)), offset)
-        dx = builder.load(dm.at(row, blk))
-        f = [builder.fmul(builder.sitofp(builder.sub(s, _bcast(builder, corr, _V16I)), _V16F),
-                          _bcast(builder, dx, _V16F)) for s in sums]
-        cat = lambda a, b, n: builder.shuffle_vector(a, b, ir.Constant(
-            ir.VectorType(_I32, 2 * n), list(range(2 * n))))
-        allv = cat(cat(f[0], f[1], 16), cat(f[2], f[3], 16), 32)  # 64 lanes, vector-major
+        dx = _bcast(builder, builder.load(dm.at(row, blk)), _V16F)
         arow = am.at(row, a0)
-        for c in range(4):  # column 16c + 8v + 4h + m is lane 16(2v + h) + 4c + m
-            nat = builder.shuffle_vector(allv, ir.Constant(allv.type, ir.Undefined), ir.Constant(
-                _V16I, [16 * (i // 4) + 4 * c + i % 4 for i in range(16)]))
-            ptr = am.vec(arow, 16 * c, f32)
-            builder.store(builder.call(fma, [scales[c], nat, builder.load(ptr, align=4)]),
+        for i, s in enumerate(sums):
+            f = builder.fmul(builder.sitofp(s, _V16F), dx)
+            ptr = am.vec(arow, 16 * i, f32)
+            builder.store(builder.call(fma, [scales[i], f, builder.load(ptr, align=4)]),
                           ptr, align=4)
+
+
+def _unpermute_codegen(context, builder, sig, args):
+    """Codegen of _unpermute: 4 loads, 4 shuffles (column 16c + e is lane
+    16(e // 4) + 4c + e % 4), 4 stores."""
+    am = _Mat(context, builder, sig.args[0], args[0])
+    row, col = (context.cast(builder, args[j], sig.args[j], types.intp) for j in (1, 2))
+    ptr = am.at(row, col)
+    f32 = ir.FloatType()
+    vals = [builder.load(am.vec(ptr, 16 * i, f32), align=4) for i in range(4)]
+    cat = lambda a, b, n: builder.shuffle_vector(a, b, ir.Constant(
+        ir.VectorType(_I32, 2 * n), list(range(2 * n))))
+    allv = cat(cat(vals[0], vals[1], 16), cat(vals[2], vals[3], 16), 32)  # (64,) lane order
+    for c in range(4):
+        nat = builder.shuffle_vector(allv, ir.Constant(allv.type, ir.Undefined), ir.Constant(
+            _V16I, [16 * (e // 4) + 4 * c + e % 4 for e in range(16)]))
+        builder.store(nat, am.vec(ptr, 16 * c, f32), align=4)
+    return context.get_dummy_value()
+
+
+@intrinsic
+def _unpermute(typingctx, acc, row, col):
+    """acc[row, col:col + 64] (float32, C-contiguous 2-D) from lane order to
+    column order, in place."""
+    if isinstance(acc, types.Array) and acc.ndim == 2 and acc.layout == "C" \
+            and acc.dtype == types.float32:
+        return types.none(acc, row, col), _unpermute_codegen
+    return None
 
 
 def _bcast(builder, value, vty):
@@ -281,10 +332,12 @@ def _kernel(bits, tb, vnni=None, mode="fused"):
     t < tb tokens, the 64 columns c of one strip and the 32 weight rows
     k..k+31 (k % 32 == 0; stored rows from i0: int4 k // 2, int8 k):
 
-        acc[t0+t, a0+c] += scale[gi, n0+c] * dx[t0+t, k // 32]
-                           * sum_{i < 32} xq[t0+t, k+i] * w[k+i, n0+c]
+        acc[t0+t, a0+lane(c)] += scale[gi, n0+c] * dx[t0+t, k // 32]
+                                 * sum_{i < 32} xq[t0+t, k+i] * w[k+i, n0+c]
 
-    with the dot products in int32. p uint8 (packed int4) or int8, xq int8,
+    with the dot products in int32 and the 64 accumulators in the lane order
+    of the sums (lane(16c + 8v + 4h + m) = 16(2v + h) + 4c + m, see _store).
+    p uint8 (packed int4) or int8, xq int8,
     dx float32, bs int32 (sums of xq per block), sc uint16 (bf16 bits), acc
     float32; all C-contiguous 2-D, ranges guaranteed by the caller. vnni:
     None = vpdpbusd where the target has AVX-512 VNNI, False = portable IR.
@@ -312,34 +365,33 @@ def _kernel(bits, tb, vnni=None, mode="fused"):
     return intrinsic(typer)
 
 
-_q4_t1, _q4_t2, _q4_t3, _q4_t4 = (_kernel(4, t) for t in range(1, 5))
-_i8_t1, _i8_t2, _i8_t3, _i8_t4 = (_kernel(8, t) for t in range(1, 5))
-_q4_w4, _i8_w4 = _kernel(4, 4, mode="write"), _kernel(8, 4, mode="write")
-_q4_r1, _q4_r2, _q4_r3, _q4_r4 = (_kernel(4, t, mode="read") for t in range(1, 5))
-_i8_r1, _i8_r2, _i8_r3, _i8_r4 = (_kernel(8, t, mode="read") for t in range(1, 5))
+def _dispatch(ks):
+    """An inline njit calling ks[tb - 1] by the (runtime) token count tb
+    (the last one for any larger tb)."""
+    first = ks[0]
+    if len(ks) == 1:
+        @njit(inline="always", cache=True)
+        def last(tb, p, i0, n0, xq, t0, k, dx, bs, sc, gi, acc, a0, u, lv):
+            first(p, i0, n0, xq, t0, k, dx, bs, sc, gi, acc, a0, u, lv)
+        return last
+    rest = _dispatch(ks[1:])
 
-
-def _dispatch(k1, k2, k3, k4):
-    """An inline njit calling k1..k4 by the (runtime) token count tb."""
     @njit(inline="always", cache=True)
     def run(tb, p, i0, n0, xq, t0, k, dx, bs, sc, gi, acc, a0, u, lv):
         if tb == 1:
-            k1(p, i0, n0, xq, t0, k, dx, bs, sc, gi, acc, a0, u, lv)
-        elif tb == 2:
-            k2(p, i0, n0, xq, t0, k, dx, bs, sc, gi, acc, a0, u, lv)
-        elif tb == 3:
-            k3(p, i0, n0, xq, t0, k, dx, bs, sc, gi, acc, a0, u, lv)
+            first(p, i0, n0, xq, t0, k, dx, bs, sc, gi, acc, a0, u, lv)
         else:
-            k4(p, i0, n0, xq, t0, k, dx, bs, sc, gi, acc, a0, u, lv)
+            rest(tb - 1, p, i0, n0, xq, t0, k, dx, bs, sc, gi, acc, a0, u, lv)
     return run
 
 
-_pass_q4 = _dispatch(_q4_t1, _q4_t2, _q4_t3, _q4_t4)
-_pass_i8 = _dispatch(_i8_t1, _i8_t2, _i8_t3, _i8_t4)
-_read_q4 = _dispatch(_q4_r1, _q4_r2, _q4_r3, _q4_r4)
-_read_i8 = _dispatch(_i8_r1, _i8_r2, _i8_r3, _i8_r4)
-_write_q4 = _dispatch(_q4_w4, _q4_w4, _q4_w4, _q4_w4)
-_write_i8 = _dispatch(_i8_w4, _i8_w4, _i8_w4, _i8_w4)
+_TBS = range(1, _MAX_TB + 1)
+_pass_q4 = _dispatch([_kernel(4, t) for t in _TBS])
+_pass_i8 = _dispatch([_kernel(8, t) for t in _TBS])
+_read_q4 = _dispatch([_kernel(4, t, mode="read") for t in _TBS])
+_read_i8 = _dispatch([_kernel(8, t, mode="read") for t in _TBS])
+_write_q4 = _dispatch([_kernel(4, _MAX_TB, mode="write")])
+_write_i8 = _dispatch([_kernel(8, _MAX_TB, mode="write")])
 
 
 def _rows_per_byte(p):
@@ -354,7 +406,7 @@ def _rows_per_byte_overload(p):
 
 
 def _pass(mode, tb, p, i0, n0, xq, t0, k, dx, bs, sc, gi, acc, a0, u, lv):
-    """One call for tb <= 4 tokens (mode 0 fused, 1 write, 2 read), by stored dtype."""
+    """One call for tb <= _MAX_TB tokens (mode 0 fused, 1 write, 2 read), by stored dtype."""
     raise NotImplementedError("only callable from numba code")
 
 
@@ -377,10 +429,17 @@ def _pass_overload(mode, tb, p, i0, n0, xq, t0, k, dx, bs, sc, gi, acc, a0, u, l
 def tile_strips(xq, dx, bs, p, sc, g, k0, k1, n0, m, t0, t1, acc, a0, lv):
     """acc[t0:t1, a0 + j] += the int8-activation product for rows k0..k1
     (multiples of 32, and g too) and the whole 64-column strips j < m - m % 64
-    of columns n0 + j; the caller does the columns after them. Up to 4
-    tokens a call decodes the weights itself; beyond, the first call also
-    keeps them decoded (2 KB, in L1) for the others. lv: int4 level table
-    (float32 (16,)) or None, see _kernel."""
+    of columns n0 + j, each strip's 64 floats in the kernels' lane order (see
+    _store): the caller calls natural_order once after its last call on those
+    accumulators (so sums across calls need no shuffles), and does the
+    columns after the strips itself. Up to _MAX_TB tokens a call decodes
+    the weights itself; beyond, the first call also keeps them decoded (2 KB,
+    in L1) for the others (measured at T = 5, 6: one call of 6 tokens 0.7-0.8x
+    the time of 4 + 1 or 4 + 2; T = 8 as 6 + 2 about as fast as 4 + 4). The
+    price is compile time, every size being compiled: a cold cache takes
+    62 s instead of 37 s for the act_int8 matmuls of int4, int4 levels and
+    int8 (for a Haswell target 436 s instead of 217 s, so the AVX2-target
+    tests no longer compile them); _MAX_TB = 4 restores it. lv: int4 level table (float32 (16,)) or None, see _kernel."""
     d = _rows_per_byte(p)
     u = np.empty((BLOCK + 1, 64), np.uint8)
     off = (-u.ctypes.data) % 64  # 64-byte aligned rows
@@ -396,3 +455,13 @@ def tile_strips(xq, dx, bs, p, sc, g, k0, k1, n0, m, t0, t1, acc, a0, lv):
             for t in range(t0 + _MAX_TB, t1, _MAX_TB):
                 _pass(2, min(_MAX_TB, t1 - t), p, k // d, n0 + j, xq, t, k, dx, bs, sc, gi,
                       acc, a0 + j, u, lv)
+
+
+@njit(cache=True)
+def natural_order(acc, t0, t1, a0, m):
+    """acc[t0:t1, a0 + j] for the whole strips j < m - m % 64, as tile_strips
+    leaves them (lane order), back to column order, in place: once per
+    accumulator after all its tile_strips calls."""
+    for t in range(t0, t1):
+        for j in range(0, m - m % 64, 64):
+            _unpermute(acc, t, a0 + j)

@@ -44,8 +44,8 @@ at memory bandwidth (1.4x faster in our measurement) and is at least as
 accurate as a sequential sum. Results are deterministic for a given machine.
 
 numba's on-disk cache (``cache=True``) is keyed on this file: after editing
-only ``lowmem/simd_kernels.py``, delete ``lowmem/__pycache__/*.nb[ic]`` or the
-old micro-kernels stay compiled in.
+only ``lowmem/simd_kernels.py`` or ``lowmem/act8_kernels.py``, delete
+``lowmem/__pycache__/*.nb[ic]`` or the old micro-kernels stay compiled in.
 """
 from __future__ import annotations
 
@@ -387,6 +387,7 @@ def _accumulate_a8(x, xq, dx, bs, w, sc, g, k0, k1, n0, m, acc, a0, lv):
             if m_main < m:
                 _strip_tail(x, w, sc, g, kk, kk1, n0 + m_main, m - m_main, t0, t1, acc,
                             a0 + m_main, lv)
+    act8_kernels.natural_order(acc, 0, T, a0, m)  # the strips' lanes, once per item
 
 
 @njit(parallel=True, fastmath=_FM, cache=True)

@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from lowmem.decoding import GenerationRequest, generate_tokens
 from lowmem.sampling import SamplingParams
 
@@ -13,6 +15,12 @@ def greedy_ids(engine, prompt_ids, n):
     req = GenerationRequest(max_new_tokens=n, sampling=SamplingParams(temperature=0.0),
                             stop_at_eos=False)
     return list(generate_tokens(engine, prompt_ids, req))
+
+
+# The int8-activation kernels' lane of each of a strip's 64 columns (column
+# 16c + 8v + 4h + m is lane 16(2v + h) + 4c + m), in column order.
+ACT8_LANE = np.array([16 * (2 * v + h) + 4 * c + m for c in range(4) for v in range(2)
+                      for h in range(2) for m in range(4)])
 
 
 # What a CPU without AVX-512 offers (Haswell): numba compiles for it when told so.
