@@ -124,7 +124,8 @@ def _host_logits_callback(x, handle):
     from lowmem.logits_kernels import logits_int8
     backend = _HOST_BACKENDS[int(handle)]
     if backend.output_q is not None:                       # int8 table: half the bytes
-        return logits_int8(np.asarray(x, np.float32), backend.output_q)
+        return logits_int8(np.asarray(x, np.float32), backend.output_q,
+                           act16=backend.act_int8)         # int16 activations in that mode
     return matmul_nt(np.asarray(x, np.float32), backend.embed)
 
 
@@ -176,7 +177,8 @@ class HostBackend:
 
     def __init__(self, model: PackedModel, device, options):
         self.model, self.device = model, device
-        # int8 activations in every quantized matmul (attention and experts), or fp32
+        # int8 activations in every quantized matmul (attention and experts; int16 in the
+        # int8 table's logits), or fp32
         self.act_int8 = act_int8_choice(options, model)
         if self.act_int8:
             log.info("activations: int8 in the quantized matmuls%s",

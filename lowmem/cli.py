@@ -258,7 +258,8 @@ def add_engine_arguments(p) -> None:
                    help="the same as --output-table int8 (default: off, --output-table decides)")
     p.add_argument("--activations", choices=ACTIVATIONS, default="auto",
                    help="host backend: the inputs of the quantized matmuls (experts, attention) "
-                        "in fp32, or int8 per 32 values (AVX-512 VNNI; 1.5-2.3x faster where "
+                        "in fp32, or int8 per 32 values (and int16 per row in the int8 output "
+                        "table's logits; AVX-512 VNNI; 1.5-2.3x faster where "
                         "several tokens share an expert: prefill, serving; a measured change of "
                         "the logits, docs/FIDELITY.md); auto = int8 for models with int4 experts "
                         "on a CPU with AVX-512 VNNI, else fp32 (default auto)")

@@ -81,7 +81,8 @@ class EngineOptions:
         model's exact math) or 'bf16' (the release's bf16 mode).
     act_int8: host backend only; the quantized matmuls (experts and attention)
         quantize their inputs to int8 per 32 values and multiply in int8 (AVX-512 VNNI, as llama.cpp's
-        quantized matmuls do): 1.5-2.3x faster wherever several tokens share an
+        quantized matmuls do), and the int8 output table's logits take int16
+        activations (one scale per row): 1.5-2.3x faster wherever several tokens share an
         expert (prefill, serving), a measured change of the logits
         (docs/FIDELITY.md). None (auto): on for models with int4 experts on a CPU
         with AVX-512 VNNI, off for int8 models (``backends.act_int8_choice``).

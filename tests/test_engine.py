@@ -259,6 +259,25 @@ def test_act_int8_option_and_its_auto_choice(packed, bits):
         _engine(packed[bits], backend="device", act_int8=True)
 
 
+def test_int8_activation_mode_gives_the_logits_int16_activations(packed):
+    """With act_int8 the host logits read the int8 table with int16 activations
+    (logits_kernels' act16), without it with fp32 ones: the backend's logits equal
+    the kernel called directly in each mode, and the two modes differ."""
+    from lowmem import model as M
+    from lowmem.logits_kernels import logits_int8
+    model = packed["int4"]
+    x = np.random.default_rng(3).standard_normal((3, model.cfg.emb_size)).astype(np.float32)
+    got = {}
+    for a8 in (False, True):
+        backend = _engine(model, backend="host", precision="fp32", output_int8=True,
+                          act_int8=a8).backend
+        got[a8] = np.asarray(jax.jit(lambda h: backend.logits_fn(
+            model.cfg, h, backend.logits_table, "fp32"))(x))                 # (3, V)
+        want = M.round_logits(model.cfg, logits_int8(x, backend.output_q, act16=a8), "fp32")
+        np.testing.assert_array_equal(got[a8], np.asarray(want))
+    assert not np.array_equal(got[False], got[True])
+
+
 def test_output_table_default_is_int8_for_int4_models_only(packed):
     """auto (None): the int8 table for int4 experts, the bf16 table for int8 ones
     (the release's values) and on the device backend."""

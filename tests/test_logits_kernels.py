@@ -11,7 +11,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from lowmem.logits_kernels import Int8Table, logits_int8, quantize_table
+from lowmem.logits_kernels import Int8Table, act16_qmax, logits_int8, quantize_table
 
 
 def _reference_table(table):
@@ -108,3 +108,89 @@ def test_logits_on_an_avx2_target(tmp_path):
     own cache): the 16-lane vectors split in two, results as above."""
     from helpers import run_on_avx2_target
     run_on_avx2_target(_AVX2_CHECK, tmp_path)
+
+
+# --- int16 activations (the int8-activation mode's logits) ------------------------------
+
+def _act16_reference(x, qmax):
+    """x (T, D) -> the int16 activations as float64 (T, D): per row scale = max |x| / qmax
+    (float32), q = round-half-even(x / scale), written here independently."""
+    amax = np.abs(x).max(axis=1).astype(np.float32)                          # (T,)
+    scale = np.where(amax > 0, amax / np.float32(qmax), np.float32(0))       # (T,) f32
+    safe = np.where(scale > 0, scale, np.float32(1))
+    q = np.clip(np.rint(x / safe[:, None]), -qmax, qmax)                      # (T, D)
+    return q.astype(np.float64) * scale.astype(np.float64)[:, None]
+
+
+@pytest.mark.parametrize("v,d", [(131, 200), (77, 1031), (64, 64), (9, 3), (300, 6144 + 40)])
+def test_act16_logits_are_the_int16_activations_times_the_table(v, d):
+    """act16: the only rounding is the activations' (to int16, one scale per row);
+    sums are exact integers, so the result is the float64 product of the rounded
+    activations up to the final fp32 rounding. Against the fp32 path a logit
+    moves by at most half an int16 step times the sum of |weights| of its row."""
+    rng = np.random.default_rng(v * 7 + d)
+    table = quantize_table(_table(rng, v, d))
+    exact = table.dequantize().astype(np.float64)                           # (V, D)
+    for t in (1, 2, 3, 4, 5, 8, 9, 15, 16):
+        x = rng.standard_normal((t, d)).astype(np.float32)                  # (T, D)
+        x[0, d // 2] = 40.0                                                  # an outlier
+        got = logits_int8(x, table, act16=True)
+        ref = _act16_reference(x, act16_qmax(d)) @ exact.T                  # (T, V)
+        assert got.shape == (t, v) and got.dtype == np.float32
+        big = np.abs(ref).max()
+        assert np.abs(got - ref).max() <= 1e-6 * big, t
+        fp32 = logits_int8(x, table)                                         # (T, V)
+        half_step = np.abs(x).max(axis=1) / act16_qmax(d) / 2                # (T,)
+        bound = half_step[:, None] * np.abs(exact).sum(axis=1)[None]         # (T, V)
+        assert np.all(np.abs(got - fp32) <= bound + 1e-5 * big), t
+        if d >= 64:
+            assert np.any(got != fp32)                                       # really int16
+
+
+def test_act16_rows_are_independent_of_the_batch():
+    """A row's logits do not depend on the other rows (a batched step samples what a
+    solo run samples): per-row scales and exact integer sums."""
+    rng = np.random.default_rng(11)
+    table = quantize_table(_table(rng, 200, 6144))
+    x = rng.standard_normal((16, 6144)).astype(np.float32)
+    x[3] = 0                                                                 # a zero row
+    batch = logits_int8(x, table, act16=True)
+    for t in (0, 3, 7, 8, 12, 15):
+        np.testing.assert_array_equal(batch[t], logits_int8(x[t], table, act16=True))
+    np.testing.assert_array_equal(batch[3], np.zeros(200, np.float32))
+
+
+def test_act16_wide_rows_narrow_the_range_so_no_lane_overflows():
+    """D above 8257: qmax shrinks so a 32-bit lane (ceil(D/16) products) cannot
+    overflow; the worst case (every weight +-127, every activation at qmax) is exact."""
+    d = 9001
+    qmax = act16_qmax(d)
+    assert act16_qmax(6144) == 32767 and qmax < 32767
+    assert -(-d // 16) * 127 * qmax <= 2**31 - 1 < -(-d // 16) * 127 * (qmax + 1)
+    values = np.full((3, d), 127, np.int8)
+    values[1] = -127
+    values[2, ::2] = -127
+    table = Int8Table(values, np.ones(3, ml_dtypes.bfloat16))
+    x = np.ones((2, d), np.float32)
+    x[1] = -2.5
+    ref = _act16_reference(x, qmax) @ values.astype(np.float64).T            # (2, 3)
+    np.testing.assert_allclose(logits_int8(x, table, act16=True), ref, rtol=1e-7)
+
+
+def test_act16_portable_micro_kernel_equals_vnni():
+    """The portable IR (CPUs without AVX-512 VNNI) and vpdpwssd give the same int32
+    lane sums, and both equal numpy's (lane l sums columns 2l, 2l+1 of each 32)."""
+    from numba import njit
+    from lowmem.logits_kernels import _rows16_kernel
+    kernels = {vnni: njit(lambda e, x, p, k=_rows16_kernel(4, 2, vnni): k(e, 1, 32, 3, x, 1, p, 0))
+               for vnni in (None, False)}
+    rng = np.random.default_rng(5)
+    e = rng.integers(-127, 128, (6, 160), dtype=np.int8)                    # (V, D)
+    x = rng.integers(-32767, 32768, (3, 160), dtype=np.int16)               # (T, D)
+    lanes = e[1:5, 32:128].astype(np.int64)[:, None, :] * x[1:3, 32:128][None]  # (4, 2, 96)
+    ref = lanes.reshape(4, 2, 3, 16, 2).sum(axis=(2, 4))                     # (4, 2, 16)
+    for vnni, kernel in kernels.items():
+        part = np.zeros((4, 3 * 16), np.int32)                              # (rows, T x 16)
+        kernel(e, x, part)
+        np.testing.assert_array_equal(part[:, 16:48].reshape(4, 2, 16), ref, err_msg=str(vnni))
+        assert not part[:, :16].any()

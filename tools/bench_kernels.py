@@ -21,6 +21,7 @@ import argparse
 import os
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import ml_dtypes
@@ -124,7 +125,10 @@ def _build(name, rng, mmap_dir):
         make = {"bf16": _bf16_table, "table8": _int8_table}.get(bits)
         weights.append(make(rng, rows, cols, mmap_dir, tag) if make
                        else _qweight(rng, rows, cols, bits, group, mmap_dir, tag, *levels))
-    fn = getattr(logits_kernels if kernel == "logits_int8" else kernels, kernel)
+    if kernel == "logits_int8":   # --act-int8: its int16 activations (the int8 mode's logits)
+        fn = partial(logits_kernels.logits_int8, act16=bool(kernels.ACT_INT8))
+    else:
+        fn = getattr(kernels, kernel)
     return (lambda x: fn(x, *weights)), width, weights
 
 
