@@ -36,6 +36,7 @@ import numpy as np
 from lowmem import cli
 from lowmem.cli import add_engine_arguments, engine_kwargs
 from lowmem.model import PRECISIONS
+from lowmem.requant import SCHEMES
 
 log = logging.getLogger(__name__)
 
@@ -164,10 +165,11 @@ def build_parser(prog: str = "python -m lowmem.eval") -> argparse.ArgumentParser
     src.add_argument("--prompt-ids", metavar="IDS",
                      help="comma-separated token ids (this or --text is required)")
     p.add_argument("--bos", action="store_true", help="prepend BOS (default: off)")
-    p.add_argument("--requant-experts", choices=("q4_0", "q4_0_bf16"),
+    p.add_argument("--requant-experts", choices=SCHEMES,
                    help="requantize the (int8) model's experts in memory with this baseline "
-                        "scheme and run it densely with lowmem.reference (small presets; "
-                        "default: the model as stored)")
+                        "scheme (q8_0: every matrix but the router, as a Q8_0 GGUF) and run "
+                        "it densely with lowmem.reference (small presets; default: the model "
+                        "as stored)")
     p.add_argument("--out", type=cli.output_file,
                    help="write the JSON report here (default: stdout)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown)")

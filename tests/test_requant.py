@@ -9,7 +9,7 @@ from lowmem import eval as EV
 from lowmem import reference as R
 from lowmem.decoding import prompt_logits
 from lowmem.engine import Engine, EngineOptions
-from lowmem.requant import dense_params, q4_0
+from lowmem.requant import dense_params, expert_bytes_per_token, q4_0, q8_0
 from quant.packed import PackedModel, QuantSettings
 from quant.pipeline import quantize_checkpoint
 
@@ -50,6 +50,40 @@ def test_q4_0_is_llama_cpps_reference_quantizer():
     assert np.array_equal(q4_0(w, bf), want_bf) and not np.array_equal(want_bf, want)
     with pytest.raises(ValueError, match="divisible by 32"):
         q4_0(w[:40])
+
+
+def llama_cpp_q8_0_row(x: np.ndarray) -> np.ndarray:
+    """quantize_row_q8_0_ref then dequantize_row_q8_0 (ggml-quants.c), one scalar at a time:
+    C's roundf (half away from zero) in Python's float64 arithmetic."""
+    out = np.empty_like(x, dtype=np.float32)
+    for b in range(0, len(x), 32):
+        amax = max(abs(float(np.float32(v))) for v in x[b:b + 32])
+        d = np.float32(amax) / np.float32(127)
+        idd = np.float32(1) / d if d else np.float32(0)
+        d16 = float(np.asarray(d).astype(np.float16).astype(np.float32))
+        for j in range(32):
+            v = float(np.float32(x[b + j]) * idd)                     # the float32 product
+            code = int(abs(v) + 0.5) if abs(v) % 1 != 0.5 else int(abs(v)) + 1
+            out[b + j] = (code if v >= 0 else -code) * d16
+    return out
+
+
+def test_q8_0_is_llama_cpps_reference_quantizer():
+    rng = np.random.default_rng(4)
+    w = rng.standard_t(3, size=(96, 5)).astype(np.float32)       # 3 groups per column
+    w[32:64, 1] = 0.0                                             # an all-zero group
+    w[0:32, 2] = np.arange(32, dtype=np.float32) - 15.5           # codes at exact halves:
+    w[0, 2] = 127.0                                               # d = 1, x / d = -14.5 ...
+    w[0:32, 3] = 0.49999997                                       # |x| + 0.5 rounds up in f32
+    w[1, 3] = 127.0
+    want = np.stack([llama_cpp_q8_0_row(w[:, n]) for n in range(w.shape[1])], axis=1)
+    got = q8_0(w)
+    assert np.array_equal(got, want)
+    assert np.all(got[32:64, 1] == 0)
+    assert got[1, 2] == -15.0 and got[2, 2] == -14.0              # -14.5 -> -15, -13.5 -> -14
+    assert got[0, 3] == 0.0                                       # roundf(0.49999997) = 0
+    with pytest.raises(ValueError, match="divisible by 32"):
+        q8_0(w[:40])
 
 
 @pytest.fixture(scope="module")
@@ -102,3 +136,19 @@ def test_eval_requant_q4_0(models, tiny_cfg, tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and not bad.exists() and err.count("\n") == 1
     assert "needs an int8 model, found 4-bit experts" in err
+
+
+def test_q8_0_requantizes_every_matrix_but_the_router(models, tiny_cfg):
+    """A Q8_0 GGUF's model: experts, attention and the tied table in Q8_0 (groups along
+    the input dimension; the table's along D), router and norms as stored."""
+    model = PackedModel.open(models / "int8")
+    plain, q8 = dense_params(model), dense_params(model, "q8_0")
+    for role in ("q", "k", "v", "o", "router", "attn_norm"):
+        want = q8_0(plain["layers"][0][role]) if role in "qkvo" else plain["layers"][0][role]
+        np.testing.assert_array_equal(q8["layers"][0][role], want)
+    np.testing.assert_array_equal(q8["layers"][1]["down"][3], q8_0(plain["layers"][1]["down"][3]))
+    np.testing.assert_array_equal(q8["embed"], q8_0(plain["embed"].T).T)
+    assert not np.array_equal(q8["embed"], plain["embed"])
+    cfg = tiny_cfg
+    assert expert_bytes_per_token(model, "q8_0") == (cfg.num_layers * cfg.num_selected_experts
+                                                     * 3 * cfg.emb_size * cfg.ffn_size // 32 * 34)
