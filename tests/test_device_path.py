@@ -1,5 +1,7 @@
 """The accelerator path's structure, exercised on XLA:CPU: slots allocated once, one
 host sync per layer, recovery after a failed transfer, the cache policy choice."""
+import gc
+
 import jax
 import pytest
 
@@ -28,17 +30,24 @@ def _engine(model, slots, **kw):
 
 def test_slots_are_written_in_place_and_nothing_accumulates(model):
     """32 decode tokens with misses every step: the slot array keeps its one buffer,
-    and no device array is left behind."""
+    and no device array is left behind. A run may end with one prefetch in flight
+    (the next token's layer 0, staged by worker threads: timing decides whether it
+    is still held), so the count may move by one between runs, never per token."""
     engine = _engine(model, slots=3, prefetch=True)
     greedy_ids(engine, PROMPT, 2)                                  # compile everything
     slots = engine.experts.cache.slots
     pointer = slots.array.unsafe_buffer_pointer()
+    gc.collect()
     live = len(jax.live_arrays())
     misses = engine.expert_stats.misses
-    greedy_ids(engine, PROMPT, 32)
-    assert engine.expert_stats.misses - misses > 32                # slots really were rewritten
+    counts = []
+    for _ in range(3):
+        greedy_ids(engine, PROMPT, 32)
+        gc.collect()
+        counts.append(len(jax.live_arrays()))
+    assert engine.expert_stats.misses - misses > 3 * 32            # slots really were rewritten
     assert slots.array.unsafe_buffer_pointer() == pointer
-    assert len(jax.live_arrays()) == live
+    assert max(counts) <= live + 1 and max(counts) - min(counts) <= 1, (live, counts)
 
 
 def test_one_host_sync_per_layer_plus_sampling(model, tiny_cfg):
