@@ -120,26 +120,53 @@ host_linear.qkv = host_qkv   # model.attention_qkv uses it when the backend's li
 
 
 def _host_logits_callback(x, handle):
-    from lowmem.cpu_kernels import matmul_nt
+    from lowmem.cpu_kernels import matmul, matmul_nt
     from lowmem.logits_kernels import logits_int8
     backend = _HOST_BACKENDS[int(handle)]
+    x = np.asarray(x, np.float32)                          # (T, D)
+    if isinstance(backend.output_q, QWeight):              # int4 table (D, V): x @ W
+        return matmul(x, backend.output_q, act_int8=backend.act_int8)
     if backend.output_q is not None:                       # int8 table: half the bytes
-        return logits_int8(np.asarray(x, np.float32), backend.output_q,
+        return logits_int8(x, backend.output_q,
                            act16=backend.act_int8)         # int16 activations in that mode
-    return matmul_nt(np.asarray(x, np.float32), backend.embed)
+    return matmul_nt(x, backend.embed)
 
 
-def output_int8_choice(options, model: PackedModel) -> bool:
-    """Whether the host backend's logits read the int8 output table.
+OUTPUT_TABLES = ("bf16", "int8", "int4")   # EngineOptions.output_table (None = auto)
 
-    ``options.output_int8`` None (auto, the default): yes for models whose experts
-    are int4 (their owners chose bytes over exactness; the table adds a KL far
-    below what int4 experts cost, docs/FIDELITY.md), no for int8 models (the
-    release's values bit for bit). True / False force it.
+
+def output_table_choice(options, model: PackedModel) -> str:
+    """Which output table the host backend's logits read: 'bf16' (the stored one),
+    'int8' or 'int4' (a copy built at load).
+
+    ``options.output_table`` None (auto, the default): int8 for models whose
+    experts are int4 (their owners chose bytes over exactness; the table adds a KL
+    far below what int4 experts cost, docs/FIDELITY.md), bf16 for int8 models (the
+    release's values bit for bit). A name forces it.
     """
-    if options.output_int8 is not None:
-        return bool(options.output_int8)
-    return model.settings.bits == 4
+    if options.output_table is not None:
+        if options.output_table not in OUTPUT_TABLES:
+            raise BackendError(f"output_table must be one of {', '.join(OUTPUT_TABLES)} "
+                               f"or None (auto), got {options.output_table!r}")
+        return options.output_table
+    return "int8" if model.settings.bits == 4 else "bf16"
+
+
+def _build_output_table(embed: np.ndarray, kind: str, auto: bool):
+    """The int8 (Int8Table) or int4 (QWeight of the transpose) copy of the bf16
+    table, or None for 'bf16'; logged with its size and build time."""
+    from lowmem.logits_kernels import quantize_table, quantize_table4
+    if kind == "bf16":
+        return None
+    t0 = time.perf_counter()
+    try:
+        table = quantize_table(embed) if kind == "int8" else quantize_table4(embed)
+    except ValueError as e:
+        raise BackendError(f"--output-table {kind}: {e}") from None
+    size = table.values.nbytes + table.scales.nbytes
+    log.info("output table: %s (%.2f GB, built in %.1f s)%s", kind, size / 1e9,
+             time.perf_counter() - t0, " (auto: int4 experts)" if auto else "")
+    return table
 
 
 def act_int8_choice(options, model: PackedModel) -> bool:
@@ -186,14 +213,10 @@ class HostBackend:
         self.handle = next(_HANDLES)
         self.weights = [model.layer(i) for i in range(model.cfg.num_layers)]
         self.embed = model.embed()                                        # bf16 (V, D) memmap
-        self.output_q = None                         # Int8Table when the logits use it
-        if output_int8_choice(options, model):
-            from lowmem.logits_kernels import quantize_table
-            t0 = time.perf_counter()
-            self.output_q = quantize_table(self.embed)                    # (V, D) int8
-            log.info("output table: int8 (%.2f GB, built in %.1f s)%s",
-                     self.output_q.values.nbytes / 1e9, time.perf_counter() - t0,
-                     " (auto: int4 experts)" if options.output_int8 is None else "")
+        # Int8Table or int4 QWeight (D, V) when the logits read a quantized copy
+        self.output_table = output_table_choice(options, model)          # 'bf16', 'int8', 'int4'
+        self.output_q = _build_output_table(self.embed, self.output_table,
+                                            options.output_table is None)
         self.logits_table = jnp.int32(self.handle)   # what host_logits looks the table up by
         self.placed_table = None                     # the table stays in the mapped file
         _HOST_BACKENDS[self.handle] = self
@@ -251,9 +274,10 @@ class DeviceBackend:
     logits_fn = staticmethod(device_logits)
 
     def __init__(self, model: PackedModel, device, options):
-        if options.output_int8:
-            raise BackendError("output_int8 (--output-table int8) is a host-backend option; "
-                               "the device backend reads the bf16 output table")
+        if options.output_table not in (None, "bf16"):
+            raise BackendError(f"output_table {options.output_table!r} (--output-table) is a "
+                               "host-backend option; the device backend reads the bf16 output "
+                               "table")
         if options.act_int8:
             raise BackendError("act_int8 (--act-int8) is a host-backend option (the numba "
                                "kernels); the device backend computes with fp32/bf16 activations")

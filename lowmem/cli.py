@@ -18,13 +18,14 @@ import sys
 import time
 from pathlib import Path
 
+from lowmem import backends
 from lowmem.engine import DEFAULT_PRECISION
 from lowmem.model import PRECISIONS
 
 DEFAULT_PROMPT = "The answer to life the universe and everything is of course"
 DEFAULT_PRESET = "grok-1"
 GIB = 1 << 30
-OUTPUT_TABLES = {"auto": None, "bf16": False, "int8": True}   # --output-table -> output_int8
+OUTPUT_TABLES = {"auto": None, **{t: t for t in backends.OUTPUT_TABLES}}  # -> output_table
 ACTIVATIONS = {"auto": None, "fp32": False, "int8": True}     # --activations -> act_int8
 MAX_SIZE = 1 << 50                      # 1 PiB: anything larger is a typo, not a device
 SEED_MAX = 2**32 - 1                    # jax.random.key takes a uint32 seed without x64
@@ -250,10 +251,10 @@ def add_engine_arguments(p) -> None:
                    help="device backend: threads filling host staging chunks while earlier "
                         "chunks are transferred, 1..64 (default 4)")
     p.add_argument("--output-table", choices=OUTPUT_TABLES, default="auto",
-                   help="host backend: the logits read the bf16 output table or an int8 copy "
-                        "built at load (half its bytes per token; docs/FIDELITY.md); auto = int8 "
-                        "for models with int4 experts, bf16 for int8 ones and on a device "
-                        "(default auto)")
+                   help="host backend: the logits read the bf16 output table or a copy built "
+                        "at load: int8 (half its bytes per token) or int4 (groups of 32, about "
+                        "0.28x); docs/FIDELITY.md; auto = int8 for models with int4 experts, "
+                        "bf16 for int8 ones and on a device (default auto)")
     p.add_argument("--output-int8", dest="output_table", action="store_const", const="int8",
                    help="the same as --output-table int8 (default: off, --output-table decides)")
     p.add_argument("--activations", choices=ACTIVATIONS, default="auto",
@@ -281,7 +282,7 @@ def engine_kwargs(args) -> dict:
     return dict(backend=args.backend, expert_cache_gb=budget, context=args.context,
                 prefetch=not args.no_prefetch, cache_policy=args.cache_policy,
                 staging_workers=args.staging_workers,
-                precision=args.precision, output_int8=OUTPUT_TABLES[args.output_table],
+                precision=args.precision, output_table=OUTPUT_TABLES[args.output_table],
                 act_int8=ACTIVATIONS[args.activations])
 
 

@@ -72,17 +72,19 @@ class EngineOptions:
         ``Engine.routing_trace`` (for cache simulators).
     verify: check each tensor's CRC-32 the first time it is read (about 0.4 s
         per GiB, once per process).
-    output_int8: host backend only; the logits read an int8 copy (one bf16
-        scale per vocabulary row, built at load) of the bf16 output table: half
-        the bytes per token (0.8 GB instead of 1.6 GB for Grok-1), a measured
-        change of the logits (docs/FIDELITY.md). None (auto): on for models
-        with int4 experts, off for int8 ones (``backends.output_int8_choice``).
+    output_table: host backend only; 'bf16' (the stored table), or a copy built
+        at load that the logits read instead: 'int8' (one bf16 scale per
+        vocabulary row; half the bytes per token, 0.8 GB instead of 1.6 GB for
+        Grok-1) or 'int4' (groups of 32 with the int4 experts' level table;
+        0.45 GB), each a measured change of the logits (docs/FIDELITY.md). None
+        (auto): int8 for models with int4 experts, bf16 for int8 ones
+        (``backends.output_table_choice``).
     precision: 'fp32' (activations in fp32, weights dequantized exactly: the
         model's exact math) or 'bf16' (the release's bf16 mode).
     act_int8: host backend only; the quantized matmuls (experts and attention)
         quantize their inputs to int8 per 32 values and multiply in int8 (AVX-512 VNNI, as llama.cpp's
         quantized matmuls do), and the int8 output table's logits take int16
-        activations (one scale per row): 1.5-2.3x faster wherever several tokens share an
+        activations (one scale per row), the int4 table's int8 ones: 1.5-2.3x faster wherever several tokens share an
         expert (prefill, serving), a measured change of the logits
         (docs/FIDELITY.md). None (auto): on for models with int4 experts on a CPU
         with AVX-512 VNNI, off for int8 models (``backends.act_int8_choice``).
@@ -101,7 +103,7 @@ class EngineOptions:
     record_routing: bool = False          # keep (layer, experts of real tokens) per layer step
     verify: bool = True                   # check each tensor's CRC-32 when first read (packed.py)
     precision: str = DEFAULT_PRECISION    # 'fp32' (exact math) or 'bf16' (the release's run)
-    output_int8: bool | None = None       # host: int8 output table; None = auto (int4 models)
+    output_table: str | None = None       # host: 'bf16', 'int8', 'int4'; None = auto
     act_int8: bool | None = None          # host: int8 activations; None = auto (int4 + VNNI)
 
 

@@ -167,7 +167,8 @@ def build_parser(prog: str = "python -m lowmem.eval") -> argparse.ArgumentParser
     p.add_argument("--bos", action="store_true", help="prepend BOS (default: off)")
     p.add_argument("--requant-experts", choices=SCHEMES,
                    help="requantize the (int8) model's experts in memory with this baseline "
-                        "scheme (q8_0: every matrix but the router, as a Q8_0 GGUF) and run "
+                        "scheme (q8_0, q4_0_gguf: every matrix but the router, as a Q8_0 / Q4_0 "
+                        "GGUF; q4_0: the experts only) and run "
                         "it densely with lowmem.reference (small presets; default: the model "
                         "as stored)")
     p.add_argument("--out", type=cli.output_file,
@@ -194,10 +195,11 @@ def run(args) -> dict:
         from lowmem.requant import expert_bytes_per_token
         nbytes = expert_bytes_per_token(rt.engine.model, args.requant_experts)
         int8_acts = getattr(rt.engine.backend, "act_int8", None) and not args.requant_experts
+        table = getattr(rt.engine.backend, "output_table", "bf16")   # auto resolved
     finally:
         rt.close()
     report = {"model": str(args.model), "precision": args.precision,
-              "output_table": args.output_table, "activations": "int8" if int8_acts else "fp32",
+              "output_table": table, "activations": "int8" if int8_acts else "fp32",
               "tokens": tokens,
               "requant_experts": args.requant_experts, "expert_bytes_per_token": nbytes}
     if args.release_oracle:
@@ -206,7 +208,7 @@ def run(args) -> dict:
     elif args.reference:
         ref_rt = load(args.reference, **dict(     # --activations is the model's: the reference
             kwargs, precision=args.reference_precision, act_int8=False,
-            output_int8=cli.OUTPUT_TABLES[args.reference_output_table]))
+            output_table=cli.OUTPUT_TABLES[args.reference_output_table]))
         try:
             ref = teacher_forced_logits(ref_rt.engine, tokens, not args.no_progress)
         finally:

@@ -166,7 +166,7 @@ def decode_estimate(cfg: GrokConfig, block: int, hit_rate: float, link_gbps: flo
 def host_output_table_bytes(cfg: GrokConfig, settings: QuantSettings) -> int:
     """RAM the host backend adds at load for the int8 output table that
     ``--output-table auto`` builds for int4-expert models (int8 values and a bf16
-    scale per vocabulary row; ``backends.output_int8_choice``); 0 for int8 models."""
+    scale per vocabulary row; ``backends.output_table_choice``); 0 for int8 models."""
     return cfg.vocab_size * (cfg.emb_size + 2) if settings.bits == 4 else 0
 
 

@@ -14,6 +14,9 @@ forward holds every expert in fp32).
   32 weights: 4.5 bits.
 - ``q4_0_bf16``: the same with the scale stored in bf16 (what lowmem's format
   holds), to tell the -8 level trick from the fp16 scale's precision.
+- ``q4_0_gguf``: Q4_0 on every matrix but the router, as ``q8_0`` below: the
+  Q4_0 GGUF that issue 10's llama.cpp figures ran (its tied output table Q4_0,
+  0.45 GB at Grok-1 size), the baseline for ``--output-table int4``.
 - ``q8_0``: llama.cpp's Q8_0 file (``quantize_row_q8_0_ref``): groups of 32
   along the input dimension, fp16 ``d = max |x| / 127``, codes
   ``roundf(x / d)`` (half away from zero), value ``code * fp16(d)``; 34 bytes
@@ -22,7 +25,7 @@ forward holds every expert in fp32).
   attention projections and the tied embedding / output table (groups along
   D) are all requantized here, the baseline for lowmem's int8 models.
 
-The other resident weights (for the q4_0 schemes the attention, and the
+The other resident weights (for q4_0 and q4_0_bf16 the attention, and the
 router, norms, bf16 embedding in every case) are used exactly as the packed
 model stores them, so a model without ``--requant-experts`` run this way
 gives the engine's logits (to fp32 rounding).
@@ -42,7 +45,8 @@ log = logging.getLogger(__name__)
 Q4_0_GROUP = 32
 Q4_0_GROUP_BYTES = 18          # fp16 scale + 32 four-bit codes
 Q8_0_GROUP_BYTES = 34          # fp16 scale + 32 int8 codes
-SCHEMES = ("q4_0", "q4_0_bf16", "q8_0")
+SCHEMES = ("q4_0", "q4_0_bf16", "q4_0_gguf", "q8_0")
+WHOLE_FILE = ("q4_0_gguf", "q8_0")   # attention and the tied table requantized too
 
 
 def q4_0(w: np.ndarray, scale_dtype=np.float16) -> np.ndarray:
@@ -76,7 +80,8 @@ def q8_0(w: np.ndarray) -> np.ndarray:
     return (codes * d16[:, None, :]).reshape(k, n)
 
 
-_REQUANT = {"q4_0": q4_0, "q4_0_bf16": lambda m: q4_0(m, ml_dtypes.bfloat16), "q8_0": q8_0}
+_REQUANT = {"q4_0": q4_0, "q4_0_bf16": lambda m: q4_0(m, ml_dtypes.bfloat16),
+            "q4_0_gguf": q4_0, "q8_0": q8_0}
 
 
 def _dense(w) -> np.ndarray:
@@ -96,7 +101,7 @@ def dense_params(model: PackedModel, scheme: str | None = None) -> dict:
                          f"{model.settings.bits}-bit experts in {model.model_dir}")
     cfg = model.cfg
     requant = _REQUANT[scheme] if scheme else (lambda m: m)
-    every_matrix = scheme == "q8_0"                     # attention and table too
+    every_matrix = scheme in WHOLE_FILE                 # attention and table too
     layers = []
     for layer in range(cfg.num_layers):
         p = {role: _dense(w) for role, w in model.layer(layer).items()}

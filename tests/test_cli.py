@@ -277,22 +277,22 @@ def test_shared_options_mean_the_same_everywhere():
 
 
 def test_output_table_option_maps_to_the_engine_field(capsys):
-    """auto -> None (int8 for int4 models, chosen by the backend), bf16 -> False,
-    int8 and its shorthand --output-int8 -> True; anything else: exit 2."""
+    """auto -> None (int8 for int4 models, chosen by the backend), bf16, int8 (and
+    its shorthand --output-int8), int4 -> their names; anything else: exit 2."""
     for name in ("generate", "profile", "serve", "eval"):
         parser = _parsers()[name]
         base = ["-m", "x", "--prompt-ids", "1"] if name == "eval" else []
         for argv, want in (([], None), (["--output-table", "auto"], None),
-                           (["--output-table", "bf16"], False), (["--output-table", "int8"], True),
-                           (["--output-int8"], True)):
-            assert cli.engine_kwargs(parser.parse_args(base + argv))["output_int8"] is want, \
+                           (["--output-table", "bf16"], "bf16"), (["--output-table", "int8"], "int8"),
+                           (["--output-table", "int4"], "int4"), (["--output-int8"], "int8")):
+            assert cli.engine_kwargs(parser.parse_args(base + argv))["output_table"] == want, \
                 (name, argv)
         for argv, want in (([], None), (["--activations", "fp32"], False),
                            (["--activations", "int8"], True), (["--act-int8"], True)):
             assert cli.engine_kwargs(parser.parse_args(base + argv))["act_int8"] is want, \
                 (name, argv)
     with pytest.raises(SystemExit) as e:
-        G.build_parser().parse_args(["--output-table", "int4"])
+        G.build_parser().parse_args(["--output-table", "int2"])
     assert e.value.code == 2 and "--output-table" in capsys.readouterr().err
 
 

@@ -118,7 +118,7 @@ def test_int4_levels_engine_equals_fp32_reference_of_its_weights(packed, tiny_cf
     model = packed["int4lv"]
     assert model.expert(0, 0).gate.levels == STUDENT_T_LEVELS
     params = dense_params(model)
-    engine = _engine(model, backend=backend, precision="fp32", output_int8=False, act_int8=False)
+    engine = _engine(model, backend=backend, precision="fp32", output_table="bf16", act_int8=False)
     refs = [R.forward(tiny_cfg, params, np.array(p), mode="fp32")[0] for p in PROMPTS[:2]]
     for prompt, ref in zip(PROMPTS, refs):
         assert _rel(prompt_logits(engine, prompt), ref) <= 2e-6             # (T, V)
@@ -227,17 +227,45 @@ def test_invalid_model_dir(tmp_path, packed):
 
 
 
-def test_output_int8_option_changes_logits_by_its_rounding_only(packed):
+def test_int8_output_table_changes_logits_by_its_rounding_only(packed):
     """The int8 table only rounds the output matrix (each entry by at most half its
     row's scale): the logits move by well under 1% and keep their argmax."""
     base = prompt_logits(_engine(packed["int8"], backend="host", precision="fp32",
-                                 output_int8=False), PROMPTS[0])
+                                 output_table="bf16"), PROMPTS[0])
     q8 = prompt_logits(_engine(packed["int8"], backend="host", precision="fp32",
-                               output_int8=True), PROMPTS[0])
+                               output_table="int8"), PROMPTS[0])
     assert 0 < _rel(q8, base) < 1e-2
     assert np.array_equal(q8.argmax(-1), base.argmax(-1))
-    with pytest.raises(EngineError, match="host-backend option"):
-        _engine(packed["int8"], backend="device", output_int8=True)
+    for table in ("int8", "int4"):
+        with pytest.raises(EngineError, match="host-backend option"):
+            _engine(packed["int8"], backend="device", output_table=table)
+    with pytest.raises(EngineError, match="output_table must be one of bf16, int8, int4"):
+        _engine(packed["int8"], backend="host", output_table="int2")
+
+
+@pytest.mark.parametrize("a8", [False, True])
+def test_int4_output_table_logits_are_the_dense_product_of_its_values(packed, a8):
+    """--output-table int4: the logits are x @ dequantize(table) (the int4 copy of
+    the embedding's transpose, numpy float64 here) up to the activations' rounding
+    in the int8 mode; the copy is the embedding within int4's rounding; the logits
+    move from the bf16 table's by that rounding (a few %), not more."""
+    from lowmem import model as M
+    from quant.qweight import dequantize
+    model = packed["int8"]
+    backend = _engine(model, backend="host", precision="fp32", output_table="int4",
+                      act_int8=a8).backend
+    table = backend.output_q                                                 # (D, V) int4
+    assert (table.bits, table.group_size, table.levels) == (4, 32, STUDENT_T_LEVELS)
+    dense = dequantize(table).astype(np.float64)                             # (D, V)
+    embed = model.embed().astype(np.float64)                                 # (V, D)
+    assert 0.02 < np.abs(dense.T - embed).max() / np.abs(embed).max() < 0.15
+    x = np.random.default_rng(5).standard_normal((3, model.cfg.emb_size)).astype(np.float32)
+    got = np.asarray(jax.jit(lambda h: backend.logits_fn(
+        model.cfg, h, backend.logits_table, "fp32"))(x))                     # (3, V)
+    want = np.asarray(M.round_logits(model.cfg, (x @ dense).astype(np.float32), "fp32"))
+    assert _rel(got, want) < (1e-2 if a8 else 1e-5)
+    bf16 = np.asarray(M.round_logits(model.cfg, (x @ embed.T).astype(np.float32), "fp32"))
+    assert 1e-3 < _rel(got, bf16) < 0.15
 
 
 @pytest.mark.parametrize("bits", ["int8", "int4", "int4lv"])
@@ -269,7 +297,7 @@ def test_int8_activation_mode_gives_the_logits_int16_activations(packed):
     x = np.random.default_rng(3).standard_normal((3, model.cfg.emb_size)).astype(np.float32)
     got = {}
     for a8 in (False, True):
-        backend = _engine(model, backend="host", precision="fp32", output_int8=True,
+        backend = _engine(model, backend="host", precision="fp32", output_table="int8",
                           act_int8=a8).backend
         got[a8] = np.asarray(jax.jit(lambda h: backend.logits_fn(
             model.cfg, h, backend.logits_table, "fp32"))(x))                 # (3, V)
@@ -283,14 +311,15 @@ def test_output_table_default_is_int8_for_int4_models_only(packed):
     (the release's values) and on the device backend."""
     logits = {}
     for bits in ("int8", "int4"):
-        for choice in (None, False, True):
-            engine = _engine(packed[bits], backend="host", precision="fp32", output_int8=choice,
+        for choice in (None, "bf16", "int8"):
+            engine = _engine(packed[bits], backend="host", precision="fp32", output_table=choice,
                              act_int8=False)
-            assert (engine.backend.output_q is not None) == (choice or (choice is None
-                                                                         and bits == "int4"))
+            want = choice or ("int8" if bits == "int4" else "bf16")
+            assert engine.backend.output_table == want
+            assert (engine.backend.output_q is not None) == (want == "int8")
             logits[bits, choice] = prompt_logits(engine, PROMPTS[1])
-    np.testing.assert_array_equal(logits["int4", None], logits["int4", True])
-    np.testing.assert_array_equal(logits["int8", None], logits["int8", False])
-    assert not np.array_equal(logits["int4", None], logits["int4", False])
+    np.testing.assert_array_equal(logits["int4", None], logits["int4", "int8"])
+    np.testing.assert_array_equal(logits["int8", None], logits["int8", "bf16"])
+    assert not np.array_equal(logits["int4", None], logits["int4", "bf16"])
     dev = _engine(packed["int4"], backend="device", precision="fp32")         # auto: bf16 there
-    assert _rel(prompt_logits(dev, PROMPTS[1]), logits["int4", False]) < 2e-6
+    assert _rel(prompt_logits(dev, PROMPTS[1]), logits["int4", "bf16"]) < 2e-6

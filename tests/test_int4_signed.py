@@ -111,7 +111,7 @@ def test_fp32_engine_equals_dense_numpy_on_signed_int4(default_int4, tiny_cfg, b
     activations: the int8 ones, host defaults for int4 models, round on purpose.)"""
     prompt = [5, 17, 99, 3, 250, 42, 7, 300]
     engine = Engine(default_int4, EngineOptions(backend=backend, precision="fp32",
-                                                output_int8=False, act_int8=False))
+                                                output_table="bf16", act_int8=False))
     got = prompt_logits(engine, prompt)                                     # (T, V)
     params = dense_params(default_int4)
     ref = R.forward(tiny_cfg, params, np.array(prompt), mode="fp32")[0]

@@ -194,3 +194,26 @@ def test_act16_portable_micro_kernel_equals_vnni():
         kernel(e, x, part)
         np.testing.assert_array_equal(part[:, 16:48].reshape(4, 2, 16), ref, err_msg=str(vnni))
         assert not part[:, :16].any()
+
+
+def test_int4_table_is_the_level_quantizer_on_the_whole_transpose():
+    """quantize_table4 builds the (D, V) int4 copy a block of vocabulary rows at a
+    time (a last block shorter): byte-identical to quant.int4_levels on the whole
+    transposed table at once, which dequantizes to within int4's rounding of it."""
+    from lowmem.logits_kernels import _TABLE4_ROWS, quantize_table4
+    from quant.int4_levels import STUDENT_T_LEVELS, quantize_levels
+    from quant.qweight import dequantize
+    rng = np.random.default_rng(11)
+    e = (rng.standard_t(4, (_TABLE4_ROWS + 100, 64)) * 0.02).astype(ml_dtypes.bfloat16)
+    got = quantize_table4(e)
+    want = quantize_levels(np.ascontiguousarray(e.astype(np.float32).T), None, 32,
+                           STUDENT_T_LEVELS).weight
+    assert got.values.shape == (32, _TABLE4_ROWS + 100) and got.levels == STUDENT_T_LEVELS
+    np.testing.assert_array_equal(got.values, want.values)
+    np.testing.assert_array_equal(got.scales.view(np.uint16), want.scales.view(np.uint16))
+    err = np.abs(dequantize(got).T - e.astype(np.float32))                 # (V, D)
+    assert err.max() < 0.2 * np.abs(e.astype(np.float32)).max()
+    with pytest.raises(ValueError, match="width 48 is not a multiple of 32"):
+        quantize_table4(e[:, :48])
+    with pytest.raises(ValueError, match="2-D bfloat16"):
+        quantize_table4(e.astype(np.float32))

@@ -138,17 +138,20 @@ def test_eval_requant_q4_0(models, tiny_cfg, tmp_path, capsys):
     assert "needs an int8 model, found 4-bit experts" in err
 
 
-def test_q8_0_requantizes_every_matrix_but_the_router(models, tiny_cfg):
-    """A Q8_0 GGUF's model: experts, attention and the tied table in Q8_0 (groups along
-    the input dimension; the table's along D), router and norms as stored."""
+@pytest.mark.parametrize("scheme, fn, group_bytes", [("q8_0", q8_0, 34), ("q4_0_gguf", q4_0, 18)])
+def test_whole_file_schemes_requantize_every_matrix_but_the_router(models, tiny_cfg, scheme, fn,
+                                                                    group_bytes):
+    """A Q8_0 / Q4_0 GGUF's model: experts, attention and the tied table requantized
+    (groups along the input dimension; the table's along D), router and norms as stored."""
     model = PackedModel.open(models / "int8")
-    plain, q8 = dense_params(model), dense_params(model, "q8_0")
+    plain, req = dense_params(model), dense_params(model, scheme)
     for role in ("q", "k", "v", "o", "router", "attn_norm"):
-        want = q8_0(plain["layers"][0][role]) if role in "qkvo" else plain["layers"][0][role]
-        np.testing.assert_array_equal(q8["layers"][0][role], want)
-    np.testing.assert_array_equal(q8["layers"][1]["down"][3], q8_0(plain["layers"][1]["down"][3]))
-    np.testing.assert_array_equal(q8["embed"], q8_0(plain["embed"].T).T)
-    assert not np.array_equal(q8["embed"], plain["embed"])
+        want = fn(plain["layers"][0][role]) if role in "qkvo" else plain["layers"][0][role]
+        np.testing.assert_array_equal(req["layers"][0][role], want)
+    np.testing.assert_array_equal(req["layers"][1]["down"][3], fn(plain["layers"][1]["down"][3]))
+    np.testing.assert_array_equal(req["embed"], fn(plain["embed"].T).T)
+    assert not np.array_equal(req["embed"], plain["embed"])
     cfg = tiny_cfg
-    assert expert_bytes_per_token(model, "q8_0") == (cfg.num_layers * cfg.num_selected_experts
-                                                     * 3 * cfg.emb_size * cfg.ffn_size // 32 * 34)
+    assert expert_bytes_per_token(model, scheme) == (cfg.num_layers * cfg.num_selected_experts
+                                                     * 3 * cfg.emb_size * cfg.ffn_size // 32
+                                                     * group_bytes)

@@ -25,7 +25,7 @@ mappings, so the run measures memory, not page faults or the disk.
     python tools/bench_decode.py --model DIR           # an existing packed model
     python tools/bench_decode.py --threads 1           # numba kernels on one thread
     python tools/bench_decode.py --model DIR --act-int8  # opt-in int8-activation kernels
-    python tools/bench_decode.py --model DIR --output-table bf16 int8  # both logits tables
+    python tools/bench_decode.py --model DIR --output-table int8 int4  # two logits tables
 
 Disk: the checkpoint is ~3.2 GB + 5 GB per layer, the int8 model ~1.6 GB +
 4.9 GB per layer, int4 ~1.6 GB + 2.5 GB per layer; the checkpoint is deleted
@@ -140,7 +140,7 @@ def build_models(args) -> list[Path]:
 
 def touched_buffers(model: PackedModel, table=None) -> dict[str, list[np.ndarray]]:
     """The bytes one decode step reads, by kind (two experts per layer); the
-    logits read ``table`` (the backend's int8 output table) when given, else
+    logits read ``table`` (the backend's int8 or int4 output table) when given, else
     the mapped bf16 embedding."""
     out: dict[str, list[np.ndarray]] = {"attention": [], "experts": [], "embedding": []}
     for e in model.entries:
@@ -196,11 +196,11 @@ def bench_prefill(engine, lengths: list[int], repeats: int) -> dict[int, float]:
     return out
 
 
-def table_build_seconds(model: PackedModel) -> float:
-    """Seconds of one build of the int8 output table from the mapped embedding."""
-    from lowmem.logits_kernels import quantize_table
+def table_build_seconds(model: PackedModel, kind: str) -> float:
+    """Seconds of one build of the int8 or int4 output table from the mapped embedding."""
+    from lowmem.logits_kernels import quantize_table, quantize_table4
     start = time.perf_counter()
-    quantize_table(model.embed())
+    (quantize_table if kind == "int8" else quantize_table4)(model.embed())
     return time.perf_counter() - start
 
 
@@ -209,7 +209,7 @@ def bench_model(model_dir: Path, args) -> list[dict]:
     interleaved, with the floors measured in between, so a noisy neighbour slows all alike."""
     from lowmem.api import load
     from lowmem.cli import ACTIVATIONS, OUTPUT_TABLES
-    rts = [load(model_dir, backend="host", context=args.context, output_int8=OUTPUT_TABLES[t],
+    rts = [load(model_dir, backend="host", context=args.context, output_table=OUTPUT_TABLES[t],
                 act_int8=ACTIVATIONS[a]) for t in args.output_table for a in args.activations]
     model = rts[0].engine.model
     bufs = [touched_buffers(model, rt.engine.backend.output_q) for rt in rts]
@@ -228,10 +228,11 @@ def bench_model(model_dir: Path, args) -> list[dict]:
             steps[i] += decode_seconds(rt.engine, prompt, args.tokens)
     rows = []
     for i, rt in enumerate(rts):
-        output_q, backend = rt.engine.backend.output_q, rt.engine.backend
+        backend = rt.engine.backend
+        table = backend.output_table                                  # 'bf16', 'int8', 'int4'
         per_token, step = sum(nbytes[i].values()), float(np.median(steps[i]))
         rows.append({
-            "model": f"{model_dir.name}/{'int8' if output_q is not None else 'bf16'}"
+            "model": f"{model_dir.name}/{table}"
                      f"/{'a8' if backend.act_int8 else 'f32'}",
             "bits": model.settings.bits, "bytes": nbytes[i], "bytes_per_token": per_token,
             "s_per_token": step, "p90": float(np.percentile(steps[i], 90)),
@@ -239,7 +240,8 @@ def bench_model(model_dir: Path, args) -> list[dict]:
             "floor_same_gbps": per_token / float(np.median(floor_same[i])) / GB,
             "floor_anon_gbps": float(np.median(anon_gbps)), "prefault_s": fault_s,
             "steps": len(steps[i]), "prefill": bench_prefill(rt.engine, args.prefill, args.repeats),
-            "table_build_s": table_build_seconds(model) if output_q is not None else None})
+            "table": table,
+            "table_build_s": table_build_seconds(model, table) if table != "bf16" else None})
         rt.close()
     return rows
 
@@ -259,7 +261,7 @@ def print_table(rows: list[dict]) -> None:
               f"first read of all experts {r['prefault_s']:.1f} s")
         print(f"  {r['model']}: prefill {prefill}")
         if r["table_build_s"] is not None:
-            print(f"  {r['model']}: int8 output table built in {r['table_build_s']:.2f} s")
+            print(f"  {r['model']}: {r['table']} output table built in {r['table_build_s']:.2f} s")
     print("target: decode GB/s >= 85% of the anonymous read (same bytes, plain parallel sum)")
 
 
@@ -283,7 +285,7 @@ def main(argv=None) -> int:
     ap.add_argument("--act-int8", dest="activations", action="store_const", const=["int8"],
                     help="the same as --activations int8")
     ap.add_argument("--prompt-tokens", type=int, default=8)
-    ap.add_argument("--output-table", nargs="+", choices=("auto", "bf16", "int8"),
+    ap.add_argument("--output-table", nargs="+", choices=("auto", "bf16", "int8", "int4"),
                     default=["auto"], help="logits table(s) to run each model with, repeats "
                                            "interleaved (default auto: int8 for int4 models)")
     ap.add_argument("--tokens", type=int, default=4, help="decode steps per repeat (default 4)")
