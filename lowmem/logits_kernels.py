@@ -1,4 +1,5 @@
-"""Logits from an int8 output table: one int8 row per vocabulary entry, fp32 activations.
+"""Logits from an int8 output table: one int8 row per vocabulary entry, fp32 activations
+(and the int4 output table's builder, at the end: its logits are the generic int4 matmul).
 
 The tied output matrix of Grok-1 is 131072 x 6144: 1.6 GB of bf16 read for
 every decode step, more than half of a token's bytes on the host backend.
