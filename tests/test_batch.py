@@ -4,13 +4,14 @@ The reference is ``lowmem.decoding.generate_tokens`` on a plain Engine: a
 request run in a batch, joining and leaving between steps, must give exactly
 the tokens (and the PRNG draws) it gives alone.
 """
+import jax
 import numpy as np
 import pytest
 
-from lowmem.batch import BatchEngine
+from lowmem.batch import BatchEngine, sample_rows, seed_key_data
 from lowmem.decoding import GenerationRequest, generate_tokens
 from lowmem.engine import Engine, EngineError, EngineOptions
-from lowmem.sampling import SamplingParams
+from lowmem.sampling import SamplingParams, sample
 from lowmem.scheduler import QueueFull, Request, Scheduler
 from quant.packed import PackedModel, QuantSettings
 from quant.pipeline import quantize_checkpoint
@@ -357,3 +358,20 @@ def test_a_burst_of_prompts_is_read_in_one_step(model):
     assert [s.generated for s in seqs] == [_solo(engine, r) for r in reqs]
     with pytest.raises(EngineError, match="prefill_tokens"):
         Scheduler(BatchEngine(engine, 1), prefill_tokens=0)
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.9])
+def test_sample_rows_draws_each_row_as_sample_does_alone(top_p):
+    """Row i of sample_rows is sampling.sample on that row alone with its key split
+    as a solo run splits it (the first key goes on, the second draws), whatever the
+    other rows hold: unfiltered rows (top_p 1) and filtered ones, greedy among them."""
+    logits = np.random.default_rng(4).standard_normal((5, 1000)).astype(np.float32) * 2
+    keys = np.stack([seed_key_data(s) for s in (3, 17, 99, 1000, 5)])           # (5, 2)
+    temp = np.array([1.0, 0.7, 1.3, 0.0, 1.0], np.float32)
+    p, k = np.full(5, top_p, np.float32), np.zeros(5, np.int32)
+    tokens, _, following = sample_rows(logits, keys, temp, p, k)
+    for i in range(5):
+        key, sub = jax.random.split(jax.random.wrap_key_data(keys[i]))
+        assert int(tokens[i]) == int(sample(logits[i:i + 1], sub, temp[i], p[i], k[i])[0])
+        np.testing.assert_array_equal(following[i], jax.random.key_data(key))
+    assert len(set(np.asarray(tokens).tolist())) > 2                  # the rows really differ
