@@ -47,7 +47,8 @@ from numba.extending import intrinsic
 from lowmem.act8_kernels import _V16I, _has_vnni
 from lowmem.simd_kernels import _Mat, _prefer_512, _prefetch
 from quant.bf16 import round_bf16_bits
-from quant.qweight import BF16
+from quant.int4_levels import STUDENT_T_LEVELS, quantize_levels
+from quant.qweight import BF16, QWeight
 
 _FM = {"contract"}
 _BLOCK_ROWS = 64          # vocabulary rows per parallel work item
@@ -493,28 +494,26 @@ def _transposed_f32(e, v0, out):
     """out (D, n) float32 <- rows v0 .. v0 + n of e (uint16 bf16 bits (V, D)), transposed
     in 64 x 64 tiles (5x faster than numpy's strided copy of the transpose)."""
     d, n = out.shape
-    for tile in prange(((d + 63) // 64) * ((n + 63) // 64)):
-        a0 = (tile // ((n + 63) // 64)) * 64
-        b0 = (tile % ((n + 63) // 64)) * 64
+    across = (n + 63) // 64                            # tiles along a row of out
+    for tile in prange(((d + 63) // 64) * across):
+        a0, b0 = (tile // across) * 64, (tile % across) * 64
         for j in range(b0, min(n, b0 + 64)):
             for a in range(a0, min(d, a0 + 64)):
                 out[a, j] = np.uint32(np.uint32(e[v0 + j, a]) << 16).view(np.float32)
 
 
-def quantize_table4(embed: np.ndarray, levels: tuple[int, ...] | None = None):
+def quantize_table4(embed: np.ndarray) -> QWeight:
     """The bf16 (V, D) table as an int4 QWeight of its transpose, (K, N) = (D, V):
-    groups of TABLE4_GROUP along D with a bf16 scale each and the level table
-    ``levels`` (default: quant.int4_levels.STUDENT_T_LEVELS, the int4 experts'
-    default; 0.5625 bytes per value, 0.45 GB at Grok-1 size, as llama.cpp's Q4_0).
+    groups of TABLE4_GROUP along D with a bf16 scale each and the int4 experts'
+    default level table (STUDENT_T_LEVELS); 0.5625 bytes per value, 0.45 GB at
+    Grok-1 size, as llama.cpp's Q4_0.
 
     Why the transpose: the logits are then ``x @ W`` for the generic quantized
     matmul (lowmem.cpu_kernels.matmul, its int8-activation kernels): at one
     token it reads the 0.45 GB at the read floor, where a kernel of its own
-    would repeat those kernels' nibble code. Built at load (about 5 s at Grok-1
+    would repeat those kernels' nibble code. Built at load (6-7 s at Grok-1
     size), a block of rows at a time, with the int4 experts' search
     (quant.int4_levels.quantize_levels)."""
-    from quant.int4_levels import STUDENT_T_LEVELS, quantize_levels
-    from quant.qweight import QWeight
     if embed.dtype != BF16 or embed.ndim != 2:
         raise ValueError(f"quantize_table4: expected a 2-D bfloat16 table, got "
                          f"{embed.ndim}-D {embed.dtype}")
@@ -522,14 +521,15 @@ def quantize_table4(embed: np.ndarray, levels: tuple[int, ...] | None = None):
     if d % TABLE4_GROUP:
         raise ValueError(f"quantize_table4: the table's width {d} is not a multiple of "
                          f"{TABLE4_GROUP} (the int4 groups along it)")
-    levels = STUDENT_T_LEVELS if levels is None else levels
     values = np.empty((d // 2, v), np.uint8)                             # (D/2, V) packed
     scales = np.empty((d // TABLE4_GROUP, v), BF16)                      # (D/32, V)
     bits = np.ascontiguousarray(embed).view(np.uint16)                  # (V, D) bf16 bits
+    full = np.empty((d, min(_TABLE4_ROWS, v)), np.float32)              # reused (D, n)
     for v0 in range(0, v, _TABLE4_ROWS):
-        block = np.empty((d, min(_TABLE4_ROWS, v - v0)), np.float32)    # (D, n)
+        n = min(_TABLE4_ROWS, v - v0)
+        block = full if n == full.shape[1] else np.empty((d, n), np.float32)
         _transposed_f32(bits, v0, block)
-        w = quantize_levels(block, None, TABLE4_GROUP, levels).weight
+        w = quantize_levels(block, None, TABLE4_GROUP, STUDENT_T_LEVELS).weight
         values[:, v0:v0 + block.shape[1]] = w.values
         scales[:, v0:v0 + block.shape[1]] = w.scales
-    return QWeight(values, scales, 4, TABLE4_GROUP, levels)
+    return QWeight(values, scales, 4, TABLE4_GROUP, STUDENT_T_LEVELS)
