@@ -57,8 +57,8 @@ from numba import njit, prange, types
 from numba.extending import overload
 
 from lowmem import act8_kernels
+from lowmem.activations import geglu
 from lowmem.simd_kernels import _hi, _lo, _prefer_512, _strip
-from quant.bf16 import round_bf16_scalar
 from quant.qweight import BF16, QWeight, level_table
 
 _FM = {"contract"}
@@ -72,7 +72,6 @@ _PARTIAL_SHARE = 16       # row-chunk partial sums stay under weight bytes / thi
 _Q4_ROWS = 32             # int4 weight rows (16 packed rows) per micro-kernel call
 _I8_ROWS = 16             # int8 weight rows per micro-kernel call (32 or 64: 1.2-1.6x slower)
 _STRIP = 64               # columns per micro-kernel strip (int4 and int8)
-_GELU_C = np.float32(np.sqrt(2.0 / np.pi))
 # Default of matmul's act_int8 (int8 activations, lowmem.act8_kernels): opt-in.
 ACT_INT8 = os.environ.get("LOWMEM_ACT_INT8", "") == "1"
 
@@ -91,14 +90,6 @@ def _f32_overload(v):
     if v == types.uint16:  # bf16 bit pattern
         return lambda v: np.uint32(np.uint32(v) << 16).view(np.float32)
     return lambda v: np.float32(v)
-
-
-@njit(inline="always", cache=True)
-def gelu_tanh(v):
-    """jax.nn.gelu(approximate=True) in float32, same operation order."""
-    cdf = np.float32(0.5) * (np.float32(1.0) + np.tanh(
-        _GELU_C * (v + np.float32(0.044715) * (v * v * v))))
-    return v * cdf
 
 
 # ----------------------------------------------------------------------------
@@ -405,20 +396,6 @@ def _matmul_a8_kernel(x, xq, dx, bs, w, sc, g, nb, kchunk, parts, lv):
                        min(nb, N - n0), parts[c], n0, lv)
 
 
-@njit(parallel=True, fastmath=_FM, cache=True)
-def _geglu(h, u, rnd):
-    """h (T, F) <- gelu(r(h)) * r(u), r = bf16 rounding if rnd, else identity."""
-    T, F = h.shape
-    for j in prange(F):
-        for t in range(T):
-            a = h[t, j]
-            b = u[t, j]
-            if rnd:
-                a = round_bf16_scalar(a)
-                b = round_bf16_scalar(b)
-            h[t, j] = gelu_tanh(a) * b
-
-
 @njit(parallel=True, fastmath=_FM_REDUCE, cache=True)
 def _matmul_nt_kernel(x, e, out):
     """out (T, V) = x (T, D) @ e.T for e (V, D) row-major, 4 rows of e at a time."""
@@ -517,7 +494,7 @@ def _activations(x, k: int, what: str) -> tuple[np.ndarray, bool]:
     return x2, vector
 
 
-def _plan(t: int, k: int, n: int, weight_bytes: int, align: int = 8):
+def _plan(t: int, k: int, n: int, weight_bytes: int, a8: bool = False):
     """(columns per block, rows per chunk, number of chunks) for matmul.
 
     Measured on the 2-core target: reading whole weight rows in order (the
@@ -526,6 +503,9 @@ def _plan(t: int, k: int, n: int, weight_bytes: int, align: int = 8):
     token block) fit in _ACC_BYTES, and the parallel split is over chunks of
     input rows, whose partial sums are added at the end. Column blocks only
     appear for very wide outputs or when the partial sums would grow too big.
+    a8 (int8 activations): chunks of whole 32-row activation blocks and
+    column blocks of whole 64-column strips where N allows (a block's last
+    N % 64 columns take the fp32 tiles, ~4x slower per column).
     """
     items = 4 * numba.get_num_threads()
     t, n = max(t, 1), max(n, 1)
@@ -534,9 +514,9 @@ def _plan(t: int, k: int, n: int, weight_bytes: int, align: int = 8):
     if ncb * nk < items:  # rows could not be split further: narrow the columns
         ncb = max(ncb, min(-(-items // nk), -(-n // 64)))
     nb = -(-n // ncb)
-    nb = min(n, nb + (-nb) % 16)
+    nb = min(n, nb + (-nb) % (_STRIP if a8 else 16))
     kchunk = -(-k // nk)
-    kchunk += (-kchunk) % align  # whole 4-row steps, int4 bytes (int8-activation blocks)
+    kchunk += (-kchunk) % (act8_kernels.BLOCK if a8 else 8)  # whole 4-row steps, int4 bytes
     return nb, kchunk, -(-k // kchunk)
 
 
@@ -560,18 +540,20 @@ def matmul(x, w, *, col_block: int | None = None, k_chunk: int | None = None,
         return out[0] if vector else out
     a8 = (ACT_INT8 if act_int8 is None else act_int8) and isinstance(w, QWeight) \
         and k % act8_kernels.BLOCK == 0 and g % act8_kernels.BLOCK == 0
-    nb, kchunk, nk = _plan(x2.shape[0], k, n, values.nbytes, 32 if a8 else 8)
-    if col_block is not None:
-        nb = max(1, min(n, col_block))
     if k_chunk is not None:
         if k_chunk <= 0 or k_chunk % 8:
             raise ValueError(f"matmul: k_chunk must be a positive multiple of 8, got {k_chunk}")
-        kchunk, nk = k_chunk, -(-k // k_chunk)
         a8 = a8 and k_chunk % act8_kernels.BLOCK == 0
+    nb, kchunk, nk = _plan(x2.shape[0], k, n, values.nbytes, a8)
+    if col_block is not None:
+        nb = max(1, min(n, col_block))
+    if k_chunk is not None:
+        kchunk, nk = k_chunk, -(-k // k_chunk)
     parts = np.zeros((nk, x2.shape[0], n), np.float32)  # (chunks, T, N)
     if a8:
         xq, dx, bs = act8_kernels.quantize_activations(x2)  # (T, K) int8, (T, K/32) x2
-        xd = (xq.reshape(len(xq), -1, 32) * dx[:, :, None]).reshape(xq.shape)  # (T, K) f32
+        xd = x2 if nb % _STRIP == 0 and n % _STRIP == 0 else (  # x of the fp32 tail tiles
+            xq.reshape(len(xq), -1, 32) * dx[:, :, None]).reshape(xq.shape)  # (T, K) f32
         _matmul_a8_kernel(xd, xq, dx, bs, values, scales, g, nb, kchunk, parts, lv)
     else:
         _matmul_kernel(x2, values, scales, g, nb, kchunk, parts, lv)
@@ -612,6 +594,6 @@ def expert_ffn(x, gate, up, down, round_bf16: bool = True,
                          f"got up {shape_u} and down {shape_d}")
     x2, vector = _activations(x, d, "expert_ffn")
     h = matmul(x2, gate, act_int8=act_int8)  # (T, F)
-    _geglu(h, matmul(x2, up, act_int8=act_int8), bool(round_bf16))
+    geglu(h, matmul(x2, up, act_int8=act_int8), bool(round_bf16))
     out = matmul(h, down, act_int8=act_int8)  # (T, D)
     return out[0] if vector else out
