@@ -65,6 +65,7 @@ _FM = {"contract"}
 _FM_REDUCE = {"contract", "reassoc"}
 _ACC_BYTES = 1 << 20      # fp32 accumulators of one work item (one token block)
 _TOKEN_BLOCK = 8          # tokens processed per pass over a weight tile
+_A8_TOKEN_BLOCK = 16      # the same with int8 activations (their kernels decode a block once)
 _ROW_TILE = 256           # input rows per weight tile when T > _TOKEN_BLOCK
 _SUB = 512               # columns decoded per L1 buffer when T > 1
 _NT_ROWS = 64             # embedding rows per work item in matmul_nt
@@ -366,14 +367,18 @@ def _accumulate_a8(x, xq, dx, bs, w, sc, g, k0, k1, n0, m, acc, a0, lv):
     """_accumulate with int8 activations (lowmem.act8_kernels) for the whole
     64-column strips; the columns after them get the fp32 tiles on x = the
     dequantized int8 activations (same numbers); k0, k1, g multiples of 32;
-    lv: the int4 level table or None."""
+    lv: the int4 level table or None. Token blocks of _A8_TOKEN_BLOCK (16),
+    not 8: tile_strips decodes a weight block once for all its tokens, so 9
+    tokens as 8 + 1 decoded it twice and ran a one-token pass (the serving
+    step's experts see 8-12 tokens each); 9 tokens 0.83x the time (Grok-1
+    int4 expert, median of 4 interleaved runs), 12 and 16 about equal."""
     T = x.shape[0]
-    step = k1 - k0 if T <= _TOKEN_BLOCK else _ROW_TILE  # token blocks: accumulators in L2
+    step = k1 - k0 if T <= _A8_TOKEN_BLOCK else _ROW_TILE  # token blocks: accumulators in L2
     m_main = m - m % _STRIP
     for kk in range(k0, k1, step):
         kk1 = min(k1, kk + step)
-        for t0 in range(0, T, _TOKEN_BLOCK):
-            t1 = min(T, t0 + _TOKEN_BLOCK)
+        for t0 in range(0, T, _A8_TOKEN_BLOCK):
+            t1 = min(T, t0 + _A8_TOKEN_BLOCK)
             act8_kernels.tile_strips(xq, dx, bs, w, sc, g, kk, kk1, n0, m, t0, t1, acc, a0, lv)
             if m_main < m:
                 _strip_tail(x, w, sc, g, kk, kk1, n0 + m_main, m - m_main, t0, t1, acc,
@@ -509,7 +514,7 @@ def _plan(t: int, k: int, n: int, weight_bytes: int, a8: bool = False):
     """
     items = 4 * numba.get_num_threads()
     t, n = max(t, 1), max(n, 1)
-    ncb = -(-n * min(t, _TOKEN_BLOCK) * 4 // _ACC_BYTES)
+    ncb = -(-n * min(t, _A8_TOKEN_BLOCK if a8 else _TOKEN_BLOCK) * 4 // _ACC_BYTES)
     nk = max(1, min(-(-items // ncb), k // 256, weight_bytes // _PARTIAL_SHARE // (4 * t * n)))
     if ncb * nk < items:  # rows could not be split further: narrow the columns
         ncb = max(ncb, min(-(-items // nk), -(-n // 64)))

@@ -253,11 +253,12 @@ def _assert_act8_close(y, x, w):
     _assert_matmul_close(y, xd, w)
 
 
-@pytest.mark.parametrize("t", [1, 2, 4, 5, 9])
+@pytest.mark.parametrize("t", [1, 2, 4, 5, 9, 17])
 @pytest.mark.parametrize("bits,group,n", [(4, K, 333), (4, 64, 192), (8, K // 8, 333), (8, 32, 130)])
 def test_matmul_act_int8(t, bits, group, n):
     """act_int8=True: the product of the int8-quantized activations with the
-    weights (int32 dot products are exact, fp32 after); 333 and 130 columns
+    weights (int32 dot products are exact, fp32 after; 17 tokens: two token
+    blocks over row tiles); 333 and 130 columns
     leave a tail for the fp32 tiles, forced splits cut the rows at 32-row
     blocks or (k_chunk 72) fall back to fp32 entirely."""
     rng = np.random.default_rng(200 + 10 * t + bits + group)
