@@ -77,18 +77,38 @@ class _HostMatmul:
     """Hashable callback (role fixed) so that traces of the same role are reused."""
     role: str
 
-    def __call__(self, x, handle, layer):
-        from lowmem.cpu_kernels import matmul
+    def __call__(self, x, handle, layer, rows):
         backend = _HOST_BACKENDS[int(handle)]
         weight = backend.weights[int(layer)][self.role]
-        return matmul(np.asarray(x, np.float32), weight, act_int8=backend.act_int8)
+        return _leading_rows(x, rows, weight, backend.act_int8)
 
 
-def host_linear(x: jax.Array, w: HostWeight, precision: str = "bf16") -> jax.Array:
+def _leading_rows(x, rows, weight, act_int8: bool) -> np.ndarray:
+    """x @ weight for the first ``rows`` rows of x (the real ones, see model._linear),
+    zeros after them: fp32 (T, N)."""
+    from lowmem.cpu_kernels import matmul
+    x = np.asarray(x, np.float32)                                           # (T, K)
+    n = min(int(rows), len(x))
+    if n == len(x):
+        return matmul(x, weight, act_int8=act_int8)
+    out = np.zeros((len(x), weight.shape[1]), np.float32)                   # (T, N)
+    if n > 0:
+        out[:n] = matmul(x[:n], weight, act_int8=act_int8)
+    return out
+
+
+def _rows_operand(x: jax.Array, rows) -> jax.Array:
+    """The real-row count for a host callback: rows, or all of x's."""
+    return jnp.asarray(x.shape[0] if rows is None else rows, jnp.int32)
+
+
+def host_linear(x: jax.Array, w: HostWeight, precision: str = "bf16", rows=None) -> jax.Array:
     """``x @ W`` for a HostWeight: the numba kernel (exact weights, fp32 accumulation) on
-    the mapped weight; fp32 out in both precisions (the release as executed)."""
+    the mapped weight; fp32 out in both precisions (the release as executed). rows:
+    the real leading rows of x (model._linear), the others' products skipped (0)."""
     shape = jax.ShapeDtypeStruct((x.shape[0], w.out_features), F32)
-    out = jax.pure_callback(_HostMatmul(w.role), shape, x.astype(F32), w.handle, w.layer)
+    out = jax.pure_callback(_HostMatmul(w.role), shape, x.astype(F32), w.handle, w.layer,
+                            _rows_operand(x, rows))
     M.act_dtype(precision)
     return out
 
@@ -97,26 +117,27 @@ def host_linear(x: jax.Array, w: HostWeight, precision: str = "bf16") -> jax.Arr
 class _HostQKV:
     """Hashable callback: the q, k and v products of one layer in one host call."""
 
-    def __call__(self, x, handle, layer):
-        from lowmem.cpu_kernels import matmul
+    def __call__(self, x, handle, layer, rows):
         backend = _HOST_BACKENDS[int(handle)]
         weights = backend.weights[int(layer)]
-        x = np.asarray(x, np.float32)
-        return tuple(matmul(x, weights[role], act_int8=backend.act_int8) for role in "qkv")
+        return tuple(_leading_rows(x, rows, weights[role], backend.act_int8) for role in "qkv")
 
 
 def host_qkv(x: jax.Array, wq: HostWeight, wk: HostWeight, wv: HostWeight,
-             precision: str = "bf16") -> tuple[jax.Array, jax.Array, jax.Array]:
+             precision: str = "bf16", rows=None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``(x @ Wq, x @ Wk, x @ Wv)`` in ONE host callback: the same kernels on the same
     weights as three ``host_linear`` calls (identical results), without two of the
-    callbacks' hand-overs between XLA and numba per layer. fp32 (T, N) each."""
+    callbacks' hand-overs between XLA and numba per layer. fp32 (T, N) each; rows:
+    as host_linear."""
     shapes = tuple(jax.ShapeDtypeStruct((x.shape[0], w.out_features), F32) for w in (wq, wk, wv))
-    out = jax.pure_callback(_HostQKV(), shapes, x.astype(F32), wq.handle, wq.layer)
+    out = jax.pure_callback(_HostQKV(), shapes, x.astype(F32), wq.handle, wq.layer,
+                            _rows_operand(x, rows))
     M.act_dtype(precision)
     return out
 
 
 host_linear.qkv = host_qkv   # model.attention_qkv uses it when the backend's linear has one
+host_linear.skips_rows = True  # model._linear passes the real row count
 
 
 def _host_logits_callback(x, handle):

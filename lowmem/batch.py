@@ -51,12 +51,13 @@ log = logging.getLogger(__name__)
 
 
 @partial(jax.jit, static_argnums=(0, 1, 2))
-def _qkv_rows(cfg, linear, precision, lp, h, pos):
+def _qkv_rows(cfg, linear, precision, lp, h, pos, rows):
     """Queries, keys and values of B rows (one read of the weights), split per row.
 
-    h (B, D), pos (B,) int32 -> three tuples of B arrays, (1, H, K) each: each
-    row goes on to its own sequence's attention call without a slicing op."""
-    q, k, v = M.attention_qkv(cfg, linear, precision, lp, h, pos)            # (B, H, K)
+    h (B, D), pos (B,) int32, rows: the real (not padding) leading rows ->
+    three tuples of B arrays, (1, H, K) each: each row goes on to its own
+    sequence's attention call without a slicing op."""
+    q, k, v = M.attention_qkv(cfg, linear, precision, lp, h, pos, rows)      # (B, H, K)
     rows = lambda a: tuple(a[i:i + 1] for i in range(h.shape[0]))          # noqa: E731
     return rows(q), rows(k), rows(v)
 
@@ -74,9 +75,10 @@ def _attend_row(cfg, precision, q, k, v, cache, valid, pos):
 
 
 @partial(jax.jit, static_argnums=(0, 1, 2))
-def _attention_out(cfg, linear, precision, lp, h, rows):
-    """``h + rms_norm_1(attn @ o)`` for the B rows' attention outputs (a tuple) -> (B, D)."""
-    return M.attention_output(cfg, linear, precision, lp, h, jnp.concatenate(rows))
+def _attention_out(cfg, linear, precision, lp, h, outs, rows):
+    """``h + rms_norm_1(attn @ o)`` for the B rows' attention outputs (a tuple), rows
+    real leading rows -> (B, D)."""
+    return M.attention_output(cfg, linear, precision, lp, h, jnp.concatenate(outs), rows)
 
 
 @partial(jax.jit, donate_argnums=(0,))
@@ -385,29 +387,30 @@ class BatchEngine:
         h, valid = self.engine.chunk_input(st, padded, n)
         return _ChunkRows(slot, st.pos, n, h, valid, list(st.caches))
 
-    def _attention(self, layer: int, h, caches: list[list], valids, pos: np.ndarray):
-        """One layer's attention for B rows: shared projections, one attend call per row
-        on its own cache (``caches[row][layer]``, replaced by the updated one) -> (B, D)."""
+    def _attention(self, layer: int, h, caches: list[list], valids, pos: np.ndarray, n: int):
+        """One layer's attention for B rows, n real then padding: shared projections, one
+        attend call per row on its own cache (``caches[row][layer]``, replaced by the
+        updated one) -> (B, D)."""
         cfg, linear, prec = self.cfg, self.engine.backend.linear, self.engine.precision
-        lp = self.engine.layers[layer]
-        qs, ks, vs = _qkv_rows(cfg, linear, prec, lp, h, pos)                   # B x (1, H, K)
+        lp, rows = self.engine.layers[layer], np.int32(n)
+        qs, ks, vs = _qkv_rows(cfg, linear, prec, lp, h, pos, rows)             # B x (1, H, K)
         outs = []
         for i, c in enumerate(caches):
             out, c[layer] = _attend_row(cfg, prec, qs[i], ks[i], vs[i], c[layer], valids[i],
                                         pos[i:i + 1])
             outs.append(out)                                                     # (1, Hq*K)
-        return _attention_out(cfg, linear, prec, lp, h, tuple(outs))             # (B, D)
+        return _attention_out(cfg, linear, prec, lp, h, tuple(outs), rows)       # (B, D)
 
     def _layer(self, layer: int, dec: _DecodeRows | None, n: int, runs: list[_ChunkRows]):
         """One layer for every group of rows: its attention, then one shared MoE call."""
         eng, groups = self.engine, []
         if dec is not None:
-            dec.h = self._attention(layer, dec.h, dec.caches, dec.valids, dec.pos)
+            dec.h = self._attention(layer, dec.h, dec.caches, dec.valids, dec.pos, n)
             eng.timer.mark("attention", dec.h)
             groups.append((dec.h, n))
         for r in runs:
             r.h, r.caches[layer] = eng.attention_layer(layer, r.h, r.caches[layer], r.valid,
-                                                       r.pos)
+                                                       r.pos, r.n)
             groups.append((r.h, r.n))
         outs = eng.moe_layers(layer, groups)
         if dec is not None:

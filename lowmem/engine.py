@@ -386,12 +386,13 @@ class Engine:
         self.timer.mark("embedding", h, valid)
         return h, valid
 
-    def attention_layer(self, layer: int, h: jax.Array, cache, valid: jax.Array, pos: int):
-        """One layer's attention block on a chunk of one sequence -> (h (T, D), the
-        updated cache; the cache passed in is donated)."""
+    def attention_layer(self, layer: int, h: jax.Array, cache, valid: jax.Array, pos: int,
+                        n: int):
+        """One layer's attention block on a chunk of one sequence, n real rows then
+        padding -> (h (T, D), the updated cache; the cache passed in is donated)."""
         self.dispatches += 1
         out = _attention(self.cfg, self.backend.linear, self.precision, self.layers[layer], h,
-                         cache, valid, pos)
+                         cache, valid, pos, np.int32(n))
         self.timer.mark("attention", out[0])
         return out
 
@@ -409,7 +410,8 @@ class Engine:
         h, valid = self.chunk_input(state, tokens, n)
         caches = list(state.caches)
         for layer in range(len(self.layers)):
-            h, caches[layer] = self.attention_layer(layer, h, caches[layer], valid, state.pos)
+            h, caches[layer] = self.attention_layer(layer, h, caches[layer], valid, state.pos,
+                                                    n)
             h = self.moe_layer(layer, h, n)
         logits = None
         if want == "last":   # only the last chunk's: the output embedding is 1.6 GB to read
