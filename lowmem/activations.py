@@ -7,7 +7,8 @@ of 16 tokens, ~14% of that expert (the three int4 matmuls with int8
 activations took 13 + 13 + 11.5 ms). Here gelu is written with an exp of
 plain arithmetic (range reduction, polynomial, exponent bits), so the loop
 over a row's columns vectorizes: 1.35 ms at 16 tokens, 0.25 ms at 4
-(Zen 5, 2 threads; tools-free check: ``python -m timeit`` on ``geglu``).
+(Zen 5, 2 threads; ``cpu_kernels.expert_ffn`` and ``geglu`` timed alone;
+docs/PERFORMANCE.md section 3, "Session 7").
 """
 from __future__ import annotations
 

@@ -58,8 +58,8 @@ def _qkv_rows(cfg, linear, precision, lp, h, pos, rows):
     three tuples of B arrays, (1, H, K) each: each row goes on to its own
     sequence's attention call without a slicing op."""
     q, k, v = M.attention_qkv(cfg, linear, precision, lp, h, pos, rows)      # (B, H, K)
-    rows = lambda a: tuple(a[i:i + 1] for i in range(h.shape[0]))          # noqa: E731
-    return rows(q), rows(k), rows(v)
+    split = lambda a: tuple(a[i:i + 1] for i in range(h.shape[0]))         # noqa: E731
+    return split(q), split(k), split(v)
 
 
 @partial(jax.jit, static_argnums=(0, 1), donate_argnames=("cache",))
