@@ -84,7 +84,7 @@ class _HostMatmul:
 
 
 def _leading_rows(x, rows, weight, act_int8: bool) -> np.ndarray:
-    """x @ weight for the first ``rows`` rows of x (the real ones, see model._linear),
+    """x @ weight for the first ``rows`` rows of x (the real ones, see model._rows_kw),
     zeros after them: fp32 (T, N)."""
     from lowmem.cpu_kernels import matmul
     x = np.asarray(x, np.float32)                                           # (T, K)
@@ -105,7 +105,7 @@ def _rows_operand(x: jax.Array, rows) -> jax.Array:
 def host_linear(x: jax.Array, w: HostWeight, precision: str = "bf16", rows=None) -> jax.Array:
     """``x @ W`` for a HostWeight: the numba kernel (exact weights, fp32 accumulation) on
     the mapped weight; fp32 out in both precisions (the release as executed). rows:
-    the real leading rows of x (model._linear), the others' products skipped (0)."""
+    the real leading rows of x (model._rows_kw), the others' products skipped (0)."""
     shape = jax.ShapeDtypeStruct((x.shape[0], w.out_features), F32)
     out = jax.pure_callback(_HostMatmul(w.role), shape, x.astype(F32), w.handle, w.layer,
                             _rows_operand(x, rows))
@@ -137,7 +137,7 @@ def host_qkv(x: jax.Array, wq: HostWeight, wk: HostWeight, wv: HostWeight,
 
 
 host_linear.qkv = host_qkv   # model.attention_qkv uses it when the backend's linear has one
-host_linear.skips_rows = True  # model._linear passes the real row count
+host_linear.skips_rows = True  # model._rows_kw passes the real row count
 
 
 def _host_logits_callback(x, handle):

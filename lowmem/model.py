@@ -168,9 +168,10 @@ def route(cfg: GrokConfig, x: jax.Array, router: jax.Array):
 
 
 def attention_block(cfg: GrokConfig, linear: Callable, precision: str, lp: dict, h: jax.Array,
-                    cache: KVCache, valid: jax.Array, pos: jax.Array, rows: jax.Array | None = None):
+                    cache: KVCache, valid: jax.Array, pos: jax.Array,
+                    rows: jax.Array | None = None):
     """``h + rms_norm_1(attention(rms_norm(h)))`` with the KV cache -> (h, cache).
-    rows: the number of real (not padding) leading rows of h, or None; see _linear."""
+    rows: the number of real (not padding) leading rows of h, or None; see _rows_kw."""
     positions = pos + jnp.arange(h.shape[0])                                 # (T,)
     q, k, v = attention_qkv(cfg, linear, precision, lp, h, positions, rows)  # (T, H, K)
     cache = kv_write(cache, k, v, pos)
@@ -178,16 +179,14 @@ def attention_block(cfg: GrokConfig, linear: Callable, precision: str, lp: dict,
     return attention_output(cfg, linear, precision, lp, h, attn, rows), cache
 
 
-def _linear(linear: Callable, x: jax.Array, w, precision: str, rows: jax.Array | None):
-    """``linear(x, w)``, telling a linear that can skip rows (``skips_rows``: the host
-    backend's) how many leading rows of x are real (a traced int32, or None: all).
-    A prompt chunk padded to its bucket (11 tokens -> 16) or a batch padded to a
-    compiled size would otherwise pay the padding rows' multiply-adds; their
-    outputs are 0 instead, and nothing reads them (their keys are invalid, their
-    rows skip the experts and the logits)."""
-    if rows is not None and getattr(linear, "skips_rows", False):
-        return linear(x, w, precision, rows=rows)
-    return linear(x, w, precision)
+def _rows_kw(linear: Callable, rows: jax.Array | None) -> dict:
+    """``{"rows": rows}`` for a linear that can skip rows (``skips_rows``: the host
+    backend's, and its fused ``qkv``), else ``{}``. rows: how many leading rows of
+    x are real (a traced int32, or None: all). A prompt chunk padded to its
+    bucket (11 tokens -> 16) or a batch padded to a compiled size would otherwise
+    pay the padding rows' multiply-adds; their outputs are 0 instead, and nothing
+    reads them (their keys are invalid, their rows skip the experts and logits)."""
+    return {"rows": rows} if rows is not None and getattr(linear, "skips_rows", False) else {}
 
 
 def attention_qkv(cfg: GrokConfig, linear: Callable, precision: str, lp: dict, h: jax.Array,
@@ -198,16 +197,16 @@ def attention_qkv(cfg: GrokConfig, linear: Callable, precision: str, lp: dict, h
     weights), then writes and attends per sequence. A ``linear`` with a ``qkv``
     attribute (the host backend's ``host_qkv``) computes the three products in
     one call: one hand-over to the host kernels per layer instead of three.
-    rows: see _linear.
+    rows: see _rows_kw.
     """
     t = h.shape[0]
     x = rms_norm(cfg, h, lp["attn_norm"], precision)                         # (T, D)
     fused = getattr(linear, "qkv", None)   # the host's three products in one callback
-    if fused is not None:   # the host's
-        skip = rows is not None and getattr(linear, "skips_rows", False)
-        q, k, v = fused(x, lp["q"], lp["k"], lp["v"], precision, **({"rows": rows} if skip else {}))
+    kw = _rows_kw(linear, rows)
+    if fused is not None:
+        q, k, v = fused(x, lp["q"], lp["k"], lp["v"], precision, **kw)
     else:
-        q, k, v = (_linear(linear, x, lp[role], precision, rows) for role in ("q", "k", "v"))
+        q, k, v = (linear(x, lp[role], precision, **kw) for role in ("q", "k", "v"))
     q = round_act(q, precision).reshape(t, cfg.num_q_heads, cfg.key_size)    # (T, Hq, K)
     k = round_act(k, precision).reshape(t, cfg.num_kv_heads, cfg.key_size)   # (T, Hkv, K)
     v = round_act(v, precision).reshape(t, cfg.num_kv_heads, cfg.key_size)   # (T, Hkv, K)
@@ -225,8 +224,8 @@ def kv_write(cache: KVCache, k: jax.Array, v: jax.Array, pos: jax.Array) -> KVCa
 def attention_output(cfg: GrokConfig, linear: Callable, precision: str, lp: dict, h: jax.Array,
                      attn: jax.Array, rows: jax.Array | None = None) -> jax.Array:
     """``h + rms_norm_1(attn @ o)``: the end of an attention block; attn (T, Hq*K);
-    rows: see _linear."""
-    out = _linear(linear, attn, lp["o"], precision, rows)                   # (T, D)
+    rows: see _rows_kw."""
+    out = linear(attn, lp["o"], precision, **_rows_kw(linear, rows))         # (T, D)
     return h + rms_norm(cfg, out, lp["attn_post_norm"], precision)
 
 
