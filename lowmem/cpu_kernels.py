@@ -21,7 +21,7 @@ block of ``_TOKEN_BLOCK`` tokens, not per token.
 
 int8 and packed int4 run micro-kernels written as explicit 16-lane LLVM
 vector code (``lowmem.simd_kernels``): a call takes 16 (int8) or 32 (int4) rows x
-64 columns and up to 8 tokens, keeps one fp32 register accumulator per
+64 columns and up to 6 (int8) or 8 (int4) tokens, keeps one fp32 register accumulator per
 (token, 16 columns), decodes each weight exactly (int8: sign-extend, convert;
 int4: a 16-entry table lookup, the weight's levels or the uniform grid, see
 ``_operand``) and multiplies by the scale once per call: at the read floor at
@@ -58,7 +58,7 @@ from numba.extending import overload
 
 from lowmem import act8_kernels
 from lowmem.activations import geglu
-from lowmem.simd_kernels import _hi, _lo, _prefer_512, _strip
+from lowmem.simd_kernels import I8_MAX_TOKENS, _hi, _lo, _prefer_512, _strip
 from quant.qweight import BF16, QWeight, level_table
 
 _FM = {"contract"}
@@ -173,6 +173,19 @@ def _strip_tail_overload(x, w, sc, g, k0, k1, n0, m, t0, t1, acc, a0, lv):
     return tail
 
 
+@njit(inline="always", cache=True)
+def _pass_tokens(left, d):
+    """Tokens in the next micro-kernel pass over a strip: int4 (d = 2) up to
+    8; int8 up to I8_MAX_TOKENS, in balanced passes (11 = 6 + 5, 8 = 4 + 4):
+    its kernels keep all 64 columns in registers for up to 6 tokens (7 would
+    spill), and 5-16 tokens run 1.15-1.2x faster than as passes of 8 over
+    two 32-column halves (docs/PERFORMANCE.md section 3)."""
+    if d == 2:
+        return min(8, left)
+    passes = -(-left // I8_MAX_TOKENS)
+    return -(-left // passes)
+
+
 @njit(fastmath=_FM, cache=True)
 def _tile_strips(x, p, sc, g, k0, k1, n0, m, t0, t1, acc, a0, d, rows, lv):
     """Packed int4 (d = 2 weight rows per stored row) or int8 (d = 1),
@@ -189,9 +202,12 @@ def _tile_strips(x, p, sc, g, k0, k1, n0, m, t0, t1, acc, a0, d, rows, lv):
         while k < kend:
             k2 = min(kend, k + rows)
             for j in range(0, m_main, _STRIP):
-                for t in range(t0, t1, 8):
-                    _strip(min(8, t1 - t), p, k // d, (k2 - k) // d, n0 + j, x, t, k,
+                t = t0
+                while t < t1:
+                    tb = _pass_tokens(t1 - t, d)
+                    _strip(tb, p, k // d, (k2 - k) // d, n0 + j, x, t, k,
                            sc, gi, acc, a0 + j, lv)
+                    t += tb
             k = k2
     if m_main < m:
         _strip_tail(x, p, sc, g, k0, k1, n0 + m_main, m - m_main, t0, t1, acc, a0 + m_main, lv)

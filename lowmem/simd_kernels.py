@@ -21,9 +21,12 @@ other targets with a gather (exact, slower).
 
 int8 (``_i8_kernel``) has the same call and accumulators: 16 bytes of a row
 are sign-extended to i32 lanes and converted to float32 (exact), 2 uops per
-16 weights. Measured on the same target: one token 6.5-7 ms per matrix (at the
-floor), 2 tokens 6.6-7.2 ms, 4 tokens 8.4-10 ms, 8 tokens 15.5-17.5 ms (FMA
-ports: 16 FMAs + 4 decode uops per row and 32 columns).
+16 weights. A call takes 1 to I8_MAX_TOKENS = 6 tokens over all 64 columns
+(24 accumulators, 4 weight vectors; 7 tokens spill and ran 0.85x); more
+tokens are balanced passes (cpu_kernels._pass_tokens). Measured on the same
+target, 6144 x 32768, 2 threads: one token 5.3 ms per matrix (the read),
+4 tokens 6.5 ms, 6 tokens 8.3-8.7 ms (was 10.4 as two 32-column halves);
+in cache, one thread, 5-16 tokens 85-98 G multiply-adds/s (was 70-85).
 """
 from __future__ import annotations
 
@@ -383,8 +386,8 @@ def _i8_kernel(tb, nv):
 
 _q4_t1, _q4_t2, _q4_t3, _q4_t4 = (_q4_kernel(t, 4) for t in (1, 2, 3, 4))
 _q4_t5, _q4_t6, _q4_t7, _q4_t8 = (_q4_kernel(t, 2) for t in (5, 6, 7, 8))
-_i8_t1, _i8_t2, _i8_t3, _i8_t4 = (_i8_kernel(t, 4) for t in (1, 2, 3, 4))
-_i8_t5, _i8_t6, _i8_t7, _i8_t8 = (_i8_kernel(t, 2) for t in (5, 6, 7, 8))
+_i8_t1, _i8_t2, _i8_t3, _i8_t4, _i8_t5, _i8_t6 = (_i8_kernel(t, 4) for t in range(1, 7))
+I8_MAX_TOKENS = 6         # int8: 6 x 4 register accumulators + 4 weight vectors (7: spills)
 
 
 @njit(inline="always", cache=True)
@@ -413,7 +416,8 @@ def _q4_strip(tb, p, i0, nb, n0, x, t0, k, sc, gi, acc, a0, lv):
 
 @njit(inline="always", cache=True)
 def _i8_strip(tb, p, i0, nb, n0, x, t0, k, sc, gi, acc, a0):
-    """One 64-column int8 strip for tb <= 8 tokens, as _q4_strip."""
+    """One 64-column int8 strip for tb <= I8_MAX_TOKENS tokens: tb x 4
+    register accumulators."""
     if tb == 1:
         _i8_t1(p, i0, nb, n0, x, t0, k, sc, gi, acc, a0)
     elif tb == 2:
@@ -422,16 +426,10 @@ def _i8_strip(tb, p, i0, nb, n0, x, t0, k, sc, gi, acc, a0):
         _i8_t3(p, i0, nb, n0, x, t0, k, sc, gi, acc, a0)
     elif tb == 4:
         _i8_t4(p, i0, nb, n0, x, t0, k, sc, gi, acc, a0)
+    elif tb == 5:
+        _i8_t5(p, i0, nb, n0, x, t0, k, sc, gi, acc, a0)
     else:
-        for h in range(0, 64, 32):
-            if tb == 5:
-                _i8_t5(p, i0, nb, n0 + h, x, t0, k, sc, gi, acc, a0 + h)
-            elif tb == 6:
-                _i8_t6(p, i0, nb, n0 + h, x, t0, k, sc, gi, acc, a0 + h)
-            elif tb == 7:
-                _i8_t7(p, i0, nb, n0 + h, x, t0, k, sc, gi, acc, a0 + h)
-            else:
-                _i8_t8(p, i0, nb, n0 + h, x, t0, k, sc, gi, acc, a0 + h)
+        _i8_t6(p, i0, nb, n0, x, t0, k, sc, gi, acc, a0)
 
 
 def _strip(tb, p, i0, nb, n0, x, t0, k, sc, gi, acc, a0, lv):

@@ -176,13 +176,14 @@ def test_int4_micro_kernel_both_decoders(tb, nv, lut):
     assert not acc[mask].any()  # nothing written outside its block
 
 
-@pytest.mark.parametrize("t", range(1, 10))
+@pytest.mark.parametrize("t", [*range(1, 10), 11, 13])
 @pytest.mark.parametrize("n,group,k", [(333, K // 8, K), (333, K, K), (192, 24, 264)])
 def test_matmul_int8_token_counts(t, n, group, k):
-    """int8 has a register micro-kernel per token count 1..8 (and blocks of
-    8 beyond), on the release's 8 row blocks, per-channel scales and groups
-    that are not a multiple of its 16 rows; 333 columns = 5 whole 64-column
-    strips + a generic tail; the forced split cuts row chunks mid-group."""
+    """int8 has a register micro-kernel per token count 1..6 (and balanced
+    passes beyond: 7 = 4 + 3, 11 = 6 + 5, 13 = 5 + 4 + 4), on the release's
+    8 row blocks, per-channel scales and groups that are not a multiple of
+    its 16 rows; 333 columns = 5 whole 64-column strips + a generic tail;
+    the forced split cuts row chunks mid-group."""
     rng = np.random.default_rng(100 * t + n + group + 1)
     w = _qweight(rng, k, n, 8, group)
     x = rng.standard_normal((t, k)).astype(np.float32)
@@ -191,7 +192,7 @@ def test_matmul_int8_token_counts(t, n, group, k):
     _assert_matmul_close(kernels.matmul(x, w, col_block=16, k_chunk=8), x, w)
 
 
-@pytest.mark.parametrize("tb,nv", [(1, 4), (2, 4), (4, 4), (5, 2), (8, 2)])
+@pytest.mark.parametrize("tb,nv", [(1, 4), (2, 4), (4, 4), (5, 4), (6, 4), (8, 2)])
 def test_int8_micro_kernel(tb, nv):
     """One int8 micro-kernel call at offsets (rows, columns, tokens,
     accumulator columns, x columns), scale group 1: nothing written outside."""
