@@ -58,7 +58,7 @@ from numba.extending import overload
 
 from lowmem import act8_kernels
 from lowmem.activations import geglu
-from lowmem.simd_kernels import I8_MAX_TOKENS, _hi, _lo, _prefer_512, _strip
+from lowmem.simd_kernels import _hi, _lo, _pass_tokens, _prefer_512, _strip
 from quant.qweight import BF16, QWeight, level_table
 
 _FM = {"contract"}
@@ -171,19 +171,6 @@ def _strip_tail_overload(x, w, sc, g, k0, k1, n0, m, t0, t1, acc, a0, lv):
         else:
             _tile_tokens(x, w, sc, g, k0, k1, n0, m, t0, t1, acc, a0, lv)
     return tail
-
-
-@njit(inline="always", cache=True)
-def _pass_tokens(left, d):
-    """Tokens in the next micro-kernel pass over a strip: int4 (d = 2) up to
-    8; int8 up to I8_MAX_TOKENS, in balanced passes (11 = 6 + 5, 8 = 4 + 4):
-    its kernels keep all 64 columns in registers for up to 6 tokens (7 would
-    spill), and 5-16 tokens run 1.15-1.2x faster than as passes of 8 over
-    two 32-column halves (docs/PERFORMANCE.md section 3)."""
-    if d == 2:
-        return min(8, left)
-    passes = -(-left // I8_MAX_TOKENS)
-    return -(-left // passes)
 
 
 @njit(fastmath=_FM, cache=True)

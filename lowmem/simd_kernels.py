@@ -23,7 +23,7 @@ int8 (``_i8_kernel``) has the same call and accumulators: 16 bytes of a row
 are sign-extended to i32 lanes and converted to float32 (exact), 2 uops per
 16 weights. A call takes 1 to I8_MAX_TOKENS = 6 tokens over all 64 columns
 (24 accumulators, 4 weight vectors; 7 tokens spill and ran 0.85x); more
-tokens are balanced passes (cpu_kernels._pass_tokens). Measured on the same
+tokens are balanced passes (_pass_tokens). Measured on the same
 target, 6144 x 32768, 2 threads: one token 5.3 ms per matrix (the read),
 4 tokens 6.5 ms, 6 tokens 8.3-8.7 ms (was 10.4 as two 32-column halves);
 in cache, one thread, 5-16 tokens 85-98 G multiply-adds/s (was 70-85).
@@ -388,6 +388,20 @@ _q4_t1, _q4_t2, _q4_t3, _q4_t4 = (_q4_kernel(t, 4) for t in (1, 2, 3, 4))
 _q4_t5, _q4_t6, _q4_t7, _q4_t8 = (_q4_kernel(t, 2) for t in (5, 6, 7, 8))
 _i8_t1, _i8_t2, _i8_t3, _i8_t4, _i8_t5, _i8_t6 = (_i8_kernel(t, 4) for t in range(1, 7))
 I8_MAX_TOKENS = 6         # int8: 6 x 4 register accumulators + 4 weight vectors (7: spills)
+
+
+@njit(inline="always", cache=True)
+def _pass_tokens(left, d):
+    """Tokens in the next micro-kernel pass over a strip: int4 (d = 2) up to
+    8; int8 up to I8_MAX_TOKENS, in balanced passes (11 = 6 + 5, 8 = 4 + 4):
+    its kernels keep all 64 columns in registers for up to 6 tokens (7 would
+    spill), and 5-16 tokens run 1.15-1.2x faster than as passes of 8 over
+    two 32-column halves (docs/PERFORMANCE.md section 3,
+    "Session 8")."""
+    if d == 2:
+        return min(8, left)
+    passes = -(-left // I8_MAX_TOKENS)
+    return -(-left // passes)
 
 
 @njit(inline="always", cache=True)
