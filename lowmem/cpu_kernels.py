@@ -21,8 +21,8 @@ block of ``_TOKEN_BLOCK`` tokens, not per token.
 
 int8 and packed int4 run micro-kernels written as explicit 16-lane LLVM
 vector code (``lowmem.simd_kernels``): a call takes 16 (int8) or 32 (int4) rows x
-64 columns and up to 6 (int8) or 8 (int4) tokens, keeps one fp32 register accumulator per
-(token, 16 columns), decodes each weight exactly (int8: sign-extend, convert;
+64 columns and up to 6 (int8) or 8 (int4) tokens, keeps one fp32 register
+accumulator per (token, 16 columns), decodes each weight exactly (int8: sign-extend, convert;
 int4: a 16-entry table lookup, the weight's levels or the uniform grid, see
 ``_operand``) and multiplies by the scale once per call: at the read floor at
 one token, FMA-bound from 2-4 tokens (figures: docs/PERFORMANCE.md section 3).
@@ -182,6 +182,7 @@ def _tile_strips(x, p, sc, g, k0, k1, n0, m, t0, t1, acc, a0, d, rows, lv):
     strip go through the generic tiles."""
     _prefer_512()
     m_main = m - m % _STRIP
+    tb = _pass_tokens(t1 - t0, d)  # tokens per pass, once (not per strip)
     k = k0
     while k < k1:
         gi = k // g
@@ -189,12 +190,9 @@ def _tile_strips(x, p, sc, g, k0, k1, n0, m, t0, t1, acc, a0, d, rows, lv):
         while k < kend:
             k2 = min(kend, k + rows)
             for j in range(0, m_main, _STRIP):
-                t = t0
-                while t < t1:
-                    tb = _pass_tokens(t1 - t, d)
-                    _strip(tb, p, k // d, (k2 - k) // d, n0 + j, x, t, k,
+                for t in range(t0, t1, tb):
+                    _strip(min(tb, t1 - t), p, k // d, (k2 - k) // d, n0 + j, x, t, k,
                            sc, gi, acc, a0 + j, lv)
-                    t += tb
             k = k2
     if m_main < m:
         _strip_tail(x, p, sc, g, k0, k1, n0 + m_main, m - m_main, t0, t1, acc, a0 + m_main, lv)

@@ -391,17 +391,18 @@ I8_MAX_TOKENS = 6         # int8: 6 x 4 register accumulators + 4 weight vectors
 
 
 @njit(inline="always", cache=True)
-def _pass_tokens(left, d):
-    """Tokens in the next micro-kernel pass over a strip: int4 (d = 2) up to
-    8; int8 up to I8_MAX_TOKENS, in balanced passes (11 = 6 + 5, 8 = 4 + 4):
+def _pass_tokens(tokens, d):
+    """Tokens per micro-kernel pass over a strip (the last pass takes the rest):
+    int4 (d = 2) up to 8; int8 up to I8_MAX_TOKENS, in as few passes as that
+    allows, evenly filled (11 = 6 + 5, 8 = 4 + 4, 13 = 5 + 5 + 3):
     its kernels keep all 64 columns in registers for up to 6 tokens (7 would
     spill), and 5-16 tokens run 1.15-1.2x faster than as passes of 8 over
     two 32-column halves (docs/PERFORMANCE.md section 3,
     "Session 8")."""
     if d == 2:
-        return min(8, left)
-    passes = -(-left // I8_MAX_TOKENS)
-    return -(-left // passes)
+        return min(8, tokens)
+    passes = -(-tokens // I8_MAX_TOKENS)
+    return -(-tokens // passes)
 
 
 @njit(inline="always", cache=True)

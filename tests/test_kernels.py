@@ -180,7 +180,7 @@ def test_int4_micro_kernel_both_decoders(tb, nv, lut):
 @pytest.mark.parametrize("n,group,k", [(333, K // 8, K), (333, K, K), (192, 24, 264)])
 def test_matmul_int8_token_counts(t, n, group, k):
     """int8 has a register micro-kernel per token count 1..6 (and balanced
-    passes beyond: 7 = 4 + 3, 11 = 6 + 5, 13 = 5 + 4 + 4), on the release's
+    passes beyond: 7 = 4 + 3, 11 = 6 + 5, 13 = 5 + 5 + 3), on the release's
     8 row blocks, per-channel scales and groups that are not a multiple of
     its 16 rows; 333 columns = 5 whole 64-column strips + a generic tail;
     the forced split cuts row chunks mid-group."""
