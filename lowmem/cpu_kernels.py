@@ -63,7 +63,8 @@ from quant.qweight import BF16, QWeight, level_table
 
 _FM = {"contract"}
 _FM_REDUCE = {"contract", "reassoc"}
-_ACC_BYTES = 1 << 20      # fp32 accumulators of one work item (one token block)
+_ACC_BYTES = 1 << 20      # fp32 accumulators of one work item (one token block), at most
+_ACC_SPLIT = 1 << 18      # ... and once that is reached, per column block (a quarter of L2)
 _TOKEN_BLOCK = 8          # tokens processed per pass over a weight tile
 _A8_TOKEN_BLOCK = 16      # the same with int8 activations (their kernels decode a block once)
 _ROW_TILE = 256           # input rows per weight tile when T > _TOKEN_BLOCK
@@ -508,14 +509,18 @@ def _plan(t: int, k: int, n: int, weight_bytes: int, a8: bool = False):
     10-30%, so a work item takes all N columns while its accumulators (one
     token block) fit in _ACC_BYTES, and the parallel split is over chunks of
     input rows, whose partial sums are added at the end. Column blocks only
-    appear for very wide outputs or when the partial sums would grow too big.
+    appear when a token block's accumulators over a whole row reach L2's size
+    (_ACC_BYTES; then in blocks of _ACC_SPLIT of them: Grok-1's gate at 16
+    tokens 14.6 ms against 21.3, docs/PERFORMANCE.md section 3, session 9) or
+    when the partial sums would grow too big.
     a8 (int8 activations): chunks of whole 32-row activation blocks and
     column blocks of whole 64-column strips where N allows (a block's last
     N % 64 columns take the fp32 tiles, ~4x slower per column).
     """
     items = 4 * numba.get_num_threads()
     t, n = max(t, 1), max(n, 1)
-    ncb = -(-n * min(t, _A8_TOKEN_BLOCK if a8 else _TOKEN_BLOCK) * 4 // _ACC_BYTES)
+    acc = n * min(t, _A8_TOKEN_BLOCK if a8 else _TOKEN_BLOCK) * 4   # one token block's
+    ncb = -(-acc // (_ACC_SPLIT if acc >= _ACC_BYTES else _ACC_BYTES))
     nk = max(1, min(-(-items // ncb), k // 256, weight_bytes // _PARTIAL_SHARE // (4 * t * n)))
     if ncb * nk < items:  # rows could not be split further: narrow the columns
         ncb = max(ncb, min(-(-items // nk), -(-n // 64)))

@@ -254,6 +254,19 @@ def _assert_act8_close(y, x, w):
     _assert_matmul_close(y, xd, w)
 
 
+@pytest.mark.parametrize("a8", [False, True])
+def test_wide_outputs_split_their_columns(a8):
+    """The plan of a Grok-1 gate (6144 x 32768): at 16 tokens a token block's
+    accumulators over a whole row reach L2's size, so the columns are split into
+    blocks of at most _ACC_SPLIT bytes of them (whole strips); at 6 tokens they
+    stay whole rows (the rows are split instead). Column blocks' products: SPLITS."""
+    k, n = 6144, 32768
+    block = kernels._A8_TOKEN_BLOCK if a8 else kernels._TOKEN_BLOCK
+    nb, _, _ = kernels._plan(16, k, n, k * n, a8)
+    assert nb * block * 4 <= kernels._ACC_SPLIT and nb % (64 if a8 else 16) == 0
+    assert kernels._plan(6, k, n, k * n, a8)[0] == n
+
+
 @pytest.mark.parametrize("t", [1, 2, 4, 5, 9, 17])
 @pytest.mark.parametrize("bits,group,n", [(4, K, 333), (4, 64, 192), (8, K // 8, 333), (8, 32, 130)])
 def test_matmul_act_int8(t, bits, group, n):

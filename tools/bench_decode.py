@@ -15,7 +15,11 @@ same bytes as mapped (the token's attention, two experts per layer, the
 embedding), and of an anonymous buffer of the same size (the machine's read
 bandwidth with --threads threads). Target (issue 10): >= 85% of the anonymous
 read. Prefill tokens/s on an 11-token and a 256-token prompt are timed in the
-same run (the whole ``feed`` of the prompt after a reset, median of --repeats).
+same run (the whole ``feed`` of the prompt after a reset, median of --repeats),
+each repeat just after a read of the anonymous buffer. The issue's tok/s
+targets (llama.cpp's figures there, scaled by this run's read) are printed as
+ratios: the 11-token prefill's is the median of each repeat's ratio to the
+target at the read beside it, so a noisy neighbour moves both sides alike.
 
 Before timing, every expert block is read once through the model's own
 mappings, so the run measures memory, not page faults or the disk.
@@ -50,6 +54,18 @@ from quant.packed import MANIFEST, PackedModel, QuantSettings, file_sizes, tenso
 from quant.spec import ATTENTION_ROLES, checkpoint_specs  # noqa: E402
 
 GB = 1e9
+# Issue 10's reference: llama.cpp on this machine class (Grok-1 width, 2 layers, 2
+# threads) at a 2-thread read of 16.5 GB/s; its targets scale with the read measured
+# here: decode >= 1.1x, an 11-token prefill >= 1.2x, by bit width (Q8_0, Q4_0).
+LLAMA_READ_GBPS = 16.5
+LLAMA_DECODE = {8: 3.62, 4: 5.90}
+LLAMA_PREFILL_11 = {8: 12.8, 4: 14.2}
+
+
+def issue_targets(bits: int, read_gbps: float) -> tuple[float, float]:
+    """Issue 10's (decode, 11-token prefill) tok/s targets at this read bandwidth."""
+    scale = read_gbps / LLAMA_READ_GBPS
+    return 1.1 * LLAMA_DECODE[bits] * scale, 1.2 * LLAMA_PREFILL_11[bits] * scale
 
 
 def read_seconds(buffers: list[np.ndarray]) -> float:
@@ -186,13 +202,36 @@ def prefill_seconds(engine, prompt: list[int]) -> float:
     return time.perf_counter() - start
 
 
-def bench_prefill(engine, lengths: list[int], repeats: int) -> dict[int, float]:
-    """Prefill tokens/s per prompt length (median of ``repeats`` after one warm-up)."""
+def bench_prefill(engine, lengths: list[int], repeats: int, anon: np.ndarray) -> dict:
+    """Per prompt length: (tok/s, the anonymous read in GB/s) of each of ``repeats``
+    prefills after one warm-up, the read measured just before each prefill, so a
+    ratio to a bandwidth-scaled target pairs figures of the same moment."""
     out = {}
     for n in lengths:
         prompt = [100 + i % 1000 for i in range(n)]
         prefill_seconds(engine, prompt)                                    # compile, warm
-        out[n] = n / float(np.median([prefill_seconds(engine, prompt) for _ in range(repeats)]))
+        runs = []
+        for _ in range(repeats):
+            read = anon.nbytes / read_seconds([anon]) / GB
+            runs.append((n / prefill_seconds(engine, prompt), read))
+        out[n] = runs
+    return out
+
+
+def target_ratios(row: dict) -> dict:
+    """Issue 10's ratios for one row: decode tok/s over its target at the median read
+    of the decode repeats; 11-token prefill, the median of each repeat's tok/s over
+    the target at the read beside it; 256-token prefill tok/s over decode tok/s."""
+    decode_target, _ = issue_targets(row["bits"], row["floor_anon_gbps"])
+    out = {"decode": (row["tokens_per_s"] / decode_target, decode_target)}
+    if 11 in row["prefill"]:
+        runs = row["prefill"][11]
+        out["prefill 11"] = (float(np.median([tps / issue_targets(row["bits"], bw)[1]
+                                              for tps, bw in runs])),
+                             issue_targets(row["bits"], float(np.median([bw for _, bw in runs])))[1])
+    if 256 in row["prefill"]:
+        tps = float(np.median([t for t, _ in row["prefill"][256]]))
+        out["prefill 256 / decode"] = (tps / row["tokens_per_s"] / 5.0, 5.0 * row["tokens_per_s"])
     return out
 
 
@@ -239,7 +278,7 @@ def bench_model(model_dir: Path, args) -> list[dict]:
             "tokens_per_s": 1.0 / step, "gbps": per_token / step / GB,
             "floor_same_gbps": per_token / float(np.median(floor_same[i])) / GB,
             "floor_anon_gbps": float(np.median(anon_gbps)), "prefault_s": fault_s,
-            "steps": len(steps[i]), "prefill": bench_prefill(rt.engine, args.prefill, args.repeats),
+            "steps": len(steps[i]), "prefill": bench_prefill(rt.engine, args.prefill, args.repeats, anon),
             "table": table,
             "table_build_s": table_build_seconds(model, table) if table != "bf16" else None})
         rt.close()
@@ -256,13 +295,21 @@ def print_table(rows: list[dict]) -> None:
               f"{r['gbps'] / r['floor_anon_gbps']:8.0%}")
     for r in rows:
         parts = ", ".join(f"{k} {v / GB:.3f} GB" for k, v in r["bytes"].items())
-        prefill = ", ".join(f"{n} tokens {v:.1f} tok/s" for n, v in r["prefill"].items())
+        prefill = ", ".join(f"{n} tokens {np.median([t for t, _ in v]):.1f} tok/s (read "
+                            f"{np.median([b for _, b in v]):.1f} GB/s beside it)"
+                            for n, v in r["prefill"].items())
         print(f"  {r['model']}: bytes per token = {parts}; {r['steps']} decode steps; "
               f"first read of all experts {r['prefault_s']:.1f} s")
         print(f"  {r['model']}: prefill {prefill}")
+        ratios = "; ".join(f"{k} {ratio:.2f}x the target ({target:.1f} tok/s)"
+                           for k, (ratio, target) in target_ratios(r).items())
+        print(f"  {r['model']}: issue 10, x target (>= 1 meets it): {ratios}")
         if r["table_build_s"] is not None:
             print(f"  {r['model']}: {r['table']} output table built in {r['table_build_s']:.2f} s")
-    print("target: decode GB/s >= 85% of the anonymous read (same bytes, plain parallel sum)")
+    print("target: decode GB/s >= 85% of the anonymous read (same bytes, plain parallel sum);"
+          f" tok/s targets: llama.cpp's (decode {LLAMA_DECODE}, 11-token prefill "
+          f"{LLAMA_PREFILL_11} at {LLAMA_READ_GBPS} GB/s) x 1.1 (decode) and x 1.2 (prefill), "
+          "scaled by the read measured beside them; 256-token prefill >= 5x decode")
 
 
 def main(argv=None) -> int:
