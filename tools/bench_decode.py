@@ -221,7 +221,7 @@ def bench_prefill(engine, lengths: list[int], repeats: int, anon: np.ndarray) ->
 def target_ratios(row: dict) -> dict:
     """Issue 10's ratios for one row: decode tok/s over its target at the median read
     of the decode repeats; 11-token prefill, the median of each repeat's tok/s over
-    the target at the read beside it; 256-token prefill tok/s over decode tok/s."""
+    the target at the read beside it; 256-token prefill tok/s over 5x decode tok/s."""
     decode_target, _ = issue_targets(row["bits"], row["floor_anon_gbps"])
     out = {"decode": (row["tokens_per_s"] / decode_target, decode_target)}
     if 11 in row["prefill"]:
