@@ -222,17 +222,21 @@ def target_ratios(row: dict) -> dict:
     """Issue 10's ratios for one row: decode tok/s over its target at the median read
     of the decode repeats; 11-token prefill, the median of each repeat's tok/s over
     the target at the read beside it; 256-token prefill tok/s over 5x decode tok/s."""
-    decode_target, _ = issue_targets(row["bits"], row["floor_anon_gbps"])
-    out = {"decode": (row["tokens_per_s"] / decode_target, decode_target)}
+    bits, decode = row["bits"], row["tokens_per_s"]
+    decode_target, _ = issue_targets(bits, row["floor_anon_gbps"])
+    out = {"decode": (decode / decode_target, decode_target)}
     if 11 in row["prefill"]:
         runs = row["prefill"][11]
-        out["prefill 11"] = (float(np.median([tps / issue_targets(row["bits"], bw)[1]
-                                              for tps, bw in runs])),
-                             issue_targets(row["bits"], float(np.median([bw for _, bw in runs])))[1])
+        per_run = [tps / issue_targets(bits, bw)[1] for tps, bw in runs]
+        out["prefill 11"] = (float(np.median(per_run)), issue_targets(bits, _median(runs, 1))[1])
     if 256 in row["prefill"]:
-        tps = float(np.median([t for t, _ in row["prefill"][256]]))
-        out["prefill 256 / decode"] = (tps / row["tokens_per_s"] / 5.0, 5.0 * row["tokens_per_s"])
+        out["prefill 256 / decode"] = (_median(row["prefill"][256], 0) / decode / 5.0, 5.0 * decode)
     return out
+
+
+def _median(runs: list[tuple[float, float]], i: int) -> float:
+    """The median of field i (0: tok/s, 1: read GB/s) of bench_prefill's runs."""
+    return float(np.median([r[i] for r in runs]))
 
 
 def table_build_seconds(model: PackedModel, kind: str) -> float:
@@ -295,9 +299,8 @@ def print_table(rows: list[dict]) -> None:
               f"{r['gbps'] / r['floor_anon_gbps']:8.0%}")
     for r in rows:
         parts = ", ".join(f"{k} {v / GB:.3f} GB" for k, v in r["bytes"].items())
-        prefill = ", ".join(f"{n} tokens {np.median([t for t, _ in v]):.1f} tok/s (read "
-                            f"{np.median([b for _, b in v]):.1f} GB/s beside it)"
-                            for n, v in r["prefill"].items())
+        prefill = ", ".join(f"{n} tokens {_median(v, 0):.1f} tok/s (read {_median(v, 1):.1f} "
+                            "GB/s beside it)" for n, v in r["prefill"].items())
         print(f"  {r['model']}: bytes per token = {parts}; {r['steps']} decode steps; "
               f"first read of all experts {r['prefault_s']:.1f} s")
         print(f"  {r['model']}: prefill {prefill}")
