@@ -97,7 +97,7 @@ def dequantize(w: QWeight, dtype=BF16) -> jax.Array:
     dequantized weights themselves are bf16 values; in fp32 the product of an
     int8 (or int4) and a bf16 scale is exact.
     """
-    v = w.values
+    v = w.values[:, :w.scales.shape[-1]]          # (K or K/2, N): without any row padding
     if w.bits == 4 and w.levels is not None:      # nibble -> its level (QWeight.levels)
         table = jnp.asarray(w.levels, jnp.int8)                                   # (16,)
         lo, hi = table[v & jnp.uint8(15)], table[v >> jnp.uint8(4)]               # (K/2, N) int8

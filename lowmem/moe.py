@@ -88,10 +88,10 @@ def chunked_qmatmul(x: jax.Array, slots, slot, values: TensorEntry,
 
     def read(i, rows):
         vrows = rows // 2 if bits == 4 else rows                            # stored rows
-        q = _slot_rows(slots, slot, values, i * vrows, vrows)              # (vrows, N)
+        q = _slot_rows(slots, slot, values, i * vrows, vrows)              # (vrows, N + pad)
         s = _slot_rows(slots, slot, scales, (i * rows) // group, max(rows // group, 1))
         return q, s                                                         # s (srows, N) bf16
-    return _chunked_matmul(x, values.shape[1], group, bits, read, levels=values.levels)
+    return _chunked_matmul(x, scales.shape[1], group, bits, read, levels=values.levels)
 
 
 def chunked_linear(x: jax.Array, w, precision: str = "bf16") -> jax.Array:
@@ -115,7 +115,7 @@ def chunked_linear(x: jax.Array, w, precision: str = "bf16") -> jax.Array:
         s = jax.lax.dynamic_slice_in_dim(w.scales, (i * rows) // group,
                                          max(rows // group, 1), 0)          # (srows, N) bf16
         return q, s
-    return _chunked_matmul(x, w.values.shape[1], group, bits, read, LINEAR_CHUNK_BYTES, w.levels)
+    return _chunked_matmul(x, w.shape[1], group, bits, read, LINEAR_CHUNK_BYTES, w.levels)
 
 
 def expert_ffn_slot(x: jax.Array, slots, slot, parts: tuple[TensorEntry, ...]) -> jax.Array:

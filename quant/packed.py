@@ -37,13 +37,14 @@ from quant.spec import (ATTENTION_ROLES, EXPERT_ROLES, WeightSpec, expert_tensor
                         layer_specs, layers_in_file_order)
 
 FORMAT_MAGIC = "lowmem-grok1-packed"
-FORMAT_VERSION = 3         # 3: int4 level tables (QuantSettings.int4_levels, TensorEntry.levels)
-READABLE_VERSIONS = (2, 3)  # a format 2 model reads as format 3 with no level tables
+FORMAT_VERSION = 4         # 4: expert values rows padded (QuantSettings.row_pad)
+READABLE_VERSIONS = (2, 3, 4)  # 2 and 3 read as 4 with no level tables (2) and row_pad 0
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.model"
 SEAL = "manifest_sha256"   # SHA-256 of the manifest's canonical JSON without this key
 ALIGN = 4096       # file-level alignment: expert blocks and resident tensors
 PART_ALIGN = 256   # alignment of the parts inside an expert block
+ROW_PAD = 64       # bytes of padding after each stored row of expert values (QuantSettings.row_pad)
 DTYPES = {"int8": np.dtype(np.int8), "uint8": np.dtype(np.uint8),
           "bfloat16": BF16, "float32": np.dtype(np.float32)}
 
@@ -70,6 +71,7 @@ class QuantSettings:
     group_size: int | None = None  # int4: input rows per scale; None = per output channel
     attention: str = "int8"        # 'int8' as released, or 'bf16'
     int4_levels: tuple[int, ...] | None = None  # int4 groups: nibble -> level (QWeight.levels)
+    row_pad: int = ROW_PAD         # zero bytes after each stored row of expert values
 
     def __post_init__(self):
         if self.bits not in (4, 8):
@@ -85,6 +87,9 @@ class QuantSettings:
             raise ValueError(f"group size must be an even number >= 2, got {self.group_size}")
         if self.attention not in ("int8", "bf16"):
             raise ValueError(f"attention must be 'int8' or 'bf16', got {self.attention!r}")
+        if type(self.row_pad) is not int or not 0 <= self.row_pad < 4096 or self.row_pad % 64:
+            raise ValueError(f"row_pad must be a multiple of 64 in [0, 4096), "
+                             f"got {self.row_pad!r}")
 
     def expert_group_size(self, spec: WeightSpec) -> int:
         """Rows per scale for one expert matrix (K = spec.shape[-2])."""
@@ -119,10 +124,26 @@ class TensorEntry:
         return int(np.prod(self.shape, dtype=np.int64)) * DTYPES[self.dtype].itemsize
 
 
-def _quantized_parts(spec: WeightSpec, bits: int, group: int, shape=None):
-    k, n = (shape or spec.shape)[-2:]
-    vshape, vdtype = ((k // 2, n), "uint8") if bits == 4 else ((k, n), "int8")
+def _quantized_parts(spec: WeightSpec, bits: int, group: int, row_pad: int = 0):
+    """(part, stored shape, dtype) of a quantized matrix; ``row_pad`` columns of
+    padding after each row of values (int8 or uint8: a column is a byte)."""
+    k, n = spec.shape[-2:]
+    vshape, vdtype = ((k // 2, n + row_pad), "uint8") if bits == 4 else ((k, n + row_pad), "int8")
     return [("values", vshape, vdtype), ("scales", (k // group, n), "bfloat16")]
+
+
+def pad_rows(values: np.ndarray, row_pad: int) -> np.ndarray:
+    """Values (R, N) as stored: (R, N + row_pad), the padding zero.
+
+    Why pad: 16 rows read together whose stride is a multiple of 4 KiB share
+    one L1 set; Grok-1's gate and up (32768-byte rows) run 1.1-1.3x faster
+    with 64 bytes after each row (docs/PERFORMANCE.md section 3, session 10).
+    """
+    if not row_pad:
+        return values
+    out = np.zeros((values.shape[0], values.shape[1] + row_pad), values.dtype)
+    out[:, :values.shape[1]] = values
+    return out
 
 
 class _FileBuilder:
@@ -154,7 +175,7 @@ def expert_block_layout(cfg: GrokConfig, settings: QuantSettings) -> tuple[tuple
     for role in EXPERT_ROLES:
         spec = specs[role]
         group = settings.expert_group_size(spec)
-        for part, shape, dtype in _quantized_parts(spec, settings.bits, group):
+        for part, shape, dtype in _quantized_parts(spec, settings.bits, group, settings.row_pad):
             block.add(name=f"{role}.{part}", shape=shape, dtype=dtype, role=role, part=part,
                       bits=settings.bits, group_size=group,
                       levels=settings.int4_levels if part == "values" else None)
@@ -300,8 +321,9 @@ def _check_manifest(model_dir: Path, manifest: dict) -> tuple[GrokConfig, QuantS
         raise PackedFormatError(f"{path}: expected magic {FORMAT_MAGIC!r}, "
                                 f"found {manifest.get('magic')!r}")
     if manifest.get("format_version") not in READABLE_VERSIONS:
+        *first, last = READABLE_VERSIONS
         raise PackedFormatError(f"{path}: expected format_version "
-                                f"{' or '.join(map(str, READABLE_VERSIONS))}, "
+                                f"{', '.join(map(str, first))} or {last}, "
                                 f"found {manifest.get('format_version')!r}")
     try:
         digest = manifest_digest(manifest)
@@ -317,7 +339,10 @@ def _check_manifest(model_dir: Path, manifest: dict) -> tuple[GrokConfig, QuantS
                                 f"{type(manifest.get('tensors')).__name__}")
     try:
         cfg = GrokConfig.from_dict(manifest["config"])
-        settings = QuantSettings(**manifest["quant"])
+        quant = manifest["quant"]
+        if manifest["format_version"] < 4:          # rows were stored dense before version 4
+            quant = {**quant, "row_pad": 0}
+        settings = QuantSettings(**quant)
         expert_block_layout(cfg, settings)  # group sizes must divide this config's widths
     except (KeyError, TypeError, ValueError) as e:
         raise PackedFormatError(f"{path}: bad config or quant settings ({e})") from None

@@ -40,8 +40,8 @@ from quant.int4_levels import STUDENT_T_LEVELS, quantize_levels
 from quant.pack_writer import (RECORD_SUFFIX, Unit, UnitWriter, load_valid_record, plan_units,
                                write_record)
 from quant.outlock import OutputLock, OutputLocked
-from quant.packed import (MANIFEST, TOKENIZER, PackedFormatError, QuantSettings, file_sha256,
-                          make_manifest, verify_model, write_json_atomic)
+from quant.packed import (MANIFEST, ROW_PAD, TOKENIZER, PackedFormatError, QuantSettings,
+                          file_sha256, make_manifest, pad_rows, verify_model, write_json_atomic)
 from quant.spec import (ATTENTION_ROLES, WeightSpec, checkpoint_specs, expert_tensor_name,
                         layer_specs)
 
@@ -74,7 +74,7 @@ def settings_group_size(bits: int, requested: int | str | None) -> int | None:
 
 
 def settings_for(bits: int, group_size: int | str | None = None, int4_levels: str | None = None,
-                 attention: str = "int8") -> QuantSettings:
+                 attention: str = "int8", row_pad: int = ROW_PAD) -> QuantSettings:
     """QuantSettings from the quantize options, defaults applied: int4 groups of
     DEFAULT_GROUP_SIZE with DEFAULT_INT4_LEVELS; ValueError (one line) on a bad mix."""
     for option, value in (("--group-size", group_size), ("--int4-levels", int4_levels)):
@@ -89,7 +89,13 @@ def settings_for(bits: int, group_size: int | str | None = None, int4_levels: st
         raise ValueError(f"--int4-levels {int4_levels} needs groups (--group-size G): per "
                          f"channel uses the uniform grid")
     name = int4_levels or (DEFAULT_INT4_LEVELS if bits == 4 and group is not None else "uniform")
-    return QuantSettings(bits, group, attention, INT4_LEVELS[name])
+    try:
+        return QuantSettings(bits, group, attention, INT4_LEVELS[name], row_pad)
+    except ValueError as e:
+        if "row_pad" not in str(e):
+            raise
+        raise ValueError(f"--row-pad: expected a multiple of 64 in [0, 4096), found {row_pad}") \
+            from None
 
 
 class QuantizeError(ValueError):
@@ -129,7 +135,7 @@ def _expert_outputs(spec: WeightSpec, value: QuantizedWeight8bit, settings: Quan
                    quantize_levels(value.weight[e], value.scales[e], group, settings.int4_levels))
             values, scales, err = res.weight.values, res.weight.scales, res.rel_error
         errors[base] = err
-        yield base + ".values", values          # (K, N) int8 or (K/2, N) uint8
+        yield base + ".values", pad_rows(values, settings.row_pad)  # (K or K/2, N + pad)
         yield base + ".scales", scales          # (K / group, N) bf16
 
 

@@ -11,6 +11,12 @@ low nibble and row 2i+1 in its high nibble, both two's complement in [-8, 7].
 (``jnp.int4`` would take a whole byte per value on CPU, so we pack ourselves.)
 Scales are bf16, as in the release; quantization is symmetric (no zero point).
 
+The values may be stored wider than N (``row_pad`` columns of padding after
+each row: packed expert matrices, docs/FORMAT.md): N is the scales' width and
+the columns past it mean nothing. The padding exists only so that stored rows
+are not a multiple of 4 KiB apart (16 such rows read together share one L1
+set; Grok-1's gate and up run 1.1-1.3x faster padded, docs/PERFORMANCE.md).
+
 An int4 weight may instead carry ``levels``: 16 integers in [-127, 127], the
 value each nibble stands for (nibble n means ``levels[n] * scale``). A
 non-uniform table puts more levels where weights are dense (near zero) and
@@ -36,7 +42,7 @@ BF16 = np.dtype(ml_dtypes.bfloat16)
 
 @dataclass(frozen=True)
 class QWeight:
-    values: np.ndarray  # int8 (K, N) for bits=8; uint8 (K // 2, N) for bits=4
+    values: np.ndarray  # int8 (K, N + pad) for bits=8; uint8 (K // 2, N + pad) for bits=4
     scales: np.ndarray  # bf16 (K // group_size, N)
     bits: int
     group_size: int
@@ -55,13 +61,23 @@ class QWeight:
         k, n = self.shape
         if self.group_size <= 0 or k % self.group_size:
             raise ValueError(f"group_size {self.group_size} does not divide K={k}")
-        if self.scales.shape[-2:] != (k // self.group_size, n):
-            raise ValueError(f"scales shape {self.scales.shape} != {(k // self.group_size, n)}")
+        if self.scales.shape[-2] != k // self.group_size:
+            raise ValueError(f"scales shape {self.scales.shape}: expected {k // self.group_size} "
+                             f"rows (K={k} / group_size {self.group_size})")
+        if self.values.shape[-1] < n:
+            raise ValueError(f"values shape {self.values.shape} is narrower than the scales' "
+                             f"{n} columns")
 
     @property
     def shape(self) -> tuple[int, int]:
-        rows, n = self.values.shape[-2:]
-        return (rows * 2 if self.bits == 4 else rows), n
+        """(K, N): N is the scales' width (the values may carry row padding past it)."""
+        rows = self.values.shape[-2]
+        return (rows * 2 if self.bits == 4 else rows), self.scales.shape[-1]
+
+    @property
+    def row_pad(self) -> int:
+        """Stored columns of padding after each row of values (0: dense)."""
+        return self.values.shape[-1] - self.scales.shape[-1]
 
     @property
     def nbytes(self) -> int:
@@ -113,9 +129,10 @@ def unpack_int4(packed: np.ndarray) -> np.ndarray:
 
 def int_values(w: QWeight) -> np.ndarray:
     """The integer values as int8 (K, N), unpacking int4 (through its level table)."""
+    values = np.asarray(w.values)[..., :w.shape[1]]            # without the row padding
     if w.bits == 8:
-        return np.asarray(w.values)
-    q = unpack_int4(w.values)                                  # (K, N) int8 two's complement
+        return values
+    q = unpack_int4(values)                                  # (K, N) int8 two's complement
     if w.levels is None:
         return q
     return np.asarray(w.levels, np.int8)[q.view(np.uint8) & 0x0F]

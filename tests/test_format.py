@@ -42,6 +42,7 @@ SETTINGS = {
     "int4-g32": QuantSettings(4, 32),
     "int8-bf16attn": QuantSettings(8, attention="bf16"),
     "int4-g32-levels": QuantSettings(4, 32, int4_levels=STUDENT_T_LEVELS),
+    "int8-dense": QuantSettings(8, row_pad=0),
 }
 
 # FORMAT_VERSION -> label -> SHA-256 of layout_json(preset("tiny"), settings).
@@ -67,6 +68,16 @@ PINNED_LAYOUT = {
         "int4-g32": "e66d6a0ced0a77d167418f13d13b7304ae3ebab23828461f4568545c865f1a8e",
         "int8-bf16attn": "789c0c833db3ee3fe5b608061be38178fc6ef1e2d27ea935da64290db2d4ea89",
         "int4-g32-levels": "14268244fa4e6ff4b1c186d2d9e3d2a37fa79f6902bd82d57a907c0af3ba18b6",
+    },
+    # Version 4 pads each row of expert values (quant.row_pad, 64 by default); with
+    # row_pad 0 the layout is version 3's (int8-dense = version 3's int8).
+    4: {
+        "int8": "d531750b351d02be3616f52ea759b8b5b6590e2a7b84860f80c7d6eee1df6528",
+        "int4": "b99525b1c4b6eac667bb175a4d081b6261ce5f5a28438ced0448a4d65198864b",
+        "int4-g32": "802dae8e471ad6fc35ffeb5fe59a0ac400fee819293bfc6eb3487c395168c3e2",
+        "int8-bf16attn": "1a38319ed026efebc194bdb575ba180845ed4405e551eefe2b167a9815fccf85",
+        "int4-g32-levels": "4820b5c11c1f7f088a29a0352166e0c90b09a7c8bea9b7a792a14ec8036f25dc",
+        "int8-dense": "c18b3bf47b7fba6a009d96efd38d08dcc94d167087020d483b62ffd3161f9a01",
     },
 }
 

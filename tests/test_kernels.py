@@ -23,8 +23,10 @@ from helpers import ACT8_LANE
 
 from lowmem import act8_kernels
 from lowmem import cpu_kernels as kernels
+from lowmem import model as M
 from lowmem import simd_kernels
 from quant.bf16 import round_bf16_inplace, round_bf16_scalar, to_bf16
+from quant.int4_levels import STUDENT_T_LEVELS
 from quant.qweight import QWeight, dequantize, pack_int4
 
 BF16 = ml_dtypes.bfloat16
@@ -284,6 +286,34 @@ def test_matmul_act_int8(t, bits, group, n):
     _assert_act8_close(kernels.matmul(x, w, col_block=128, k_chunk=64, act_int8=True), x, w)
     np.testing.assert_array_equal(kernels.matmul(x, w, k_chunk=72, act_int8=True),
                                   kernels.matmul(x, w, k_chunk=72))
+
+
+@pytest.mark.parametrize("a8", [False, True])
+@pytest.mark.parametrize("t", [1, 3, 6, 11])
+@pytest.mark.parametrize("bits,group,levels", [(8, K // 8, None), (4, 32, None),
+                                               (4, 32, STUDENT_T_LEVELS)])
+def test_matmul_padded_rows_equal_dense(bits, group, levels, t, a8):
+    """Values stored with row padding (format 4's row_pad: stored columns past the
+    scales' width) are the same weight as dense values, whatever the padding holds
+    (garbage here, zeros in a file): every kernel family reads rows at the stored
+    stride and only the scales' N columns (333: strips and the fp32 tail); the
+    numpy and JAX dequantizations ignore the padding too."""
+    rng = np.random.default_rng(300 + 10 * t + bits)
+    w = _qweight(rng, K, N, bits, group)
+    w = QWeight(w.values, w.scales, bits, group, levels)
+    junk = rng.integers(-128, 128, (w.values.shape[0], 64), np.int8).view(w.values.dtype)
+    padded = QWeight(np.concatenate([w.values, junk], axis=1), w.scales, bits, group, levels)
+    assert padded.shape == w.shape == (K, N) and padded.row_pad == 64 and w.row_pad == 0
+    x = rng.standard_normal((t, K)).astype(np.float32)
+    y = kernels.matmul(x, padded, act_int8=a8)
+    (_assert_act8_close if a8 else _assert_matmul_close)(y, x, w)
+    for split in ({"col_block": 128, "k_chunk": 64}, {"col_block": 1024, "k_chunk": 256}):
+        np.testing.assert_array_equal(kernels.matmul(x, padded, act_int8=a8, **split),
+                                      kernels.matmul(x, w, act_int8=a8, **split))
+    np.testing.assert_array_equal(dequantize(padded), dequantize(w))
+    np.testing.assert_array_equal(np.asarray(M.dequantize(padded, np.float32)), dequantize(w))
+    with pytest.raises(ValueError, match="narrower than the scales' 333 columns"):
+        QWeight(w.values[:, :N - 1], w.scales, bits, group, levels)
 
 
 def test_matmul_act_int8_needs_blocks_of_32():

@@ -8,7 +8,7 @@ import pytest
 
 from quant.config import preset
 from quant.int4_levels import STUDENT_T_LEVELS
-from quant.packed import (ALIGN, MANIFEST, PART_ALIGN, IntegrityError,
+from quant.packed import (ALIGN, MANIFEST, PART_ALIGN, ROW_PAD, IntegrityError,
                           PackedFormatError, PackedModel, QuantSettings, checksum,
                           entry_to_json, expert_block_layout, file_sizes, seal_manifest,
                           tensor_layout, verify_model)
@@ -67,18 +67,23 @@ def test_layout_invariants(name, settings):
 
 
 def test_grok1_expert_block_sizes():
-    """Independent arithmetic from SPEC.md sections 1 and 5."""
+    """Independent arithmetic from SPEC.md sections 1 and 5; each stored row of values
+    carries row_pad bytes after it (64 by default, 0 = the dense rows of versions 2-3)."""
     cfg = preset("grok-1")
     d, f = 6144, 32768
-    int8 = [d * f, f * 2, d * f, f * 2, f * d, 8 * d * 2]             # gate, up, down parts
-    int4 = [d * f // 2, f * 2, d * f // 2, f * 2, f * d // 2, d * 2]   # per-channel scales
-    g32 = [d * f // 2, d // 32 * f * 2, d * f // 2, d // 32 * f * 2, f * d // 2, f // 32 * d * 2]
-    for settings, parts in ((QuantSettings(8), int8), (QuantSettings(4), int4),
-                            (QuantSettings(4, 32), g32)):
-        block = _round(sum(_round(p, PART_ALIGN) for p in parts), ALIGN)
-        assert expert_block_layout(cfg, settings)[1] == block
-    assert expert_block_layout(cfg, QuantSettings(8))[1] / 1e6 == pytest.approx(604, abs=1)
-    assert expert_block_layout(cfg, QuantSettings(4))[1] / 1e6 == pytest.approx(302, abs=1)
+    for pad in (64, 0):
+        gu8, dn8 = d * (f + pad), f * (d + pad)                          # int8 values
+        gu4, dn4 = d // 2 * (f + pad), f // 2 * (d + pad)                # int4 values
+        int8 = [gu8, f * 2, gu8, f * 2, dn8, 8 * d * 2]                  # gate, up, down parts
+        int4 = [gu4, f * 2, gu4, f * 2, dn4, d * 2]                      # per-channel scales
+        g32 = [gu4, d // 32 * f * 2, gu4, d // 32 * f * 2, dn4, f // 32 * d * 2]
+        for settings, parts in ((QuantSettings(8, row_pad=pad), int8),
+                                (QuantSettings(4, row_pad=pad), int4),
+                                (QuantSettings(4, 32, row_pad=pad), g32)):
+            block = _round(sum(_round(p, PART_ALIGN) for p in parts), ALIGN)
+            assert expert_block_layout(cfg, settings)[1] == block
+    assert expert_block_layout(cfg, QuantSettings(8))[1] / 1e6 == pytest.approx(607, abs=1)
+    assert expert_block_layout(cfg, QuantSettings(4))[1] / 1e6 == pytest.approx(303.5, abs=1)
 
 
 def test_written_files_match_manifest(model_dir, tiny_cfg):
@@ -126,8 +131,10 @@ def _edit_manifest(path, fn, seal=True):
 
 @pytest.mark.parametrize("damage, pattern", [
     (lambda m: m.update(magic="something-else"), "expected magic"),
-    (lambda m: m.update(format_version=99), "expected format_version 2 or 3, found 99"),
-    (lambda m: m.update(format_version=1), "expected format_version 2 or 3, found 1"),
+    (lambda m: m.update(format_version=99), "expected format_version 2, 3 or 4, found 99"),
+    (lambda m: m.update(format_version=1), "expected format_version 2, 3 or 4, found 1"),
+    (lambda m: m["quant"].update(row_pad=32), "row_pad must be a multiple of 64"),
+    (lambda m: m["quant"].update(row_pad=0), r"gate\[0\].values: fields \['nbytes', 'shape'\] differ"),
     (lambda m: m["quant"].update(int4_levels=[0] * 16), "int4 levels must be 16 distinct"),
     (lambda m: m["quant"].update(int4_levels=list(range(-8, 8))), r"fields \['levels'\] differ"),
     (lambda m: m.update(tensors=None), "expected 'tensors' to be a list of objects"),
@@ -147,17 +154,30 @@ def test_open_rejects_bad_manifest(model_dir, tmp_path, damage, pattern):
     assert str(bad / MANIFEST) in str(exc.value)
 
 
-def test_format_2_manifest_reads_as_uniform_int4(model_dir, tmp_path):
-    """A version 2 manifest (no int4_levels) is a version 3 model without level tables."""
-    old = damaged_copy(model_dir, tmp_path)
+@pytest.mark.parametrize("version", [2, 3])
+def test_older_manifests_read_with_dense_rows(model_dir, tiny_cfg, tiny_ckpt, tmp_path, version):
+    """Versions 2 and 3 stored expert rows dense (row_pad 0) and version 2 had no level
+    tables: such a model opens, and its weights equal the padded version 4 model's."""
+    old = tmp_path / "dense"
+    quantize_checkpoint(tiny_ckpt, old, tiny_cfg, QuantSettings(4, 32, row_pad=0))
 
-    def to_v2(m):
-        m.update(format_version=2)
-        del m["quant"]["int4_levels"]
-    _edit_manifest(old / MANIFEST, to_v2)
+    def to_old(m):
+        m.update(format_version=version)
+        del m["quant"]["row_pad"]
+        if version == 2:
+            del m["quant"]["int4_levels"]
+    _edit_manifest(old / MANIFEST, to_old)
     a, b = PackedModel.open(model_dir).expert(1, 2), PackedModel.open(old).expert(1, 2)
-    assert b.gate.levels is None and PackedModel.open(old).settings == QuantSettings(4, 32)
-    np.testing.assert_array_equal(dequantize(a.down), dequantize(b.down))
+    f, d = b.down.shape
+    assert b.gate.levels is None and b.down.values.shape == (f // 2, d)   # dense rows
+    assert PackedModel.open(old).settings == QuantSettings(4, 32, row_pad=0)
+    assert a.down.values.shape == (f // 2, d + ROW_PAD) and a.down.row_pad == ROW_PAD
+    for role in ("gate", "up", "down"):
+        np.testing.assert_array_equal(dequantize(getattr(a, role)), dequantize(getattr(b, role)))
+    padded = damaged_copy(model_dir, tmp_path)             # a padded model called version 3
+    _edit_manifest(padded / MANIFEST, lambda m: m.update(format_version=3))
+    with pytest.raises(PackedFormatError, match=r"fields \['nbytes', 'shape'\] differ"):
+        PackedModel.open(padded)
 
 
 def test_open_refuses_any_unsealed_edit(model_dir, tmp_path):

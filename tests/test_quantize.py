@@ -23,7 +23,7 @@ from lowmem.quantize import main
 from lowmem.tokenizer import BUNDLED
 from quant.checkpoint import dequantize, iter_checkpoint
 from quant.int4 import quantize_int4
-from quant.packed import MANIFEST, PackedModel, QuantSettings
+from quant.packed import MANIFEST, ROW_PAD, PackedModel, QuantSettings
 from quant.qweight import dequantize as dequantize_q
 from quant.pipeline import QuantizeError, quantize_checkpoint
 
@@ -79,7 +79,9 @@ def test_int8_experts_and_attention_pass_through_bit_exact(models, ckpt_values, 
         for e in range(tiny_cfg.num_experts):
             block = model.expert(layer, e)
             for role, w in (("gate", block.gate), ("up", block.up), ("down", block.down)):
-                assert bits_equal(w.values, src[role].weight[e])
+                n = src[role].weight.shape[-1]               # stored rows: N + ROW_PAD bytes
+                assert w.values.shape[1] == n + ROW_PAD and not w.values[:, n:].any()
+                assert bits_equal(w.values[:, :n], src[role].weight[e])
                 assert bits_equal(w.scales, src[role].scales[e])      # incl. down's 8 blocks
                 assert isinstance(w.values.base, np.memmap) or np.shares_memory(w.values,
                                                                                 block.raw)
@@ -116,7 +118,9 @@ def test_int4_experts_and_recorded_errors(models, ckpt_values, tiny_cfg, name, g
     for e in range(tiny_cfg.num_experts):
         w = model.expert(1, e).down
         direct = quantize_int4(value.weight[e], value.scales[e], group)
-        assert bits_equal(w.values, direct.weight.values)
+        n = tiny_cfg.emb_size                                             # down's N
+        assert w.values.shape[1] == n + ROW_PAD and not w.values[:, n:].any()
+        assert bits_equal(w.values[:, :n], direct.weight.values)
         assert bits_equal(w.scales, direct.weight.scales)
         err = np.linalg.norm(ref[e] - dequantize_q(w)) / np.linalg.norm(ref[e])
         assert errors[expert_name(1, "down", e)] == pytest.approx(err, rel=1e-6)
@@ -241,7 +245,7 @@ def test_resume_of_a_finished_directory_is_a_no_op(models, tiny_cfg, tiny_ckpt, 
     before = dir_bytes(out)
     manifest = quantize(tiny_ckpt, out, tiny_cfg, QuantSettings(4), resume=True)
     assert manifest["quant"] == {"bits": 4, "group_size": None, "attention": "int8",
-                                 "int4_levels": None}
+                                 "int4_levels": None, "row_pad": ROW_PAD}
     assert dir_bytes(out) == before
     with pytest.raises(QuantizeError, match="already exists with other settings"):
         quantize(tiny_ckpt, out, tiny_cfg, QuantSettings(4, 32), resume=True)
@@ -468,7 +472,25 @@ def test_cli_int4_levels_default_and_uniform(tiny_ckpt, tmp_path):
     lv = json.loads((tmp_path / "lv" / "manifest.json").read_text())
     u = json.loads((tmp_path / "u" / "manifest.json").read_text())
     assert lv["quant"] == {"bits": 4, "group_size": 32, "attention": "int8",
-                           "int4_levels": list(STUDENT_T_LEVELS)}
+                           "int4_levels": list(STUDENT_T_LEVELS), "row_pad": ROW_PAD}
     assert u["quant"]["int4_levels"] is None and "levels" not in u["int4_method"]
     assert lv["int4_method"]["levels"] == list(STUDENT_T_LEVELS)
     assert lv["quant_error_summary"]["gate"]["mean"] < u["quant_error_summary"]["gate"]["mean"]
+
+
+def test_cli_row_pad_zero_writes_dense_rows(models, tiny_ckpt, tmp_path, caplog):
+    """--row-pad 0 stores the rows dense (format 3's layout) with the same weights as the
+    padded default; a value that is not a multiple of 64 is one line, exit 2."""
+    base = ["--checkpoint", str(tiny_ckpt), "--preset", "tiny", "--bits", "8", "-q"]
+    assert main([*base, "--out", str(tmp_path / "dense"), "--row-pad", "0"]) == 0
+    dense, padded = PackedModel.open(tmp_path / "dense"), PackedModel.open(models["int8"])
+    assert dense.settings.row_pad == 0 and padded.settings.row_pad == ROW_PAD
+    a, b = dense.expert(1, 3), padded.expert(1, 3)
+    for role in ("gate", "up", "down"):
+        wa, wb = getattr(a, role), getattr(b, role)
+        assert wa.values.shape == wa.shape and wb.values.shape[1] == wb.shape[1] + ROW_PAD
+        assert bits_equal(wa.values, wb.values[:, :wb.shape[1]])
+    assert a.nbytes < b.nbytes
+    msg = _main_error(caplog, [*base, "--out", str(tmp_path / "x"), "--row-pad", "100"])
+    assert msg.endswith("--row-pad: expected a multiple of 64 in [0, 4096), found 100")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "x.partial").exists()

@@ -16,7 +16,7 @@ from quant.packed import PackedModel, QuantSettings
 from quant.pipeline import quantize_checkpoint
 
 GIB = 1 << 30
-CHUNK = 2 * PAGE             # the tiny int4 block is 7 pages: 4 chunks, the last one short
+CHUNK = 3 * PAGE             # the tiny int4 block is 10 pages: 4 chunks, the last one short
 PROMPT = [5, 17, 99, 3, 250, 42, 7, 300]
 
 
@@ -53,7 +53,7 @@ def test_ring_reuse_never_corrupts_an_earlier_block(model, registration):
                     registration=registration)
     assert stager.registration == registration and stager.chunks == 4
     keys = _keys(model)
-    first = stager(keys[0])                                    # 4 chunks of 2 pages
+    first = stager(keys[0])                                    # 4 chunks of 3 pages
     later = [stager(key) for key in keys[1:]]                  # 15 blocks, 60 chunk fills
     nbytes = model.expert_block_nbytes
     for key, chunks in zip(keys, [first] + later):
