@@ -14,6 +14,7 @@ weight bytes, and the ratio to the floor (1.00 = at memory bandwidth).
     python tools/bench_kernels.py --cases int4-gate int8-gate --tokens 1 2 4 8 --threads 1 --act-int8
     python tools/bench_kernels.py --cases logits logits-int8 --tokens 1 2 4 8 16 --repeats 5
     python tools/bench_kernels.py --cases int4g32-gate int4lv32-gate int4g32-down int4lv32-down
+    python tools/bench_kernels.py --cases int8-gate --tokens 1 3 6 11 --row-pad 0   # format 3 rows
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ from membw import parallel_sum, words  # noqa: E402
 from lowmem import cpu_kernels as kernels  # noqa: E402
 from lowmem import logits_kernels  # noqa: E402
 from quant.int4_levels import STUDENT_T_LEVELS  # noqa: E402
+from quant.packed import ROW_PAD  # noqa: E402
 from quant.qweight import QWeight  # noqa: E402
 
 D, F, V = 6144, 32768, 131072
@@ -61,10 +63,11 @@ def _store(arr: np.ndarray, mmap_dir: Path | None, name: str) -> np.ndarray:
     return np.memmap(path, dtype=arr.dtype, mode="r", shape=arr.shape)
 
 
-def _qweight(rng, k, n, bits, group, mmap_dir, name, levels=None) -> QWeight:
+def _qweight(rng, k, n, bits, group, mmap_dir, name, levels=None, row_pad=0) -> QWeight:
     """Random int8 or packed-int4 weight with bf16 scales (values do not matter
-    for speed); levels: an int4 level table (QWeight.levels) or None."""
-    raw = rng.integers(0, 256, (k // 2 if bits == 4 else k, n), dtype=np.uint8)
+    for speed); levels: an int4 level table (QWeight.levels) or None; row_pad:
+    stored bytes after each row of values, as a packed model's experts have."""
+    raw = rng.integers(0, 256, (k // 2 if bits == 4 else k, n + row_pad), dtype=np.uint8)
     values = raw if bits == 4 else raw.view(np.int8)
     scales = (rng.random((k // group, n), dtype=np.float32) * 1e-3).astype(ml_dtypes.bfloat16)
     return QWeight(_store(values, mmap_dir, name), _store(scales, mmap_dir, name + "_s"), bits,
@@ -116,7 +119,7 @@ CASES = {
 }
 
 
-def _build(name, rng, mmap_dir):
+def _build(name, rng, mmap_dir, row_pad):
     """(fn(x) running the case's kernel, input width, weights read)."""
     kernel, width, specs = CASES[name]
     weights = []
@@ -124,7 +127,8 @@ def _build(name, rng, mmap_dir):
         tag = f"{name}-{i}"
         make = {"bf16": _bf16_table, "table8": _int8_table}.get(bits)
         weights.append(make(rng, rows, cols, mmap_dir, tag) if make
-                       else _qweight(rng, rows, cols, bits, group, mmap_dir, tag, *levels))
+                       else _qweight(rng, rows, cols, bits, group, mmap_dir, tag, *levels,
+                                     row_pad=row_pad))
     if kernel == "logits_int8":   # --act-int8: its int16 activations (the int8 mode's logits)
         fn = partial(logits_kernels.logits_int8, act16=bool(kernels.ACT_INT8))
     else:
@@ -158,6 +162,9 @@ def main(argv=None) -> int:
     ap.add_argument("--mmap", type=Path, default=None, metavar="DIR",
                     help="write weights to files in DIR (left there, ~3 GB for all cases) "
                          "and pass them as read-only np.memmap")
+    ap.add_argument("--row-pad", type=int, default=ROW_PAD, metavar="BYTES",
+                    help=f"stored bytes after each row of quantized values (default {ROW_PAD}, "
+                         f"what lowmem quantize writes; 0: format 3's dense rows)")
     args = ap.parse_args(argv)
     if args.threads:
         numba.set_num_threads(args.threads)
@@ -168,12 +175,13 @@ def main(argv=None) -> int:
     parallel_sum(np.zeros(8, np.uint64))
     print(f"# numba {numba.__version__}, {numba.get_num_threads()} threads, "
           f"{os.cpu_count()} cpus, {'memmap' if args.mmap else 'in-memory'} weights, "
-          f"{'int8' if args.act_int8 else 'fp32'} activations, load average "
+          f"{'int8' if args.act_int8 else 'fp32'} activations, row pad {args.row_pad}, "
+          f"load average "
           f"{os.getloadavg()[0]:.2f}")
     print(f"{'case':14s} {'T':>3s} {'MB':>7s} {'floor ms':>9s} {'floor GB/s':>10s} "
           f"{'kernel ms':>9s} {'GB/s':>6s} {'ratio':>6s}")
     for name in args.cases:
-        fn, width, weights = _build(name, rng, args.mmap)
+        fn, width, weights = _build(name, rng, args.mmap, args.row_pad)
         buffers = _buffers(*weights)
         nbytes = sum(b.nbytes for b in buffers)
         for t in args.tokens:
