@@ -349,7 +349,7 @@ def memory_sweep(plan: MemoryPlan, bits: int) -> list[float]:
     """Decode s/token at the uniform-routing hit rate for each PLOT_MEMORY_GB (nan: no fit)."""
     cfg = GrokConfig.from_dict(plan.config)
     settings = QuantSettings(bits, plan.settings["group_size"] if bits == 4 else None,
-                             plan.settings["attention"])
+                             plan.settings["attention"], row_pad=plan.settings["row_pad"])
     out = []
     for gb in PLOT_MEMORY_GB:
         p = make_plan(cfg, settings, gb * 10**9, context=plan.context, batch=plan.batch,
