@@ -64,6 +64,14 @@ def _round_up(n: int, align: int) -> int:
     return -(-n // align) * align
 
 
+def check_row_pad(row_pad) -> int:
+    """A valid QuantSettings.row_pad: a multiple of 64 (rows stay 64-byte aligned) below
+    one page; ValueError otherwise."""
+    if type(row_pad) is not int or not 0 <= row_pad < 4096 or row_pad % 64:
+        raise ValueError(f"row_pad must be a multiple of 64 in [0, 4096), got {row_pad!r}")
+    return row_pad
+
+
 @dataclass(frozen=True)
 class QuantSettings:
     """How the experts (and attention) are stored. Recorded in the manifest."""
@@ -87,9 +95,7 @@ class QuantSettings:
             raise ValueError(f"group size must be an even number >= 2, got {self.group_size}")
         if self.attention not in ("int8", "bf16"):
             raise ValueError(f"attention must be 'int8' or 'bf16', got {self.attention!r}")
-        if type(self.row_pad) is not int or not 0 <= self.row_pad < 4096 or self.row_pad % 64:
-            raise ValueError(f"row_pad must be a multiple of 64 in [0, 4096), "
-                             f"got {self.row_pad!r}")
+        check_row_pad(self.row_pad)
 
     def expert_group_size(self, spec: WeightSpec) -> int:
         """Rows per scale for one expert matrix (K = spec.shape[-2])."""

@@ -41,7 +41,8 @@ from quant.pack_writer import (RECORD_SUFFIX, Unit, UnitWriter, load_valid_recor
                                write_record)
 from quant.outlock import OutputLock, OutputLocked
 from quant.packed import (MANIFEST, ROW_PAD, TOKENIZER, PackedFormatError, QuantSettings,
-                          file_sha256, make_manifest, pad_rows, verify_model, write_json_atomic)
+                          check_row_pad, file_sha256, make_manifest, pad_rows, verify_model,
+                          write_json_atomic)
 from quant.spec import (ATTENTION_ROLES, WeightSpec, checkpoint_specs, expert_tensor_name,
                         layer_specs)
 
@@ -88,14 +89,13 @@ def settings_for(bits: int, group_size: int | str | None = None, int4_levels: st
     if group is None and INT4_LEVELS.get(int4_levels) is not None:
         raise ValueError(f"--int4-levels {int4_levels} needs groups (--group-size G): per "
                          f"channel uses the uniform grid")
-    name = int4_levels or (DEFAULT_INT4_LEVELS if bits == 4 and group is not None else "uniform")
     try:
-        return QuantSettings(bits, group, attention, INT4_LEVELS[name], row_pad)
-    except ValueError as e:
-        if "row_pad" not in str(e):
-            raise
+        check_row_pad(row_pad)
+    except ValueError:
         raise ValueError(f"--row-pad: expected a multiple of 64 in [0, 4096), found {row_pad}") \
             from None
+    name = int4_levels or (DEFAULT_INT4_LEVELS if bits == 4 and group is not None else "uniform")
+    return QuantSettings(bits, group, attention, INT4_LEVELS[name], row_pad)
 
 
 class QuantizeError(ValueError):
