@@ -72,9 +72,9 @@ def test_each_row_of_a_batch_equals_that_row_alone():
     logits do not depend on the other rows of the batch (bit for bit)."""
     rng = np.random.default_rng(1)
     table = quantize_table(_table(rng, 300, 6144 + 40))
-    x = rng.standard_normal((15, 6144 + 40)).astype(np.float32)
-    batch = logits_int8(x, table)                                           # (15, V)
-    for t in (0, 7, 8, 12, 14):
+    x = rng.standard_normal((21, 6144 + 40)).astype(np.float32)
+    batch = logits_int8(x, table)                                           # (21, V)
+    for t in (0, 7, 8, 12, 14, 16, 20):   # token blocks 8 + 8 + 4 + 1, chunks of D for 16
         np.testing.assert_array_equal(batch[t], logits_int8(x[t], table))
 
 
@@ -152,10 +152,10 @@ def test_act16_rows_are_independent_of_the_batch():
     solo run samples): per-row scales and exact integer sums."""
     rng = np.random.default_rng(11)
     table = quantize_table(_table(rng, 200, 6144))
-    x = rng.standard_normal((16, 6144)).astype(np.float32)
+    x = rng.standard_normal((21, 6144)).astype(np.float32)
     x[3] = 0                                                                 # a zero row
     batch = logits_int8(x, table, act16=True)
-    for t in (0, 3, 7, 8, 12, 15):
+    for t in (0, 3, 7, 8, 12, 15, 16, 20):
         np.testing.assert_array_equal(batch[t], logits_int8(x[t], table, act16=True))
     np.testing.assert_array_equal(batch[3], np.zeros(200, np.float32))
 
