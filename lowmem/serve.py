@@ -295,6 +295,12 @@ def build_parser(prog: str = "python -m lowmem.serve") -> argparse.ArgumentParse
                         "(default: the largest prefill bucket, 256): more reads a burst of "
                         "prompts in fewer steps, less keeps each step of the running streams "
                         "short")
+    p.add_argument("--batch-wait-ms", type=cli.float_type(0.0, 10000.0), default=20.0,
+                   metavar="MS",
+                   help="when idle, how long a new request waits for others to join its "
+                        "first step, 0..10000 (default 20; 0 = start at once): a burst whose "
+                        "clients arrive a few ms apart is then read in one step, not the "
+                        "first request alone and the rest one prefill step later")
     p.add_argument("--no-warmup", dest="warmup", action="store_false",
                    help="start at once and compile each step shape when a request first "
                         "needs it (default: compile them all before /health says ok)")
@@ -322,7 +328,8 @@ def _serve(args) -> int:
             raise EngineError(f"{runtime.engine.model.model_dir}: no tokenizer.model in the "
                               f"model directory; the server needs one to read and write text")
         batch = BatchEngine(runtime.engine, args.max_batch)
-        scheduler = Scheduler(batch, args.max_queue, args.prefill_tokens)
+        scheduler = Scheduler(batch, args.max_queue, args.prefill_tokens,
+                              args.batch_wait_ms / 1e3)
         name = args.model_name or Path(str(runtime.engine.model.model_dir)).name
         app = create_app(scheduler, runtime.tokenizer, name, warm_up=args.warmup)
         cli.stage("serving %s on http://%s:%d/v1 (max batch %d, queue %d)", name, args.host,

@@ -4,6 +4,10 @@ The reference is ``lowmem.decoding.generate_tokens`` on a plain Engine: a
 request run in a batch, joining and leaving between steps, must give exactly
 the tokens (and the PRNG draws) it gives alone.
 """
+import threading
+import time
+from functools import partial
+
 import jax
 import numpy as np
 import pytest
@@ -358,6 +362,48 @@ def test_a_burst_of_prompts_is_read_in_one_step(model):
     assert [s.generated for s in seqs] == [_solo(engine, r) for r in reqs]
     with pytest.raises(EngineError, match="prefill_tokens"):
         Scheduler(BatchEngine(engine, 1), prefill_tokens=0)
+
+
+def _first_token_steps(sched: Scheduler, reqs, pause: float) -> list[int]:
+    """Submit reqs ``pause`` seconds apart to a running worker -> for each, the number
+    of steps the worker had finished when the request's first token came."""
+    steps, done = [[] for _ in reqs], [threading.Event() for _ in reqs]
+
+    def on_event(i, event):
+        if event[0] == "token":
+            steps[i].append(sched.steps)
+        elif event[0] in ("done", "error"):
+            done[i].set()
+    sched.start()
+    try:
+        for i, r in enumerate(reqs):
+            if i:
+                time.sleep(pause)
+            sched.submit(r, partial(on_event, i))
+        assert all(d.wait(60) for d in done)
+    finally:
+        sched.shutdown()
+    return [s[0] for s in steps]
+
+
+def test_an_idle_worker_lets_a_burst_gather_for_its_first_step(model):
+    """Requests arriving 50 ms apart at an idle worker: with gather_s their prompts are
+    read in the same first step (without it the first starts alone, the second waits
+    for the next step); the wait ends as soon as the requests fill the free slots."""
+    reqs = [Request(tuple(PROMPTS[i]), 2, SamplingParams(temperature=0.0), 0, False)
+            for i in (0, 1)]
+    engine = _engine(model, "host")
+    gathered = Scheduler(BatchEngine(engine, 4), gather_s=2.0)
+    assert _first_token_steps(gathered, reqs, 0.05) == [0, 0]
+    apart = Scheduler(BatchEngine(engine, 4))
+    first, second = _first_token_steps(apart, reqs, 0.05)
+    assert second > first
+    full = Scheduler(BatchEngine(engine, 2), gather_s=600.0)
+    t0 = time.monotonic()
+    assert _first_token_steps(full, reqs, 0.05) == [0, 0]
+    assert time.monotonic() - t0 < 300                  # two requests fill both slots
+    with pytest.raises(EngineError, match="gather_s"):
+        Scheduler(BatchEngine(engine, 1), gather_s=-1.0)
 
 
 @pytest.mark.parametrize("top_p", [1.0, 0.9])

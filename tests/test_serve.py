@@ -220,6 +220,11 @@ def test_no_warmup_option():
     with pytest.raises(SystemExit) as e:
         build_parser().parse_args(["--prefill-tokens", "0"])
     assert e.value.code == 2
+    assert build_parser().parse_args([]).batch_wait_ms == 20.0
+    assert build_parser().parse_args(["--batch-wait-ms", "0"]).batch_wait_ms == 0.0
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["--batch-wait-ms", "-1"])
+    assert e.value.code == 2
 
 
 def _free_port() -> int:

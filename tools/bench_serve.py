@@ -28,6 +28,7 @@ import json
 import os
 import re
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -40,12 +41,15 @@ def metric(url: str, name: str) -> float:
     return float(m.group(1)) if m else 0.0
 
 
-def one_stream(url: str, i: int, max_tokens: int) -> tuple[int, float, float]:
-    """(tokens received, perf_counter of the first token, of the last)."""
+def one_stream(client: httpx.Client, i: int, max_tokens: int, start: threading.Barrier
+               ) -> tuple[int, float, float, float]:
+    """(tokens received, perf_counter when sent, of the first token, of the last)."""
     body = {"prompt": f"Request {i}: the weather today is", "max_tokens": max_tokens,
             "temperature": 1.0, "seed": i, "stream": True, "logprobs": 1}
     tokens, first, last = 0, None, None
-    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=600) as r:
+    start.wait()
+    sent = time.perf_counter()
+    with client.stream("POST", "/v1/completions", json=body) as r:
         r.raise_for_status()
         for line in r.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
@@ -56,24 +60,32 @@ def one_stream(url: str, i: int, max_tokens: int) -> tuple[int, float, float]:
                 first = first or now
                 last = now
                 tokens += len(lp["tokens"])
-    return tokens, first or 0.0, last or 0.0
+    return tokens, sent, first or 0.0, last or 0.0
 
 
 def run_level(url: str, c: int, max_tokens: int) -> dict:
+    """c streams sent at once (a barrier, one shared client) -> the level's figures."""
     bytes0, toks0 = metric(url, "expert_bytes_moved_total"), metric(url, "tokens_generated_total")
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(c) as pool:
-        results = list(pool.map(lambda i: one_stream(url, i, max_tokens), range(c)))
+    limits = httpx.Limits(max_connections=c, max_keepalive_connections=c)
+    start = threading.Barrier(c)
+    with httpx.Client(base_url=url, timeout=600, limits=limits) as client, \
+            ThreadPoolExecutor(c) as pool:
+        t0 = time.perf_counter()
+        results = list(pool.map(lambda i: one_stream(client, i, max_tokens, start), range(c)))
     wall = time.perf_counter() - t0
-    tokens = sum(t for t, _, _ in results)
-    per_token = [(b - a) / (t - 1) for t, a, b in results if t > 1]
-    decode_tokens = sum(max(t - 1, 0) for t, _, _ in results)
-    decode_wall = max(b for _, _, b in results) - min(a for _, a, _ in results)
+    tokens = sum(t for t, *_ in results)
+    per_token = [(b - a) / (t - 1) for t, _, a, b in results if t > 1]
+    decode_tokens = sum(max(t - 1, 0) for t, *_ in results)
+    decode_wall = max(b for *_, b in results) - min(a for _, _, a, _ in results)
+    sent = [s for _, s, _, _ in results]
     moved = metric(url, "expert_bytes_moved_total") - bytes0
     counted = metric(url, "tokens_generated_total") - toks0
     return {"concurrency": c, "tokens": tokens, "tok_s": tokens / wall,
             "decode_tok_s": decode_tokens / decode_wall if decode_wall > 0 else 0.0,
             "tpot_ms": 1e3 * sum(per_token) / max(len(per_token), 1),
+            "sent_spread_ms": 1e3 * (max(sent) - min(sent)),
+            "first_spread_ms": 1e3 * (max(a for _, _, a, _ in results)
+                                      - min(a for _, _, a, _ in results)),
             "expert_mb_per_token": moved / max(counted, 1) / 1e6}
 
 
@@ -117,6 +129,10 @@ def main(argv=None) -> int:
               f"{r['tok_s'] / base['tok_s']:.2f} | {r['tpot_ms']:.1f} | "
               f"{r['expert_mb_per_token']:.3f} | "
               f"{r['expert_mb_per_token'] / base['expert_mb_per_token']:.2f} |")
+    print("requests sent within " + ", ".join(f"{r['sent_spread_ms']:.0f}" for r in rows)
+          + " ms; first tokens within " + ", ".join(f"{r['first_spread_ms']:.0f}" for r in rows)
+          + " ms (per level: a spread of a step or more means prompts were read in "
+          "different steps)")
     return 0
 
 
