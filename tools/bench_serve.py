@@ -5,7 +5,9 @@
 
 For each concurrency c, c streaming requests (short distinct prompts, sampled
 at temperature 1 with distinct seeds, so routing differs between sequences)
-run at once. It reports, per level:
+run at once: sent together after a barrier, from one shared client (a client
+per request spent ~10-20 ms each on its SSL context, which spread 16 requests
+over 0.2-0.3 s). It reports, per level:
 
 - end-to-end tok/s: every output token over the level's wall time (prefill
   and the first token included);
@@ -15,7 +17,9 @@ run at once. It reports, per level:
   prompts' prefill chunks still share that window, as in serving);
 - the mean time per output token of one stream (after its first token);
 - the expert bytes the server moved per output token (from /metrics, prefill
-  included).
+  included);
+- how far apart the requests were sent and their first tokens came (a first
+  token spread of a step or more: the prompts were read in different steps).
 
 Use enough output tokens per request (``--max-tokens``, default 32) that the
 decode window dominates. Prints the setting, the load average before and
