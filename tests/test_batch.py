@@ -387,20 +387,20 @@ def _first_token_steps(sched: Scheduler, reqs, pause: float) -> list[int]:
 
 
 def test_an_idle_worker_lets_a_burst_gather_for_its_first_step(model):
-    """Requests arriving 50 ms apart at an idle worker: with gather_s their prompts are
+    """Requests arriving 200 ms apart at an idle worker: with gather_s their prompts are
     read in the same first step (without it the first starts alone, the second waits
     for the next step); the wait ends as soon as the requests fill the free slots."""
     reqs = [Request(tuple(PROMPTS[i]), 2, SamplingParams(temperature=0.0), 0, False)
             for i in (0, 1)]
     engine = _engine(model, "host")
     gathered = Scheduler(BatchEngine(engine, 4), gather_s=2.0)
-    assert _first_token_steps(gathered, reqs, 0.05) == [0, 0]
+    assert _first_token_steps(gathered, reqs, 0.2) == [0, 0]
     apart = Scheduler(BatchEngine(engine, 4))
-    first, second = _first_token_steps(apart, reqs, 0.05)
+    first, second = _first_token_steps(apart, reqs, 0.2)
     assert second > first
     full = Scheduler(BatchEngine(engine, 2), gather_s=600.0)
     t0 = time.monotonic()
-    assert _first_token_steps(full, reqs, 0.05) == [0, 0]
+    assert _first_token_steps(full, reqs, 0.2) == [0, 0]
     assert time.monotonic() - t0 < 300                  # two requests fill both slots
     with pytest.raises(EngineError, match="gather_s"):
         Scheduler(BatchEngine(engine, 1), gather_s=-1.0)
