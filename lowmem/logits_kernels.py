@@ -140,10 +140,10 @@ def _rows_kernel(rows, tb):
 # are two blocks of 8 (the conversion, 2 uops per 16 weights, is the cheap part).
 
 def _rows_pass(kernel):
-    """An inline njit pass(tb, e, v0, nr, d0, n, x, t0, part) running kernel(rows, tb)
+    """An inline njit pass(T, e, v0, nr, d0, n, x, part) running kernel(rows, tb)
     (an intrinsic factory: fp32 or int16 activations) over rows v0..v0+nr, n steps of
-    D from d0, tokens t0..t0+tb (tb in 1, 2, 4, 8): blocks of the variants' rows,
-    then one row at a time for a block's last rows."""
+    D from d0, for tokens 0..T in blocks of tb = 8, 4, 2, 1 (T = 8a + 4b + 2c + d):
+    blocks of the variants' rows, then one row at a time for a block's last rows."""
     k8_1, k1_1, k4_2, k1_2 = kernel(8, 1), kernel(1, 1), kernel(4, 2), kernel(1, 2)
     k4_4, k1_4, k3_8, k1_8 = kernel(4, 4), kernel(1, 4), kernel(3, 8), kernel(1, 8)
 
@@ -174,7 +174,17 @@ def _rows_pass(kernel):
                 r += 3
             for r in range(r, nr):
                 k1_8(e, v0 + r, d0, n, x, t0, part, r)
-    return run
+
+    @njit(inline="always", cache=True)
+    def run_tokens(T, e, v0, nr, d0, n, x, part):
+        t0 = 0
+        tb = 8
+        while tb >= 1:
+            while T - t0 >= tb:
+                run(tb, e, v0, nr, d0, n, x, t0, part)
+                t0 += tb
+            tb //= 2
+    return run_tokens
 
 
 _pass = _rows_pass(_rows_kernel)     # n = 64-byte steps of D
@@ -201,14 +211,7 @@ def _block(x, e, sc, out, v0, v1):
     part = np.zeros((nr, T * 16), np.float32)          # (rows, T x 16 lanes)
     dc = _chunk_width(T, 4, 64)
     for d0 in range(0, d64, dc):                       # each chunk of rows read once
-        n = (min(d64, d0 + dc) - d0) // 64
-        t0 = 0
-        tb = 8
-        while tb >= 1:                                 # T = 8a + 4b + 2c + d
-            while T - t0 >= tb:
-                _pass(tb, e, v0, nr, d0, n, x, t0, part)
-                t0 += tb
-            tb //= 2
+        _pass(T, e, v0, nr, d0, (min(d64, d0 + dc) - d0) // 64, x, part)
     for r in range(nr):
         s = np.uint32(np.uint32(sc[v0 + r]) << 16).view(np.float32)
         row = e[v0 + r]
@@ -389,14 +392,7 @@ def _block16(xq, xs, e, sc, out, v0, v1):
     part = np.zeros((nr, T * 16), np.int32)            # (rows, T x 16 lanes)
     dc = _chunk_width(T, 2, 32)
     for d0 in range(0, d32, dc):                       # each chunk of rows read once
-        n = (min(d32, d0 + dc) - d0) // 32
-        t0 = 0
-        tb = 8
-        while tb >= 1:                                 # T = 8a + 4b + 2c + d
-            while T - t0 >= tb:
-                _pass16(tb, e, v0, nr, d0, n, xq, t0, part)
-                t0 += tb
-            tb //= 2
+        _pass16(T, e, v0, nr, d0, (min(d32, d0 + dc) - d0) // 32, xq, part)
     for r in range(nr):
         s = np.float64(np.uint32(np.uint32(sc[v0 + r]) << 16).view(np.float32))
         row = e[v0 + r]
