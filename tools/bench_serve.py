@@ -22,8 +22,12 @@ over 0.2-0.3 s). It reports, per level:
   token spread of a step or more: the prompts were read in different steps).
 
 Use enough output tokens per request (``--max-tokens``, default 32) that the
-decode window dominates. Prints the setting, the load average before and
-after, and a markdown table.
+decode window dominates. ``--rounds N`` runs the whole sweep N times in turn
+and reports each level's ratio to concurrency 1 as the median of the rounds'
+ratios (each round's level over that round's one stream, measured minutes
+apart at most): on a shared VM whose speed drifts by 20-30% over half an hour
+a single sweep's c=1 window may fall in a fast or a slow stretch. Prints the
+setting, the load average before and after, and a markdown table.
 """
 from __future__ import annotations
 
@@ -35,6 +39,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from statistics import median
 
 import httpx
 
@@ -93,13 +98,38 @@ def run_level(url: str, c: int, max_tokens: int) -> dict:
             "expert_mb_per_token": moved / max(counted, 1) / 1e6}
 
 
+def summarize(rounds: list[list[dict]]) -> list[dict]:
+    """Per level over the rounds (each a list of run_level rows, levels in the same order,
+    the first the baseline): the medians of its figures and of each round's ratios to
+    that round's baseline, with the ratios' range."""
+    out = []
+    for i, row in enumerate(rounds[0]):
+        same = [r[i] for r in rounds]
+        ratio = {k: [r[i][k] / r[0][k] if r[0][k] else 0.0 for r in rounds]
+                 for k in ("decode_tok_s", "tok_s", "expert_mb_per_token")}
+        summary = {k: float(median([r[k] for r in same])) for k in row}
+        summary.update({f"x_{k}": float(median(v)) for k, v in ratio.items()})
+        summary["x_decode_range"] = (min(ratio["decode_tok_s"]), max(ratio["decode_tok_s"]))
+        out.append(summary)
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL")
     p.add_argument("--concurrency", default="1,2,4,8,16", help="comma-separated levels")
     p.add_argument("--max-tokens", type=int, default=32, help="tokens per request (default 32)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="sweeps run in turn; ratios are the median of the rounds' (default 1)")
     args = p.parse_args(argv)
+    if args.rounds < 1:
+        print(f"error: --rounds must be >= 1, got {args.rounds}", file=sys.stderr)
+        return 2
+    if args.max_tokens < 2:
+        print(f"error: --max-tokens must be >= 2 (decode needs tokens after the first), got "
+              f"{args.max_tokens}", file=sys.stderr)
+        return 2
     try:
         levels = [int(c) for c in args.concurrency.split(",")]
         httpx.get(args.url + "/health", timeout=10).raise_for_status()
@@ -110,32 +140,29 @@ def main(argv=None) -> int:
     except httpx.HTTPError as e:
         print(f"error: --url {args.url}: no server answers /health ({e})", file=sys.stderr)
         return 2
-    if args.max_tokens < 2:
-        print(f"error: --max-tokens must be >= 2 (decode needs tokens after the first), got "
-              f"{args.max_tokens}", file=sys.stderr)
-        return 2
     # Warm-up: c requests of c + 1 tokens each make the server step every number of rows
     # from 1 to c (prompts are read one per step while the earlier ones decode), so
     # every step shape the levels use is compiled before the clock runs.
     top = max(levels)
     run_level(args.url, top, top + 1)
     load0 = os.getloadavg()[0]
-    rows = [run_level(args.url, c, args.max_tokens) for c in levels]
+    rounds = [[run_level(args.url, c, args.max_tokens) for c in levels]
+              for _ in range(args.rounds)]
+    rows = summarize(rounds)
     print(f"{args.max_tokens} output tokens per request, temperature 1, distinct seeds; "
-          f"load average {load0:.2f} before, {os.getloadavg()[0]:.2f} after")
-    base = rows[0]
-    print("| concurrency | decode tok/s | x c=1 | end-to-end tok/s | x c=1 | "
+          f"{args.rounds} round(s), medians; load average {load0:.2f} before, "
+          f"{os.getloadavg()[0]:.2f} after")
+    print("| concurrency | decode tok/s | x c=1 | x c=1 range | end-to-end tok/s | x c=1 | "
           "time/token per stream (ms) | expert MB / output token | x c=1 |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['concurrency']} | {r['decode_tok_s']:.2f} | "
-              f"{r['decode_tok_s'] / base['decode_tok_s']:.2f} | {r['tok_s']:.2f} | "
-              f"{r['tok_s'] / base['tok_s']:.2f} | {r['tpot_ms']:.1f} | "
-              f"{r['expert_mb_per_token']:.3f} | "
-              f"{r['expert_mb_per_token'] / base['expert_mb_per_token']:.2f} |")
+        lo, hi = r["x_decode_range"]
+        print(f"| {r['concurrency']:.0f} | {r['decode_tok_s']:.2f} | {r['x_decode_tok_s']:.2f} | "
+              f"{lo:.2f}-{hi:.2f} | {r['tok_s']:.2f} | {r['x_tok_s']:.2f} | {r['tpot_ms']:.1f} | "
+              f"{r['expert_mb_per_token']:.3f} | {r['x_expert_mb_per_token']:.2f} |")
     print("requests sent within " + ", ".join(f"{r['sent_spread_ms']:.0f}" for r in rows)
           + " ms; first tokens within " + ", ".join(f"{r['first_spread_ms']:.0f}" for r in rows)
-          + " ms (per level: a spread of a step or more means prompts were read in "
+          + " ms (medians per level: a spread of a step or more means prompts were read in "
           "different steps)")
     return 0
 
