@@ -221,6 +221,7 @@ class HostBackend:
     """Weights stay in the mapped files; numba kernels compute on them in place."""
     name = "host"
     linear = staticmethod(host_linear)
+    key_block = M.KEY_BLOCK    # attend loops over the filled blocks of the cache (model.attend)
     logits_fn = staticmethod(host_logits)
 
     def __init__(self, model: PackedModel, device, options):
@@ -292,6 +293,7 @@ class DeviceBackend:
     """Resident weights on the accelerator; experts streamed into an ExpertCache."""
     name = "device"
     linear = staticmethod(chunked_linear)     # no whole-matrix dequantization per token
+    key_block = None           # one softmax over the whole cache (model.attend)
     logits_fn = staticmethod(device_logits)
 
     def __init__(self, model: PackedModel, device, options):

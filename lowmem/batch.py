@@ -62,8 +62,8 @@ def _qkv_rows(cfg, linear, precision, lp, h, pos, rows):
     return split(q), split(k), split(v)
 
 
-@partial(jax.jit, static_argnums=(0, 1), donate_argnames=("cache",))
-def _attend_row(cfg, precision, q, k, v, cache, valid, pos):
+@partial(jax.jit, static_argnums=(0, 1, 2), donate_argnames=("cache",))
+def _attend_row(cfg, precision, key_block, q, k, v, cache, valid, pos):
     """One sequence's decode attention: write its key/value at pos, attend over its cache.
 
     q (1, Hq, K), k, v (1, Hkv, K), pos (1,) int32 -> ((1, Hq*K), the updated cache).
@@ -71,7 +71,7 @@ def _attend_row(cfg, precision, q, k, v, cache, valid, pos):
     row: unrolled inside one jitted step, B of these ran 3-5x slower on XLA:CPU
     than B calls (measured at Grok-1 width, B=16: 25.7 ms against 7.5 per layer)."""
     cache = M.kv_write(cache, k, v, pos[0])
-    return M.attend(cfg, q, cache, valid, pos, precision), cache
+    return M.attend(cfg, q, cache, valid, pos, precision, key_block), cache
 
 
 @partial(jax.jit, static_argnums=(0, 1, 2))
@@ -396,8 +396,8 @@ class BatchEngine:
         qs, ks, vs = _qkv_rows(cfg, linear, prec, lp, h, pos, rows)             # B x (1, H, K)
         outs = []
         for i, c in enumerate(caches):
-            out, c[layer] = _attend_row(cfg, prec, qs[i], ks[i], vs[i], c[layer], valids[i],
-                                        pos[i:i + 1])
+            out, c[layer] = _attend_row(cfg, prec, self.engine.backend.key_block, qs[i], ks[i],
+                                        vs[i], c[layer], valids[i], pos[i:i + 1])
             outs.append(out)                                                     # (1, Hq*K)
         return _attention_out(cfg, linear, prec, lp, h, tuple(outs), rows)       # (B, D)
 

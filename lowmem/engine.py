@@ -125,7 +125,8 @@ class SequenceState:
 
 # Module-level jitted steps: static (config, backend functions), so shared by engines.
 # The precision (a string) is static too: one compiled step per (config, precision).
-_attention = jax.jit(M.attention_block, static_argnums=(0, 1, 2), donate_argnames=("cache",))
+_attention = jax.jit(M.attention_block, static_argnums=(0, 1, 2), static_argnames=("key_block",),
+                     donate_argnames=("cache",))
 _residual = jax.jit(M.moe_residual, static_argnums=(0, 1))
 _mark_valid = jax.jit(M.mark_valid, donate_argnums=(0,))
 _embed = jax.jit(M.embed, static_argnums=(0, 1))
@@ -392,7 +393,7 @@ class Engine:
         padding -> (h (T, D), the updated cache; the cache passed in is donated)."""
         self.dispatches += 1
         out = _attention(self.cfg, self.backend.linear, self.precision, self.layers[layer], h,
-                         cache, valid, pos, np.int32(n))
+                         cache, valid, pos, np.int32(n), key_block=self.backend.key_block)
         self.timer.mark("attention", out[0])
         return out
 

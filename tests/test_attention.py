@@ -66,10 +66,12 @@ def test_attend_matches_numpy_reference(tiny_cfg, t):
     np.testing.assert_allclose(np.asarray(out), want, rtol=1e-5, atol=1e-5)
 
 
-def test_attention_step_reads_the_cache_in_place(tiny_cfg):
+@pytest.mark.parametrize("key_block", [None, M.KEY_BLOCK])
+def test_attention_step_reads_the_cache_in_place(tiny_cfg, key_block):
     """The compiled decode step's temporaries stay below ONE fp32 copy of the cache's
     keys: with positions first, XLA transposed keys and values (two such copies)
-    before its dots on every token."""
+    before its dots on every token. Both forms of attend (the whole cache, the
+    host's blocks)."""
     from lowmem import engine as E
     cfg, s = tiny_cfg, 8192
     d, q_w, kv_w = cfg.emb_size, cfg.q_width, cfg.num_kv_heads * cfg.key_size
@@ -79,6 +81,60 @@ def test_attention_step_reads_the_cache_in_place(tiny_cfg):
           "v": sds((d, kv_w), jnp.float32), "o": sds((q_w, d), jnp.float32)}
     cache = M.KVCache(*[sds(shape, jnp.float32) for shape in M.kv_cache_shapes(cfg, s)])
     lowered = E._attention.lower(cfg, M.dense_linear, "fp32", lp, sds((1, d), jnp.float32),
-                                 cache, sds((s,), bool), 0)
+                                 cache, sds((s,), bool), 0, key_block=key_block)
     temp = lowered.compile().memory_analysis().temp_size_in_bytes
     assert temp < s * kv_w * 4, temp
+
+
+
+@pytest.mark.parametrize("positions", [[40], [126, 127, 128, 129], [700], [1023], [1500]])
+def test_attend_by_blocks_reads_only_the_blocks_up_to_the_last_query(tiny_cfg, positions):
+    """The host's form (key_block 128) on a 2048-position cache: while the latest query
+    is in the first half, every position after its block is NaN. The result equals the
+    numpy attention over the visible keys and is finite: no block after it was read (a
+    NaN read there makes the output NaN, as the whole-cache form shows), and queries in
+    later blocks (129, 700, 1023) still see every key before them. Row 126 of the
+    second case sees one block, row 129 two: the running softmax joins them. Past the
+    half (1500) attend reads the whole cache (a speed choice): the same result."""
+    cfg, s, block = tiny_cfg, 2048, M.KEY_BLOCK
+    rng = np.random.default_rng(len(positions) + positions[0])
+    n = positions[-1] + 1                                           # keys written
+    end = -(-n // block) * block if 2 * n <= s else s               # the positions read
+    keys = rng.standard_normal((s, cfg.num_kv_heads, cfg.key_size)).astype(np.float32)
+    values = rng.standard_normal((s, cfg.num_kv_heads, cfg.key_size)).astype(np.float32)
+    keys[end:], values[end:] = np.nan, np.nan
+    q = (3 * rng.standard_normal((len(positions), cfg.num_q_heads, cfg.key_size))
+         ).astype(np.float32)
+    cache = M.init_kv_cache(cfg, s, precision="fp32")[0]
+    cache = M.kv_write(cache, jnp.asarray(keys), jnp.asarray(values), jnp.int32(0))
+    valid = np.arange(s) < n
+    valid[5] = False                                                # a pad token
+    pos = np.asarray(positions, np.int32)
+    args = (jnp.asarray(q), cache, jnp.asarray(valid), jnp.asarray(pos), "fp32")
+    out = np.asarray(M.attend(cfg, *args, key_block=block))
+    visible = valid[None, :n] & (np.arange(n)[None, :] <= pos[:, None])  # (T, n)
+    want = _numpy_attention(cfg, q, keys[:n], values[:n], visible)
+    assert np.isfinite(out).all()
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+    if end < s:   # the whole cache: the NaN after the last block reaches the output
+        assert np.isnan(np.asarray(M.attend(cfg, *args))).all()
+
+
+def test_attend_by_blocks_equals_the_whole_cache_form(tiny_cfg):
+    """A 16-token chunk at positions 230-245 of a 1024-position cache (blocks 0 and 1): the
+    two forms agree to fp32 rounding (and differ: the loop ran); a block that does not
+    divide the cache, or a cache of fewer than 8 blocks, means the whole cache."""
+    cfg, s = tiny_cfg, 1024
+    rng = np.random.default_rng(7)
+    kv = rng.standard_normal((246, cfg.num_kv_heads, cfg.key_size)).astype(np.float32)
+    cache = M.init_kv_cache(cfg, s, precision="fp32")[0]
+    cache = M.kv_write(cache, jnp.asarray(kv), jnp.asarray(-kv), jnp.int32(0))
+    q = jnp.asarray(3 * rng.standard_normal((16, cfg.num_q_heads, cfg.key_size)), jnp.float32)
+    valid, pos = jnp.arange(s) < 246, jnp.arange(230, 246, dtype=jnp.int32)
+    whole = np.asarray(M.attend(cfg, q, cache, valid, pos, "fp32"))
+    blocks = np.asarray(M.attend(cfg, q, cache, valid, pos, "fp32", key_block=128))
+    np.testing.assert_allclose(blocks, whole, rtol=1e-5, atol=1e-6)
+    assert not np.array_equal(blocks, whole)   # the loop ran: its sums differ somewhere
+    for other in (96, 256):                     # 1024 % 96, and 4 blocks of 256
+        np.testing.assert_array_equal(
+            np.asarray(M.attend(cfg, q, cache, valid, pos, "fp32", key_block=other)), whole)

@@ -3,15 +3,18 @@
 Times, interleaved call by call in one process (the machines are shared): a
 numpy read of layer 0's q/k/v/o weight bytes (the floor), the four numba
 kernels called directly, and the engine's jitted attention step for one token
-at position ``--context - 12`` of a filled cache. The floor reads what one
-token's attention must: the four weights and the whole KV cache (in the
-engine's precision). ``--against FILE`` times
+at position ``--position`` (default ``--context - 12``) of a cache filled up to
+it. The floor reads what one token's attention must: the four weights and the
+KV cache's filled positions (in the engine's precision; the host backend's
+attend reads the blocks of ``model.KEY_BLOCK`` positions that hold them, an
+older model.py may read the whole cache). ``--against FILE`` times
 another version of ``lowmem/model.py`` beside it (e.g.
 ``git show HEAD~1:lowmem/model.py > /tmp/old_model.py``) on the same weights,
 cache rows and token, and prints how far its output is from this one's.
 
     python tools/bench_attention.py --model DIR --context 512
     python tools/bench_attention.py --model DIR --context 8192 --against /tmp/old_model.py
+    python tools/bench_attention.py --model DIR --context 8192 --position 20
 """
 from __future__ import annotations
 
@@ -48,10 +51,11 @@ def filled_cache(module, cfg, length: int, rows: np.ndarray, precision: str):
     return module.kv_write(cache, jnp.asarray(rows[0]), jnp.asarray(rows[1]), jnp.int32(0))
 
 
-def floor_bytes(engine: Engine) -> int:
-    """Layer 0's q/k/v/o weight bytes (values and scales) plus one layer's KV cache."""
+def floor_bytes(engine: Engine, pos: int) -> int:
+    """Layer 0's q/k/v/o weight bytes (values and scales) plus one layer's KV cache rows
+    up to position pos."""
     weights = engine.backend.weights[0]
-    cache = engine.cache_len * engine.cfg.num_kv_heads * engine.cfg.key_size * 2
+    cache = (pos + 1) * engine.cfg.num_kv_heads * engine.cfg.key_size * 2
     return (sum(weights[r].values.nbytes + weights[r].scales.nbytes for r in ROLES)
             + cache * np.dtype(M.act_dtype(engine.precision)).itemsize)
 
@@ -63,24 +67,26 @@ def cases(engine: Engine, against, rows: np.ndarray, pos: int) -> dict:
     words = [np.asarray(a).reshape(-1).view(np.uint8)
              for r in ROLES for a in (weights[r].values, weights[r].scales)]
     cache = filled_cache(M, cfg, engine.cache_len, rows, prec)
-    words += [np.asarray(a).reshape(-1).view(np.uint8) for a in cache]        # + the KV bytes
+    words += [np.asarray(a[:, :pos + 1] if i == 0 else a[:, :, :pos + 1]).reshape(-1).view(np.uint8)
+              for i, a in enumerate(cache)]                                    # + the filled KV
     words = [w[: w.size // 8 * 8].view(np.uint64) for w in words]
     h = jnp.asarray(np.random.default_rng(1).standard_normal((1, cfg.emb_size)), jnp.float32)
     x, zeros = np.asarray(h), np.zeros((1, cfg.q_width), np.float32)          # (1, D), (1, Hq*K)
     valid = jnp.arange(engine.cache_len) < pos                                 # (S,) bool
     outs: dict = {}
 
-    def step(name, module, jitted):
+    def step(name, module, jitted, **kw):
         state = [filled_cache(module, cfg, engine.cache_len, rows, prec)]
 
         def run():
-            out, state[0] = jitted(cfg, backend.linear, prec, lp, h, state[0], valid, jnp.int32(pos))
+            out, state[0] = jitted(cfg, backend.linear, prec, lp, h, state[0], valid, jnp.int32(pos),
+                                   **kw)
             outs[name] = jax.block_until_ready(out)                           # (1, D) fp32
         return run
 
     fns = {"read floor": lambda: [w.sum() for w in words],
            "kernels": lambda: [matmul(x, weights[r]) for r in "qkv"] + [matmul(zeros, weights["o"])],
-           "attention": step("attention", M, E._attention)}
+           "attention": step("attention", M, E._attention, key_block=backend.key_block)}
     if against is not None:
         other = jax.jit(against.attention_block, static_argnums=(0, 1, 2), donate_argnames=("cache",))
         fns["--against"] = step("--against", against, other)
@@ -94,12 +100,19 @@ def main(argv=None) -> int:
     p.add_argument("--context", type=int, default=512, help="KV cache context (default 512)")
     p.add_argument("--precision", choices=M.PRECISIONS, default=E.DEFAULT_PRECISION,
                    help=f"engine precision (default {E.DEFAULT_PRECISION})")
+    p.add_argument("--position", type=int,
+                   help="the token's position (default --context - 12; the cache holds the ones before)")
     p.add_argument("--repeats", type=int, default=15, help="timed calls per case (default 15)")
     p.add_argument("--against", help="another lowmem/model.py to time beside this one")
     args = p.parse_args(argv)
     if args.context < 16 or args.repeats < 1:
         print(f"error: --context expects >= 16 and --repeats >= 1, got {args.context} and "
               f"{args.repeats}", file=sys.stderr)
+        return 2
+    pos = args.context - 12 if args.position is None else args.position
+    if not 0 < pos < args.context:
+        print(f"error: --position expects 1 .. --context - 1 ({args.context - 1}), got {pos}",
+              file=sys.stderr)
         return 2
     if args.against is not None and not os.path.isfile(args.against):
         print(f"error: --against: no such file {args.against!r}", file=sys.stderr)
@@ -111,7 +124,7 @@ def main(argv=None) -> int:
         return 2
     engine = Engine(model, EngineOptions(backend="host", context=args.context, verify=False,
                                          precision=args.precision))
-    cfg, pos = engine.cfg, args.context - 12
+    cfg = engine.cfg
     rows = np.random.default_rng(0).standard_normal(
         (2, pos, cfg.num_kv_heads, cfg.key_size)).astype(np.float32)          # (2, n, Hkv, K)
     against = load_module(args.against) if args.against else None
@@ -120,7 +133,7 @@ def main(argv=None) -> int:
         f(), f()                                                              # compile, warm
     times = {name: [] for name in fns}
     print(f"precision {engine.precision}, context {args.context} ({engine.cache_len} cache rows), "
-          f"floor bytes {floor_bytes(engine) / 1e6:.1f} MB, load average {os.getloadavg()[0]:.2f}")
+          f"position {pos}, floor bytes {floor_bytes(engine, pos) / 1e6:.1f} MB, load average {os.getloadavg()[0]:.2f}")
     for _ in range(args.repeats):
         for name, f in fns.items():
             t0 = time.perf_counter()
