@@ -10,7 +10,8 @@ softmax, gelu, the MoE sum and the logits in fp32, weights dequantized exactly,
 constants unrounded). 'bf16' is the release's default run as it executes under
 jit (docs/FIDELITY.md: the roundings its optimized HLO keeps): the same fp32
 arithmetic, except that the q, k and v projection outputs are rounded to bf16,
-the KV cache holds keys (after RoPE) and values in bf16, the attention output
+the KV cache holds keys (after RoPE) and values in bf16 (stored as their bit
+patterns, ``cache_dtype``), the attention output
 is rounded to bf16, the logits are rounded to bf16 after a bf16 output
 multiplier, and python-float constants are bf16 values.
 
@@ -56,8 +57,30 @@ class KVCache(NamedTuple):
     whole cache twice per layer and token before its dots (0.2 ms per layer at
     512 rows, 30+ ms at 8192); in these layouts the dots read it in place.
     """
-    k: jax.Array  # (Hkv, S, K) bf16
-    v: jax.Array  # (Hkv, K, S) bf16
+    k: jax.Array  # (Hkv, S, K) cache_dtype(precision)
+    v: jax.Array  # (Hkv, K, S)
+
+
+def cache_dtype(precision: str):
+    """The KV cache's storage dtype: fp32 in 'fp32'; in 'bf16' uint16, the bf16 values'
+    bit patterns. XLA:CPU normalizes a bf16 ``dynamic_update_slice`` to fp32 over the
+    whole array, so a bf16 cache was rewritten whole for every token written (2.8 ms
+    a layer at 8192 positions); a uint16 one is updated in place (0.01 ms)."""
+    return F32 if act_dtype(precision) == F32 else jnp.uint16
+
+
+def cache_values(part: jax.Array) -> jax.Array:
+    """A stored cache array (or a block of one) as fp32 values."""
+    if part.dtype == jnp.uint16:   # bf16 bits: the high half of the fp32 word
+        return jax.lax.bitcast_convert_type(part.astype(jnp.uint32) << 16, F32)
+    return part.astype(F32)
+
+
+def _cache_store(x: jax.Array, dtype) -> jax.Array:
+    """fp32 rows in a cache's storage dtype (uint16: rounded to bf16, its bits)."""
+    if dtype == jnp.uint16:
+        return jax.lax.bitcast_convert_type(x.astype(BF16), jnp.uint16)
+    return x.astype(dtype)
 
 
 def kv_cache_shapes(cfg: GrokConfig, length: int) -> KVCache:
@@ -68,7 +91,7 @@ def kv_cache_shapes(cfg: GrokConfig, length: int) -> KVCache:
 
 def init_kv_cache(cfg: GrokConfig, length: int, device=None, precision: str = "bf16"
                   ) -> list[KVCache]:
-    dtype = act_dtype(precision)
+    dtype = cache_dtype(precision)
     zeros = lambda shape: jax.device_put(jnp.zeros(shape, dtype), device)  # noqa: E731
     return [KVCache(*map(zeros, kv_cache_shapes(cfg, length))) for _ in range(cfg.num_layers)]
 
@@ -150,7 +173,9 @@ def attend(cfg: GrokConfig, q: jax.Array, cache: KVCache, valid: jax.Array,
     blocks, else the whole cache is read): while the latest query's position is in
     the cache's first half, a loop over the blocks of B positions up to it with a
     running (online) softmax, so the cost follows the filled part; past the half,
-    the whole cache (the loop's per-block cost then exceeds the saving). On XLA:CPU,
+    the whole cache (the loop's per-block cost then exceeds the saving; not for the
+    bf16 precision's cache, whose conversion to fp32 the loop does block by block:
+    22 ms against 36 at the end of an 8192 cache). On XLA:CPU,
     Grok-1's attention step for one token at position 20 of an 8192-position cache
     took 4.0 ms instead of 11.6, a 16-token chunk 14.7 ms instead of 61
     (docs/PERFORMANCE.md). The backend chooses: the host backend the loop
@@ -161,6 +186,8 @@ def attend(cfg: GrokConfig, q: jax.Array, cache: KVCache, valid: jax.Array,
     s = cache.k.shape[1]
     if key_block is None or s < 8 * key_block or s % key_block:
         return _attend_whole(cfg, q, cache, valid, positions, precision)
+    if cache.k.dtype == jnp.uint16:   # bf16 bits: the whole form converts the whole cache
+        return _attend_blocks(cfg, q, cache, valid, positions, precision, key_block)
     return jax.lax.cond(
         (jnp.max(positions) + 1) * 2 > s,
         lambda *a: _attend_whole(cfg, *a, precision),
@@ -170,7 +197,7 @@ def attend(cfg: GrokConfig, q: jax.Array, cache: KVCache, valid: jax.Array,
 def _attention_logits(cfg: GrokConfig, qg: jax.Array, keys: jax.Array) -> jax.Array:
     """Soft-capped logits of grouped queries qg (T, Hkv, G, K) against keys (Hkv, S, K)
     -> fp32 (Hkv, G, T, S)."""
-    logits = jnp.einsum("thgd,hsd->hgts", qg.astype(F32), keys.astype(F32),
+    logits = jnp.einsum("thgd,hsd->hgts", qg.astype(F32), cache_values(keys),
                         precision=jax.lax.Precision.HIGHEST)                 # (Hkv, G, T, S)
     logits = logits * cfg.attn_output_multiplier
     cap = cfg.attn_logit_softcap
@@ -186,7 +213,7 @@ def _attend_whole(cfg: GrokConfig, q: jax.Array, cache: KVCache, valid: jax.Arra
     visible = valid[None, :] & (jnp.arange(s)[None, :] <= positions[:, None])  # (T, S)
     logits = jnp.where(visible[None, None], logits, MASK_VALUE)
     weights = jax.nn.softmax(logits, axis=-1)                                # fp32
-    out = jnp.einsum("hgts,hds->thgd", weights, cache.v.astype(F32),
+    out = jnp.einsum("hgts,hds->thgd", weights, cache_values(cache.v),
                      precision=jax.lax.Precision.HIGHEST)                    # (T, Hkv, G, K)
     return round_act(out.reshape(t, cfg.q_width), precision)                # (T, Hq*K)
 
@@ -218,7 +245,7 @@ def _attend_blocks(cfg: GrokConfig, q: jax.Array, cache: KVCache, valid: jax.Arr
         rescale = jnp.exp(m - m_new)
         p = jnp.exp(logits - m_new[..., None])                               # (Hkv, G, T, B)
         acc = acc * rescale[..., None] + jnp.einsum(
-            "hgts,hds->hgtd", p, values.astype(F32), precision=jax.lax.Precision.HIGHEST)
+            "hgts,hds->hgtd", p, cache_values(values), precision=jax.lax.Precision.HIGHEST)
         return m_new, l * rescale + p.sum(axis=-1), acc
 
     init = (jnp.full((hkv, g, t), -jnp.inf, F32), jnp.zeros((hkv, g, t), F32),
@@ -284,9 +311,10 @@ def attention_qkv(cfg: GrokConfig, linear: Callable, precision: str, lp: dict, h
 
 
 def kv_write(cache: KVCache, k: jax.Array, v: jax.Array, pos: jax.Array) -> KVCache:
-    """The cache with rows k, v (T, Hkv, K) written from position pos (in the cache's dtype)."""
-    kh = jnp.transpose(k, (1, 0, 2)).astype(cache.k.dtype)                  # (Hkv, T, K)
-    vh = jnp.transpose(v, (1, 2, 0)).astype(cache.v.dtype)                  # (Hkv, K, T)
+    """The cache with rows k, v (T, Hkv, K) written from position pos (in the cache's
+    storage dtype, see cache_dtype)."""
+    kh = _cache_store(jnp.transpose(k, (1, 0, 2)), cache.k.dtype)           # (Hkv, T, K)
+    vh = _cache_store(jnp.transpose(v, (1, 2, 0)), cache.v.dtype)           # (Hkv, K, T)
     return KVCache(jax.lax.dynamic_update_slice_in_dim(cache.k, kh, pos, 1),
                    jax.lax.dynamic_update_slice_in_dim(cache.v, vh, pos, 2))
 

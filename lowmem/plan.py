@@ -39,7 +39,7 @@ from lowmem import cli
 from lowmem.backends import GIB, HEADROOM_GIB
 from lowmem.cli import CLIError
 from lowmem.engine import DEFAULT_PRECISION, cache_length
-from lowmem.model import act_dtype
+from lowmem.model import cache_dtype
 from quant.config import GrokConfig
 from lowmem.quantize import group_size_type
 from quant.packed import QuantSettings, expert_block_layout, file_sizes, tensor_layout
@@ -84,10 +84,10 @@ def resident_params(cfg: GrokConfig, settings: QuantSettings) -> int:
 
 def kv_cache_bytes(cfg: GrokConfig, context: int, batch: int = 1,
                    precision: str = DEFAULT_PRECISION) -> int:
-    """k and v (in the activation dtype) for every layer at the engine's cache length
+    """k and v (in the cache's storage dtype) for every layer at the engine's cache length
     (context in whole chunks)."""
     length = cache_length(context)
-    itemsize = jnp.dtype(act_dtype(precision)).itemsize
+    itemsize = jnp.dtype(cache_dtype(precision)).itemsize
     return cfg.num_layers * length * cfg.num_kv_heads * cfg.key_size * 2 * itemsize * batch
 
 

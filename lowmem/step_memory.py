@@ -54,7 +54,7 @@ def _temp(lowered) -> int:
 def step_temporaries(cfg: GrokConfig, settings: QuantSettings, precision: str = "fp32",
                      context: int | None = None, buckets=E.PREFILL_BUCKETS) -> dict[str, int]:
     """Temporary bytes of each jitted device step, per token count, compiled not run."""
-    act = M.act_dtype(precision)                         # the KV cache's dtype
+    act = M.cache_dtype(precision)                       # the KV cache's storage dtype
     s = E.cache_length(context or cfg.sequence_len, buckets)
     lp = _abstract_layer(cfg, settings)
     parts, nbytes = expert_block_layout(cfg, settings)

@@ -138,3 +138,32 @@ def test_attend_by_blocks_equals_the_whole_cache_form(tiny_cfg):
     for other in (96, 256):                     # 1024 % 96, and 4 blocks of 256
         np.testing.assert_array_equal(
             np.asarray(M.attend(cfg, q, cache, valid, pos, "fp32", key_block=other)), whole)
+
+
+def test_bf16_cache_stores_bit_patterns_and_attends_as_their_values(tiny_cfg):
+    """The bf16 precision's cache is uint16: kv_write stores each value rounded to bf16
+    (its bits), ``attend`` reads them back as those values exactly (the same output
+    as an fp32 cache holding the rounded values), and the compiled write touches no
+    fp32 copy of the cache (XLA:CPU rewrote a bf16 cache whole, through fp32, per
+    token)."""
+    cfg, s = tiny_cfg, 4096
+    rng = np.random.default_rng(3)
+    kv = rng.standard_normal((2, 40, cfg.num_kv_heads, cfg.key_size)).astype(np.float32)
+    rounded = kv.astype(jnp.bfloat16).astype(np.float32)
+    packed = M.init_kv_cache(cfg, s, precision="bf16")[0]
+    assert packed.k.dtype == packed.v.dtype == jnp.uint16 == M.cache_dtype("bf16")
+    packed = M.kv_write(packed, jnp.asarray(kv[0]), jnp.asarray(kv[1]), jnp.int32(0))
+    np.testing.assert_array_equal(np.asarray(M.cache_values(packed.k))[:, :40],
+                                  rounded[0].transpose(1, 0, 2))
+    plain = M.init_kv_cache(cfg, s, precision="fp32")[0]
+    plain = M.kv_write(plain, jnp.asarray(rounded[0]), jnp.asarray(rounded[1]), jnp.int32(0))
+    q = jnp.asarray(rng.standard_normal((3, cfg.num_q_heads, cfg.key_size)), jnp.float32)
+    valid, pos = jnp.arange(s) < 40, jnp.arange(37, 40, dtype=jnp.int32)
+    for block in (None, M.KEY_BLOCK):
+        np.testing.assert_array_equal(
+            np.asarray(M.attend(cfg, q, packed, valid, pos, "bf16", block)),
+            np.asarray(M.attend(cfg, q, plain, valid, pos, "bf16", block)))
+    write = jax.jit(M.kv_write, donate_argnums=0).lower(
+        packed, jnp.asarray(kv[0, :1]), jnp.asarray(kv[1, :1]), jnp.int32(40)).compile()
+    whole = f"f32[{cfg.num_kv_heads},{s},{cfg.key_size}]"
+    assert whole not in write.as_text()

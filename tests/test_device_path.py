@@ -215,7 +215,7 @@ def test_attention_call_temporaries_at_grok1_shapes():
     nbytes = sum(w.size * w.dtype.itemsize for w in weights)
     assert 80e6 < nbytes < 100e6                                    # 88 MB: int8 + scales
     for precision in ("fp32", "bf16"):
-        cache = M.KVCache(*[SDS(shape, M.act_dtype(precision))
+        cache = M.KVCache(*[SDS(shape, M.cache_dtype(precision))
                             for shape in M.kv_cache_shapes(cfg, 256)])
 
         def temp(linear):

@@ -57,7 +57,7 @@ def floor_bytes(engine: Engine, pos: int) -> int:
     weights = engine.backend.weights[0]
     cache = (pos + 1) * engine.cfg.num_kv_heads * engine.cfg.key_size * 2
     return (sum(weights[r].values.nbytes + weights[r].scales.nbytes for r in ROLES)
-            + cache * np.dtype(M.act_dtype(engine.precision)).itemsize)
+            + cache * np.dtype(M.cache_dtype(engine.precision)).itemsize)
 
 
 def cases(engine: Engine, against, rows: np.ndarray, pos: int) -> dict:
