@@ -194,14 +194,18 @@ def attend(cfg: GrokConfig, q: jax.Array, cache: KVCache, valid: jax.Array,
         lambda *a: _attend_blocks(cfg, *a, precision, key_block), q, cache, valid, positions)
 
 
-def _attention_logits(cfg: GrokConfig, qg: jax.Array, keys: jax.Array) -> jax.Array:
+def _attention_logits(cfg: GrokConfig, qg: jax.Array, keys: jax.Array, valid: jax.Array,
+                      index: jax.Array, positions: jax.Array) -> jax.Array:
     """Soft-capped logits of grouped queries qg (T, Hkv, G, K) against keys (Hkv, S, K)
-    -> fp32 (Hkv, G, T, S)."""
+    at cache positions index (S,), MASK_VALUE where a key is invalid (valid (S,)) or
+    after the row's position -> fp32 (Hkv, G, T, S)."""
     logits = jnp.einsum("thgd,hsd->hgts", qg.astype(F32), cache_values(keys),
                         precision=jax.lax.Precision.HIGHEST)                 # (Hkv, G, T, S)
     logits = logits * cfg.attn_output_multiplier
     cap = cfg.attn_logit_softcap
-    return cap * jnp.tanh(logits / cap)
+    logits = cap * jnp.tanh(logits / cap)
+    visible = valid[None, :] & (index[None, :] <= positions[:, None])        # (T, S)
+    return jnp.where(visible[None, None], logits, MASK_VALUE)
 
 
 def _attend_whole(cfg: GrokConfig, q: jax.Array, cache: KVCache, valid: jax.Array,
@@ -209,9 +213,7 @@ def _attend_whole(cfg: GrokConfig, q: jax.Array, cache: KVCache, valid: jax.Arra
     """``attend`` as one softmax over every cache position -> (T, Hq*K)."""
     t, s = q.shape[0], cache.k.shape[1]
     qg = q.reshape(t, cfg.num_kv_heads, cfg.q_group, cfg.key_size)          # (T, Hkv, G, K)
-    logits = _attention_logits(cfg, qg, cache.k)                             # (Hkv, G, T, S)
-    visible = valid[None, :] & (jnp.arange(s)[None, :] <= positions[:, None])  # (T, S)
-    logits = jnp.where(visible[None, None], logits, MASK_VALUE)
+    logits = _attention_logits(cfg, qg, cache.k, valid, jnp.arange(s), positions)
     weights = jax.nn.softmax(logits, axis=-1)                                # fp32
     out = jnp.einsum("hgts,hds->thgd", weights, cache_values(cache.v),
                      precision=jax.lax.Precision.HIGHEST)                    # (T, Hkv, G, K)
@@ -236,11 +238,9 @@ def _attend_blocks(cfg: GrokConfig, q: jax.Array, cache: KVCache, valid: jax.Arr
         start = b * block
         keys = jax.lax.dynamic_slice_in_dim(cache.k, start, block, 1)        # (Hkv, B, K)
         values = jax.lax.dynamic_slice_in_dim(cache.v, start, block, 2)      # (Hkv, K, B)
-        logits = _attention_logits(cfg, qg, keys)                            # (Hkv, G, T, B)
-        index = start + jnp.arange(block)                                    # (B,)
-        visible = (jax.lax.dynamic_slice_in_dim(valid, start, block)[None, :]
-                   & (index[None, :] <= positions[:, None]))                 # (T, B)
-        logits = jnp.where(visible[None, None], logits, MASK_VALUE)
+        seen = jax.lax.dynamic_slice_in_dim(valid, start, block)            # (B,)
+        logits = _attention_logits(cfg, qg, keys, seen, start + jnp.arange(block),
+                                   positions)                                # (Hkv, G, T, B)
         m_new = jnp.maximum(m, logits.max(axis=-1))                          # (Hkv, G, T)
         rescale = jnp.exp(m - m_new)
         p = jnp.exp(logits - m_new[..., None])                               # (Hkv, G, T, B)

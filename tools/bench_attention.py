@@ -67,8 +67,8 @@ def cases(engine: Engine, against, rows: np.ndarray, pos: int) -> dict:
     words = [np.asarray(a).reshape(-1).view(np.uint8)
              for r in ROLES for a in (weights[r].values, weights[r].scales)]
     cache = filled_cache(M, cfg, engine.cache_len, rows, prec)
-    words += [np.asarray(a[:, :pos + 1] if i == 0 else a[:, :, :pos + 1]).reshape(-1).view(np.uint8)
-              for i, a in enumerate(cache)]                                    # + the filled KV
+    filled = (cache.k[:, :pos + 1], cache.v[:, :, :pos + 1])                 # keys, values to pos
+    words += [np.asarray(a).reshape(-1).view(np.uint8) for a in filled]
     words = [w[: w.size // 8 * 8].view(np.uint64) for w in words]
     h = jnp.asarray(np.random.default_rng(1).standard_normal((1, cfg.emb_size)), jnp.float32)
     x, zeros = np.asarray(h), np.zeros((1, cfg.q_width), np.float32)          # (1, D), (1, Hq*K)
@@ -79,14 +79,15 @@ def cases(engine: Engine, against, rows: np.ndarray, pos: int) -> dict:
         state = [filled_cache(module, cfg, engine.cache_len, rows, prec)]
 
         def run():
-            out, state[0] = jitted(cfg, backend.linear, prec, lp, h, state[0], valid, jnp.int32(pos),
-                                   **kw)
+            out, state[0] = jitted(cfg, backend.linear, prec, lp, h, state[0], valid,
+                                   jnp.int32(pos), **kw)
             outs[name] = jax.block_until_ready(out)                           # (1, D) fp32
         return run
 
     fns = {"read floor": lambda: [w.sum() for w in words],
            "kernels": lambda: [matmul(x, weights[r]) for r in "qkv"] + [matmul(zeros, weights["o"])],
-           "attention": step("attention", M, E._attention, key_block=backend.key_block)}
+           "attention": step("attention", M, E._attention,
+                             key_block=backend.key_block)}
     if against is not None:
         other = jax.jit(against.attention_block, static_argnums=(0, 1, 2), donate_argnames=("cache",))
         fns["--against"] = step("--against", against, other)
@@ -101,7 +102,8 @@ def main(argv=None) -> int:
     p.add_argument("--precision", choices=M.PRECISIONS, default=E.DEFAULT_PRECISION,
                    help=f"engine precision (default {E.DEFAULT_PRECISION})")
     p.add_argument("--position", type=int,
-                   help="the token's position (default --context - 12; the cache holds the ones before)")
+                   help="the token's position (default --context - 12; the cache holds the "
+                        "ones before)")
     p.add_argument("--repeats", type=int, default=15, help="timed calls per case (default 15)")
     p.add_argument("--against", help="another lowmem/model.py to time beside this one")
     args = p.parse_args(argv)
@@ -133,7 +135,8 @@ def main(argv=None) -> int:
         f(), f()                                                              # compile, warm
     times = {name: [] for name in fns}
     print(f"precision {engine.precision}, context {args.context} ({engine.cache_len} cache rows), "
-          f"position {pos}, floor bytes {floor_bytes(engine, pos) / 1e6:.1f} MB, load average {os.getloadavg()[0]:.2f}")
+          f"position {pos}, floor bytes {floor_bytes(engine, pos) / 1e6:.1f} MB, "
+          f"load average {os.getloadavg()[0]:.2f}")
     for _ in range(args.repeats):
         for name, f in fns.items():
             t0 = time.perf_counter()
