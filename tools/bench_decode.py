@@ -20,6 +20,11 @@ each repeat just after a read of the anonymous buffer. The issue's tok/s
 targets (llama.cpp's figures there, scaled by this run's read) are printed as
 ratios: the 11-token prefill's is the median of each repeat's ratio to the
 target at the read beside it, so a noisy neighbour moves both sides alike.
+Beside them, the ratio that reading the bytes at the full read would give (the
+targets scale with the read, so this ceiling depends on the bytes only): a
+decode step's bytes above; an 11-token prefill's, the experts its prompt
+routes to (counted by the engine), every layer's attention and the output
+table once; and the share of the read that prefill reached.
 
 Before timing, every expert block is read once through the model's own
 mappings, so the run measures memory, not page faults or the disk.
@@ -66,6 +71,18 @@ def issue_targets(bits: int, read_gbps: float) -> tuple[float, float]:
     """Issue 10's (decode, 11-token prefill) tok/s targets at this read bandwidth."""
     scale = read_gbps / LLAMA_READ_GBPS
     return 1.1 * LLAMA_DECODE[bits] * scale, 1.2 * LLAMA_PREFILL_11[bits] * scale
+
+
+def ceilings(bits: int, decode_bytes: float, prefill_bytes: float | None) -> dict:
+    """The (decode, 11-token prefill) ratios to issue 10's targets that reading the
+    given bytes (per token; per 11-token prefill) at the full read bandwidth would
+    give: the targets scale with the read, so the ceiling does not depend on it. A
+    ceiling of 1.08 means the target asks for 93% of the read."""
+    decode_target, prefill_target = issue_targets(bits, LLAMA_READ_GBPS)
+    out = {"decode": LLAMA_READ_GBPS * GB / decode_bytes / decode_target}
+    if prefill_bytes:
+        out["prefill 11"] = 11 * LLAMA_READ_GBPS * GB / prefill_bytes / prefill_target
+    return out
 
 
 def read_seconds(buffers: list[np.ndarray]) -> float:
@@ -196,18 +213,20 @@ def decode_seconds(engine, prompt: list[int], tokens: int) -> list[float]:
     return out
 
 
-def prefill_seconds(engine, prompt: list[int]) -> float:
-    """Wall seconds of one prefill (``feed`` of the whole prompt after a reset)."""
+def prefill_seconds(engine, prompt: list[int]) -> tuple[float, int]:
+    """(wall seconds, expert bytes read) of one prefill (``feed`` of the whole prompt
+    after a reset)."""
     engine.reset()
+    before = engine.expert_stats.bytes_moved
     start = time.perf_counter()
     np.asarray(engine.feed(prompt))                                       # sync point
-    return time.perf_counter() - start
+    return time.perf_counter() - start, engine.expert_stats.bytes_moved - before
 
 
 def bench_prefill(engine, lengths: list[int], repeats: int, anon: np.ndarray) -> dict:
-    """Per prompt length: (tok/s, the anonymous read in GB/s) of each of ``repeats``
-    prefills after one warm-up, the read measured just before each prefill, so a
-    ratio to a bandwidth-scaled target pairs figures of the same moment."""
+    """Per prompt length: (tok/s, the anonymous read in GB/s, expert bytes) of each of
+    ``repeats`` prefills after one warm-up, the read measured just before each
+    prefill, so a ratio to a bandwidth-scaled target pairs figures of the same moment."""
     out = {}
     for n in lengths:
         prompt = [100 + i % 1000 for i in range(n)]
@@ -215,9 +234,21 @@ def bench_prefill(engine, lengths: list[int], repeats: int, anon: np.ndarray) ->
         runs = []
         for _ in range(repeats):
             read = anon.nbytes / read_seconds([anon]) / GB
-            runs.append((n / prefill_seconds(engine, prompt), read))
+            seconds, expert_bytes = prefill_seconds(engine, prompt)
+            runs.append((n / seconds, read, expert_bytes))
         out[n] = runs
     return out
+
+
+def prefill_bytes(row: dict, n: int) -> int | None:
+    """Bytes an n-token prefill of this row reads: the experts its prompt routed to
+    (counted by the engine), every layer's attention weights and the output table
+    once (the logits of the last row only)."""
+    runs = row["prefill"].get(n)
+    if not runs:
+        return None
+    return int(np.median([r[2] for r in runs])) + row["bytes"]["attention"] \
+        + row["bytes"]["embedding"]
 
 
 def target_ratios(row: dict) -> dict:
@@ -229,15 +260,16 @@ def target_ratios(row: dict) -> dict:
     out = {"decode": (decode / decode_target, decode_target)}
     if 11 in row["prefill"]:
         runs = row["prefill"][11]
-        per_run = [tps / issue_targets(bits, bw)[1] for tps, bw in runs]
+        per_run = [tps / issue_targets(bits, bw)[1] for tps, bw, *_ in runs]
         out["prefill 11"] = (float(np.median(per_run)), issue_targets(bits, _median(runs, 1))[1])
     if 256 in row["prefill"]:
         out["prefill 256 / decode"] = (_median(row["prefill"][256], 0) / decode / 5.0, 5.0 * decode)
     return out
 
 
-def _median(runs: list[tuple[float, float]], i: int) -> float:
-    """The median of field i (0: tok/s, 1: read GB/s) of bench_prefill's runs."""
+def _median(runs: list[tuple], i: int) -> float:
+    """The median of field i (0: tok/s, 1: read GB/s, 2: expert bytes) of bench_prefill's
+    runs."""
     return float(np.median([r[i] for r in runs]))
 
 
@@ -291,6 +323,20 @@ def bench_model(model_dir: Path, args) -> list[dict]:
     return rows
 
 
+def ceiling_line(row: dict) -> str:
+    """How far the bytes alone let each ratio go (``ceilings``), and the share of the
+    read the 11-token prefill reached (median of its runs, each over the read beside it)."""
+    pf = prefill_bytes(row, 11)
+    ceil = ceilings(row["bits"], row["bytes_per_token"], pf)
+    text = (f"at the full read the ratios would be decode {ceil['decode']:.2f}x "
+            f"({row['bytes_per_token'] / GB:.3f} GB a token)")
+    if pf:
+        share = np.median([tps / 11 * pf / GB / bw for tps, bw, *_ in row["prefill"][11]])
+        text += (f", prefill 11 {ceil['prefill 11']:.2f}x ({pf / GB:.2f} GB, read at "
+                 f"{share:.0%} of the read beside it)")
+    return text
+
+
 def print_table(rows: list[dict]) -> None:
     print(f"\n{'model / table / acts':<28}{'GB/token':>9}{'s/token':>9}{'p90':>8}{'tok/s':>7}{'GB/s':>7}"
           f"{'floor same':>11}{'floor anon':>11}{'vs same':>8}{'vs anon':>8}")
@@ -309,6 +355,7 @@ def print_table(rows: list[dict]) -> None:
         ratios = "; ".join(f"{k} {ratio:.2f}x the target ({target:.1f} tok/s)"
                            for k, (ratio, target) in target_ratios(r).items())
         print(f"  {r['model']}: issue 10, x target (>= 1 meets it): {ratios}")
+        print(f"  {r['model']}: {ceiling_line(r)}")
         if r["table_build_s"] is not None:
             print(f"  {r['model']}: {r['table']} output table built in {r['table_build_s']:.2f} s")
     print("target: decode GB/s >= 85% of the anonymous read (same bytes, plain parallel sum);"
