@@ -169,7 +169,7 @@ def attend(cfg: GrokConfig, q: jax.Array, cache: KVCache, valid: jax.Array,
     after the query's. Query head h reads KV head h // q_group.
 
     key_block None: one softmax over the whole cache, whatever its filled part.
-    key_block B (static; a divisor of the cache length, which must hold at least 8
+    key_block B (static; a divisor of the cache length, which must hold at least 2
     blocks, else the whole cache is read): while the latest query's position is in
     the cache's first half, a loop over the blocks of B positions up to it with a
     running (online) softmax, so the cost follows the filled part; past the half,
@@ -184,7 +184,7 @@ def attend(cfg: GrokConfig, q: jax.Array, cache: KVCache, valid: jax.Array,
     to fp32 rounding (the sums' order differs).
     """
     s = cache.k.shape[1]
-    if key_block is None or s < 8 * key_block or s % key_block:
+    if key_block is None or s < 2 * key_block or s % key_block:
         return _attend_whole(cfg, q, cache, valid, positions, precision)
     if cache.k.dtype == jnp.uint16:   # bf16 bits: the whole form converts the whole cache
         return _attend_blocks(cfg, q, cache, valid, positions, precision, key_block)

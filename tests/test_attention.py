@@ -122,8 +122,9 @@ def test_attend_by_blocks_reads_only_the_blocks_up_to_the_last_query(tiny_cfg, p
 
 def test_attend_by_blocks_equals_the_whole_cache_form(tiny_cfg):
     """A 16-token chunk at positions 230-245 of a 1024-position cache (blocks 0 and 1): the
-    two forms agree to fp32 rounding (and differ: the loop ran); a block that does not
-    divide the cache, or a cache of fewer than 8 blocks, means the whole cache."""
+    two forms agree to fp32 rounding (and differ: the loop ran), also with blocks of 256
+    (a cache of 4 blocks); a block that does not divide the cache, or a cache of fewer
+    than 2 blocks, means the whole cache."""
     cfg, s = tiny_cfg, 1024
     rng = np.random.default_rng(7)
     kv = rng.standard_normal((246, cfg.num_kv_heads, cfg.key_size)).astype(np.float32)
@@ -132,10 +133,11 @@ def test_attend_by_blocks_equals_the_whole_cache_form(tiny_cfg):
     q = jnp.asarray(3 * rng.standard_normal((16, cfg.num_q_heads, cfg.key_size)), jnp.float32)
     valid, pos = jnp.arange(s) < 246, jnp.arange(230, 246, dtype=jnp.int32)
     whole = np.asarray(M.attend(cfg, q, cache, valid, pos, "fp32"))
-    blocks = np.asarray(M.attend(cfg, q, cache, valid, pos, "fp32", key_block=128))
-    np.testing.assert_allclose(blocks, whole, rtol=1e-5, atol=1e-6)
-    assert not np.array_equal(blocks, whole)   # the loop ran: its sums differ somewhere
-    for other in (96, 256):                     # 1024 % 96, and 4 blocks of 256
+    for block in (128, 256):
+        blocks = np.asarray(M.attend(cfg, q, cache, valid, pos, "fp32", key_block=block))
+        np.testing.assert_allclose(blocks, whole, rtol=1e-5, atol=1e-6)
+        assert not np.array_equal(blocks, whole)   # the loop ran: its sums differ somewhere
+    for other in (96, 1024):                    # 1024 % 96, and 1 block of 1024
         np.testing.assert_array_equal(
             np.asarray(M.attend(cfg, q, cache, valid, pos, "fp32", key_block=other)), whole)
 
