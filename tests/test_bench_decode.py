@@ -96,3 +96,15 @@ def test_prefill_seconds_counts_the_experts_read_by_that_prefill_only():
     assert nbytes == 21 and seconds >= 0 and engine.resets == 1
     runs = bench_decode.bench_prefill(engine, [2], 3, np.ones(1024, np.uint64))
     assert [r[2] for r in runs[2]] == [14, 14, 14]
+
+
+def test_llama_table_is_the_one_llama_cpps_file_reads():
+    """--output-table llama means llama.cpp's table bytes at the model's bits (Q8_0's
+    int8, Q4_0's int4); the default (auto llama) runs the runtime's default beside it,
+    once when they are the same table; only those rows are named the comparison."""
+    assert bench_decode.tables_for(8, ["auto", "llama"]) == ["auto", "int8"]
+    assert bench_decode.tables_for(4, ["auto", "llama"]) == ["auto", "int4"]
+    assert bench_decode.tables_for(4, ["int4", "llama", "int8"]) == ["int4", "int8"]
+    assert bench_decode.comparison_note(4, "int4") == "llama.cpp's table bytes (int4)"
+    assert "not the issue's comparison" in bench_decode.comparison_note(4, "int8")
+    assert "not the issue's comparison" in bench_decode.comparison_note(8, "bf16")
