@@ -36,6 +36,13 @@ mappings, so the run measures memory, not page faults or the disk.
     python tools/bench_decode.py --model DIR --act-int8  # opt-in int8-activation kernels
     python tools/bench_decode.py --model DIR --output-table int8 int4  # two logits tables
 
+Each model runs by default with two output tables (``--output-table auto
+llama``): the runtime's default and, beside it, the table llama.cpp's file
+reads at the model's bits (Q8_0: int8, Q4_0: int4), one row when they are the
+same. Issue 10 compares runtimes on identical weights, so its lines name the
+row with llama.cpp's table bytes as the comparison (at better quality than
+llama.cpp's file: docs/FIDELITY.md); the default's row is printed beside it.
+
 Disk: the checkpoint is ~3.2 GB + 5 GB per layer, the int8 model ~1.6 GB +
 4.9 GB per layer, int4 ~1.6 GB + 2.5 GB per layer; the checkpoint is deleted
 once both models exist unless --keep-checkpoint.
@@ -81,7 +88,7 @@ def comparison_note(bits: int, table: str) -> str:
     """Which issue 10 comparison a row with this table is: llama.cpp's bytes, or not."""
     if table == LLAMA_TABLE[bits]:
         return f"llama.cpp's table bytes ({table})"
-    return (f"a {table} table, not llama.cpp's bytes ({LLAMA_TABLE[bits]}): "
+    return (f"the {table} table, not llama.cpp's bytes ({LLAMA_TABLE[bits]}): "
             "not the issue's comparison")
 
 
