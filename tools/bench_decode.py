@@ -10,7 +10,8 @@ achieved GB/s of the weight bytes one decode step must read:
   + the output embedding (131072 x 6144 bf16, read for the logits)
 
 next to two floors measured in the same run, interleaved with the decode
-repeats so a noisy neighbour slows both alike: a numba parallel read of the
+repeats so a noisy neighbour slows both alike: a plain parallel read
+(``membw.read_seconds``, the fastest of three readers on --threads threads) of the
 same bytes as mapped (the token's attention, two experts per layer, the
 embedding), and of an anonymous buffer of the same size (the machine's read
 bandwidth with --threads threads). Target (issue 10): >= 85% of the anonymous
@@ -60,7 +61,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from membw import parallel_sum, words  # noqa: E402
+from membw import parallel_sum, read_seconds, words  # noqa: E402
 from quant.config import preset  # noqa: E402
 from quant.packed import MANIFEST, PackedModel, QuantSettings, file_sizes, tensor_layout  # noqa: E402
 from quant.spec import ATTENTION_ROLES, checkpoint_specs  # noqa: E402
@@ -108,21 +109,6 @@ def ceilings(bits: int, decode_bytes: float, prefill_bytes: float | None) -> dic
     if prefill_bytes:
         out["prefill 11"] = 11 * LLAMA_READ_GBPS * GB / prefill_bytes / prefill_target
     return out
-
-
-def read_seconds(buffers: list[np.ndarray]) -> float:
-    """One read of all buffers, each by the faster of numba's parallel sum and
-    numpy's one-thread sum (as tools/bench_kernels.py): on the Zen 5 VM the
-    parallel sum reads 7-12 GB/s where numpy's reads 32-35 (one core can
-    take the whole memory bandwidth there), which made the floors too low."""
-    total = 0.0
-    for w in buffers:
-        t0 = time.perf_counter()
-        parallel_sum(w)
-        t1 = time.perf_counter()
-        w.sum()
-        total += min(t1 - t0, time.perf_counter() - t1)
-    return total
 
 
 # --- building the models ------------------------------------------------------------

@@ -1,8 +1,9 @@
 """Benchmark lowmem.cpu_kernels at Grok-1 sizes against a memory-bandwidth floor.
 
-Every case is timed side by side with the fastest honest read of the same
-bytes (a numba parallel sum of the buffers as uint64, or numpy's single-thread
-sum, whichever is faster on this machine), interleaved repeat by repeat so a
+Every case is timed side by side with the fastest plain read of the same
+bytes with the same threads (``membw.read_seconds``: numba's parallel sum,
+numpy's one-thread sum, numpy's sums of contiguous parts on the threads),
+interleaved repeat by repeat so a
 noisy neighbour slows both alike. Reported: medians in ms, effective GB/s of
 weight bytes, and the ratio to the floor (1.00 = at memory bandwidth).
 
@@ -31,7 +32,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from membw import parallel_sum, words  # noqa: E402
+from membw import parallel_sum, read_seconds, words  # noqa: E402
 from lowmem import cpu_kernels as kernels  # noqa: E402
 from lowmem import logits_kernels  # noqa: E402
 from quant.int4_levels import STUDENT_T_LEVELS  # noqa: E402
@@ -39,19 +40,6 @@ from quant.packed import ROW_PAD  # noqa: E402
 from quant.qweight import QWeight  # noqa: E402
 
 D, F, V = 6144, 32768, 131072
-
-
-def _read_floor(buffers) -> float:
-    """One read of all buffers: the faster of the two readers for each buffer."""
-    t = 0.0
-    for w in buffers:
-        t0 = time.perf_counter()
-        parallel_sum(w)
-        t1 = time.perf_counter()
-        w.sum()
-        t2 = time.perf_counter()
-        t += min(t1 - t0, t2 - t1)
-    return t
 
 
 def _store(arr: np.ndarray, mmap_dir: Path | None, name: str) -> np.ndarray:
@@ -144,7 +132,7 @@ def _median_pair(fn, buffers, repeats):
         t0 = time.perf_counter()
         fn()
         k_times.append(time.perf_counter() - t0)
-        f_times.append(_read_floor(buffers))
+        f_times.append(read_seconds(buffers))
     return float(np.median(k_times)), float(np.median(f_times))
 
 
