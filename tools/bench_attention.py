@@ -1,7 +1,8 @@
 """One layer's host-backend decode attention against the read floor of its weights (issue 10 item 4).
 
 Times, interleaved call by call in one process (the machines are shared): a
-numpy read of layer 0's q/k/v/o weight bytes (the floor), the four numba
+plain parallel read (``membw.read_seconds``, the time of the read itself) of
+layer 0's q/k/v/o weight bytes (the floor), the four numba
 kernels called directly, and the engine's jitted attention step for one token
 at position ``--position`` (default ``--context - 12``) of a cache filled up to
 it. The floor reads what one token's attention must: the four weights and the
@@ -32,6 +33,7 @@ from lowmem import engine as E
 from lowmem import model as M
 from lowmem.cpu_kernels import matmul
 from lowmem.engine import Engine, EngineOptions
+from membw import read_seconds
 from quant.packed import PackedFormatError, PackedModel
 
 ROLES = ("q", "k", "v", "o")
@@ -60,8 +62,10 @@ def floor_bytes(engine: Engine, pos: int) -> int:
             + cache * np.dtype(M.cache_dtype(engine.precision)).itemsize)
 
 
-def cases(engine: Engine, against, rows: np.ndarray, pos: int) -> dict:
-    """name -> a function timing one call; the attention cases store their output."""
+def cases(engine: Engine, against, rows: np.ndarray, pos: int):
+    """(name -> a function timing one call, the attention cases' outputs, the floor's
+    seconds: each "read floor" call appends the read's own time, without the three
+    readers' repeats that ``read_seconds`` takes)."""
     cfg, prec, backend = engine.cfg, engine.precision, engine.backend
     lp, weights = engine.layers[0], backend.weights[0]
     words = [np.asarray(a).reshape(-1).view(np.uint8)
@@ -84,14 +88,15 @@ def cases(engine: Engine, against, rows: np.ndarray, pos: int) -> dict:
             outs[name] = jax.block_until_ready(out)                           # (1, D) fp32
         return run
 
-    fns = {"read floor": lambda: [w.sum() for w in words],
+    floor_s: list[float] = []
+    fns = {"read floor": lambda: floor_s.append(read_seconds(words)),
            "kernels": lambda: [matmul(x, weights[r]) for r in "qkv"] + [matmul(zeros, weights["o"])],
            "attention": step("attention", M, E._attention,
                              key_block=backend.key_block)}
     if against is not None:
         other = jax.jit(against.attention_block, static_argnums=(0, 1, 2), donate_argnames=("cache",))
         fns["--against"] = step("--against", against, other)
-    return fns, outs
+    return fns, outs, floor_s
 
 
 def main(argv=None) -> int:
@@ -130,7 +135,7 @@ def main(argv=None) -> int:
     rows = np.random.default_rng(0).standard_normal(
         (2, pos, cfg.num_kv_heads, cfg.key_size)).astype(np.float32)          # (2, n, Hkv, K)
     against = load_module(args.against) if args.against else None
-    fns, outs = cases(engine, against, rows, pos)
+    fns, outs, floor_s = cases(engine, against, rows, pos)
     for f in fns.values():
         f(), f()                                                              # compile, warm
     times = {name: [] for name in fns}
@@ -142,6 +147,7 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             f()
             times[name].append(time.perf_counter() - t0)
+    times["read floor"] = floor_s[-args.repeats:]
     floor = np.median(times["read floor"])
     for name, t in times.items():
         t = np.asarray(t)
