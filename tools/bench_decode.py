@@ -39,8 +39,8 @@ mappings, so the run measures memory, not page faults or the disk.
 
 Each model runs by default with two output tables (``--output-table auto
 llama``): the runtime's default and, beside it, the table llama.cpp's file
-reads at the model's bits (Q8_0: int8, Q4_0: int4), one row when they are the
-same. Issue 10 compares runtimes on identical weights, so its lines name the
+reads at the model's bits (Q8_0: int8, Q4_0: int4); a table named twice runs
+once ("auto" is not resolved here: the backend owns what it means). Issue 10 compares runtimes on identical weights, so its lines name the
 row with llama.cpp's table bytes as the comparison (at better quality than
 llama.cpp's file: docs/FIDELITY.md); the default's row is printed beside it.
 
