@@ -30,7 +30,7 @@ def model_binary(tmp_path_factory):
     if not {"avx512f", "avx512bw", "avx512_vnni"} <= _cpu_flags():
         pytest.skip("the model needs AVX-512 F/BW/VNNI")
     out = tmp_path_factory.mktemp("layout_model") / "layout_model"
-    subprocess.run(["gcc", "-O2", "-march=native", "-pthread", "-Wall", "-Werror",
+    subprocess.run(["gcc", "-O2", "-march=native", "-pthread", "-Wall",
                     str(SOURCE), "-o", str(out)], check=True)
     return out
 

@@ -153,8 +153,8 @@ int main(int argc, char **argv) {
         return 2;
     }
     RS = N + ROW_PAD;
-    rows = aligned_alloc(4096, K * RS);
-    tiles = aligned_alloc(4096, K * N);
+    rows = aligned_alloc(4096, (K * RS + 4095) / 4096 * 4096);  /* sizes: alignment multiples */
+    tiles = aligned_alloc(4096, (K * N + 4095) / 4096 * 4096);
     xs = malloc(K * sizeof(float));
     float *saved[MAX_THREADS];
     if (!rows || !tiles || !xs) { fprintf(stderr, "layout_model: out of memory\n"); return 2; }
