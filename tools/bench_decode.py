@@ -40,9 +40,10 @@ mappings, so the run measures memory, not page faults or the disk.
 Each model runs by default with two output tables (``--output-table auto
 llama``): the runtime's default and, beside it, the table llama.cpp's file
 reads at the model's bits (Q8_0: int8, Q4_0: int4); a table named twice runs
-once ("auto" is not resolved here: the backend owns what it means). Issue 10 compares runtimes on identical weights, so its lines name the
-row with llama.cpp's table bytes as the comparison (at better quality than
-llama.cpp's file: docs/FIDELITY.md); the default's row is printed beside it.
+once ("auto" is not resolved here: the backend owns what it means). Issue 10
+compares runtimes on identical weights, so its lines name the row with
+llama.cpp's table bytes as the comparison (at better quality than llama.cpp's
+file: docs/FIDELITY.md); the default's row is printed beside it.
 
 Disk: the checkpoint is ~3.2 GB + 5 GB per layer, the int8 model ~1.6 GB +
 4.9 GB per layer, int4 ~1.6 GB + 2.5 GB per layer; the checkpoint is deleted
