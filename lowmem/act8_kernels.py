@@ -46,7 +46,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
-from lowmem.simd_kernels import _Mat, _prefetch, _splat
+from lowmem.simd_kernels import _Mat, _prefetch_ahead, _splat
 
 BLOCK = 32                 # weight rows (= activations) per int8 activation scale
 _MAX_TB = 6                # tokens per call (24 int32 register accumulators; see tile_strips)
@@ -196,7 +196,7 @@ def fast_on_host() -> bool:
 def _row(builder, pm, row, n0):
     """64 bytes of stored row `row` from column n0, prefetching ahead along it."""
     ptr = pm.at(row, n0)
-    _prefetch(builder, builder.gep(ptr, [ir.Constant(ir.IntType(64), _PREFETCH)]))
+    _prefetch_ahead(builder, pm, ptr, _PREFETCH)
     return builder.load(builder.bitcast(ptr, _V64B.as_pointer()), align=1)
 
 
@@ -426,7 +426,7 @@ def _pass_overload(mode, tb, p, i0, n0, xq, t0, k, dx, bs, sc, gi, acc, a0, u, l
 
 
 @njit(cache=True)
-def tile_strips(xq, dx, bs, p, sc, g, k0, k1, n0, m, t0, t1, acc, a0, lv):
+def tile_strips(xq, dx, bs, p, sc, g, k0, k1, n0, m, t0, t1, acc, a0, lv, ts):
     """acc[t0:t1, a0 + j] += the int8-activation product for rows k0..k1
     (multiples of 32, and g too) and the whole 64-column strips j < m - m % 64
     of columns n0 + j, each strip's 64 floats in the kernels' lane order (see
@@ -439,21 +439,27 @@ def tile_strips(xq, dx, bs, p, sc, g, k0, k1, n0, m, t0, t1, acc, a0, lv):
     price is compile time, every size being compiled: a cold cache takes
     62 s instead of 37 s for the act_int8 matmuls of int4, int4 levels and
     int8 (for a Haswell target 436 s instead of 217 s, so the AVX2-target
-    tests no longer compile them); _MAX_TB = 4 restores it. lv: int4 level table (float32 (16,)) or None, see _kernel."""
+    tests no longer compile them); _MAX_TB = 4 restores it. lv: int4 level table (float32 (16,)) or None, see _kernel.
+    ts: stored rows per tile of tiled values (p their 64-byte-row view,
+    cpu_kernels._operand; a block of 32 weight rows is one tile), 0 for rows."""
     d = _rows_per_byte(p)
+    ns = sc.shape[1] // 64                      # tiles per band
     u = np.empty((BLOCK + 1, 64), np.uint8)
     off = (-u.ctypes.data) % 64  # 64-byte aligned rows
     u = u.reshape(-1)[off:off + BLOCK * 64].reshape(BLOCK, 64)
     for k in range(k0, k1, BLOCK):
         gi = k // g
         for j in range(0, m - m % 64, 64):
+            r = k // d
+            if ts:  # the row the kernels' row * 64 + column address puts at this tile
+                s = (n0 + j) // 64
+                r = ((r // ts) * ns + s) * ts - s
             if t1 - t0 <= _MAX_TB:
-                _pass(0, t1 - t0, p, k // d, n0 + j, xq, t0, k, dx, bs, sc, gi, acc, a0 + j,
-                      u, lv)
+                _pass(0, t1 - t0, p, r, n0 + j, xq, t0, k, dx, bs, sc, gi, acc, a0 + j, u, lv)
                 continue
-            _pass(1, _MAX_TB, p, k // d, n0 + j, xq, t0, k, dx, bs, sc, gi, acc, a0 + j, u, lv)
+            _pass(1, _MAX_TB, p, r, n0 + j, xq, t0, k, dx, bs, sc, gi, acc, a0 + j, u, lv)
             for t in range(t0 + _MAX_TB, t1, _MAX_TB):
-                _pass(2, min(_MAX_TB, t1 - t), p, k // d, n0 + j, xq, t, k, dx, bs, sc, gi,
+                _pass(2, min(_MAX_TB, t1 - t), p, r, n0 + j, xq, t, k, dx, bs, sc, gi,
                       acc, a0 + j, u, lv)
 
 

@@ -9,7 +9,10 @@ about one pass over the weight bytes and never allocates a dequantized copy.
 Layouts (see ``quant.qweight``): a weight is (K, N) = (in, out), ``y = x @ W``;
 scales are bf16 (K // group_size, N); int4 is packed two rows per byte along K
 (low nibble = even row). bf16 arrays are read as their uint16 bit patterns
-(numba has no bf16): ``f32 bits = u16 << 16``.
+(numba has no bf16): ``f32 bits = u16 << 16``. Expert values may be tiled
+(QWeight.tiled: 32 x 64 tiles, one sequential stream): the kernels then see
+64-byte rows and walk each tile whole (simd_kernels._tiles_strips), adding the
+same partial sums in the same order as for rows, so the results are the same.
 
 Parallel split, measured on the 2-core target (``tools/bench_kernels.py``): a
 work item is (block of output columns, chunk of input rows). Reading whole
@@ -58,8 +61,8 @@ from numba.extending import overload
 
 from lowmem import act8_kernels
 from lowmem.activations import geglu
-from lowmem.simd_kernels import _hi, _lo, _pass_tokens, _prefer_512, _strip
-from quant.qweight import BF16, QWeight, level_table
+from lowmem.simd_kernels import _hi, _lo, _pass_tokens, _prefer_512, _strip, _tiles_strips
+from quant.qweight import BF16, TILE_COLS, TILE_ROWS, QWeight, level_table
 
 _FM = {"contract"}
 _FM_REDUCE = {"contract", "reassoc"}
@@ -199,6 +202,20 @@ def _tile_strips(x, p, sc, g, k0, k1, n0, m, t0, t1, acc, a0, d, rows, lv):
         _strip_tail(x, p, sc, g, k0, k1, n0 + m_main, m - m_main, t0, t1, acc, a0 + m_main, lv)
 
 
+def _tiled_strips(x, w, sc, g, k0, k1, n0, m, t0, t1, acc, a0, lv, ts):
+    """_tiles_strips by stored dtype (only int8 and packed int4 are ever tiled)."""
+    raise NotImplementedError("only callable from numba code")
+
+
+@overload(_tiled_strips)
+def _tiled_strips_overload(x, w, sc, g, k0, k1, n0, m, t0, t1, acc, a0, lv, ts):
+    d, rows = (2, _Q4_ROWS) if w.dtype == types.uint8 else (1, _I8_ROWS)
+    if w.dtype in (types.uint8, types.int8):
+        return lambda x, w, sc, g, k0, k1, n0, m, t0, t1, acc, a0, lv, ts: _tiles_strips(
+            x, w, sc, g, k0, k1, n0, m, t0, t1, acc, a0, d, rows, lv, ts)
+    return lambda x, w, sc, g, k0, k1, n0, m, t0, t1, acc, a0, lv, ts: None
+
+
 def _tile1(x, w, sc, g, k0, k1, n0, m, t, acc, a0, lv):
     """One-token tile, dispatched on the stored dtype (uint8 = packed int4)."""
     raise NotImplementedError("only callable from numba code")
@@ -327,21 +344,26 @@ def _tile_n_overload(x, w, sc, g, k0, k1, n0, m, t0, t1, acc, a0, lv):
 
 
 @njit(fastmath=_FM, cache=True)
-def _accumulate(x, w, sc, g, k0, k1, n0, m, acc, a0, lv):
-    """acc[:, a0:a0+m] += x[:, k0:k1] @ W[k0:k1, n0:n0+m], all tokens.
+def _accumulate(x, w, sc, g, k0, k1, n0, m, acc, a0, lv, ts):
+    """acc[:, a0:a0+m] += x[:, k0:k1] @ W[k0:k1, n0:n0+m], all tokens; ts: stored
+    rows per tile of tiled values, 0 for the row layout.
 
     With more tokens than one block, tiles of _ROW_TILE rows are reused for
     every token block while they are still in cache.
     """
     T = x.shape[0]
-    if T == 1:
+    if T == 1 and ts == 0:
         _tile1(x, w, sc, g, k0, k1, n0, m, 0, acc, a0, lv)
         return
     step = k1 - k0 if T <= _TOKEN_BLOCK else _ROW_TILE
     for kk in range(k0, k1, step):
         kk1 = min(k1, kk + step)
         for t0 in range(0, T, _TOKEN_BLOCK):
-            _tile_n(x, w, sc, g, kk, kk1, n0, m, t0, min(T, t0 + _TOKEN_BLOCK), acc, a0, lv)
+            t1 = min(T, t0 + _TOKEN_BLOCK)
+            if ts:
+                _tiled_strips(x, w, sc, g, kk, kk1, n0, m, t0, t1, acc, a0, lv, ts)
+            else:
+                _tile_n(x, w, sc, g, kk, kk1, n0, m, t0, t1, acc, a0, lv)
 
 
 # ----------------------------------------------------------------------------
@@ -349,9 +371,9 @@ def _accumulate(x, w, sc, g, k0, k1, n0, m, acc, a0, lv):
 # ----------------------------------------------------------------------------
 
 @njit(parallel=True, fastmath=_FM, cache=True)
-def _matmul_kernel(x, w, sc, g, nb, kchunk, parts, lv):
+def _matmul_kernel(x, w, sc, g, nb, kchunk, parts, lv, ts):
     """parts[c] (T, N) += x[:, rows of chunk c] @ W[those rows]; parts is zeroed;
-    lv: the int4 level table or None (see matmul)."""
+    lv: the int4 level table or None (see matmul); ts: see _accumulate."""
     K = x.shape[1]
     nk, _, N = parts.shape
     ncb = (N + nb - 1) // nb
@@ -361,16 +383,16 @@ def _matmul_kernel(x, w, sc, g, nb, kchunk, parts, lv):
         n0 = cb * nb
         k0 = c * kchunk
         _accumulate(x, w, sc, g, k0, min(K, k0 + kchunk), n0, min(nb, N - n0), parts[c], n0,
-                    lv)
+                    lv, ts)
 
 
 @njit(fastmath=_FM, cache=True)
-def _accumulate_a8(x, xq, dx, bs, w, sc, g, k0, k1, n0, m, acc, a0, lv):
+def _accumulate_a8(x, xq, dx, bs, w, sc, g, k0, k1, n0, m, acc, a0, lv, ts):
     """_accumulate with int8 activations (lowmem.act8_kernels) for the whole
     64-column strips; the columns after them get the fp32 tiles on x = the
     dequantized int8 activations (same numbers); k0, k1, g multiples of 32;
-    lv: the int4 level table or None. Token blocks of _A8_TOKEN_BLOCK (16),
-    not 8: tile_strips decodes a weight block once for all its tokens, so 9
+    lv: the int4 level table or None; ts: see _accumulate. Token blocks of
+    _A8_TOKEN_BLOCK (16), not 8: tile_strips decodes a weight block once for all its tokens, so 9
     tokens as 8 + 1 decoded it twice and ran a one-token pass (the serving
     step's experts see 8-12 tokens each); 9 tokens 0.83x the time (Grok-1
     int4 expert, median of 4 interleaved runs), 12 and 16 about equal."""
@@ -381,7 +403,8 @@ def _accumulate_a8(x, xq, dx, bs, w, sc, g, k0, k1, n0, m, acc, a0, lv):
         kk1 = min(k1, kk + step)
         for t0 in range(0, T, _A8_TOKEN_BLOCK):
             t1 = min(T, t0 + _A8_TOKEN_BLOCK)
-            act8_kernels.tile_strips(xq, dx, bs, w, sc, g, kk, kk1, n0, m, t0, t1, acc, a0, lv)
+            act8_kernels.tile_strips(xq, dx, bs, w, sc, g, kk, kk1, n0, m, t0, t1, acc, a0, lv,
+                                     ts)
             if m_main < m:
                 _strip_tail(x, w, sc, g, kk, kk1, n0 + m_main, m - m_main, t0, t1, acc,
                             a0 + m_main, lv)
@@ -389,7 +412,7 @@ def _accumulate_a8(x, xq, dx, bs, w, sc, g, k0, k1, n0, m, acc, a0, lv):
 
 
 @njit(parallel=True, fastmath=_FM, cache=True)
-def _matmul_a8_kernel(x, xq, dx, bs, w, sc, g, nb, kchunk, parts, lv):
+def _matmul_a8_kernel(x, xq, dx, bs, w, sc, g, nb, kchunk, parts, lv, ts):
     """_matmul_kernel with int8 activations (xq, dx, bs from quantize_activations)."""
     K = x.shape[1]
     nk, _, N = parts.shape
@@ -400,7 +423,7 @@ def _matmul_a8_kernel(x, xq, dx, bs, w, sc, g, nb, kchunk, parts, lv):
         n0 = cb * nb
         k0 = c * kchunk
         _accumulate_a8(x, xq, dx, bs, w, sc, g, k0, min(K, k0 + kchunk), n0,
-                       min(nb, N - n0), parts[c], n0, lv)
+                       min(nb, N - n0), parts[c], n0, lv, ts)
 
 
 @njit(parallel=True, fastmath=_FM_REDUCE, cache=True)
@@ -455,7 +478,7 @@ def _c_contiguous(a: np.ndarray, what: str) -> np.ndarray:
 
 
 def _operand(w, what: str = "weight"):
-    """(stored values, uint16 scale bits, group_size, (K, N), levels) of a weight.
+    """(stored values, uint16 scale bits, group_size, (K, N), levels, ts) of a weight.
 
     Accepts a QWeight (int8, or int4 packed in uint8, with bf16 scales) or a
     2-D float32 / bf16 ndarray (given one group of scales 1.0). bf16 goes to
@@ -464,6 +487,8 @@ def _operand(w, what: str = "weight"):
     it as one more argument rather than a new stored dtype or a table folded
     into the scales: numba specializes on its type, so None compiles exactly
     the uniform code (same speed, same bits) and an array the table variant.
+    ts: stored rows per tile of tiled values (QWeight.tiled), passed as their
+    (R * N / 64, 64) view, the view the micro-kernels address; 0 for rows.
     """
     if isinstance(w, QWeight):
         want = np.int8 if w.bits == 8 else np.uint8
@@ -477,14 +502,18 @@ def _operand(w, what: str = "weight"):
             raise ValueError(f"{what}: int4 needs an even group_size, got {w.group_size}")
         values = _c_contiguous(w.values, f"{what} values")
         scales = _c_contiguous(w.scales, f"{what} scales").view(np.uint16)
+        ts = 0
+        if w.tiled:
+            ts = TILE_ROWS // (2 if w.bits == 4 else 1)
+            values = values.reshape(-1, TILE_COLS)
         return values, scales, w.group_size, w.shape, \
-            None if w.levels is None else level_table(w.levels)
+            None if w.levels is None else level_table(w.levels), ts
     if isinstance(w, np.ndarray) and w.ndim == 2 and w.dtype in (np.float32, BF16):
         values = _c_contiguous(w, what)
         if values.dtype == BF16:
             values = values.view(np.uint16)
         ones = np.full((1, w.shape[1]), 0x3F80, np.uint16)  # bf16 1.0: shares the scaled code
-        return values, ones, max(1, w.shape[0]), w.shape, None
+        return values, ones, max(1, w.shape[0]), w.shape, None, 0
     desc = f"{w.ndim}-D {w.dtype} array" if isinstance(w, np.ndarray) else type(w).__name__
     raise TypeError(f"{what}: expected a QWeight or a 2-D float32/bfloat16 array, got {desc}")
 
@@ -501,7 +530,7 @@ def _activations(x, k: int, what: str) -> tuple[np.ndarray, bool]:
     return x2, vector
 
 
-def _plan(t: int, k: int, n: int, weight_bytes: int, a8: bool = False):
+def _plan(t: int, k: int, n: int, weight_bytes: int, a8: bool = False, tiled: bool = False):
     """(columns per block, rows per chunk, number of chunks) for matmul.
 
     Measured on the 2-core target: reading whole weight rows in order (the
@@ -516,6 +545,7 @@ def _plan(t: int, k: int, n: int, weight_bytes: int, a8: bool = False):
     a8 (int8 activations): chunks of whole 32-row activation blocks and
     column blocks of whole 64-column strips where N allows (a block's last
     N % 64 columns take the fp32 tiles, ~4x slower per column).
+    tiled (QWeight.tiled): whole tiles, both ways.
     """
     items = 4 * numba.get_num_threads()
     t, n = max(t, 1), max(n, 1)
@@ -525,9 +555,9 @@ def _plan(t: int, k: int, n: int, weight_bytes: int, a8: bool = False):
     if ncb * nk < items:  # rows could not be split further: narrow the columns
         ncb = max(ncb, min(-(-items // nk), -(-n // 64)))
     nb = -(-n // ncb)
-    nb = min(n, nb + (-nb) % (_STRIP if a8 else 16))
+    nb = min(n, nb + (-nb) % (_STRIP if a8 or tiled else 16))
     kchunk = -(-k // nk)
-    kchunk += (-kchunk) % (act8_kernels.BLOCK if a8 else 8)  # whole 4-row steps, int4 bytes
+    kchunk += (-kchunk) % (TILE_ROWS if tiled else act8_kernels.BLOCK if a8 else 8)
     return nb, kchunk, -(-k // kchunk)
 
 
@@ -544,19 +574,24 @@ def matmul(x, w, *, col_block: int | None = None, k_chunk: int | None = None,
     of 32, int4 level tables included (others stay fp32, on x as given); a
     numerics change, hence opt-in. int4 levels: see _operand.
     """
-    values, scales, g, (k, n), lv = _operand(w)
+    values, scales, g, (k, n), lv, ts = _operand(w)
     x2, vector = _activations(x, k, "matmul")
     if k == 0 or n == 0:
         out = np.zeros((x2.shape[0], n), np.float32)
         return out[0] if vector else out
     a8 = (ACT_INT8 if act_int8 is None else act_int8) and isinstance(w, QWeight) \
         and k % act8_kernels.BLOCK == 0 and g % act8_kernels.BLOCK == 0
+    step = TILE_ROWS if ts else 8
     if k_chunk is not None:
-        if k_chunk <= 0 or k_chunk % 8:
-            raise ValueError(f"matmul: k_chunk must be a positive multiple of 8, got {k_chunk}")
+        if k_chunk <= 0 or k_chunk % step:
+            raise ValueError(f"matmul: k_chunk must be a positive multiple of {step}, "
+                             f"got {k_chunk}")
         a8 = a8 and k_chunk % act8_kernels.BLOCK == 0
-    nb, kchunk, nk = _plan(x2.shape[0], k, n, values.nbytes, a8)
+    nb, kchunk, nk = _plan(x2.shape[0], k, n, values.nbytes, a8, ts > 0)
     if col_block is not None:
+        if ts and col_block % TILE_COLS:
+            raise ValueError(f"matmul: col_block of tiled values must be a multiple of "
+                             f"{TILE_COLS}, got {col_block}")
         nb = max(1, min(n, col_block))
     if k_chunk is not None:
         kchunk, nk = k_chunk, -(-k // k_chunk)
@@ -565,9 +600,9 @@ def matmul(x, w, *, col_block: int | None = None, k_chunk: int | None = None,
         xq, dx, bs = act8_kernels.quantize_activations(x2)  # (T, K) int8, (T, K/32) x2
         xd = x2 if nb % _STRIP == 0 and n % _STRIP == 0 else (  # x of the fp32 tail tiles
             xq.reshape(len(xq), -1, 32) * dx[:, :, None]).reshape(xq.shape)  # (T, K) f32
-        _matmul_a8_kernel(xd, xq, dx, bs, values, scales, g, nb, kchunk, parts, lv)
+        _matmul_a8_kernel(xd, xq, dx, bs, values, scales, g, nb, kchunk, parts, lv, ts)
     else:
-        _matmul_kernel(x2, values, scales, g, nb, kchunk, parts, lv)
+        _matmul_kernel(x2, values, scales, g, nb, kchunk, parts, lv, ts)
     out = parts[0] if nk == 1 else parts.sum(axis=0, dtype=np.float32)  # (T, N)
     return out[0] if vector else out
 

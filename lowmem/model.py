@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from quant.config import GrokConfig
-from quant.qweight import QWeight
+from quant.qweight import QWeight, untile
 
 BF16 = jnp.bfloat16
 F32 = jnp.float32
@@ -122,6 +122,8 @@ def dequantize(w: QWeight, dtype=BF16) -> jax.Array:
     int8 (or int4) and a bf16 scale is exact.
     """
     v = w.values[:, :w.scales.shape[-1]]          # (K or K/2, N): without any row padding
+    if w.tiled:
+        v = untile(v, w.bits)                     # (K or K/2, N) in row order
     if w.bits == 4 and w.levels is not None:      # nibble -> its level (QWeight.levels)
         table = jnp.asarray(w.levels, jnp.int8)                                   # (16,)
         lo, hi = table[v & jnp.uint8(15)], table[v >> jnp.uint8(4)]               # (K/2, N) int8

@@ -30,7 +30,7 @@ import numpy as np
 from lowmem import model as M
 from lowmem.expert_cache import CacheStats, ExpertCache
 from quant.packed import DTYPES, PackedModel, TensorEntry
-from quant.qweight import QWeight
+from quant.qweight import TILE_ROWS, QWeight
 
 
 CHUNK_BYTES = 32 << 20    # dequantized weight rows per step of a chunked expert matmul
@@ -48,32 +48,36 @@ def _slot_rows(slots, slot, part: TensorEntry, row0, rows: int) -> jax.Array:
     return jax.lax.bitcast_convert_type(raw, DTYPES[part.dtype]).reshape(rows, n)
 
 
-def _chunk_rows(k: int, group: int, n: int, itemsize: int, chunk_bytes: int = CHUNK_BYTES
-                ) -> int:
+def _chunk_rows(k: int, group: int, n: int, itemsize: int, chunk_bytes: int = CHUNK_BYTES,
+                step: int = 2) -> int:
     """Input rows per chunk: about ``chunk_bytes`` dequantized, dividing K, aligned to the
-    scale groups (a multiple of the group, or a divisor of it), even (int4 pairs)."""
-    rows = max(2, min(k, chunk_bytes // (n * itemsize)))
-    while rows > 2 and (k % rows or (group % rows and rows % group) or rows % 2):
+    scale groups (a multiple of the group, or a divisor of it), a multiple of ``step``
+    (2: int4 pairs; TILE_ROWS: whole tiles of tiled values)."""
+    rows = max(step, min(k, chunk_bytes // (n * itemsize)))
+    while rows > step and (k % rows or (group % rows and rows % group) or rows % step):
         rows -= 1
-    return rows if k % rows == 0 else k
+    return rows if k % rows == 0 and rows % step == 0 else k
 
 
 def _chunked_matmul(x: jax.Array, n: int, group: int, bits: int, read,
-                    chunk_bytes: int = CHUNK_BYTES, levels=None) -> jax.Array:
+                    chunk_bytes: int = CHUNK_BYTES, levels=None, tiled: bool = False
+                    ) -> jax.Array:
     """x (T, K) @ W (K, N) -> fp32 (T, N), W dequantized one chunk of rows at a time.
 
     ``read(i, rows)`` returns chunk i of W: ``(values, scales)`` of its ``rows``
-    input rows (int4 ``levels``: QWeight.levels). W is dequantized exactly in
+    input rows (int4 ``levels``: QWeight.levels; ``tiled``: whole tiles, in tile
+    order, QWeight.tiled). W is dequantized exactly in
     fp32; only one chunk of it ever is (``chunk_bytes``), so a call's
     temporaries stay a small fraction of the weight instead of several times
     it; partial products are summed in fp32.
     """
     k = x.shape[1]
-    rows = _chunk_rows(k, group, n, 4, chunk_bytes)
+    rows = _chunk_rows(k, group, n, 4, chunk_bytes, TILE_ROWS if tiled else 2)
 
     def body(i, acc):
         q, s = read(i, rows)
-        w = M.dequantize(QWeight(q, s, bits, min(rows, group), levels), jnp.float32)  # (rows, N)
+        w = M.dequantize(QWeight(q, s, bits, min(rows, group), levels, tiled),
+                         jnp.float32)                                      # (rows, N)
         xc = jax.lax.dynamic_slice_in_dim(x, i * rows, rows, axis=1)      # (T, rows)
         return acc + jnp.dot(xc.astype(jnp.float32), w,
                              precision=jax.lax.Precision.HIGHEST)         # (T, N) fp32
@@ -91,7 +95,8 @@ def chunked_qmatmul(x: jax.Array, slots, slot, values: TensorEntry,
         q = _slot_rows(slots, slot, values, i * vrows, vrows)              # (vrows, N + pad)
         s = _slot_rows(slots, slot, scales, (i * rows) // group, max(rows // group, 1))
         return q, s                                                         # s (srows, N) bf16
-    return _chunked_matmul(x, scales.shape[1], group, bits, read, levels=values.levels)
+    return _chunked_matmul(x, scales.shape[1], group, bits, read, levels=values.levels,
+                           tiled=values.tiled)
 
 
 def chunked_linear(x: jax.Array, w, precision: str = "bf16") -> jax.Array:

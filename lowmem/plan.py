@@ -327,7 +327,7 @@ def plan_from_args(args) -> MemoryPlan:
         cfg = cli.load_config(args.preset, args.config)
         try:
             settings = QuantSettings(args.bits, settings_group_size(args.bits, args.group_size),
-                                     args.attention)
+                                     args.attention, row_pad=0, tiles=True)  # quantize's default
         except ValueError as e:
             raise CLIError(str(e)) from None
     cli.check_context(args, cfg)
@@ -349,7 +349,8 @@ def memory_sweep(plan: MemoryPlan, bits: int) -> list[float]:
     """Decode s/token at the uniform-routing hit rate for each PLOT_MEMORY_GB (nan: no fit)."""
     cfg = GrokConfig.from_dict(plan.config)
     settings = QuantSettings(bits, plan.settings["group_size"] if bits == 4 else None,
-                             plan.settings["attention"], row_pad=plan.settings["row_pad"])
+                             plan.settings["attention"], row_pad=plan.settings["row_pad"],
+                             tiles=plan.settings.get("tiles", False))
     out = []
     for gb in PLOT_MEMORY_GB:
         p = make_plan(cfg, settings, gb * 10**9, context=plan.context, batch=plan.batch,

@@ -37,6 +37,12 @@ from numba.extending import intrinsic, overload
 
 _Q4_PREFETCH = 256        # bytes ahead along a row that a micro-kernel prefetches
 _I8_PREFETCH = 256        # the same for int8
+# Tiled values (quant.packed TILE_ROWS x TILE_COLS tiles, one sequential stream): a
+# kernel sees them as rows of 64 bytes and prefetches this far ahead in the stream
+# instead (256 bytes ahead would fall inside the tile being read). Measured on the
+# Zen 5 VM, Grok-1's gate on 2 threads: 1024 bytes 7.6 ms at 4 tokens, 2048 6.0,
+# 4096 4.7 (rows: 5.6-6.3); 8192 and 16384 no faster (docs/PERFORMANCE.md, session 16).
+TILE_PREFETCH = 4096
 
 @intrinsic
 def _prefer_512(typingctx):
@@ -216,6 +222,17 @@ def _gather(builder, base, idx):
                              _splat(i1, 1), ir.Constant(vf, ir.Undefined)])
 
 
+def _prefetch_ahead(builder, mat, ptr, along_row: int):
+    """Prefetch for a micro-kernel reading 64 bytes at ptr in matrix mat: ``along_row``
+    bytes ahead along a stored row, or TILE_PREFETCH ahead when mat is a tiled view
+    (64-byte rows: the tiles' one stream; a row-layout matrix of exactly 64 columns
+    is small, and a prefetch past it never faults)."""
+    i64 = ir.IntType(64)
+    tiled = builder.icmp_signed("==", mat.cols, ir.Constant(mat.cols.type, 64))
+    ahead = builder.select(tiled, ir.Constant(i64, TILE_PREFETCH), ir.Constant(i64, along_row))
+    _prefetch(builder, builder.gep(ptr, [ahead]))
+
+
 def _prefetch(builder, ptr):
     """Read prefetch into all cache levels (never faults, even past a mapping)."""
     i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
@@ -243,7 +260,7 @@ def _q4_codegen(tb, nv, lut, perm8):
                 for _ in range(nv)] for _ in range(tb)]
         with cgutils.for_range(builder, nb) as loop:
             row = pm.at(builder.add(i0, loop.index), n0)  # packed row i0 + i
-            _prefetch(builder, builder.gep(row, [ir.Constant(i64, _Q4_PREFETCH)]))
+            _prefetch_ahead(builder, pm, row, _Q4_PREFETCH)
             w = [_decode_q4(builder, pm.vec(row, 16 * c, ir.IntType(8)), kind, levels)
                  for c in range(nv)]
             kk = builder.add(k, builder.mul(loop.index, ir.Constant(i64, 2)))
@@ -351,7 +368,7 @@ def _i8_codegen(tb, nv):
                for _ in range(tb)]
         with cgutils.for_range(builder, nb) as loop:
             row = wm.at(builder.add(i0, loop.index), n0)
-            _prefetch(builder, builder.gep(row, [ir.Constant(i64, _I8_PREFETCH)]))
+            _prefetch_ahead(builder, wm, row, _I8_PREFETCH)
             w = [builder.sitofp(builder.sext(builder.load(wm.vec(row, 16 * c, i8), align=1), vi),
                                 vf) for c in range(nv)]
             kk = builder.add(k, loop.index)
@@ -460,3 +477,37 @@ def _strip_overload(tb, p, i0, nb, n0, x, t0, k, sc, gi, acc, a0, lv):
             tb, p, i0, nb, n0, x, t0, k, sc, gi, acc, a0, lv)
     return lambda tb, p, i0, nb, n0, x, t0, k, sc, gi, acc, a0, lv: _i8_strip(
         tb, p, i0, nb, n0, x, t0, k, sc, gi, acc, a0)
+
+
+@njit(inline="always", cache=True)
+def _tile_row(r, n0, ts, ns):
+    """The row argument that makes a micro-kernel read the tile of stored row r
+    (a tile's first) and columns n0.. (a multiple of 64) in a tiled view: the
+    kernels address row * 64 + n0 bytes, so the tile's first 64-byte row minus
+    n0 / 64 (the scales stay at column n0)."""
+    s = n0 // 64
+    return ((r // ts) * ns + s) * ts - s
+
+
+@njit(fastmath={"contract"}, cache=True)
+def _tiles_strips(x, p, sc, g, k0, k1, n0, m, t0, t1, acc, a0, d, rows, lv, ts):
+    """cpu_kernels._tile_strips for tiled values (QWeight.tiled; p: their
+    (R * N / 64, 64) view, ts stored rows per tile, d weight rows per stored row;
+    k0 and m whole tiles): each tile is read whole, in file order, its weight
+    rows in blocks of `rows` as _tile_strips does. A column's sums are added in
+    the same order as there, so the results are the same bits."""
+    _prefer_512()
+    tb = _pass_tokens(t1 - t0, d)
+    ns = sc.shape[1] // 64                   # strips (tiles) per band
+    for kb in range(k0, k1, ts * d):         # one band of tiles
+        kbe = min(k1, kb + ts * d)
+        for j in range(0, m, 64):
+            base = _tile_row(kb // d, n0 + j, ts, ns)
+            k = kb
+            while k < kbe:
+                gi = k // g
+                k2 = min(kbe, (gi + 1) * g, k + rows)
+                for t in range(t0, t1, tb):
+                    _strip(min(tb, t1 - t), p, base + (k - kb) // d, (k2 - k) // d, n0 + j, x,
+                           t, k, sc, gi, acc, a0 + j, lv)
+                k = k2

@@ -32,13 +32,13 @@ from pathlib import Path
 import numpy as np
 
 from quant.config import GrokConfig
-from quant.qweight import BF16, QWeight, check_levels
+from quant.qweight import BF16, QWeight, check_levels, check_tiles
 from quant.spec import (ATTENTION_ROLES, EXPERT_ROLES, WeightSpec, expert_tensor_name, global_specs,
                         layer_specs, layers_in_file_order)
 
 FORMAT_MAGIC = "lowmem-grok1-packed"
-FORMAT_VERSION = 4         # 4: expert values rows padded (QuantSettings.row_pad)
-READABLE_VERSIONS = (2, 3, 4)  # 2 and 3 read as 4 with no level tables (2) and row_pad 0
+FORMAT_VERSION = 5         # 5: expert values may be tiled (QuantSettings.tiles)
+READABLE_VERSIONS = (2, 3, 4, 5)  # 2-4 read as 5 untiled; 2 and 3 with row_pad 0, 2 no levels
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.model"
 SEAL = "manifest_sha256"   # SHA-256 of the manifest's canonical JSON without this key
@@ -80,6 +80,7 @@ class QuantSettings:
     attention: str = "int8"        # 'int8' as released, or 'bf16'
     int4_levels: tuple[int, ...] | None = None  # int4 groups: nibble -> level (QWeight.levels)
     row_pad: int = ROW_PAD         # zero bytes after each stored row of expert values
+    tiles: bool = False            # expert values in tiles (QWeight.tiled); row_pad must be 0
 
     def __post_init__(self):
         if self.bits not in (4, 8):
@@ -96,6 +97,11 @@ class QuantSettings:
         if self.attention not in ("int8", "bf16"):
             raise ValueError(f"attention must be 'int8' or 'bf16', got {self.attention!r}")
         check_row_pad(self.row_pad)
+        if type(self.tiles) is not bool:
+            raise ValueError(f"tiles must be true or false, got {self.tiles!r}")
+        if self.tiles and self.row_pad:
+            raise ValueError(f"tiled expert values carry no row padding: row_pad must be 0 "
+                             f"with tiles, got {self.row_pad}")
 
     def expert_group_size(self, spec: WeightSpec) -> int:
         """Rows per scale for one expert matrix (K = spec.shape[-2])."""
@@ -124,6 +130,7 @@ class TensorEntry:
     bits: int | None = None
     group_size: int | None = None
     levels: tuple[int, ...] | None = None  # int4 values with a level table (QWeight.levels)
+    tiled: bool = False       # values stored in tiles (QWeight.tiled, docs/FORMAT.md section 7)
 
     @property
     def nbytes(self) -> int:
@@ -181,10 +188,14 @@ def expert_block_layout(cfg: GrokConfig, settings: QuantSettings) -> tuple[tuple
     for role in EXPERT_ROLES:
         spec = specs[role]
         group = settings.expert_group_size(spec)
+        if settings.tiles:
+            check_tiles(spec.shape[-2:], group, f"expert {role} {spec.shape[-2:]}")
         for part, shape, dtype in _quantized_parts(spec, settings.bits, group, settings.row_pad):
+            values = part == "values"
             block.add(name=f"{role}.{part}", shape=shape, dtype=dtype, role=role, part=part,
                       bits=settings.bits, group_size=group,
-                      levels=settings.int4_levels if part == "values" else None)
+                      levels=settings.int4_levels if values else None,
+                      tiled=settings.tiles and values)
     return tuple(block.entries), _round_up(block.size, ALIGN)
 
 
@@ -249,6 +260,8 @@ def entry_to_json(entry: TensorEntry, crc: int | None) -> dict:
         del d["levels"]           # format 2 rows have no levels: uniform int4 or int8
     else:
         d["levels"] = list(entry.levels)
+    if not entry.tiled:
+        del d["tiled"]            # rows before format 5 have no such field
     d["shape"] = list(entry.shape)
     d["nbytes"] = entry.nbytes
     d["crc32"] = crc
@@ -313,7 +326,8 @@ def expert_weights(buf: np.ndarray, parts: list[TensorEntry]) -> dict[str, QWeig
     for p in parts:
         arrays[(p.role, p.part)] = (buf[p.offset:p.offset + p.nbytes]
                                     .view(DTYPES[p.dtype]).reshape(p.shape))
-    groups = {p.role: (p.bits, p.group_size, p.levels) for p in parts if p.part == "values"}
+    groups = {p.role: (p.bits, p.group_size, p.levels, p.tiled) for p in parts
+              if p.part == "values"}
     return {role: QWeight(arrays[(role, "values")], arrays[(role, "scales")], *groups[role])
             for role in EXPERT_ROLES}
 
@@ -348,6 +362,8 @@ def _check_manifest(model_dir: Path, manifest: dict) -> tuple[GrokConfig, QuantS
         quant = manifest["quant"]
         if manifest["format_version"] < 4:          # rows were stored dense before version 4
             quant = {**quant, "row_pad": 0}
+        if manifest["format_version"] < 5:          # and never in tiles before version 5
+            quant = {**quant, "tiles": False}
         settings = QuantSettings(**quant)
         expert_block_layout(cfg, settings)  # group sizes must divide this config's widths
     except (KeyError, TypeError, ValueError) as e:
@@ -367,9 +383,9 @@ def _check_table(model_dir: Path, table: list[dict], layout: list[TensorEntry]) 
                                     f"crc32, found {crc!r}")
         want = entry_to_json(entry, crc)
         if row != want:
-            diff = sorted(k for k in want if row.get(k) != want[k])
+            diff = sorted(k for k in want.keys() | row.keys() if row.get(k) != want.get(k))
             raise PackedFormatError(f"{path}: tensor {entry.name}: fields {diff} differ from "
-                                    f"the layout (expected {[want[k] for k in diff]}, "
+                                    f"the layout (expected {[want.get(k) for k in diff]}, "
                                     f"found {[row.get(k) for k in diff]})")
 
 

@@ -43,6 +43,7 @@ from quant.outlock import OutputLock, OutputLocked
 from quant.packed import (MANIFEST, ROW_PAD, TOKENIZER, PackedFormatError, QuantSettings,
                           check_row_pad, file_sha256, make_manifest, pad_rows, verify_model,
                           write_json_atomic)
+from quant.qweight import tile_values
 from quant.spec import (ATTENTION_ROLES, WeightSpec, checkpoint_specs, expert_tensor_name,
                         layer_specs)
 
@@ -61,6 +62,9 @@ PER_CHANNEL = "channel"         # the option value asking for one scale per outp
 # weights at the same bytes (docs/FIDELITY.md). Per channel is uniform only.
 INT4_LEVELS = {"student-t": STUDENT_T_LEVELS, "uniform": None}
 DEFAULT_INT4_LEVELS = "student-t"
+# Expert value layouts (--layout): tiles, the default (QWeight.tiled: one sequential
+# stream per matmul, 1.1-1.3x faster on the host), or padded rows (format 4's).
+LAYOUTS = ("tiles", "rows")
 
 
 def settings_group_size(bits: int, requested: int | str | None) -> int | None:
@@ -75,9 +79,18 @@ def settings_group_size(bits: int, requested: int | str | None) -> int | None:
 
 
 def settings_for(bits: int, group_size: int | str | None = None, int4_levels: str | None = None,
-                 attention: str = "int8", row_pad: int = ROW_PAD) -> QuantSettings:
+                 attention: str = "int8", row_pad: int | None = None,
+                 layout: str = "tiles") -> QuantSettings:
     """QuantSettings from the quantize options, defaults applied: int4 groups of
-    DEFAULT_GROUP_SIZE with DEFAULT_INT4_LEVELS; ValueError (one line) on a bad mix."""
+    DEFAULT_GROUP_SIZE with DEFAULT_INT4_LEVELS, expert values in tiles (``layout``
+    'rows': rows padded by ``row_pad``, default ROW_PAD); ValueError (one line) on
+    a bad mix."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"--layout: expected one of {', '.join(LAYOUTS)}, found {layout!r}")
+    if layout == "tiles" and row_pad:
+        raise ValueError(f"--row-pad {row_pad} applies to --layout rows (tiles have no rows "
+                         f"to pad)")
+    row_pad = 0 if layout == "tiles" else ROW_PAD if row_pad is None else row_pad
     for option, value in (("--group-size", group_size), ("--int4-levels", int4_levels)):
         if bits == 8 and value is not None:
             raise ValueError(f"{option} applies to --bits 4 only (int8 keeps the release "
@@ -95,7 +108,7 @@ def settings_for(bits: int, group_size: int | str | None = None, int4_levels: st
         raise ValueError(f"--row-pad: expected a multiple of 64 in [0, 4096), found {row_pad}") \
             from None
     name = int4_levels or (DEFAULT_INT4_LEVELS if bits == 4 and group is not None else "uniform")
-    return QuantSettings(bits, group, attention, INT4_LEVELS[name], row_pad)
+    return QuantSettings(bits, group, attention, INT4_LEVELS[name], row_pad, layout == "tiles")
 
 
 class QuantizeError(ValueError):
@@ -135,7 +148,9 @@ def _expert_outputs(spec: WeightSpec, value: QuantizedWeight8bit, settings: Quan
                    quantize_levels(value.weight[e], value.scales[e], group, settings.int4_levels))
             values, scales, err = res.weight.values, res.weight.scales, res.rel_error
         errors[base] = err
-        yield base + ".values", pad_rows(values, settings.row_pad)  # (K or K/2, N + pad)
+        stored = tile_values(values, settings.bits) if settings.tiles else \
+            pad_rows(values, settings.row_pad)             # (K or K/2, N + pad), or tiled
+        yield base + ".values", stored
         yield base + ".scales", scales          # (K / group, N) bf16
 
 

@@ -17,6 +17,15 @@ the columns past it mean nothing. The padding exists only so that stored rows
 are not a multiple of 4 KiB apart (16 such rows read together share one L1
 set; Grok-1's gate and up run 1.1-1.3x faster padded, docs/PERFORMANCE.md).
 
+Expert matrices may instead be stored in tiles (``tiled``, docs/FORMAT.md
+section 7): the values keep their (K or K/2, N) shape and bytes, in another
+order: tiles of TILE_ROWS weight rows x TILE_COLS columns (32 x 64: 2 KiB of
+int8, 1 KiB of packed int4), each tile's stored rows one after another, the
+tiles of a band of rows left to right, the bands top to bottom. A matmul then
+reads one sequential stream instead of 16 or 32 row streams: Grok-1's expert
+matmuls run 1.1-1.3x faster on the Zen 5 VM (docs/PERFORMANCE.md, session 16).
+``untile`` gives the row layout back.
+
 An int4 weight may instead carry ``levels``: 16 integers in [-127, 127], the
 value each nibble stands for (nibble n means ``levels[n] * scale``). A
 non-uniform table puts more levels where weights are dense (near zero) and
@@ -47,6 +56,7 @@ class QWeight:
     bits: int
     group_size: int
     levels: tuple[int, ...] | None = None  # int4: nibble -> integer level; None = two's complement
+    tiled: bool = False  # values in TILE_ROWS x TILE_COLS tiles (no row padding), see above
 
     def __post_init__(self):
         if self.bits not in (4, 8):
@@ -67,6 +77,10 @@ class QWeight:
         if self.values.shape[-1] < n:
             raise ValueError(f"values shape {self.values.shape} is narrower than the scales' "
                              f"{n} columns")
+        if self.tiled:
+            check_tiles((k, n), self.group_size, f"{self.values.shape} values")
+            if self.row_pad:
+                raise ValueError(f"tiled values carry no row padding, got {self.row_pad} columns")
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -85,8 +99,38 @@ class QWeight:
 
 
 jax.tree_util.register_pytree_node(
-    QWeight, lambda w: ((w.values, w.scales), (w.bits, w.group_size, w.levels)),
+    QWeight, lambda w: ((w.values, w.scales), (w.bits, w.group_size, w.levels, w.tiled)),
     lambda aux, children: QWeight(*children, *aux))
+
+TILE_ROWS = 32   # weight rows per tile (int8: 32 stored rows; int4: 16 packed rows)
+TILE_COLS = 64   # columns (bytes of a stored row) per tile
+
+
+def check_tiles(shape: tuple[int, int], group_size: int, what: str) -> None:
+    """ValueError unless a (K, N) weight with this scale group can be tiled: K a
+    multiple of TILE_ROWS, N of TILE_COLS, and the group a multiple or a divisor
+    of TILE_ROWS (a kernel call then never spans two tiles or two scale groups)."""
+    k, n = shape
+    if k % TILE_ROWS or n % TILE_COLS or (group_size % TILE_ROWS and TILE_ROWS % group_size):
+        raise ValueError(f"{what}: tiles need K a multiple of {TILE_ROWS}, N of {TILE_COLS} "
+                         f"and a scale group dividing or divided by {TILE_ROWS}; found K={k}, "
+                         f"N={n}, group {group_size}")
+
+
+def tile_values(values: np.ndarray, bits: int) -> np.ndarray:
+    """Stored values (R, N) in row order -> the same shape in tile order (a copy)."""
+    ts = TILE_ROWS // 2 if bits == 4 else TILE_ROWS                  # stored rows per tile
+    r, n = values.shape
+    tiles = values.reshape(r // ts, ts, n // TILE_COLS, TILE_COLS).transpose(0, 2, 1, 3)
+    return np.ascontiguousarray(tiles).reshape(r, n)
+
+
+def untile(values, bits: int):
+    """Inverse of tile_values (numpy or jax arrays; rows a multiple of a tile's)."""
+    ts = TILE_ROWS // 2 if bits == 4 else TILE_ROWS
+    r, n = values.shape
+    return values.reshape(r // ts, n // TILE_COLS, ts, TILE_COLS).transpose(0, 2, 1, 3
+                                                                          ).reshape(r, n)
 
 UNIFORM_LEVELS = tuple(range(8)) + tuple(range(-8, 0))   # what levels=None means, nibble order
 
@@ -130,6 +174,8 @@ def unpack_int4(packed: np.ndarray) -> np.ndarray:
 def int_values(w: QWeight) -> np.ndarray:
     """The integer values as int8 (K, N), unpacking int4 (through its level table)."""
     values = np.asarray(w.values)[..., :w.shape[1]]            # without the row padding
+    if w.tiled:
+        values = untile(values, w.bits)                       # (K or K/2, N) in row order
     if w.bits == 8:
         return values
     q = unpack_int4(values)                                  # (K, N) int8 two's complement

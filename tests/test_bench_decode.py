@@ -32,15 +32,20 @@ def test_prefill_ratio_pairs_each_run_with_the_read_beside_it():
 
 
 def test_cached_models_are_named_by_every_setting():
-    """A cached model is reused only for the same settings: format 4's row padding is
-    in the name (-rp64); dense rows (row_pad 0) keep the names format 3 models had."""
+    """A cached model is reused only for the same settings: format 5's tiles are in the
+    name (-tl), format 4's row padding too (-rp64); dense rows (row_pad 0) keep the
+    names format 3 models had."""
     from quant.packed import QuantSettings
     from quant.pipeline import settings_for
-    assert bench_decode.model_name(2, settings_for(8)) == "grok1-L2-int8-rp64"
-    assert bench_decode.model_name(2, settings_for(4)) == "grok1-L2-int4-g32-lv-rp64"
-    assert bench_decode.model_name(3, settings_for(4, "channel")) == "grok1-L3-int4-rp64"
+    assert bench_decode.model_name(2, settings_for(8)) == "grok1-L2-int8-tl"
+    assert bench_decode.model_name(2, settings_for(4)) == "grok1-L2-int4-g32-lv-tl"
+    assert bench_decode.model_name(3, settings_for(4, "channel")) == "grok1-L3-int4-tl"
+    assert bench_decode.model_name(2, settings_for(8, layout="rows")) == "grok1-L2-int8-rp64"
+    assert bench_decode.model_name(2, settings_for(4, layout="rows")) == \
+        "grok1-L2-int4-g32-lv-rp64"
     assert bench_decode.model_name(2, QuantSettings(8, row_pad=0)) == "grok1-L2-int8"
-    assert bench_decode.model_name(2, settings_for(4, row_pad=0)) == "grok1-L2-int4-g32-lv"
+    assert bench_decode.model_name(2, settings_for(4, row_pad=0, layout="rows")) == \
+        "grok1-L2-int4-g32-lv"
 
 
 def test_ceilings_are_the_targets_at_the_full_read():

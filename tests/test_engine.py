@@ -13,6 +13,8 @@ implementation lives within that rounding noise, while the structural bugs
 SPEC.md section 2 lists move logits by 0.13 to 0.9. Greedy continuations must
 be identical.
 """
+from dataclasses import replace
+
 import jax
 import numpy as np
 import pytest
@@ -32,11 +34,15 @@ PROMPTS = [[5, 17, 99, 3, 250, 42, 7, 300], [11, 12, 13], [400, 1, 2, 77, 77, 8]
 @pytest.fixture(scope="module")
 def packed(tiny_cfg, tiny_ckpt, tmp_path_factory):
     """Packed tiny models: int8 (release values), int4 with groups of 32 (uniform grid)
-    and int4 with groups of 32 and the default level table."""
+    and int4 with groups of 32 and the default level table, in padded rows; int8 and
+    int4 with levels in tiles too (-tl: the quantizer's default layout)."""
     root = tmp_path_factory.mktemp("packed")
     out = {}
+    levels = QuantSettings(4, 32, int4_levels=STUDENT_T_LEVELS)
     for name, settings in (("int8", QuantSettings(8)), ("int4", QuantSettings(4, 32)),
-                           ("int4lv", QuantSettings(4, 32, int4_levels=STUDENT_T_LEVELS))):
+                           ("int4lv", levels),
+                           ("int8-tl", QuantSettings(8, row_pad=0, tiles=True)),
+                           ("int4lv-tl", replace(levels, row_pad=0, tiles=True))):
         quantize_checkpoint(tiny_ckpt, root / name, tiny_cfg, settings)
         out[name] = PackedModel.open(root / name)
     return out
@@ -124,6 +130,25 @@ def test_int4_levels_engine_equals_fp32_reference_of_its_weights(packed, tiny_cf
         assert _rel(prompt_logits(engine, prompt), ref) <= 2e-6             # (T, V)
     uniform = dict(params, layers=dense_params(packed["int4"])["layers"])  # other weights
     assert _rel(R.forward(tiny_cfg, uniform, np.array(PROMPTS[0]), mode="fp32")[0], refs[0]) > 1e-3
+
+
+@pytest.mark.parametrize("backend,act_int8", [("device", None), ("host", False),
+                                              ("host", True)])
+@pytest.mark.parametrize("name", ["int8", "int4lv"])
+def test_tiled_models_compute_what_rows_do_bit_for_bit(packed, name, backend, act_int8):
+    """Tiles reorder the stored expert values only: both backends give the row
+    layout's logits bit for bit (host: each column's sums in the same order, fp32 and
+    int8 activations; device: the same dequantized rows), prefill and decode."""
+    tiled, rows = packed[name + "-tl"], packed[name]
+    assert tiled.settings.tiles and tiled.expert(1, 3).down.tiled
+    assert not rows.expert(1, 3).down.tiled
+    kw = {} if act_int8 is None else {"act_int8": act_int8}
+    for prompt in PROMPTS[:2]:
+        np.testing.assert_array_equal(
+            prompt_logits(_engine(tiled, backend=backend, **kw), prompt),
+            prompt_logits(_engine(rows, backend=backend, **kw), prompt))
+    assert greedy_ids(_engine(tiled, backend=backend, **kw), PROMPTS[2], 4) == \
+        greedy_ids(_engine(rows, backend=backend, **kw), PROMPTS[2], 4)
 
 
 def test_fp32_prefill_equals_decode_steps(packed):

@@ -129,7 +129,7 @@ def test_swapped_checkpoint_files_are_refused_on_resume(tiny_cfg, tiny_ckpt, tmp
     assert calls == ["global"] and a.stat().st_size == b.stat().st_size
     a.rename(tmp_path / "t"), b.rename(a), (tmp_path / "t").rename(b)
     code, line = quantize_cli("--checkpoint", ckpt, "--out", tmp_path / "m", "--bits", "8",
-                              "--resume")
+                              "--layout", "rows", "--resume")      # QuantSettings(8)
     refused(tmp_path / "m", code)
     assert "tensor00003_000 differs" in line and "fingerprints" in line
 
@@ -247,5 +247,5 @@ def test_resume_on_a_damaged_finished_output_is_refused(model, tiny_cfg, tiny_ck
     entry = expert_entry(tiny_cfg, "transformer/decoder_layer_1/down[2].scales")
     flip(bad / entry.file, entry.offset + 1)
     code, line = quantize_cli("--checkpoint", tiny_ckpt, "--out", bad, "--bits", "8",
-                              "--tokenizer", BUNDLED, "--resume")
+                              "--layout", "rows", "--tokenizer", BUNDLED, "--resume")
     assert code == 2 and "already exists but is damaged" in line and entry.name in line

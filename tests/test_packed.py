@@ -131,8 +131,8 @@ def _edit_manifest(path, fn, seal=True):
 
 @pytest.mark.parametrize("damage, pattern", [
     (lambda m: m.update(magic="something-else"), "expected magic"),
-    (lambda m: m.update(format_version=99), "expected format_version 2, 3 or 4, found 99"),
-    (lambda m: m.update(format_version=1), "expected format_version 2, 3 or 4, found 1"),
+    (lambda m: m.update(format_version=99), "expected format_version 2, 3, 4 or 5, found 99"),
+    (lambda m: m.update(format_version=1), "expected format_version 2, 3, 4 or 5, found 1"),
     (lambda m: m["quant"].update(row_pad=32), "row_pad must be a multiple of 64"),
     (lambda m: m["quant"].update(row_pad=0), r"gate\[0\].values: fields \['nbytes', 'shape'\] differ"),
     (lambda m: m["quant"].update(int4_levels=[0] * 16), "int4 levels must be 16 distinct"),
@@ -145,6 +145,9 @@ def _edit_manifest(path, fn, seal=True):
     (lambda m: m["tensors"].pop(), "tensors for this config"),
     (lambda m: m["config"].update(emb_size=65), "bad config"),       # 32 does not divide 65
     (lambda m: m["quant"].update(bits=5), "bad config"),
+    (lambda m: m["quant"].update(tiles=1), "tiles must be true or false, got 1"),
+    (lambda m: m["quant"].update(row_pad=64, tiles=True), "row_pad must be 0 with tiles"),
+    (lambda m: m["quant"].update(row_pad=0, tiles=True), r"fields \['nbytes', 'shape', 'tiled'\]"),
 ])
 def test_open_rejects_bad_manifest(model_dir, tmp_path, damage, pattern):
     bad = damaged_copy(model_dir, tmp_path)
@@ -178,6 +181,28 @@ def test_older_manifests_read_with_dense_rows(model_dir, tiny_cfg, tiny_ckpt, tm
     _edit_manifest(padded / MANIFEST, lambda m: m.update(format_version=3))
     with pytest.raises(PackedFormatError, match=r"fields \['nbytes', 'shape'\] differ"):
         PackedModel.open(padded)
+
+
+def test_version_4_means_rows_whatever_its_quant_says(tiny_cfg, tiny_ckpt, tmp_path):
+    """Tiles exist from version 5 on: a tiled model relabelled version 4 reads as rows,
+    so its table (the rows' `tiled`) no longer matches and it is refused, one line;
+    a version 4 model of rows opens with tiles false."""
+    tiled = tmp_path / "tiled"
+    quantize_checkpoint(tiny_ckpt, tiled, tiny_cfg, QuantSettings(8, row_pad=0, tiles=True))
+    assert PackedModel.open(tiled).expert(0, 1).up.tiled
+    _edit_manifest(tiled / MANIFEST, lambda m: m.update(format_version=4))
+    with pytest.raises(PackedFormatError, match=r"gate\[0\].values: fields \['tiled'\] differ "
+                                                r"from the layout \(expected \[None\], found "
+                                                r"\[True\]\)"):
+        PackedModel.open(tiled)
+    rows = tmp_path / "rows"
+    quantize_checkpoint(tiny_ckpt, rows, tiny_cfg, QuantSettings(8))
+
+    def to_v4(m):
+        m.update(format_version=4)
+        del m["quant"]["tiles"]
+    _edit_manifest(rows / MANIFEST, to_v4)
+    assert PackedModel.open(rows).settings == QuantSettings(8)
 
 
 def test_open_refuses_any_unsealed_edit(model_dir, tmp_path):

@@ -55,6 +55,7 @@ def models(tiny_cfg, tiny_ckpt, tmp_path_factory):
     """Uninterrupted runs: the baselines every other test compares with."""
     root = tmp_path_factory.mktemp("models")
     runs = {"int8": (QuantSettings(8), TOKENIZER), "int4": (QuantSettings(4), None),
+            "int8-tiles": (QuantSettings(8, row_pad=0, tiles=True), TOKENIZER),  # CLI default
             "int4-g32": (QuantSettings(4, 32), None),
             "bf16-attn": (QuantSettings(8, attention="bf16"), None)}
     out = {}
@@ -245,7 +246,7 @@ def test_resume_of_a_finished_directory_is_a_no_op(models, tiny_cfg, tiny_ckpt, 
     before = dir_bytes(out)
     manifest = quantize(tiny_ckpt, out, tiny_cfg, QuantSettings(4), resume=True)
     assert manifest["quant"] == {"bits": 4, "group_size": None, "attention": "int8",
-                                 "int4_levels": None, "row_pad": ROW_PAD}
+                                 "int4_levels": None, "row_pad": ROW_PAD, "tiles": False}
     assert dir_bytes(out) == before
     with pytest.raises(QuantizeError, match="already exists with other settings"):
         quantize(tiny_ckpt, out, tiny_cfg, QuantSettings(4, 32), resume=True)
@@ -289,7 +290,7 @@ def test_sigkill_then_resume_is_byte_identical(models, tiny_ckpt, tmp_path):
     proc.wait()
     assert record.exists() and not out.exists()
     assert main([*args, "--resume"]) == 0
-    assert dir_bytes(out) == dir_bytes(models["int8"])
+    assert dir_bytes(out) == dir_bytes(models["int8-tiles"])
 
 
 # --- the command line -------------------------------------------------------------
@@ -472,16 +473,17 @@ def test_cli_int4_levels_default_and_uniform(tiny_ckpt, tmp_path):
     lv = json.loads((tmp_path / "lv" / "manifest.json").read_text())
     u = json.loads((tmp_path / "u" / "manifest.json").read_text())
     assert lv["quant"] == {"bits": 4, "group_size": 32, "attention": "int8",
-                           "int4_levels": list(STUDENT_T_LEVELS), "row_pad": ROW_PAD}
+                           "int4_levels": list(STUDENT_T_LEVELS), "row_pad": 0, "tiles": True}
     assert u["quant"]["int4_levels"] is None and "levels" not in u["int4_method"]
     assert lv["int4_method"]["levels"] == list(STUDENT_T_LEVELS)
     assert lv["quant_error_summary"]["gate"]["mean"] < u["quant_error_summary"]["gate"]["mean"]
 
 
 def test_cli_row_pad_zero_writes_dense_rows(models, tiny_ckpt, tmp_path, caplog):
-    """--row-pad 0 stores the rows dense (format 3's layout) with the same weights as the
-    padded default; a value that is not a multiple of 64 is one line, exit 2."""
-    base = ["--checkpoint", str(tiny_ckpt), "--preset", "tiny", "--bits", "8", "-q"]
+    """--layout rows --row-pad 0 stores the rows dense (format 3's layout) with the same
+    weights as padded rows; a value that is not a multiple of 64 is one line, exit 2."""
+    base = ["--checkpoint", str(tiny_ckpt), "--preset", "tiny", "--bits", "8", "-q",
+            "--layout", "rows"]
     assert main([*base, "--out", str(tmp_path / "dense"), "--row-pad", "0"]) == 0
     dense, padded = PackedModel.open(tmp_path / "dense"), PackedModel.open(models["int8"])
     assert dense.settings.row_pad == 0 and padded.settings.row_pad == ROW_PAD
@@ -494,3 +496,28 @@ def test_cli_row_pad_zero_writes_dense_rows(models, tiny_ckpt, tmp_path, caplog)
     msg = _main_error(caplog, [*base, "--out", str(tmp_path / "x"), "--row-pad", "100"])
     assert msg.endswith("--row-pad: expected a multiple of 64 in [0, 4096), found 100")
     assert not (tmp_path / "x").exists() and not (tmp_path / "x.partial").exists()
+
+
+def test_cli_default_layout_is_tiles(tiny_ckpt, tmp_path, caplog):
+    """The default --layout tiles stores each expert's values in 32 x 64 tiles: the row
+    layout's bytes in tile order (checked with docs/FORMAT.md section 7's offset
+    formula), so the same weights; --row-pad needs --layout rows (one line, exit 2)."""
+    base = ["--checkpoint", str(tiny_ckpt), "--preset", "tiny", "--bits", "4", "-q"]
+    assert main([*base, "--out", str(tmp_path / "t")]) == 0
+    assert main([*base, "--out", str(tmp_path / "r"), "--layout", "rows", "--row-pad", "0"]) == 0
+    tiled, rows = PackedModel.open(tmp_path / "t"), PackedModel.open(tmp_path / "r")
+    assert tiled.settings.tiles and not rows.settings.tiles and tiled.settings.row_pad == 0
+    for layer, expert in ((0, 5), (1, 2)):
+        a, b = tiled.expert(layer, expert), rows.expert(layer, expert)
+        for role in ("gate", "up", "down"):
+            wa, wb = getattr(a, role), getattr(b, role)
+            r, n = wb.values.shape                              # (K/2, N) packed int4
+            rr, nn = np.meshgrid(np.arange(r), np.arange(n), indexing="ij")
+            flat = ((rr // 16) * (n // 64) + nn // 64) * (16 * 64) + (rr % 16) * 64 + nn % 64
+            assert wa.tiled and wa.values.shape == (r, n)
+            assert bits_equal(np.asarray(wa.values).reshape(-1)[flat], wb.values)
+            assert bits_equal(wa.values, wb.values) == (n == 64)  # one tile a band: same order
+            assert bits_equal(dequantize_q(wa), dequantize_q(wb))
+    msg = _main_error(caplog, [*base, "--out", str(tmp_path / "x"), "--row-pad", "64"])
+    assert msg.endswith("--row-pad 64 applies to --layout rows (tiles have no rows to pad)")
+    assert not (tmp_path / "x").exists()

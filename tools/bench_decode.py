@@ -138,14 +138,16 @@ def default_settings(bits: int) -> QuantSettings:
 
 
 def model_name(layers: int, settings: QuantSettings) -> str:
-    """grok1-L2-int8-rp64, grok1-L2-int4-g32-rp64 (per channel: grok1-L2-int4-rp64; with a
-    level table: grok1-L2-int4-g32-lv-rp64; dense rows, row_pad 0: no -rp suffix, the
-    names models of format 3 had): the settings are in the name, so a cached model of
-    other settings is never reused."""
+    """grok1-L2-int8-tl, grok1-L2-int4-g32-lv-tl (tiled expert values, the default; per
+    channel: grok1-L2-int4-tl; uniform grid: no -lv); rows padded by 64 bytes:
+    -rp64 instead of -tl, dense rows neither (the names models of format 3 had):
+    the settings are in the name, so a cached model of other settings is never
+    reused."""
     group = f"-g{settings.group_size}" if settings.group_size else ""
     levels = "-lv" if settings.int4_levels else ""
     pad = f"-rp{settings.row_pad}" if settings.row_pad else ""
-    return f"grok1-L{layers}-int{settings.bits}{group}{levels}{pad}"
+    tiles = "-tl" if settings.tiles else ""
+    return f"grok1-L{layers}-int{settings.bits}{group}{levels}{pad}{tiles}"
 
 
 def build_models(args) -> list[Path]:

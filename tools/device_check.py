@@ -51,7 +51,7 @@ def build_model(preset_name: str, layers: int, bits: int, workdir: Path) -> Path
     from quant.pipeline import quantize_checkpoint
     from quant.synthetic import write_checkpoint
     cfg = preset(preset_name, num_layers=layers)
-    out = workdir / f"{preset_name}-L{layers}-int{bits}"
+    out = workdir / f"{preset_name}-L{layers}-int{bits}-tl"
     if (out / MANIFEST).is_file():
         return out
     ckpt = workdir / f"ckpt-{preset_name}-L{layers}"
@@ -60,7 +60,8 @@ def build_model(preset_name: str, layers: int, bits: int, workdir: Path) -> Path
         write_checkpoint(preset(preset_name), ckpt, seed=0, num_layers=layers)
         (ckpt / "done").write_text("")
     print(f"quantizing to int{bits} ...", flush=True)
-    quantize_checkpoint(ckpt, out, cfg, QuantSettings(bits), resume=True)
+    settings = QuantSettings(bits, row_pad=0, tiles=True)     # the quantizer's default layout
+    quantize_checkpoint(ckpt, out, cfg, settings, resume=True)
     return out
 
 

@@ -1,0 +1,104 @@
+"""Tiled expert values (format 5, QWeight.tiled, docs/FORMAT.md section 7).
+
+Tiles only reorder the stored bytes, and the host kernels walk a tiled matrix
+adding each column's partial sums in the same order as in rows, so every
+result here is compared bit for bit with the row layout's (itself tested
+against float64 references in test_kernels.py), on every kernel family: fp32
+micro-kernels (int8, int4, int4 level tables) at 1-17 tokens, int8
+activations, other parallel splits. The tile order is checked against an
+independent index formula, not against ``tile_values`` itself.
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from lowmem import cpu_kernels as kernels
+from lowmem import model as M
+from quant.int4_levels import STUDENT_T_LEVELS
+from quant.qweight import (TILE_COLS, TILE_ROWS, QWeight, check_tiles, dequantize, int_values,
+                           pack_int4, tile_values, untile)
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+
+
+def _pair(rng, k, n, bits, group, levels=None):
+    """(rows, tiled) QWeights of the same random weight."""
+    lo, hi = (-8, 8) if bits == 4 else (-128, 128)
+    q = rng.integers(lo, hi, (k, n), dtype=np.int8)
+    values = pack_int4(q) if bits == 4 else q
+    scales = (rng.standard_normal((k // group, n)) * 0.02).astype(BF16)
+    return (QWeight(values, scales, bits, group, levels),
+            QWeight(tile_values(values, bits), scales, bits, group, levels, True))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_tile_order_is_the_documented_formula(bits):
+    """Byte [r, n] of the rows sits at ((r // t) * (N / 64) + n // 64) * t * 64
+    + (r % t) * 64 + n % 64 of the tiled bytes, t = 32 (int8) or 16 (int4) stored
+    rows; untile inverts it (numpy and JAX alike)."""
+    rng = np.random.default_rng(bits)
+    r, n, t = (96, 192, 32) if bits == 8 else (48, 192, 16)
+    values = rng.integers(0, 256, (r, n), dtype=np.uint8)
+    tiled = tile_values(values, bits)
+    rr, nn = np.meshgrid(np.arange(r), np.arange(n), indexing="ij")
+    flat = ((rr // t) * (n // 64) + nn // 64) * (t * 64) + (rr % t) * 64 + nn % 64
+    np.testing.assert_array_equal(tiled.reshape(-1)[flat], values)
+    np.testing.assert_array_equal(untile(tiled, bits), values)
+    np.testing.assert_array_equal(np.asarray(untile(jnp.asarray(tiled), bits)), values)
+    assert TILE_ROWS == 32 and TILE_COLS == 64
+
+
+@pytest.mark.parametrize("a8", [False, True])
+@pytest.mark.parametrize("bits,group,levels", [(8, 256, None), (8, 64, None), (4, 32, None),
+                                               (4, 32, STUDENT_T_LEVELS), (4, 8, None),
+                                               (4, 192, None)])
+def test_matmul_tiled_equals_rows_bit_for_bit(bits, group, levels, a8):
+    k = 192 if group == 192 else 256
+    rng = np.random.default_rng(100 + bits + group)
+    rows, tiled = _pair(rng, k, 320, bits, group, levels)
+    for t in (1, 2, 5, 6, 7, 9, 17):
+        x = rng.standard_normal((t, k)).astype(np.float32)
+        np.testing.assert_array_equal(kernels.matmul(x, tiled, act_int8=a8),
+                                      kernels.matmul(x, rows, act_int8=a8), err_msg=f"T={t}")
+    x = rng.standard_normal((3, k)).astype(np.float32)
+    for split in ({"col_block": 128, "k_chunk": 64}, {"col_block": 64, "k_chunk": 32}):
+        np.testing.assert_array_equal(kernels.matmul(x, tiled, act_int8=a8, **split),
+                                      kernels.matmul(x, rows, act_int8=a8, **split))
+
+
+def test_expert_ffn_and_dequantizations_of_tiles():
+    """A whole expert (gate, up, down) and both dequantizations (numpy reference, JAX
+    device path) read tiles as the rows they stand for."""
+    rng = np.random.default_rng(7)
+    (g, gt), (u, ut), (d, dt) = (_pair(rng, *shape, 4, 32, STUDENT_T_LEVELS)
+                                 for shape in ((128, 256), (128, 256), (256, 128)))
+    x = rng.standard_normal((4, 128)).astype(np.float32)
+    np.testing.assert_array_equal(kernels.expert_ffn(x, gt, ut, dt, round_bf16=False),
+                                  kernels.expert_ffn(x, g, u, d, round_bf16=False))
+    np.testing.assert_array_equal(int_values(dt), int_values(d))
+    np.testing.assert_array_equal(dequantize(dt), dequantize(d))
+    np.testing.assert_array_equal(np.asarray(M.dequantize(dt, np.float32)), dequantize(d))
+
+
+def test_tiles_refuse_what_they_cannot_hold():
+    """One line each: widths that are not whole tiles, a scale group neither a multiple
+    nor a divisor of 32 (a kernel call would span two), row padding; the kernels'
+    split overrides must be whole tiles."""
+    with pytest.raises(ValueError, match="N of 64 .* found K=64, N=96, group 64"):
+        check_tiles((64, 96), 64, "w")
+    with pytest.raises(ValueError, match="found K=96, N=64, group 48"):
+        check_tiles((96, 64), 48, "w")
+    rng = np.random.default_rng(3)
+    rows, tiled = _pair(rng, 64, 128, 8, 64)
+    padded = np.concatenate([tiled.values, np.zeros((64, 64), np.int8)], axis=1)
+    with pytest.raises(ValueError, match="tiled values carry no row padding, got 64"):
+        QWeight(padded, tiled.scales, 8, 64, None, True)
+    x = np.ones((1, 64), np.float32)
+    with pytest.raises(ValueError, match="k_chunk must be a positive multiple of 32, got 16"):
+        kernels.matmul(x, tiled, k_chunk=16)
+    with pytest.raises(ValueError, match="col_block of tiled values must be a multiple of 64"):
+        kernels.matmul(x, tiled, col_block=32)
+    np.testing.assert_array_equal(kernels.matmul(x, rows, k_chunk=16), kernels.matmul(x, rows))
