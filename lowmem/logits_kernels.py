@@ -48,7 +48,7 @@ from lowmem.act8_kernels import _V16I, _has_vnni
 from lowmem.simd_kernels import _Mat, _prefer_512, _prefetch
 from quant.bf16 import round_bf16_bits
 from quant.int4_levels import STUDENT_T_LEVELS, quantize_levels
-from quant.qweight import BF16, QWeight
+from quant.qweight import BF16, TILE_COLS, QWeight, tile_values
 
 _FM = {"contract"}
 _BLOCK_ROWS = 64          # vocabulary rows per parallel work item
@@ -523,7 +523,10 @@ def quantize_table4(embed: np.ndarray) -> QWeight:
     token it reads the 0.45 GB at the read floor, where a kernel of its own
     would repeat those kernels' nibble code. Built at load (6-7 s at Grok-1
     size), a block of rows at a time, with the int4 experts' search
-    (quant.int4_levels.quantize_levels)."""
+    (quant.int4_levels.quantize_levels). Stored in tiles (QWeight.tiled) when V
+    is a multiple of 64, as the experts: one sequential read, 11.1 ms a token
+    against 13.3 in rows at Grok-1 size (a read of its bytes: 11.4;
+    docs/PERFORMANCE.md section 3, session 16)."""
     if embed.dtype != BF16 or embed.ndim != 2:
         raise ValueError(f"quantize_table4: expected a 2-D bfloat16 table, got "
                          f"{embed.ndim}-D {embed.dtype}")
@@ -542,4 +545,6 @@ def quantize_table4(embed: np.ndarray) -> QWeight:
         w = quantize_levels(block, None, TABLE4_GROUP, STUDENT_T_LEVELS).weight
         values[:, v0:v0 + block.shape[1]] = w.values
         scales[:, v0:v0 + block.shape[1]] = w.scales
-    return QWeight(values, scales, 4, TABLE4_GROUP, STUDENT_T_LEVELS)
+    if v % TILE_COLS:
+        return QWeight(values, scales, 4, TABLE4_GROUP, STUDENT_T_LEVELS)
+    return QWeight(tile_values(values, 4), scales, 4, TABLE4_GROUP, STUDENT_T_LEVELS, True)

@@ -202,7 +202,7 @@ def test_int4_table_is_the_level_quantizer_on_the_whole_transpose():
     transposed table at once, which dequantizes to within int4's rounding of it."""
     from lowmem.logits_kernels import _TABLE4_ROWS, quantize_table4
     from quant.int4_levels import STUDENT_T_LEVELS, quantize_levels
-    from quant.qweight import dequantize
+    from quant.qweight import dequantize, untile
     rng = np.random.default_rng(11)
     e = (rng.standard_t(4, (_TABLE4_ROWS + 100, 64)) * 0.02).astype(ml_dtypes.bfloat16)
     got = quantize_table4(e)
@@ -213,6 +213,12 @@ def test_int4_table_is_the_level_quantizer_on_the_whole_transpose():
     np.testing.assert_array_equal(got.scales.view(np.uint16), want.scales.view(np.uint16))
     err = np.abs(dequantize(got).T - e.astype(np.float32))                 # (V, D)
     assert err.max() < 0.2 * np.abs(e.astype(np.float32)).max()
+    assert not got.tiled                              # V % 64: rows; a multiple of 64: tiles
+    v = _TABLE4_ROWS + 64
+    tiled = quantize_table4(e[:v])
+    assert tiled.tiled and tiled.shape == (64, v)
+    np.testing.assert_array_equal(untile(tiled.values, 4), want.values[:, :v])
+    np.testing.assert_array_equal(tiled.scales.view(np.uint16), want.scales[:, :v].view(np.uint16))
     with pytest.raises(ValueError, match="width 48 is not a multiple of 32"):
         quantize_table4(e[:, :48])
     with pytest.raises(ValueError, match="2-D bfloat16"):
