@@ -15,7 +15,12 @@ weight bytes, and the ratio to the floor (1.00 = at memory bandwidth).
     python tools/bench_kernels.py --cases int4-gate int8-gate --tokens 1 2 4 8 --threads 1 --act-int8
     python tools/bench_kernels.py --cases logits logits-int8 --tokens 1 2 4 8 16 --repeats 5
     python tools/bench_kernels.py --cases int4g32-gate int4lv32-gate int4g32-down int4lv32-down
-    python tools/bench_kernels.py --cases int8-gate --tokens 1 3 6 11 --row-pad 0   # format 3 rows
+    python tools/bench_kernels.py --cases int8-gate --tokens 1 3 6 11 --layout rows   # format 4
+    python tools/bench_kernels.py --cases int8-gate --layout rows --row-pad 0       # format 3
+
+Quantized weights are stored as ``lowmem quantize`` writes them: in tiles
+(format 5, ``--layout tiles``, the default), or in rows (``--layout rows``,
+padded by ``--row-pad`` bytes).
 """
 from __future__ import annotations
 
@@ -37,7 +42,7 @@ from lowmem import cpu_kernels as kernels  # noqa: E402
 from lowmem import logits_kernels  # noqa: E402
 from quant.int4_levels import STUDENT_T_LEVELS  # noqa: E402
 from quant.packed import ROW_PAD  # noqa: E402
-from quant.qweight import QWeight  # noqa: E402
+from quant.qweight import QWeight, tile_values  # noqa: E402
 
 D, F, V = 6144, 32768, 131072
 
@@ -51,15 +56,19 @@ def _store(arr: np.ndarray, mmap_dir: Path | None, name: str) -> np.ndarray:
     return np.memmap(path, dtype=arr.dtype, mode="r", shape=arr.shape)
 
 
-def _qweight(rng, k, n, bits, group, mmap_dir, name, levels=None, row_pad=0) -> QWeight:
+def _qweight(rng, k, n, bits, group, mmap_dir, name, levels=None, row_pad=0,
+             tiled=False) -> QWeight:
     """Random int8 or packed-int4 weight with bf16 scales (values do not matter
     for speed); levels: an int4 level table (QWeight.levels) or None; row_pad:
-    stored bytes after each row of values, as a packed model's experts have."""
+    stored bytes after each row of values, as a packed model's experts have;
+    tiled: the values in tiles instead (QWeight.tiled, format 5)."""
     raw = rng.integers(0, 256, (k // 2 if bits == 4 else k, n + row_pad), dtype=np.uint8)
     values = raw if bits == 4 else raw.view(np.int8)
+    if tiled:
+        values = tile_values(values, bits)
     scales = (rng.random((k // group, n), dtype=np.float32) * 1e-3).astype(ml_dtypes.bfloat16)
     return QWeight(_store(values, mmap_dir, name), _store(scales, mmap_dir, name + "_s"), bits,
-                   group, levels)
+                   group, levels, tiled)
 
 
 def _bf16_table(rng, rows, cols, mmap_dir, name) -> np.ndarray:
@@ -107,7 +116,7 @@ CASES = {
 }
 
 
-def _build(name, rng, mmap_dir, row_pad):
+def _build(name, rng, mmap_dir, row_pad, tiled):
     """(fn(x) running the case's kernel, input width, weights read)."""
     kernel, width, specs = CASES[name]
     weights = []
@@ -116,7 +125,7 @@ def _build(name, rng, mmap_dir, row_pad):
         make = {"bf16": _bf16_table, "table8": _int8_table}.get(bits)
         weights.append(make(rng, rows, cols, mmap_dir, tag) if make
                        else _qweight(rng, rows, cols, bits, group, mmap_dir, tag, *levels,
-                                     row_pad=row_pad))
+                                     row_pad=row_pad, tiled=tiled))
     if kernel == "logits_int8":   # --act-int8: its int16 activations (the int8 mode's logits)
         fn = partial(logits_kernels.logits_int8, act16=bool(kernels.ACT_INT8))
     else:
@@ -150,10 +159,17 @@ def main(argv=None) -> int:
     ap.add_argument("--mmap", type=Path, default=None, metavar="DIR",
                     help="write weights to files in DIR (left there, ~3 GB for all cases) "
                          "and pass them as read-only np.memmap")
-    ap.add_argument("--row-pad", type=int, default=ROW_PAD, metavar="BYTES",
-                    help=f"stored bytes after each row of quantized values (default {ROW_PAD}, "
-                         f"what lowmem quantize writes; 0: format 3's dense rows)")
+    ap.add_argument("--layout", choices=("tiles", "rows"), default="tiles",
+                    help="quantized values in tiles (default, what lowmem quantize writes) "
+                         "or in rows (format 4)")
+    ap.add_argument("--row-pad", type=int, default=None, metavar="BYTES",
+                    help=f"--layout rows: stored bytes after each row of quantized values "
+                         f"(default {ROW_PAD}, format 4; 0: format 3's dense rows)")
     args = ap.parse_args(argv)
+    if args.layout == "tiles" and args.row_pad:
+        ap.error(f"--row-pad {args.row_pad} applies to --layout rows")
+    args.row_pad = 0 if args.layout == "tiles" else ROW_PAD if args.row_pad is None else \
+        args.row_pad
     if args.threads:
         numba.set_num_threads(args.threads)
     kernels.ACT_INT8 = args.act_int8
@@ -163,13 +179,14 @@ def main(argv=None) -> int:
     parallel_sum(np.zeros(8, np.uint64))
     print(f"# numba {numba.__version__}, {numba.get_num_threads()} threads, "
           f"{os.cpu_count()} cpus, {'memmap' if args.mmap else 'in-memory'} weights, "
-          f"{'int8' if args.act_int8 else 'fp32'} activations, row pad {args.row_pad}, "
+          f"{'int8' if args.act_int8 else 'fp32'} activations, {args.layout}"
+          f"{f' (row pad {args.row_pad})' if args.layout == 'rows' else ''}, "
           f"load average "
           f"{os.getloadavg()[0]:.2f}")
     print(f"{'case':14s} {'T':>3s} {'MB':>7s} {'floor ms':>9s} {'floor GB/s':>10s} "
           f"{'kernel ms':>9s} {'GB/s':>6s} {'ratio':>6s}")
     for name in args.cases:
-        fn, width, weights = _build(name, rng, args.mmap, args.row_pad)
+        fn, width, weights = _build(name, rng, args.mmap, args.row_pad, args.layout == "tiles")
         buffers = _buffers(*weights)
         nbytes = sum(b.nbytes for b in buffers)
         for t in args.tokens:
