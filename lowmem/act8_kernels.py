@@ -46,7 +46,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
-from lowmem.simd_kernels import _Mat, _prefetch_ahead, _splat
+from lowmem.simd_kernels import _Mat, _prefetch_ahead, _splat, _tile_row
 
 BLOCK = 32                 # weight rows (= activations) per int8 activation scale
 _MAX_TB = 6                # tokens per call (24 int32 register accumulators; see tile_strips)
@@ -450,10 +450,7 @@ def tile_strips(xq, dx, bs, p, sc, g, k0, k1, n0, m, t0, t1, acc, a0, lv, ts):
     for k in range(k0, k1, BLOCK):
         gi = k // g
         for j in range(0, m - m % 64, 64):
-            r = k // d
-            if ts:  # the row the kernels' row * 64 + column address puts at this tile
-                s = (n0 + j) // 64
-                r = ((r // ts) * ns + s) * ts - s
+            r = _tile_row(k // d, n0 + j, ts, ns) if ts else k // d  # a block: one tile
             if t1 - t0 <= _MAX_TB:
                 _pass(0, t1 - t0, p, r, n0 + j, xq, t0, k, dx, bs, sc, gi, acc, a0 + j, u, lv)
                 continue

@@ -62,7 +62,7 @@ from numba.extending import overload
 from lowmem import act8_kernels
 from lowmem.activations import geglu
 from lowmem.simd_kernels import _hi, _lo, _pass_tokens, _prefer_512, _strip, _tiles_strips
-from quant.qweight import BF16, TILE_COLS, TILE_ROWS, QWeight, level_table
+from quant.qweight import BF16, TILE_COLS, TILE_ROWS, QWeight, level_table, tile_stored_rows
 
 _FM = {"contract"}
 _FM_REDUCE = {"contract", "reassoc"}
@@ -504,7 +504,7 @@ def _operand(w, what: str = "weight"):
         scales = _c_contiguous(w.scales, f"{what} scales").view(np.uint16)
         ts = 0
         if w.tiled:
-            ts = TILE_ROWS // (2 if w.bits == 4 else 1)
+            ts = tile_stored_rows(w.bits)
             values = values.reshape(-1, TILE_COLS)
         return values, scales, w.group_size, w.shape, \
             None if w.levels is None else level_table(w.levels), ts

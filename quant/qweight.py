@@ -117,9 +117,14 @@ def check_tiles(shape: tuple[int, int], group_size: int, what: str) -> None:
                          f"N={n}, group {group_size}")
 
 
+def tile_stored_rows(bits: int) -> int:
+    """Stored rows per tile: TILE_ROWS weight rows, two per byte for packed int4."""
+    return TILE_ROWS // 2 if bits == 4 else TILE_ROWS
+
+
 def tile_values(values: np.ndarray, bits: int) -> np.ndarray:
     """Stored values (R, N) in row order -> the same shape in tile order (a copy)."""
-    ts = TILE_ROWS // 2 if bits == 4 else TILE_ROWS                  # stored rows per tile
+    ts = tile_stored_rows(bits)
     r, n = values.shape
     tiles = values.reshape(r // ts, ts, n // TILE_COLS, TILE_COLS).transpose(0, 2, 1, 3)
     return np.ascontiguousarray(tiles).reshape(r, n)
@@ -127,7 +132,7 @@ def tile_values(values: np.ndarray, bits: int) -> np.ndarray:
 
 def untile(values, bits: int):
     """Inverse of tile_values (numpy or jax arrays; rows a multiple of a tile's)."""
-    ts = TILE_ROWS // 2 if bits == 4 else TILE_ROWS
+    ts = tile_stored_rows(bits)
     r, n = values.shape
     return values.reshape(r // ts, n // TILE_COLS, ts, TILE_COLS).transpose(0, 2, 1, 3
                                                                           ).reshape(r, n)
