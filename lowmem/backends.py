@@ -80,15 +80,17 @@ class _HostMatmul:
     def __call__(self, x, handle, layer, rows):
         backend = _HOST_BACKENDS[int(handle)]
         weight = backend.weights[int(layer)][self.role]
-        return _leading_rows(x, rows, weight, backend.act_int8)
+        return _leading_rows(x, rows, weight, backend.a8_rows)
 
 
-def _leading_rows(x, rows, weight, act_int8: bool) -> np.ndarray:
+def _leading_rows(x, rows, weight, a8_rows: int | None) -> np.ndarray:
     """x @ weight for the first ``rows`` rows of x (the real ones, see model._rows_kw),
-    zeros after them: fp32 (T, N)."""
+    zeros after them: fp32 (T, N); int8 activations from a8_rows real rows on
+    (``act_int8_rows``)."""
     from lowmem.cpu_kernels import matmul
     x = np.asarray(x, np.float32)                                           # (T, K)
     n = min(int(rows), len(x))
+    act_int8 = a8_rows is not None and n >= a8_rows
     if n == len(x):
         return matmul(x, weight, act_int8=act_int8)
     out = np.zeros((len(x), weight.shape[1]), np.float32)                   # (T, N)
@@ -120,7 +122,7 @@ class _HostQKV:
     def __call__(self, x, handle, layer, rows):
         backend = _HOST_BACKENDS[int(handle)]
         weights = backend.weights[int(layer)]
-        return tuple(_leading_rows(x, rows, weights[role], backend.act_int8) for role in "qkv")
+        return tuple(_leading_rows(x, rows, weights[role], backend.a8_rows) for role in "qkv")
 
 
 def host_qkv(x: jax.Array, wq: HostWeight, wk: HostWeight, wv: HostWeight,
@@ -145,11 +147,11 @@ def _host_logits_callback(x, handle):
     from lowmem.logits_kernels import logits_int8
     backend = _HOST_BACKENDS[int(handle)]
     x = np.asarray(x, np.float32)                          # (T, D)
+    a8 = backend.a8(len(x))
     if isinstance(backend.output_q, QWeight):              # int4 table (D, V): x @ W
-        return matmul(x, backend.output_q, act_int8=backend.act_int8)
+        return matmul(x, backend.output_q, act_int8=a8)
     if backend.output_q is not None:                       # int8 table: half the bytes
-        return logits_int8(x, backend.output_q,
-                           act16=backend.act_int8)         # int16 activations in that mode
+        return logits_int8(x, backend.output_q, act16=a8)  # int16 activations in that mode
     return matmul_nt(x, backend.embed)
 
 
@@ -190,21 +192,33 @@ def _build_output_table(embed: np.ndarray, kind: str, auto: bool):
     return table
 
 
-def act_int8_choice(options, model: PackedModel) -> bool:
-    """Whether the host backend's quantized matmuls take int8 activations.
+A8_FROM_ROWS = 4    # auto, int8 models: int8 activations in matmuls of 4 rows or more
 
-    ``options.act_int8`` None (auto, the default): yes for models whose experts are
-    int4 on a CPU with AVX-512 VNNI (where the int8 kernels are fast): their owners
-    chose bytes over exactness, and the activation rounding adds 2-5% to the KL
-    the int4 weights cost (docs/FIDELITY.md) for 1.5-2.3x the multiply-adds
-    per second wherever several tokens share an expert (prefill, serving). No for
-    int8 models (the release's values, computed exactly) and other CPUs. True /
-    False force it.
+
+def act_int8_rows(options, model: PackedModel) -> int | None:
+    """From how many rows the host backend's quantized matmuls take int8 activations
+    (None: never, fp32 always).
+
+    ``options.act_int8`` True: 1 (every matmul); False: None. None (auto, the
+    default), on a CPU with AVX-512 VNNI (where the int8 kernels are fast):
+    - int4 experts: 1. Their owners chose bytes over exactness; the activation
+      rounding adds 2-5% to the KL the int4 weights cost (docs/FIDELITY.md).
+    - int8 experts: A8_FROM_ROWS. Decode (one token) is computed exactly in fp32,
+      whose kernels run at the memory read there. From 4 rows sharing a weight (a
+      prompt chunk, a batched step, an expert that 4 tokens of a chunk route to)
+      the fp32 kernels are bound by their multiply-adds (one FMA lane per weight
+      and row) and int8 activations per 32 values (llama.cpp's own arithmetic for
+      Q8_0, everywhere) are faster: one Grok-1 expert at 4 / 8 / 12 rows 0.8 /
+      0.7 / 0.4x the fp32 time, a 256-token prompt 2x faster; below 4 rows they
+      are slower (their fixed cost per weight byte; docs/PERFORMANCE.md).
+    Other CPUs: None.
     """
     if options.act_int8 is not None:
-        return bool(options.act_int8)
+        return 1 if options.act_int8 else None
     from lowmem.act8_kernels import fast_on_host
-    return model.settings.bits == 4 and fast_on_host()
+    if not fast_on_host():
+        return None
+    return 1 if model.settings.bits == 4 else A8_FROM_ROWS
 
 
 def host_logits(cfg, hn: jax.Array, handle: jax.Array, precision: str = "bf16") -> jax.Array:
@@ -226,12 +240,12 @@ class HostBackend:
 
     def __init__(self, model: PackedModel, device, options):
         self.model, self.device = model, device
-        # int8 activations in every quantized matmul (attention and experts; int16 in the
-        # int8 table's logits), or fp32
-        self.act_int8 = act_int8_choice(options, model)
-        if self.act_int8:
-            log.info("activations: int8 in the quantized matmuls%s",
-                     " (auto: int4 experts, AVX-512 VNNI)" if options.act_int8 is None else "")
+        # int8 activations in the quantized matmuls (attention and experts; int16 in the
+        # int8 table's logits) of this many rows or more; None: fp32 always
+        self.a8_rows = act_int8_rows(options, model)
+        if self.a8_rows is not None:
+            log.info("activations: int8 in the quantized matmuls of %d row(s) or more%s",
+                     self.a8_rows, " (auto, AVX-512 VNNI)" if options.act_int8 is None else "")
         self.handle = next(_HANDLES)
         self.weights = [model.layer(i) for i in range(model.cfg.num_layers)]
         self.embed = model.embed()                                        # bf16 (V, D) memmap
@@ -250,11 +264,22 @@ class HostBackend:
                  if role in ATTENTION_ROLES else put(w) for role, w in weights.items()}
                 for layer, weights in enumerate(self.weights)]
 
+    def a8(self, rows: int) -> bool:
+        """Whether a quantized matmul of this many rows takes int8 activations."""
+        return self.a8_rows is not None and rows >= self.a8_rows
+
+    @property
+    def activations(self) -> str:
+        """The activations in words: 'fp32', 'int8', or 'int8 from N rows'."""
+        if self.a8_rows is None:
+            return "fp32"
+        return "int8" if self.a8_rows == 1 else f"int8 from {self.a8_rows} rows"
+
     def embed_rows(self, tokens: np.ndarray):
         return self.embed[tokens]                                         # (T, D) bf16
 
     def make_moe(self, options, fetch_hook: Callable | None = None) -> HostMoE:
-        return HostMoE(self.model, self.act_int8)
+        return HostMoE(self.model, self.a8_rows)
 
     def close(self) -> None:
         _HOST_BACKENDS.pop(self.handle, None)
@@ -318,6 +343,17 @@ class DeviceBackend:
                            if isinstance(w, QWeight) else put(w)
                            for role, w in self.model.layer(layer).items()})
         return layers
+
+    def a8(self, rows: int) -> bool:
+        """Whether a quantized matmul of this many rows takes int8 activations."""
+        return self.a8_rows is not None and rows >= self.a8_rows
+
+    @property
+    def activations(self) -> str:
+        """The activations in words: 'fp32', 'int8', or 'int8 from N rows'."""
+        if self.a8_rows is None:
+            return "fp32"
+        return "int8" if self.a8_rows == 1 else f"int8 from {self.a8_rows} rows"
 
     def embed_rows(self, tokens: np.ndarray):
         return _take_rows(self.logits_table, tokens)                      # (T, D) bf16

@@ -82,12 +82,14 @@ class EngineOptions:
     precision: 'fp32' (activations in fp32, weights dequantized exactly: the
         model's exact math) or 'bf16' (the release's bf16 mode).
     act_int8: host backend only; the quantized matmuls (experts and attention)
-        quantize their inputs to int8 per 32 values and multiply in int8 (AVX-512 VNNI, as llama.cpp's
-        quantized matmuls do), and the int8 output table's logits take int16
-        activations (one scale per row), the int4 table's int8 ones: 1.5-2.3x faster wherever several tokens share an
-        expert (prefill, serving), a measured change of the logits
-        (docs/FIDELITY.md). None (auto): on for models with int4 experts on a CPU
-        with AVX-512 VNNI, off for int8 models (``backends.act_int8_choice``).
+        quantize their inputs to int8 per 32 values and multiply in int8 (AVX-512 VNNI, as
+        llama.cpp's quantized matmuls do), and the int8 output table's logits take int16
+        activations (one scale per row), the int4 table's int8 ones: 1.5-2.3x faster
+        wherever several tokens share a weight (prefill, serving), a measured change of
+        the logits (docs/FIDELITY.md). True: every matmul; False: none. None (auto), on a
+        CPU with AVX-512 VNNI: every matmul for models with int4 experts; for int8 models
+        those of 4 rows or more (prompt chunks, batched steps), decode computed
+        exactly (``backends.act_int8_rows``).
     """
     backend: str = "auto"                 # 'auto', 'host' (numba on the mapped files), 'device'
     expert_cache_gb: float | None = None  # device backend, GiB; None = what fits
@@ -104,7 +106,7 @@ class EngineOptions:
     verify: bool = True                   # check each tensor's CRC-32 when first read (packed.py)
     precision: str = DEFAULT_PRECISION    # 'fp32' (exact math) or 'bf16' (the release's run)
     output_table: str | None = None       # host: 'bf16', 'int8', 'int4'; None = auto
-    act_int8: bool | None = None          # host: int8 activations; None = auto (int4 + VNNI)
+    act_int8: bool | None = None          # host: int8 activations; None = auto (VNNI)
 
 
 def cache_length(context: int, buckets: tuple[int, ...] = PREFILL_BUCKETS) -> int:

@@ -194,12 +194,12 @@ def run(args) -> dict:
             logits = teacher_forced_logits(rt.engine, tokens, not args.no_progress)
         from lowmem.requant import expert_bytes_per_token
         nbytes = expert_bytes_per_token(rt.engine.model, args.requant_experts)
-        int8_acts = getattr(rt.engine.backend, "act_int8", None) and not args.requant_experts
+        acts = "fp32" if args.requant_experts else getattr(rt.engine.backend, "activations", "fp32")
         table = getattr(rt.engine.backend, "output_table", "bf16")   # auto resolved
     finally:
         rt.close()
     report = {"model": str(args.model), "precision": args.precision,
-              "output_table": table, "activations": "int8" if int8_acts else "fp32",
+              "output_table": table, "activations": acts,
               "tokens": tokens,
               "requant_experts": args.requant_experts, "expert_bytes_per_token": nbytes}
     if args.release_oracle:

@@ -252,10 +252,10 @@ class HostMoE:
 
     dispatches = slot_writes = 0        # numba kernels: nothing dispatched to XLA
 
-    def __init__(self, model: PackedModel, act_int8: bool = False):
-        """act_int8: int8 activations in the expert kernels (the backend's choice,
-        ``backends.act_int8_choice``), else fp32."""
-        self.model, self.stats, self.act_int8 = model, CacheStats(), act_int8
+    def __init__(self, model: PackedModel, a8_rows: int | None = None):
+        """a8_rows: int8 activations in the kernels of an expert applied to this many
+        rows or more (the backend's choice, ``backends.act_int8_rows``); None: fp32."""
+        self.model, self.stats, self.a8_rows = model, CacheStats(), a8_rows
 
     def moe(self, layer: int, x: jax.Array, gates: jax.Array, experts_host: np.ndarray,
             experts: jax.Array, n_real: int, next_guess: tuple | None = None) -> np.ndarray:
@@ -276,8 +276,9 @@ class HostMoE:
         for _, e in ExpertCache.needed(layer, routed):
             rows, slot = np.nonzero(routed == e)
             block = self.model.expert(layer, e)
+            a8 = self.a8_rows is not None and len(rows) >= self.a8_rows
             out = expert_ffn(np.ascontiguousarray(xs[rows]), block.gate, block.up, block.down,
-                             round_bf16=False, act_int8=self.act_int8)  # the MoE is fp32
+                             round_bf16=False, act_int8=a8)  # the MoE is fp32
             acc[rows] += gs[rows, slot][:, None] * out
             self.stats.requests += 1
             self.stats.bytes_moved += block.nbytes

@@ -225,7 +225,7 @@ def test_fused_qkv_callback_gives_the_three_products_exactly(model):
     got = jax.jit(lambda x: host_qkv(x, lp["q"], lp["k"], lp["v"], "fp32"))(x)
     for role, out in zip("qkv", got):
         np.testing.assert_array_equal(np.asarray(out), matmul(x, weights[role],
-                                                              act_int8=engine.backend.act_int8))
+                                                              act_int8=engine.backend.a8(3)))
 
 
 class _Compiles:

@@ -152,7 +152,9 @@ def test_tiled_models_compute_what_rows_do_bit_for_bit(packed, name, backend, ac
 
 
 def test_fp32_prefill_equals_decode_steps(packed):
-    engine = _engine(packed["int8"], backend="host", precision="fp32")
+    """With fp32 activations (auto gives the prompt's chunks int8 ones) the order of
+    the sums is the only difference."""
+    engine = _engine(packed["int8"], backend="host", precision="fp32", act_int8=False)
     stepwise = prompt_logits(engine, PROMPTS[0])[-1]
     engine.reset()
     assert _rel(np.asarray(engine.feed(PROMPTS[0])), stepwise) <= 2e-6
@@ -315,6 +317,37 @@ def test_act_int8_option_and_its_auto_choice(packed, bits):
         _engine(packed[bits], backend="device", act_int8=True)
 
 
+def test_auto_activations_of_int8_models_are_int8_from_4_rows(packed, monkeypatch):
+    """auto on an int8 model: with AVX-512 VNNI, the products of 4 rows or more
+    (an 11-token prompt's attention, an expert 4+ of its tokens route to) take int8
+    activations and smaller ones (an expert with 1-3 of its tokens, a decode step)
+    fp32, so decoding stays exact; without VNNI, fp32 everywhere. The prompt's
+    logits move by the activation rounding only."""
+    import lowmem.cpu_kernels as ck
+    from lowmem.act8_kernels import fast_on_host
+    from lowmem.backends import A8_FROM_ROWS
+    seen, matmul, ffn = [], ck.matmul, ck.expert_ffn
+    eng = _engine(packed["int8"], backend="host", precision="fp32")
+    attention = {id(lw[r]) for lw in eng.backend.weights for r in "qkvo"}
+    monkeypatch.setattr(ck, "matmul", lambda x, w, **kw: (
+        id(w) in attention and seen.append(("attention", len(x), kw["act_int8"]))) or
+        matmul(x, w, **kw))
+    monkeypatch.setattr(ck, "expert_ffn", lambda x, *a, **kw: seen.append(
+        ("expert", len(x), kw["act_int8"])) or ffn(x, *a, **kw))
+    prompt = list(range(3, 14))                                           # 11 tokens
+    got = np.asarray(eng.feed(prompt))
+    rows = [r for part, r, _ in seen if part == "expert"]
+    assert min(rows) < A8_FROM_ROWS <= max(rows)        # both kinds of expert call ran
+    assert [a8 for *_, a8 in seen] == [fast_on_host() and r >= A8_FROM_ROWS for _, r, _ in seen]
+    assert ("attention", 11, fast_on_host()) in seen
+    seen.clear()
+    eng.feed([20])
+    assert seen and not any(a8 for *_, a8 in seen)                        # decode: fp32
+    fp32 = np.asarray(_engine(packed["int8"], backend="host", precision="fp32",
+                              act_int8=False).feed(prompt))
+    assert (0 < _rel(got, fp32) < 5e-2) if fast_on_host() else np.array_equal(got, fp32)
+
+
 def test_int8_activation_mode_gives_the_logits_int16_activations(packed):
     """With act_int8 the host logits read the int8 table with int16 activations
     (logits_kernels' act16), without it with fp32 ones: the backend's logits equal
@@ -372,6 +405,6 @@ def test_host_attention_skips_padding_rows(packed, monkeypatch, act_int8):
     for role in ("q", "o"):
         w = packed["int8"].layer(0)[role]
         x = rng.standard_normal((16, w.shape[0])).astype(np.float32)                # (T, K)
-        got = B._leading_rows(x, np.int32(11), w, act_int8)
+        got = B._leading_rows(x, np.int32(11), w, 1 if act_int8 else None)
         np.testing.assert_array_equal(got[:11], matmul(x, w, act_int8=act_int8)[:11])
         assert got.shape == (16, w.shape[1]) and not got[11:].any()

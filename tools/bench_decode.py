@@ -77,6 +77,7 @@ LLAMA_PREFILL_11 = {8: 12.8, 4: 14.2}
 # The output table llama.cpp's file read there (Q8_0: 0.86 GB, Q4_0: 0.45 GB), as ours:
 # ``--output-table llama`` picks it, the issue's comparison on the same bytes.
 LLAMA_TABLE = {8: "int8", 4: "int4"}
+ACTS_LABEL = {None: "f32", 1: "a8"}   # backend.a8_rows -> column label (else a8xN: from N rows)
 
 
 def tables_for(bits: int, choices: list[str]) -> list[str]:
@@ -326,7 +327,7 @@ def bench_model(model_dir: Path, args) -> list[dict]:
         per_token, step = sum(nbytes[i].values()), float(np.median(steps[i]))
         rows.append({
             "model": f"{model_dir.name}/{table}"
-                     f"/{'a8' if backend.act_int8 else 'f32'}",
+                     f"/{ACTS_LABEL.get(backend.a8_rows, f'a8x{backend.a8_rows}')}",
             "bits": model.settings.bits, "bytes": nbytes[i], "bytes_per_token": per_token,
             "s_per_token": step, "p90": float(np.percentile(steps[i], 90)),
             "tokens_per_s": 1.0 / step, "gbps": per_token / step / GB,
