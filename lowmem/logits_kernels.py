@@ -55,37 +55,92 @@ _BLOCK_ROWS = 64          # vocabulary rows per parallel work item
 _X_L1_BYTES = 32768       # activations of the tokens x one D chunk kept in L1
 _L1_TOKENS = 16           # ... for up to this many tokens (more tokens: the chunk of 16)
 _PREFETCH = 1024          # bytes ahead along each row that the micro-kernel prefetches
+_GROUP_PREFETCH = 4096    # the same in a grouped table (its one stream; 1024 there: 1.10x the read)
 _ROW_STAGGER = 256        # activation rows start this many bytes apart modulo 4 KiB
 _BUILD_ROWS = 64          # vocabulary rows per work item when building the table
 
 
+GROUP_ROWS = 8            # vocabulary rows interleaved in a grouped table (Int8Table.grouped)
+GROUP_STEP = 64           # ... by this many values (bytes) of each row in turn
+
+
 @dataclass(frozen=True)
 class Int8Table:
-    """The tied output matrix as int8 values (V, D) and one bf16 scale per row (V,)."""
-    values: np.ndarray    # (V, D) int8
+    """The tied output matrix as int8 values (V, D) and one bf16 scale per row (V,).
+
+    grouped: the values of each GROUP_ROWS rows interleaved by GROUP_STEP bytes
+    (row v's values d..d+63 at (v // 8) * 8D + (d // 64) * 512 + (v % 8) * 64,
+    needing V % 8 == 0 and D % 64 == 0): what the kernel reads at one step of
+    its 8 rows is then one 512-byte run, and the table one stream instead of 8
+    (Grok-1, one token: 16.4 ms against 19.4 in rows, a read of the bytes 16.4;
+    docs/PERFORMANCE.md section 3, session 17). Same bytes, same logits.
+    """
+    values: np.ndarray    # (V, D) int8, rows in order or grouped
     scales: np.ndarray    # (V,) bf16
+    grouped: bool = False
 
     @property
     def shape(self) -> tuple[int, int]:
         return self.values.shape
 
+    def natural(self) -> np.ndarray:
+        """(V, D) int8 values, rows in order (a copy when grouped)."""
+        if not self.grouped:
+            return self.values
+        v, d = self.values.shape
+        return np.ascontiguousarray(self.values.reshape(
+            v // GROUP_ROWS, d // GROUP_STEP, GROUP_ROWS, GROUP_STEP).transpose(0, 2, 1, 3)
+        ).reshape(v, d)
+
     def dequantize(self) -> np.ndarray:
         """(V, D) fp32: q * scale (exact in fp32); for tests and references."""
-        return self.values.astype(np.float32) * self.scales.astype(np.float32)[:, None]
+        return self.natural().astype(np.float32) * self.scales.astype(np.float32)[:, None]
+
+
+def groupable(v: int, d: int) -> bool:
+    """Whether a (v, d) table can be grouped (Int8Table.grouped)."""
+    return v % GROUP_ROWS == 0 and d % GROUP_STEP == 0
+
+
+def group_rows(values: np.ndarray) -> np.ndarray:
+    """(V, D) int8 in row order -> the grouped order (Int8Table.grouped), a copy."""
+    v, d = values.shape
+    return np.ascontiguousarray(values.reshape(
+        v // GROUP_ROWS, GROUP_ROWS, d // GROUP_STEP, GROUP_STEP).transpose(0, 2, 1, 3)
+    ).reshape(v, d)
 
 
 # ----------------------------------------------------------------------------
 # the micro-kernel: R rows x tb tokens over 64-byte steps of D
 # ----------------------------------------------------------------------------
 
+def _row_at(builder, em, g, v, d):
+    """Pointer to value d of row v of the table em (a _Mat, (V, D) int8) in rows
+    (g = 1) or grouped by g = GROUP_ROWS (Int8Table.grouped); d % 32 == 0."""
+    i64 = ir.IntType(64)
+    step, gs = ir.Constant(i64, GROUP_STEP), ir.Constant(i64, GROUP_STEP.bit_length() - 1)
+    base = builder.add(builder.mul(builder.sdiv(v, g), builder.mul(g, em.cols)),
+                       builder.mul(builder.srem(v, g), step))           # row v's first piece
+    along = builder.add(builder.mul(builder.ashr(d, gs), builder.mul(g, step)),
+                        builder.and_(d, ir.Constant(i64, GROUP_STEP - 1)))
+    return builder.gep(em.data, [builder.add(base, along)])
+
+
+def _ahead(builder, g):
+    """The prefetch distance in bytes for a table grouped by g (1: rows)."""
+    i64 = ir.IntType(64)
+    return builder.select(builder.icmp_signed("==", g, ir.Constant(i64, 1)),
+                          ir.Constant(i64, _PREFETCH), ir.Constant(i64, _GROUP_PREFETCH))
+
 def _rows_codegen(rows, tb):
     """Codegen of _rows_kernel(rows, tb): see there."""
     def codegen(context, builder, sig, args):
         i8, i32, i64, f32 = ir.IntType(8), ir.IntType(32), ir.IntType(64), ir.FloatType()
         vf, vi = ir.VectorType(f32, 16), ir.VectorType(i32, 16)
-        em, xm, pm = (_Mat(context, builder, sig.args[j], args[j]) for j in (0, 4, 6))
-        v0, d0, n64, t0, p0 = (context.cast(builder, args[j], sig.args[j], types.intp)
-                               for j in (1, 2, 3, 5, 7))
+        em, xm, pm = (_Mat(context, builder, sig.args[j], args[j]) for j in (0, 5, 7))
+        g, v0, d0, n64, t0, p0 = (context.cast(builder, args[j], sig.args[j], types.intp)
+                                  for j in (1, 2, 3, 4, 6, 8))
+        ahead = _ahead(builder, g)
         fma = cgutils.get_or_insert_function(
             builder.module, ir.FunctionType(vf, [vf, vf, vf]), "llvm.fma.v16f32")
         c = [ir.Constant(i64, n) for n in range(max(rows, tb, 64) + 1)]
@@ -95,9 +150,9 @@ def _rows_codegen(rows, tb):
                 for t in range(tb)] for r in range(rows)]
         with cgutils.for_range(builder, n64) as loop:
             d = builder.add(d0, builder.mul(loop.index, c[64]))
-            rowp = [em.at(builder.add(v0, c[r]), d) for r in range(rows)]
+            rowp = [_row_at(builder, em, g, builder.add(v0, c[r]), d) for r in range(rows)]
             for r in range(rows):
-                _prefetch(builder, builder.gep(rowp[r], [ir.Constant(i64, _PREFETCH)]))
+                _prefetch(builder, builder.gep(rowp[r], [ahead]))
             xrow = [xm.at(builder.add(t0, c[t]), d) for t in range(tb)]
             for q in range(4):
                 w = [builder.sitofp(builder.sext(builder.load(em.vec(rowp[r], 16 * q, i8),
@@ -116,18 +171,19 @@ def _rows_codegen(rows, tb):
 
 
 def _rows_kernel(rows, tb):
-    """An intrinsic k(e, v0, d0, n64, x, t0, part, p0) doing, for r < rows,
+    """An intrinsic k(e, g, v0, d0, n64, x, t0, part, p0) doing, for r < rows,
     t < tb and the 16 lanes l:
 
         part[p0+r, 16(t0+t)+l] += sum_{i < n64, j < 4} x[t0+t, d] * e[v0+r, d],
                                   d = d0 + 64i + 16j + l
 
-    e int8 (V, D), x and part float32, all C-contiguous 2-D; the caller
-    guarantees the ranges (no bounds checks)."""
-    def typer(typingctx, e, v0, d0, n64, x, t0, part, p0):
+    e int8 (V, D) in rows (g = 1) or grouped (g = GROUP_ROWS, Int8Table.grouped),
+    x and part float32, all C-contiguous 2-D; the caller guarantees the ranges
+    (no bounds checks)."""
+    def typer(typingctx, e, g, v0, d0, n64, x, t0, part, p0):
         arrays = (e, x, part)
         if all(isinstance(a, types.Array) and a.ndim == 2 and a.layout == "C" for a in arrays):
-            return types.none(e, v0, d0, n64, x, t0, part, p0), _rows_codegen(rows, tb)
+            return types.none(e, g, v0, d0, n64, x, t0, part, p0), _rows_codegen(rows, tb)
         return None
     typer.__name__ = typer.__qualname__ = f"_rows_r{rows}_t{tb}"
     return intrinsic(typer)
@@ -140,7 +196,7 @@ def _rows_kernel(rows, tb):
 # are two blocks of 8 (the conversion, 2 uops per 16 weights, is the cheap part).
 
 def _rows_pass(kernel):
-    """An inline njit pass(T, e, v0, nr, d0, n, x, part) running kernel(rows, tb)
+    """An inline njit pass(T, e, g, v0, nr, d0, n, x, part) running kernel(rows, tb)
     (an intrinsic factory: fp32 or int16 activations) over rows v0..v0+nr, n steps of
     D from d0, for tokens 0..T in blocks of tb = 8, 4, 2, 1 (T = 8a + 4b + 2c + d):
     blocks of the variants' rows, then one row at a time for a block's last rows."""
@@ -148,40 +204,40 @@ def _rows_pass(kernel):
     k4_4, k1_4, k3_8, k1_8 = kernel(4, 4), kernel(1, 4), kernel(3, 8), kernel(1, 8)
 
     @njit(inline="always", cache=True)
-    def run(tb, e, v0, nr, d0, n, x, t0, part):
+    def run(tb, e, g, v0, nr, d0, n, x, t0, part):
         r = 0
         if tb == 1:
             while r + 8 <= nr:
-                k8_1(e, v0 + r, d0, n, x, t0, part, r)
+                k8_1(e, g, v0 + r, d0, n, x, t0, part, r)
                 r += 8
             for r in range(r, nr):
-                k1_1(e, v0 + r, d0, n, x, t0, part, r)
+                k1_1(e, g, v0 + r, d0, n, x, t0, part, r)
         elif tb == 2:
             while r + 4 <= nr:
-                k4_2(e, v0 + r, d0, n, x, t0, part, r)
+                k4_2(e, g, v0 + r, d0, n, x, t0, part, r)
                 r += 4
             for r in range(r, nr):
-                k1_2(e, v0 + r, d0, n, x, t0, part, r)
+                k1_2(e, g, v0 + r, d0, n, x, t0, part, r)
         elif tb == 4:
             while r + 4 <= nr:
-                k4_4(e, v0 + r, d0, n, x, t0, part, r)
+                k4_4(e, g, v0 + r, d0, n, x, t0, part, r)
                 r += 4
             for r in range(r, nr):
-                k1_4(e, v0 + r, d0, n, x, t0, part, r)
+                k1_4(e, g, v0 + r, d0, n, x, t0, part, r)
         elif tb == 8:
             while r + 3 <= nr:
-                k3_8(e, v0 + r, d0, n, x, t0, part, r)
+                k3_8(e, g, v0 + r, d0, n, x, t0, part, r)
                 r += 3
             for r in range(r, nr):
-                k1_8(e, v0 + r, d0, n, x, t0, part, r)
+                k1_8(e, g, v0 + r, d0, n, x, t0, part, r)
 
     @njit(inline="always", cache=True)
-    def run_tokens(T, e, v0, nr, d0, n, x, part):
+    def run_tokens(T, e, g, v0, nr, d0, n, x, part):
         t0 = 0
         tb = 8
         while tb >= 1:
             while T - t0 >= tb:
-                run(tb, e, v0, nr, d0, n, x, t0, part)
+                run(tb, e, g, v0, nr, d0, n, x, t0, part)
                 t0 += tb
             tb //= 2
     return run_tokens
@@ -202,8 +258,9 @@ def _chunk_width(tokens, itemsize, step):
 
 
 @njit(fastmath=_FM, cache=True)
-def _block(x, e, sc, out, v0, v1):
-    """out[:, v0:v1] = scale * (x @ e[v0:v1].T) for one block of vocabulary rows."""
+def _block(x, e, g, sc, out, v0, v1):
+    """out[:, v0:v1] = scale * (x @ e[v0:v1].T) for one block of vocabulary rows
+    (e in rows, g = 1, or grouped by g: then D % 64 == 0, no tail)."""
     _prefer_512()
     T, D = x.shape[0], e.shape[1]                      # x may be wider than D (staggered)
     nr = v1 - v0
@@ -211,7 +268,7 @@ def _block(x, e, sc, out, v0, v1):
     part = np.zeros((nr, T * 16), np.float32)          # (rows, T x 16 lanes)
     dc = _chunk_width(T, 4, 64)
     for d0 in range(0, d64, dc):                       # each chunk of rows read once
-        _pass(T, e, v0, nr, d0, (min(d64, d0 + dc) - d0) // 64, x, part)
+        _pass(T, e, g, v0, nr, d0, (min(d64, d0 + dc) - d0) // 64, x, part)
     for r in range(nr):
         s = np.uint32(np.uint32(sc[v0 + r]) << 16).view(np.float32)
         row = e[v0 + r]
@@ -225,12 +282,13 @@ def _block(x, e, sc, out, v0, v1):
 
 
 @njit(parallel=True, fastmath=_FM, cache=True)
-def _logits_kernel(x, e, sc, out):
-    """out (T, V) = scale[v] * (x[:, :D] @ e (V, D).T), blocks of rows across threads."""
+def _logits_kernel(x, e, g, sc, out):
+    """out (T, V) = scale[v] * (x[:, :D] @ e (V, D).T), blocks of rows across threads
+    (e grouped by g, 1: in rows)."""
     V = e.shape[0]
     for b in prange((V + _BLOCK_ROWS - 1) // _BLOCK_ROWS):
         v0 = b * _BLOCK_ROWS
-        _block(x, e, sc, out, v0, min(V, v0 + _BLOCK_ROWS))
+        _block(x, e, g, sc, out, v0, min(V, v0 + _BLOCK_ROWS))
 
 
 def logits_int8(x, table: Int8Table, act16: bool = False) -> np.ndarray:
@@ -254,15 +312,19 @@ def logits_int8(x, table: Int8Table, act16: bool = False) -> np.ndarray:
     if x2.ndim != 2 or x2.shape[1] != values.shape[1]:
         raise ValueError(f"logits_int8: x must be (D,) or (T, D) with D={values.shape[1]}, "
                          f"got shape {x.shape}")
+    if table.grouped and not groupable(*values.shape):
+        raise ValueError(f"logits_int8: a grouped table needs V % {GROUP_ROWS} == 0 and "
+                         f"D % {GROUP_STEP} == 0, got {values.shape}")
+    g = GROUP_ROWS if table.grouped else 1
     out = np.empty((x2.shape[0], values.shape[0]), np.float32)       # (T, V)
     if x2.shape[0] and act16:
         t, d = x2.shape
         stride = d + ((_ROW_STAGGER - 2 * d) % 4096) // 2               # int16 per row
         xq, xs = _quantize16(x2, stride, act16_qmax(d))                  # (T, stride), (T,)
-        _logits16_kernel(xq, xs, np.asarray(values),
+        _logits16_kernel(xq, xs, np.asarray(values), g,
                          np.ascontiguousarray(scales).view(np.uint16), out)
     elif x2.shape[0]:
-        _logits_kernel(_staggered(x2), np.asarray(values),
+        _logits_kernel(_staggered(x2), np.asarray(values), g,
                        np.ascontiguousarray(scales).view(np.uint16), out)
     return out[0] if vector else out
 
@@ -326,9 +388,10 @@ def _rows16_codegen(rows, tb, vnni):
     def codegen(context, builder, sig, args):
         use_vnni = _has_vnni(context) if vnni is None else vnni
         i8, i16, i64 = ir.IntType(8), ir.IntType(16), ir.IntType(64)
-        em, xm, pm = (_Mat(context, builder, sig.args[j], args[j]) for j in (0, 4, 6))
-        v0, d0, n32, t0, p0 = (context.cast(builder, args[j], sig.args[j], types.intp)
-                               for j in (1, 2, 3, 5, 7))
+        em, xm, pm = (_Mat(context, builder, sig.args[j], args[j]) for j in (0, 5, 7))
+        g, v0, d0, n32, t0, p0 = (context.cast(builder, args[j], sig.args[j], types.intp)
+                                  for j in (1, 2, 3, 4, 6, 8))
+        ahead = _ahead(builder, g)
         c = [ir.Constant(i64, n) for n in range(max(rows, tb, 32) + 1)]
         slots = [[builder.bitcast(pm.at(builder.add(p0, c[r]),
                                         builder.mul(builder.add(t0, c[t]), c[16])),
@@ -339,8 +402,8 @@ def _rows16_codegen(rows, tb, vnni):
             d = builder.add(d0, builder.mul(loop.index, c[32]))
             w = []
             for r in range(rows):
-                ptr = em.at(builder.add(v0, c[r]), d)
-                _prefetch(builder, builder.gep(ptr, [ir.Constant(i64, _PREFETCH)]))
+                ptr = _row_at(builder, em, g, builder.add(v0, c[r]), d)
+                _prefetch(builder, builder.gep(ptr, [ahead]))
                 raw = builder.load(builder.bitcast(ptr, ir.VectorType(i8, 32).as_pointer()),
                                    align=1)
                 w.append(builder.bitcast(builder.sext(raw, ir.VectorType(i16, 32)), _V16I))
@@ -358,20 +421,21 @@ def _rows16_codegen(rows, tb, vnni):
 
 
 def _rows16_kernel(rows, tb, vnni=None):
-    """An intrinsic k(e, v0, d0, n32, x, t0, part, p0) doing, for r < rows,
+    """An intrinsic k(e, g, v0, d0, n32, x, t0, part, p0) doing, for r < rows,
     t < tb and the 16 int32 lanes l:
 
         part[p0+r, 16(t0+t)+l] += sum_{i < n32, j < 2} x[t0+t, d] * e[v0+r, d],
                                   d = d0 + 32i + 2l + j
 
-    e int8 (V, D), x int16, part int32, all C-contiguous 2-D; the caller
-    guarantees the ranges (no bounds checks). vnni: None = vpdpwssd where the
-    target has AVX-512 VNNI, False = portable IR (the same integers)."""
-    def typer(typingctx, e, v0, d0, n32, x, t0, part, p0):
+    e int8 (V, D) in rows or grouped (g, see _rows_kernel), x int16, part int32,
+    all C-contiguous 2-D; the caller guarantees the ranges (no bounds checks).
+    vnni: None = vpdpwssd where the target has AVX-512 VNNI, False = portable IR
+    (the same integers)."""
+    def typer(typingctx, e, g, v0, d0, n32, x, t0, part, p0):
         arrays = (e, x, part)
         if all(isinstance(a, types.Array) and a.ndim == 2 and a.layout == "C" for a in arrays) \
                 and (e.dtype, x.dtype, part.dtype) == (types.int8, types.int16, types.int32):
-            return types.none(e, v0, d0, n32, x, t0, part, p0), _rows16_codegen(rows, tb, vnni)
+            return types.none(e, g, v0, d0, n32, x, t0, part, p0), _rows16_codegen(rows, tb, vnni)
         return None
     typer.__name__ = typer.__qualname__ = f"_rows16_r{rows}_t{tb}_{vnni}"
     return intrinsic(typer)
@@ -383,7 +447,7 @@ _pass16 = _rows_pass(_rows16_kernel)     # n = 32-value steps of D
 
 
 @njit(cache=True)
-def _block16(xq, xs, e, sc, out, v0, v1):
+def _block16(xq, xs, e, g, sc, out, v0, v1):
     """out[:, v0:v1] = scale_w * scale_x * (xq @ e[v0:v1].T) for one block of rows."""
     _prefer_512()
     T, D = xq.shape[0], e.shape[1]
@@ -392,7 +456,7 @@ def _block16(xq, xs, e, sc, out, v0, v1):
     part = np.zeros((nr, T * 16), np.int32)            # (rows, T x 16 lanes)
     dc = _chunk_width(T, 2, 32)
     for d0 in range(0, d32, dc):                       # each chunk of rows read once
-        _pass16(T, e, v0, nr, d0, (min(d32, d0 + dc) - d0) // 32, xq, part)
+        _pass16(T, e, g, v0, nr, d0, (min(d32, d0 + dc) - d0) // 32, xq, part)
     for r in range(nr):
         s = np.float64(np.uint32(np.uint32(sc[v0 + r]) << 16).view(np.float32))
         row = e[v0 + r]
@@ -406,13 +470,13 @@ def _block16(xq, xs, e, sc, out, v0, v1):
 
 
 @njit(parallel=True, cache=True)
-def _logits16_kernel(xq, xs, e, sc, out):
+def _logits16_kernel(xq, xs, e, g, sc, out):
     """out (T, V) from int16 activations xq (T, >= D) with scales xs (T,), blocks of
     rows across threads."""
     V = e.shape[0]
     for b in prange((V + _BLOCK_ROWS - 1) // _BLOCK_ROWS):
         v0 = b * _BLOCK_ROWS
-        _block16(xq, xs, e, sc, out, v0, min(V, v0 + _BLOCK_ROWS))
+        _block16(xq, xs, e, g, sc, out, v0, min(V, v0 + _BLOCK_ROWS))
 
 
 @njit(cache=True)
@@ -466,26 +530,34 @@ def _quantize_row(row, out):
 
 
 @njit(parallel=True, cache=True)
-def _quantize_rows(e, q, sbits):
-    """_quantize_row for every row of e (uint16 (V, D)) into q and sbits, blocks of rows
-    across threads."""
-    V = e.shape[0]
+def _quantize_rows(e, q, sbits, g):
+    """_quantize_row for every row of e (uint16 (V, D)) into q (grouped by g, 1: in
+    rows) and sbits, blocks of rows across threads."""
+    V, D = e.shape
+    flat = q.reshape(-1)
     for b in prange((V + _BUILD_ROWS - 1) // _BUILD_ROWS):
+        row = np.empty(D, np.int8)
         for v in range(b * _BUILD_ROWS, min(V, (b + 1) * _BUILD_ROWS)):
-            sbits[v] = _quantize_row(e[v], q[v])
+            sbits[v] = _quantize_row(e[v], row)
+            base = (v // g) * g * D + (v % g) * GROUP_STEP         # see Int8Table.grouped
+            for d in range(D):
+                flat[base + (d // GROUP_STEP) * GROUP_STEP * g + d % GROUP_STEP] = row[d]
 
 
 def quantize_table(embed: np.ndarray) -> Int8Table:
-    """The bf16 (V, D) table (e.g. the mapped embedding) as an Int8Table; numba,
-    parallel over rows (one pass over the 1.6 GB at Grok-1 size)."""
+    """The bf16 (V, D) table (e.g. the mapped embedding) as an Int8Table, grouped
+    where its shape allows (Int8Table.grouped); numba, parallel over rows (one
+    pass over the 1.6 GB at Grok-1 size)."""
     if embed.dtype != BF16 or embed.ndim != 2:
         raise ValueError(f"quantize_table: expected a 2-D bfloat16 table, got "
                          f"{embed.ndim}-D {embed.dtype}")
     v, d = embed.shape
+    grouped = groupable(v, d)
     values = np.empty((v, d), np.int8)                                  # (V, D)
     sbits = np.empty(v, np.uint16)                                       # (V,) bf16 bits
-    _quantize_rows(np.ascontiguousarray(embed).view(np.uint16), values, sbits)
-    return Int8Table(values, sbits.view(BF16))
+    _quantize_rows(np.ascontiguousarray(embed).view(np.uint16), values, sbits,
+                   GROUP_ROWS if grouped else 1)
+    return Int8Table(values, sbits.view(BF16), grouped)
 
 
 # ----------------------------------------------------------------------------

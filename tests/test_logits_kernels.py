@@ -35,17 +35,25 @@ def _table(rng, v, d, scale=2.0):
     return t
 
 
-@pytest.mark.parametrize("v,d", [(1000, 64), (131, 200), (77, 1031), (3, 6144)])
+@pytest.mark.parametrize("v,d", [(1000, 64), (131, 200), (77, 1031), (3, 6144), (24, 192)])
 def test_table_matches_numpy_reference(v, d):
+    """Values and scales as an independent numpy quantizer; grouped (8 rows interleaved
+    by 64 values) exactly where the shape allows, in rows elsewhere."""
     rng = np.random.default_rng(v * d)
     table = _table(rng, v, d)
     got = quantize_table(table)
     q, s = _reference_table(table)
-    np.testing.assert_array_equal(got.values, q)
+    assert got.grouped == (v % 8 == 0 and d % 64 == 0)
+    np.testing.assert_array_equal(got.natural(), q)
+    if got.grouped:     # row v's values d..d+63 at (v // 8) 8D + (d // 64) 512 + (v % 8) 64
+        flat = got.values.reshape(-1)
+        for row, col in ((0, 0), (v - 1, d - 64), (9, min(64, d - 64)), (13, max(0, d - 128))):
+            at = (row // 8) * 8 * d + (col // 64) * 512 + (row % 8) * 64
+            np.testing.assert_array_equal(flat[at:at + 64], q[row, col:col + 64])
     np.testing.assert_array_equal(got.scales.view(np.uint16), s.view(np.uint16))
     err = np.abs(got.dequantize() - table.astype(np.float32)).max(axis=1)
     assert np.all(err <= s.astype(np.float32) / 2)                          # rounding only
-    used = np.abs(got.values).max(axis=1)
+    used = np.abs(got.natural()).max(axis=1)
     assert np.all(used[np.arange(v) != min(5, v - 1)] >= 126)               # range used
 
 
@@ -65,6 +73,27 @@ def test_logits_match_float64_matmul_for_1_to_16_tokens(v, d):
         got = logits_int8(x, table)
         assert got.shape == (t, v) and got.dtype == np.float32
         assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max(), t
+
+
+@pytest.mark.parametrize("act16", [False, True])
+def test_grouped_table_gives_the_logits_of_rows_bit_for_bit(act16):
+    """The same values grouped (one stream) or in rows: the same logits, bit for bit,
+    at every token count and both activation modes (the kernels sum in the same order
+    whatever the layout); a grouped table of a shape that cannot be grouped is refused."""
+    from lowmem.logits_kernels import group_rows
+    rng = np.random.default_rng(21)
+    grouped = quantize_table(_table(rng, 200, 6144 + 64))                   # (200, 6208)
+    assert grouped.grouped
+    rows = Int8Table(grouped.natural(), grouped.scales)
+    assert not np.array_equal(rows.values, grouped.values)
+    np.testing.assert_array_equal(group_rows(rows.values), grouped.values)
+    for t in (1, 2, 3, 4, 5, 8, 9, 16, 17):
+        x = rng.standard_normal((t, 6144 + 64)).astype(np.float32)
+        np.testing.assert_array_equal(logits_int8(x, grouped, act16=act16),
+                                      logits_int8(x, rows, act16=act16), err_msg=str(t))
+    bad = Int8Table(np.zeros((12, 64), np.int8), np.ones(12, ml_dtypes.bfloat16), True)
+    with pytest.raises(ValueError, match="grouped table needs"):
+        logits_int8(np.ones(64, np.float32), bad, act16=act16)
 
 
 def test_each_row_of_a_batch_equals_that_row_alone():
@@ -182,7 +211,7 @@ def test_act16_portable_micro_kernel_equals_vnni():
     lane sums, and both equal numpy's (lane l sums columns 2l, 2l+1 of each 32)."""
     from numba import njit
     from lowmem.logits_kernels import _rows16_kernel
-    kernels = {vnni: njit(lambda e, x, p, k=_rows16_kernel(4, 2, vnni): k(e, 1, 32, 3, x, 1, p, 0))
+    kernels = {vnni: njit(lambda e, x, p, k=_rows16_kernel(4, 2, vnni): k(e, 1, 1, 32, 3, x, 1, p, 0))
                for vnni in (None, False)}
     rng = np.random.default_rng(5)
     e = rng.integers(-127, 128, (6, 160), dtype=np.int8)                    # (V, D)

@@ -79,11 +79,15 @@ def _bf16_table(rng, rows, cols, mmap_dir, name) -> np.ndarray:
 
 
 def _int8_table(rng, rows, cols, mmap_dir, name) -> logits_kernels.Int8Table:
-    """Random int8 output table (V, D) with one bf16 scale per row."""
+    """Random int8 output table (V, D) with one bf16 scale per row, grouped where the
+    shape allows, as the engine builds it (logits_kernels.quantize_table)."""
     values = rng.integers(-127, 128, (rows, cols), dtype=np.int8)
     scales = (rng.random(rows, dtype=np.float32) * 1e-2).astype(ml_dtypes.bfloat16)
+    grouped = logits_kernels.groupable(rows, cols)
+    if grouped:
+        values = logits_kernels.group_rows(values)
     return logits_kernels.Int8Table(_store(values, mmap_dir, name),
-                                    _store(scales, mmap_dir, name + "_s"))
+                                    _store(scales, mmap_dir, name + "_s"), grouped)
 
 
 def _buffers(*weights):
