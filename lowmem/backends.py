@@ -320,6 +320,7 @@ class DeviceBackend:
     linear = staticmethod(chunked_linear)     # no whole-matrix dequantization per token
     key_block = None           # one softmax over the whole cache (model.attend)
     logits_fn = staticmethod(device_logits)
+    activations = "fp32"       # fp32 / bf16 activations (act_int8 is refused)
 
     def __init__(self, model: PackedModel, device, options):
         if options.output_table not in (None, "bf16"):
@@ -343,17 +344,6 @@ class DeviceBackend:
                            if isinstance(w, QWeight) else put(w)
                            for role, w in self.model.layer(layer).items()})
         return layers
-
-    def a8(self, rows: int) -> bool:
-        """Whether a quantized matmul of this many rows takes int8 activations."""
-        return self.a8_rows is not None and rows >= self.a8_rows
-
-    @property
-    def activations(self) -> str:
-        """The activations in words: 'fp32', 'int8', or 'int8 from N rows'."""
-        if self.a8_rows is None:
-            return "fp32"
-        return "int8" if self.a8_rows == 1 else f"int8 from {self.a8_rows} rows"
 
     def embed_rows(self, tokens: np.ndarray):
         return _take_rows(self.logits_table, tokens)                      # (T, D) bf16

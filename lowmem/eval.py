@@ -194,7 +194,7 @@ def run(args) -> dict:
             logits = teacher_forced_logits(rt.engine, tokens, not args.no_progress)
         from lowmem.requant import expert_bytes_per_token
         nbytes = expert_bytes_per_token(rt.engine.model, args.requant_experts)
-        acts = "fp32" if args.requant_experts else getattr(rt.engine.backend, "activations", "fp32")
+        acts = "fp32" if args.requant_experts else rt.engine.backend.activations
         table = getattr(rt.engine.backend, "output_table", "bf16")   # auto resolved
     finally:
         rt.close()

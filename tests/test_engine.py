@@ -348,6 +348,17 @@ def test_auto_activations_of_int8_models_are_int8_from_4_rows(packed, monkeypatc
     assert (0 < _rel(got, fp32) < 5e-2) if fast_on_host() else np.array_equal(got, fp32)
 
 
+def test_backends_name_their_activations(packed):
+    """What lowmem.eval reports: the host's choice in words, the device's fp32."""
+    from lowmem.act8_kernels import fast_on_host
+    words = lambda bits, a8: _engine(packed[bits], backend="host",  # noqa: E731
+                                     act_int8=a8).backend.activations
+    assert (words("int8", True), words("int8", False)) == ("int8", "fp32")
+    assert words("int8", None) == ("int8 from 4 rows" if fast_on_host() else "fp32")
+    assert words("int4", None) == ("int8" if fast_on_host() else "fp32")
+    assert _engine(packed["int8"], backend="device").backend.activations == "fp32"
+
+
 def test_int8_activation_mode_gives_the_logits_int16_activations(packed):
     """With act_int8 the host logits read the int8 table with int16 activations
     (logits_kernels' act16), without it with fp32 ones: the backend's logits equal
