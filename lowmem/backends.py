@@ -80,17 +80,17 @@ class _HostMatmul:
     def __call__(self, x, handle, layer, rows):
         backend = _HOST_BACKENDS[int(handle)]
         weight = backend.weights[int(layer)][self.role]
-        return _leading_rows(x, rows, weight, backend.a8_rows)
+        return _leading_rows(x, rows, weight, backend.a8)
 
 
-def _leading_rows(x, rows, weight, a8_rows: int | None) -> np.ndarray:
+def _leading_rows(x, rows, weight, a8: Callable[[int], bool]) -> np.ndarray:
     """x @ weight for the first ``rows`` rows of x (the real ones, see model._rows_kw),
-    zeros after them: fp32 (T, N); int8 activations from a8_rows real rows on
-    (``act_int8_rows``)."""
+    zeros after them: fp32 (T, N); int8 activations where a8(real rows) says so
+    (``HostBackend.a8``)."""
     from lowmem.cpu_kernels import matmul
     x = np.asarray(x, np.float32)                                           # (T, K)
     n = min(int(rows), len(x))
-    act_int8 = a8_rows is not None and n >= a8_rows
+    act_int8 = a8(n)
     if n == len(x):
         return matmul(x, weight, act_int8=act_int8)
     out = np.zeros((len(x), weight.shape[1]), np.float32)                   # (T, N)
@@ -122,7 +122,7 @@ class _HostQKV:
     def __call__(self, x, handle, layer, rows):
         backend = _HOST_BACKENDS[int(handle)]
         weights = backend.weights[int(layer)]
-        return tuple(_leading_rows(x, rows, weights[role], backend.a8_rows) for role in "qkv")
+        return tuple(_leading_rows(x, rows, weights[role], backend.a8) for role in "qkv")
 
 
 def host_qkv(x: jax.Array, wq: HostWeight, wk: HostWeight, wv: HostWeight,
@@ -279,7 +279,7 @@ class HostBackend:
         return self.embed[tokens]                                         # (T, D) bf16
 
     def make_moe(self, options, fetch_hook: Callable | None = None) -> HostMoE:
-        return HostMoE(self.model, self.a8_rows)
+        return HostMoE(self.model, self.a8)
 
     def close(self) -> None:
         _HOST_BACKENDS.pop(self.handle, None)

@@ -22,6 +22,7 @@ Both count their traffic in a ``CacheStats``.
 from __future__ import annotations
 
 from functools import partial
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -252,10 +253,10 @@ class HostMoE:
 
     dispatches = slot_writes = 0        # numba kernels: nothing dispatched to XLA
 
-    def __init__(self, model: PackedModel, a8_rows: int | None = None):
-        """a8_rows: int8 activations in the kernels of an expert applied to this many
-        rows or more (the backend's choice, ``backends.act_int8_rows``); None: fp32."""
-        self.model, self.stats, self.a8_rows = model, CacheStats(), a8_rows
+    def __init__(self, model: PackedModel, a8: Callable[[int], bool] | None = None):
+        """a8: whether an expert applied to this many rows takes int8 activations (the
+        backend's rule, ``HostBackend.a8``); None: fp32 always."""
+        self.model, self.stats, self.a8 = model, CacheStats(), a8
 
     def moe(self, layer: int, x: jax.Array, gates: jax.Array, experts_host: np.ndarray,
             experts: jax.Array, n_real: int, next_guess: tuple | None = None) -> np.ndarray:
@@ -276,7 +277,7 @@ class HostMoE:
         for _, e in ExpertCache.needed(layer, routed):
             rows, slot = np.nonzero(routed == e)
             block = self.model.expert(layer, e)
-            a8 = self.a8_rows is not None and len(rows) >= self.a8_rows
+            a8 = self.a8 is not None and self.a8(len(rows))
             out = expert_ffn(np.ascontiguousarray(xs[rows]), block.gate, block.up, block.down,
                              round_bf16=False, act_int8=a8)  # the MoE is fp32
             acc[rows] += gs[rows, slot][:, None] * out

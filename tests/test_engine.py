@@ -416,6 +416,6 @@ def test_host_attention_skips_padding_rows(packed, monkeypatch, act_int8):
     for role in ("q", "o"):
         w = packed["int8"].layer(0)[role]
         x = rng.standard_normal((16, w.shape[0])).astype(np.float32)                # (T, K)
-        got = B._leading_rows(x, np.int32(11), w, 1 if act_int8 else None)
+        got = B._leading_rows(x, np.int32(11), w, lambda rows: act_int8)
         np.testing.assert_array_equal(got[:11], matmul(x, w, act_int8=act_int8)[:11])
         assert got.shape == (16, w.shape[1]) and not got[11:].any()
