@@ -56,6 +56,14 @@ _I32 = ir.IntType(32)
 _V64B = ir.VectorType(_I8, 64)
 _V16I = ir.VectorType(_I32, 16)
 _V16F = ir.VectorType(ir.FloatType(), 16)
+# A compiler-only memory fence (no instruction) between a kernel's quads of
+# rows. Without it LLVM's scheduler hoists the later quads' row loads above
+# the earlier quads' dot products and, with 4 x tb accumulators live, spills
+# the loaded rows to the stack: Grok-1's int8 gate and down at 6 tokens ran
+# 1.5x slower inside tile_strips than the same kernel called alone, and int4
+# at 4 tokens 1.1x (docs/PERFORMANCE.md, section 3, session 19). The CPU still
+# runs ahead out of order; only the compiled order is kept.
+_BARRIER = ir.InlineAsm(ir.FunctionType(ir.VoidType(), []), "", "~{memory}", side_effect=True)
 
 
 @njit(cache=True)
@@ -218,6 +226,7 @@ def _codegen(bits, tb, vnni, mode):
         acc = [[_correction(builder, bm, builder.add(t0, ir.Constant(i64, t)), blk, offset)] * 4
                for t in range(tb)]
         for q in range(BLOCK // 4):
+            builder.call(_BARRIER, [])  # quad q's loads stay below: see _BARRIER
             u = _quad(builder, bits, pm, i0, n0, q, um, mode, table)
             for t in range(tb):
                 xp = xm.at(builder.add(t0, ir.Constant(i64, t)), builder.add(k, ir.Constant(i64, 4 * q)))
