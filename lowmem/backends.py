@@ -192,7 +192,7 @@ def _build_output_table(embed: np.ndarray, kind: str, auto: bool):
     return table
 
 
-A8_FROM_ROWS = 4    # auto, int8 models: int8 activations in matmuls of 4 rows or more
+A8_FROM_ROWS = 2    # auto, int8 models: int8 activations in matmuls of 2 rows or more
 
 
 def act_int8_rows(options, model: PackedModel) -> int | None:
@@ -204,13 +204,14 @@ def act_int8_rows(options, model: PackedModel) -> int | None:
     - int4 experts: 1. Their owners chose bytes over exactness; the activation
       rounding adds 2-5% to the KL the int4 weights cost (docs/FIDELITY.md).
     - int8 experts: A8_FROM_ROWS. Decode (one token) is computed exactly in fp32,
-      whose kernels run at the memory read there. From 4 rows sharing a weight (a
-      prompt chunk, a batched step, an expert that 4 tokens of a chunk route to)
+      whose kernels run at the memory read there. From 2 rows sharing a weight (a
+      prompt chunk, a batched step, an expert that 2 tokens of a chunk route to)
       the fp32 kernels are bound by their multiply-adds (one FMA lane per weight
       and row) and int8 activations per 32 values (llama.cpp's own arithmetic for
-      Q8_0, everywhere) are faster: one Grok-1 expert at 4 / 8 / 12 rows 0.8 /
-      0.7 / 0.4x the fp32 time, a 256-token prompt 2x faster; below 4 rows they
-      are slower (their fixed cost per weight byte; docs/PERFORMANCE.md).
+      Q8_0, everywhere) are faster: a Grok-1 expert matrix at 2 / 3 / 4 rows
+      0.92 / 0.67-0.76 / 0.68-0.83x the fp32 time, an 11-token prompt 0.80-0.93x
+      against the threshold 4 of session 17, a 256-token prompt 2x faster
+      (docs/PERFORMANCE.md, section 3, session 19).
     Other CPUs: None.
     """
     if options.act_int8 is not None:

@@ -264,8 +264,8 @@ def add_engine_arguments(p) -> None:
                         "several tokens share an expert: prefill, serving; a measured change of "
                         "the logits, docs/FIDELITY.md); auto, on a CPU with AVX-512 VNNI: int8 "
                         "for models with int4 experts; for int8 models, int8 in the matmuls "
-                        "of 4 rows or more (prompt chunks, batched steps), fp32 below (decode "
-                        "exact); else fp32 (default auto)")
+                        "of 2 rows or more (prompt chunks, batched steps), fp32 for one row "
+                        "(decode exact); else fp32 (default auto)")
     p.add_argument("--act-int8", dest="activations", action="store_const", const="int8",
                    help="the same as --activations int8 (default: off, --activations decides)")
     add_precision_argument(p)

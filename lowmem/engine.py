@@ -88,7 +88,7 @@ class EngineOptions:
         wherever several tokens share a weight (prefill, serving), a measured change of
         the logits (docs/FIDELITY.md). True: every matmul; False: none. None (auto), on a
         CPU with AVX-512 VNNI: every matmul for models with int4 experts; for int8 models
-        those of 4 rows or more (prompt chunks, batched steps), decode computed
+        those of 2 rows or more (prompt chunks, batched steps), decode computed
         exactly (``backends.act_int8_rows``).
     """
     backend: str = "auto"                 # 'auto', 'host' (numba on the mapped files), 'device'

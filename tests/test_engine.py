@@ -317,10 +317,10 @@ def test_act_int8_option_and_its_auto_choice(packed, bits):
         _engine(packed[bits], backend="device", act_int8=True)
 
 
-def test_auto_activations_of_int8_models_are_int8_from_4_rows(packed, monkeypatch):
-    """auto on an int8 model: with AVX-512 VNNI, the products of 4 rows or more
-    (an 11-token prompt's attention, an expert 4+ of its tokens route to) take int8
-    activations and smaller ones (an expert with 1-3 of its tokens, a decode step)
+def test_auto_activations_of_int8_models_are_int8_from_2_rows(packed, monkeypatch):
+    """auto on an int8 model: with AVX-512 VNNI, the products of 2 rows or more
+    (an 11-token prompt's attention, an expert 2+ of its tokens route to) take int8
+    activations and one-row ones (an expert with one of its tokens, a decode step)
     fp32, so decoding stays exact; without VNNI, fp32 everywhere. The prompt's
     logits move by the activation rounding only."""
     import lowmem.cpu_kernels as ck
@@ -354,7 +354,7 @@ def test_backends_name_their_activations(packed):
     words = lambda bits, a8: _engine(packed[bits], backend="host",  # noqa: E731
                                      act_int8=a8).backend.activations
     assert (words("int8", True), words("int8", False)) == ("int8", "fp32")
-    assert words("int8", None) == ("int8 from 4 rows" if fast_on_host() else "fp32")
+    assert words("int8", None) == ("int8 from 2 rows" if fast_on_host() else "fp32")
     assert words("int4", None) == ("int8" if fast_on_host() else "fp32")
     assert _engine(packed["int8"], backend="device").backend.activations == "fp32"
 
