@@ -268,6 +268,10 @@ def add_engine_arguments(p) -> None:
                         "(decode exact); else fp32 (default auto)")
     p.add_argument("--act-int8", dest="activations", action="store_const", const="int8",
                    help="the same as --activations int8 (default: off, --activations decides)")
+    p.add_argument("--mlock", action="store_true",
+                   help="lock the model's files in RAM at load, so the OS never pages out "
+                        "experts a while unused (needs the RAM and a memlock limit, ulimit -l, "
+                        "that allows it; default off)")
     add_precision_argument(p)
 
 
@@ -285,7 +289,7 @@ def engine_kwargs(args) -> dict:
                 prefetch=not args.no_prefetch, cache_policy=args.cache_policy,
                 staging_workers=args.staging_workers,
                 precision=args.precision, output_table=OUTPUT_TABLES[args.output_table],
-                act_int8=ACTIVATIONS[args.activations])
+                act_int8=ACTIVATIONS[args.activations], mlock=args.mlock)
 
 
 # --- checks that need more than one option, or a file ---------------------------------

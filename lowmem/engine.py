@@ -29,7 +29,7 @@ import numpy as np
 from lowmem import model as M
 from lowmem.backends import BackendError, make_backend
 from lowmem.timing import StepTimer
-from quant.packed import PackedModel
+from quant.packed import MemoryLockError, PackedModel
 
 log = logging.getLogger(__name__)
 PREFILL_BUCKETS = (16, 64, 256)   # prompt chunk lengths compiled; the largest is the chunk
@@ -90,6 +90,9 @@ class EngineOptions:
         CPU with AVX-512 VNNI: every matmul for models with int4 experts; for int8 models
         those of 2 rows or more (prompt chunks, batched steps), decode computed
         exactly (``backends.act_int8_rows``).
+    mlock: lock the model's files in RAM at load (``PackedModel.lock``, as llama.cpp's
+        --mlock): the OS can no longer page out experts a while unused, at the price of
+        RAM for the whole model and a memlock limit that allows it.
     """
     backend: str = "auto"                 # 'auto', 'host' (numba on the mapped files), 'device'
     expert_cache_gb: float | None = None  # device backend, GiB; None = what fits
@@ -107,6 +110,7 @@ class EngineOptions:
     precision: str = DEFAULT_PRECISION    # 'fp32' (exact math) or 'bf16' (the release's run)
     output_table: str | None = None       # host: 'bf16', 'int8', 'int4'; None = auto
     act_int8: bool | None = None          # host: int8 activations; None = auto (VNNI)
+    mlock: bool = False                   # lock the model's files in RAM (PackedModel.lock)
 
 
 def cache_length(context: int, buckets: tuple[int, ...] = PREFILL_BUCKETS) -> int:
@@ -176,6 +180,11 @@ class Engine:
                               f"{self.options.staging_workers} workers of "
                               f"{self.options.staging_chunk_mb} MiB")
         self.device = device or jax.devices()[0]
+        if self.options.mlock:
+            try:
+                model.lock()
+            except MemoryLockError as e:
+                raise EngineError(str(e)) from None
         try:
             self.backend = make_backend(self.options.backend, model, self.device, self.options)
         except BackendError as e:

@@ -60,6 +60,43 @@ class IntegrityError(PackedFormatError):
     """Stored bytes (a tensor, the manifest, the tokenizer) differ from their checksum."""
 
 
+class MemoryLockError(OSError):
+    """The OS refused to lock a model's files in RAM (``PackedModel.lock``)."""
+
+
+def _mlock_fn(name: str = "mlock"):
+    """libc's mlock (or munlock)(addr, len) -> 0, or -1 with errno set; None where
+    there is none."""
+    import ctypes
+    import ctypes.util
+    try:
+        fn = getattr(ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True), name)
+    except (OSError, AttributeError, TypeError):
+        return None
+    fn.argtypes, fn.restype = (ctypes.c_void_p, ctypes.c_size_t), ctypes.c_int
+    return fn
+
+
+def _mlock(buf: np.ndarray, path: Path) -> None:
+    """Lock a whole file mapping's pages in RAM: read in now, never paged out."""
+    import ctypes
+    fn = _mlock_fn()
+    if fn is None:
+        raise MemoryLockError(f"{path}: cannot lock in memory: this platform's C library "
+                              f"has no mlock")
+    if fn(buf.ctypes.data, buf.nbytes) != 0:
+        err = ctypes.get_errno()
+        try:
+            import resource
+            soft = resource.getrlimit(resource.RLIMIT_MEMLOCK)[0]
+            limit = "unlimited" if soft == resource.RLIM_INFINITY else f"{soft // 1024} KiB"
+        except (ImportError, OSError, ValueError):
+            limit = "unknown"
+        raise MemoryLockError(f"{path}: could not lock {buf.nbytes / 1e9:.2f} GB in memory "
+                              f"({os.strerror(err)}); the memlock limit (ulimit -l) is {limit}: "
+                              f"raise it, free RAM, or run without --mlock")
+
+
 def _round_up(n: int, align: int) -> int:
     return -(-n // align) * align
 
@@ -476,6 +513,28 @@ class PackedModel:
         if file not in self._maps:
             self._maps[file] = np.memmap(self.model_dir / file, np.uint8, mode="r")
         return self._maps[file]
+
+    def lock(self) -> int:
+        """Lock every file of the model in RAM (mlock(2), as llama.cpp's --mlock); returns
+        the bytes locked. Why: the OS may page out mapped file pages that have not been
+        read for a while (memory pressure, or proactive reclaim such as DAMON's pageout on
+        this project's VMs, which drops pages idle for 60 s), and a token that routes to
+        such an expert then waits for the disk. Reads every page now; needs the RAM and a
+        memlock limit (ulimit -l) that allows it, else MemoryLockError."""
+        total = 0
+        for name in sorted(file_sizes(self.entries)):
+            buf = self._map(name)
+            _mlock(buf, self.model_dir / name)
+            total += buf.nbytes
+        log.info("locked %.2f GB of %s in RAM", total / 1e9, self.model_dir)
+        return total
+
+    def unlock(self) -> None:
+        """Undo ``lock`` (munlock(2)): the pages stay cached, but the OS may evict them."""
+        fn = _mlock_fn("munlock")
+        for buf in self._maps.values():
+            if fn is not None:
+                fn(buf.ctypes.data, buf.nbytes)
 
     def view(self, entry: TensorEntry) -> np.ndarray:
         """Zero-copy view of one stored tensor (not verified: see ``_weight``)."""

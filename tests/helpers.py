@@ -38,3 +38,13 @@ def run_on_avx2_target(script: str, cache_dir) -> None:
     r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
                        text=True, timeout=600, cwd=root)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+def memlock_allows(nbytes: int) -> bool:
+    """Whether this process may lock nbytes more in RAM: root (CAP_IPC_LOCK), or a
+    memlock limit (ulimit -l; 8 MiB by default on current Linux) with room for them."""
+    import resource
+    if os.geteuid() == 0:
+        return True
+    soft = resource.getrlimit(resource.RLIMIT_MEMLOCK)[0]
+    return soft == resource.RLIM_INFINITY or soft >= 4 * nbytes  # other tests lock too

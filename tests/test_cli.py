@@ -24,6 +24,8 @@ from lowmem.api import Runtime
 from quant.packed import QuantSettings
 from quant.pipeline import quantize_checkpoint
 
+from helpers import memlock_allows
+
 TOOLS = {"generate": G, "profile": P, "plan": PL, "quantize": Q, "reference": R, "eval": EV, "serve": SV}
 
 
@@ -115,6 +117,22 @@ def test_generate_checks_against_the_model(capsys, tmp_path, tiny_model):
     assert_refused(capsys, tmp_path, G.main, [*m, "--prompt-ids", "5,999"],
                    "outside the vocabulary")
     assert_refused(capsys, tmp_path, G.main, ["--model", str(tmp_path / "missing")], "missing")
+
+
+def test_generate_mlock(capsys, tmp_path, tiny_model, monkeypatch):
+    """--mlock locks the model's files before generating; a refused lock is one line, exit 2."""
+    from quant import packed
+    calls = []
+    real = packed.PackedModel.lock
+    monkeypatch.setattr(packed.PackedModel, "lock", lambda self: calls.append(self) or real(self))
+    argv = ["-m", str(tiny_model), "--prompt-ids", "5,17", "-n", "2", "--backend", "host", "-q"]
+    if not memlock_allows(sum(f.stat().st_size for f in tiny_model.glob("*.bin"))):
+        pytest.skip("the memlock limit (ulimit -l) is below the tiny model's size")
+    assert G.main([*argv, "--mlock"]) == 0 and len(calls) == 1
+    assert G.main(argv) == 0 and len(calls) == 1                  # off by default
+    capsys.readouterr()
+    monkeypatch.setattr(packed, "_mlock_fn", lambda: None)
+    assert_refused(capsys, tmp_path, G.main, [*argv, "--mlock"], "cannot lock in memory")
 
 
 def test_generate_talks_on_stderr_and_q_silences(capsys, tiny_model):

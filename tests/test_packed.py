@@ -16,6 +16,8 @@ from quant.pipeline import quantize_checkpoint
 from quant.qweight import dequantize
 from quant.spec import checkpoint_specs
 
+from helpers import memlock_allows
+
 SETTINGS = [QuantSettings(8), QuantSettings(4), QuantSettings(4, 32),
             QuantSettings(8, attention="bf16"),
             QuantSettings(4, 32, int4_levels=STUDENT_T_LEVELS)]
@@ -278,3 +280,43 @@ def test_settings_reject_bad_group():
     gate = next(s for s in checkpoint_specs(preset("tiny")) if s.role == "gate")
     with pytest.raises(ValueError, match="group size 96 does not divide"):
         QuantSettings(4, 96).expert_group_size(gate)
+
+
+def _locked_kib():
+    """This process's locked memory (VmLck in /proc/self/status), KiB."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmLck:"))
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/status"),
+                    reason="VmLck is read from Linux's /proc")
+def test_lock_pins_every_file_of_the_model(model_dir):
+    """--mlock: every file's whole mapping is locked (the kernel counts it in VmLck)."""
+    model = PackedModel.open(model_dir)
+    if not memlock_allows(sum(file_sizes(model.entries).values())):
+        pytest.skip("the memlock limit (ulimit -l) is below the tiny model's size")
+    before = _locked_kib()
+    locked = model.lock()
+    sizes = file_sizes(model.entries)
+    assert locked == sum(sizes.values()) and len(sizes) == 1 + 2 * model.cfg.num_layers
+    assert _locked_kib() - before == locked // 1024      # files are whole pages (ALIGN)
+    model.unlock()
+    assert _locked_kib() == before
+
+
+def test_lock_refused_names_the_file_and_the_limit(model_dir, monkeypatch):
+    """When mlock fails (a memlock limit too low), one line: which file, how many
+    bytes, the OS's reason, the limit and what to do."""
+    import ctypes
+    import errno
+    from quant import packed
+    monkeypatch.setattr(packed, "_mlock_fn", lambda: lambda addr, n: (
+        ctypes.set_errno(errno.ENOMEM), -1)[1])
+    with pytest.raises(packed.MemoryLockError) as e:
+        PackedModel.open(model_dir).lock()
+    msg = str(e.value)
+    assert "global.bin: could not lock" in msg and "Cannot allocate memory" in msg
+    assert "ulimit -l" in msg and "--mlock" in msg and "\n" not in msg
+    monkeypatch.setattr(packed, "_mlock_fn", lambda: None)
+    with pytest.raises(packed.MemoryLockError, match="has no mlock"):
+        PackedModel.open(model_dir).lock()

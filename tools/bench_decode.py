@@ -28,7 +28,11 @@ routes to (counted by the engine), every layer's attention and the output
 table once; and the share of the read that prefill reached.
 
 Before timing, every expert block is read once through the model's own
-mappings, so the run measures memory, not page faults or the disk.
+mappings, and the model's files are locked in RAM (``PackedModel.lock``, the
+runtime's ``--mlock``; ``--no-mlock`` leaves them to the OS), so the run
+measures memory, not page faults or the disk: this project's VMs page out
+mapped pages idle for 60 s (a DAMON pageout scheme), and one unlocked run of
+the int8 model re-read ~0.9 GB from disk while it was timed (2026-12-03).
 
     python tools/bench_decode.py                       # 2 layers, int8 and int4
     python tools/bench_decode.py --layers 1 --bits 8   # less disk (~7 GB) and time
@@ -214,6 +218,15 @@ def prefault_experts(model: PackedModel) -> float:
     return time.perf_counter() - start
 
 
+def lock_model(model: PackedModel) -> str:
+    """Lock the model's files in RAM; 'yes (N GB)' or why not (the run goes on)."""
+    from quant.packed import MemoryLockError
+    try:
+        return f"yes ({model.lock() / GB:.1f} GB)"
+    except MemoryLockError as e:
+        return f"NO: {e}"
+
+
 def decode_seconds(engine, prompt: list[int], tokens: int) -> list[float]:
     """Per-token wall seconds of ``tokens`` greedy decode steps (after the prefill)."""
     from lowmem.decoding import GenerationRequest, generate_tokens
@@ -311,6 +324,7 @@ def bench_model(model_dir: Path, args) -> list[dict]:
     same = [[words(b) for v in bb.values() for b in v] for bb in bufs]
     anon = np.ones(max(sum(w.nbytes for w in ws) for ws in same) // 8, np.uint64)  # touched
     fault_s = prefault_experts(model)
+    locked = lock_model(model) if args.mlock else "no (--no-mlock)"
     prompt = list(range(100, 100 + args.prompt_tokens))
     for rt in rts:
         decode_seconds(rt.engine, prompt, 2)                            # compile, warm
@@ -333,9 +347,12 @@ def bench_model(model_dir: Path, args) -> list[dict]:
             "tokens_per_s": 1.0 / step, "gbps": per_token / step / GB,
             "floor_same_gbps": per_token / float(np.median(floor_same[i])) / GB,
             "floor_anon_gbps": float(np.median(anon_gbps)), "prefault_s": fault_s,
+            "locked": locked,
             "steps": len(steps[i]), "prefill": bench_prefill(rt.engine, args.prefill, args.repeats, anon),
             "table": table,
             "table_build_s": table_build_seconds(model, table) if table != "bf16" else None})
+    model.unlock()                      # the next model's turn: its pages, not these, stay
+    for rt in rts:
         rt.close()
     return rows
 
@@ -367,7 +384,7 @@ def print_table(rows: list[dict]) -> None:
         prefill = ", ".join(f"{n} tokens {_median(v, 0):.1f} tok/s (read {_median(v, 1):.1f} "
                             "GB/s beside it)" for n, v in r["prefill"].items())
         print(f"  {r['model']}: bytes per token = {parts}; {r['steps']} decode steps; "
-              f"first read of all experts {r['prefault_s']:.1f} s")
+              f"first read of all experts {r['prefault_s']:.1f} s; locked in RAM: {r['locked']}")
         print(f"  {r['model']}: prefill {prefill}")
         ratios = "; ".join(f"{k} {ratio:.2f}x the target ({target:.1f} tok/s)"
                            for k, (ratio, target) in target_ratios(r).items())
@@ -409,6 +426,8 @@ def main(argv=None) -> int:
                          "the table of llama.cpp's file at the model's bits (int8 for Q8_0, "
                          "int4 for Q4_0), issue 10's comparison (default: auto llama)")
     ap.add_argument("--tokens", type=int, default=4, help="decode steps per repeat (default 4)")
+    ap.add_argument("--no-mlock", dest="mlock", action="store_false",
+                    help="leave the model's pages to the OS (default: locked in RAM)")
     ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats (default 3)")
     args = ap.parse_args(argv)
     if min(args.layers, args.tokens, args.repeats, *args.prefill) < 1:
