@@ -520,11 +520,16 @@ class PackedModel:
         read for a while (memory pressure, or proactive reclaim such as DAMON's pageout on
         this project's VMs, which drops pages idle for 60 s), and a token that routes to
         such an expert then waits for the disk. Reads every page now; needs the RAM and a
-        memlock limit (ulimit -l) that allows it, else MemoryLockError."""
+        memlock limit (ulimit -l) that allows it, else MemoryLockError (and the files
+        locked before the refusal are unlocked again)."""
         total = 0
         for name in sorted(file_sizes(self.entries)):
             buf = self._map(name)
-            _mlock(buf, self.model_dir / name)
+            try:
+                _mlock(buf, self.model_dir / name)
+            except MemoryLockError:
+                self.unlock()
+                raise
             total += buf.nbytes
         log.info("locked %.2f GB of %s in RAM", total / 1e9, self.model_dir)
         return total

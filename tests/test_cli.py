@@ -131,7 +131,7 @@ def test_generate_mlock(capsys, tmp_path, tiny_model, monkeypatch):
     assert G.main([*argv, "--mlock"]) == 0 and len(calls) == 1
     assert G.main(argv) == 0 and len(calls) == 1                  # off by default
     capsys.readouterr()
-    monkeypatch.setattr(packed, "_mlock_fn", lambda: None)
+    monkeypatch.setattr(packed, "_mlock_fn", lambda name="mlock": None)
     assert_refused(capsys, tmp_path, G.main, [*argv, "--mlock"], "cannot lock in memory")
 
 
