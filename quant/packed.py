@@ -537,9 +537,10 @@ class PackedModel:
     def unlock(self) -> None:
         """Undo ``lock`` (munlock(2)): the pages stay cached, but the OS may evict them."""
         fn = _mlock_fn("munlock")
+        if fn is None:
+            return
         for buf in self._maps.values():
-            if fn is not None:
-                fn(buf.ctypes.data, buf.nbytes)
+            fn(buf.ctypes.data, buf.nbytes)
 
     def view(self, entry: TensorEntry) -> np.ndarray:
         """Zero-copy view of one stored tensor (not verified: see ``_weight``)."""

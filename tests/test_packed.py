@@ -1,6 +1,7 @@
 """The packed format (quant/packed.py) as the quantizer writes it: layout invariants,
 the stored bytes against the manifest, zero-copy views, and rejection of damage."""
 import json
+import os
 import shutil
 
 import numpy as np
@@ -288,7 +289,7 @@ def _locked_kib():
         return next(int(line.split()[1]) for line in f if line.startswith("VmLck:"))
 
 
-@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/status"),
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"),
                     reason="VmLck is read from Linux's /proc")
 def test_lock_pins_every_file_of_the_model(model_dir):
     """--mlock: every file's whole mapping is locked (the kernel counts it in VmLck)."""
