@@ -12,8 +12,9 @@
 
 Each backend gives the engine: ``linear`` and ``logits_fn`` (module-level
 functions, so every engine of a config shares one trace of each jitted step),
-``place_layers()``, ``embed_rows(tokens)``, ``logits_table``, ``make_moe()``
-and ``close()``.
+``place_layers()``, ``embed_rows(tokens)``, ``logits_table``, ``make_moe()``,
+``close()`` and ``calls_back`` (its steps call back into Python: the engine waits
+for their logits before it returns them).
 """
 from __future__ import annotations
 
@@ -235,6 +236,7 @@ def host_logits(cfg, hn: jax.Array, handle: jax.Array, precision: str = "bf16") 
 class HostBackend:
     """Weights stay in the mapped files; numba kernels compute on them in place."""
     name = "host"
+    calls_back = True          # its steps call into Python by handle (the engine waits for logits)
     linear = staticmethod(host_linear)
     key_block = M.KEY_BLOCK    # attend loops over the filled blocks of the cache (model.attend)
     logits_fn = staticmethod(host_logits)
@@ -318,6 +320,7 @@ def _take_rows(table, tokens):
 class DeviceBackend:
     """Resident weights on the accelerator; experts streamed into an ExpertCache."""
     name = "device"
+    calls_back = False
     linear = staticmethod(chunked_linear)     # no whole-matrix dequantization per token
     key_block = None           # one softmax over the whole cache (model.attend)
     logits_fn = staticmethod(device_logits)

@@ -433,6 +433,10 @@ class Engine:
                                  self.final_norm, self.backend.logits_table)
             self.timer.mark("logits", logits)
             self.dispatches += 1
+        if logits is not None and self.backend.calls_back:
+            # its callback looks the backend up by handle in a weak registry: an engine
+            # dropped before an asynchronous step ends would take the backend with it
+            logits.block_until_ready()
         return logits, SequenceState(caches, valid, state.pos + n)
 
 

@@ -348,6 +348,32 @@ def test_auto_activations_of_int8_models_are_int8_from_2_rows(packed, monkeypatc
     assert (0 < _rel(got, fp32) < 5e-2) if fast_on_host() else np.array_equal(got, fp32)
 
 
+def test_host_logits_outlive_an_engine_dropped_at_once(packed, monkeypatch):
+    """``np.asarray(Engine(...).feed(p))``: the engine is gone before anything reads
+    the logits, and its last step's callback finds the backend by handle in a weak
+    registry. XLA on CPU runs a step with a callback inline, unless another
+    computation is still running, when it queues it to run later (forced here: a
+    busy loop dispatched just before the logits). The engine waits for its logits,
+    so they are a kept engine's."""
+    import gc
+    from lowmem import backends
+    from lowmem import engine as E
+
+    prompt = list(range(3, 14))
+    want = np.asarray(_engine(packed["int8"], backend="host", precision="fp32").feed(prompt))
+    busy = jax.jit(lambda a: jax.lax.fori_loop(0, 200, lambda i, y: jax.numpy.tanh(y @ y), a))
+    square = jax.numpy.full((256, 256), 1 / 256, jax.numpy.float32)
+    busy(square).block_until_ready()                                    # compiled
+    last_logits = E._last_logits
+    monkeypatch.setattr(E, "_last_logits", lambda *a: (busy(square), last_logits(*a))[1])
+    engine = _engine(packed["int8"], backend="host", precision="fp32")
+    handle, logits = engine.backend.handle, engine.feed(prompt)
+    del engine
+    gc.collect()
+    assert handle not in backends._HOST_BACKENDS                        # the engine is gone
+    np.testing.assert_array_equal(np.asarray(logits), want)
+
+
 def test_backends_name_their_activations(packed):
     """What lowmem.eval reports: the host's choice in words, the device's fp32."""
     from lowmem.act8_kernels import fast_on_host
