@@ -173,8 +173,8 @@ class ExpertCache:
     def keys(self) -> list[Key]:
         return list(self._entries)
 
-    def _make_room(self, wait: bool = False) -> bool:
-        """Free a slot: evict the least recently used unpinned entry.
+    def _make_room(self, wait: bool = False, keep=()) -> bool:
+        """Free a slot: evict the least recently used unpinned entry not in ``keep``.
 
         Entries still in flight are evicted only when ``wait`` (a step needs
         the slot): the transfer is waited for first.
@@ -185,8 +185,8 @@ class ExpertCache:
         for done_only in (True, False) if wait else (True,):
             for key in order:
                 entry = self._entries[key]
-                if entry.pins == 0 and (entry.future is None or entry.future.done()
-                                        or not done_only):
+                if entry.pins == 0 and key not in keep and (
+                        entry.future is None or entry.future.done() or not done_only):
                     if entry.future is not None:
                         entry.future.exception()          # wait; its outcome no longer matters
                     self._drop(key)
@@ -212,15 +212,17 @@ class ExpertCache:
         return entry
 
     def prefetch(self, keys: list[Key], kind: str = "layer") -> None:
-        """Start speculative fetches, never evicting pinned or in-flight entries.
+        """Start speculative fetches, never evicting pinned or in-flight entries, nor
+        an earlier one of ``keys`` (best first: where there is room for one, the first
+        stays, even when its fetch has ended before the second is started).
 
         ``kind`` 'token': the next token's first layer, guessed when a step ends
         (counted apart, so that its hits can be judged on their own).
         """
-        for key in keys:
+        for i, key in enumerate(keys):
             if key in self._entries:
                 continue
-            if not self._make_room():
+            if not self._make_room(keep=keys[:i]):
                 self.stats.prefetch_dropped += 1
                 continue
             self._start(key, prefetched=kind)

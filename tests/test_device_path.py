@@ -5,7 +5,7 @@ import gc
 import jax
 import pytest
 
-from helpers import greedy_ids
+from helpers import InlinePool, greedy_ids
 from lowmem.backends import BackendError, expert_slots, free_device_bytes
 from lowmem.engine import Engine, EngineOptions
 from lowmem.expert_cache import choose_policy
@@ -175,12 +175,15 @@ def test_dispatches_per_decode_token_are_constant_and_counted(model, tiny_cfg, b
     assert (writes > 0) == (slots == 3)                            # a small cache misses
 
 
-def test_next_token_layer0_is_prefetched_when_a_step_ends(model):
+def test_next_token_layer0_is_prefetched_when_a_step_ends(model, monkeypatch):
     """At the last layer the engine prefetches this token's layer-0 experts for the next
     token (into the slot the last layer's two pinned experts leave free): after each
     decode step the first of them is in the cache, and greedy decoding (which repeats
-    its token here) then hits it; without prefetch the same run hits less."""
+    its token here) then hits it; without prefetch the same run hits less. Fetches
+    run inline: with worker threads, a wrong guess for the last layer may still be in
+    flight in that slot, and a prefetch never evicts one (timing, not the engine)."""
     engine = _engine(model, slots=3, record_routing=True)
+    monkeypatch.setattr(engine.experts.cache, "_pool", InlinePool())
     greedy_ids(engine, PROMPT, 2)
     engine.reset()
     engine.feed(PROMPT)
@@ -189,6 +192,8 @@ def test_next_token_layer0_is_prefetched_when_a_step_ends(model):
         layer, first = engine.routing_trace[-2]                     # (layer 0, (1, k))
         assert layer == 0 and (0, int(first[0, 0])) in engine.experts.cache.keys()
     on, off = _engine(model, slots=3), _engine(model, slots=3, prefetch=False)
+    for e in (on, off):
+        monkeypatch.setattr(e.experts.cache, "_pool", InlinePool())
     assert greedy_ids(on, PROMPT, 16) == greedy_ids(off, PROMPT, 16)
     stats = on.expert_stats
     assert stats.token_prefetches >= 8

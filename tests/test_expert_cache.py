@@ -5,6 +5,7 @@ import threading
 import numpy as np
 import pytest
 
+from helpers import InlinePool
 from lowmem import expert_cache as C
 from lowmem.expert_cache import ExpertCache
 
@@ -87,6 +88,21 @@ def test_prefetch_hits_and_drops():
     cache.prefetch([(3, 0)])
     assert cache.stats.prefetch_dropped == 1 and (3, 0) not in cache
     cache.release([(2, 0), (2, 1), (2, 2)])
+
+
+def test_a_prefetch_never_evicts_an_earlier_key_of_its_own_list():
+    """Room for one of two guesses (best first): the first stays even when its fetch
+    has ended before the second is considered (fetches inline), and the second is
+    dropped, not swapped in over it; it may evict an older entry."""
+    cache = ExpertCache(FakeFetch(), block_nbytes=1, capacity=3)
+    cache._pool = InlinePool()
+    _run(cache, [[(0, 0)]])
+    cache.acquire([(1, 0), (1, 1)])                     # one slot left: (0, 0), done
+    cache.prefetch([(0, 4), (0, 6)], kind="token")      # (0, 4) evicts (0, 0)
+    assert cache.keys() == [(1, 0), (1, 1), (0, 4)]
+    assert (cache.stats.prefetches, cache.stats.prefetch_dropped) == (1, 1)
+    cache.release([(1, 0), (1, 1)])
+    cache.close()
 
 
 def test_pinned_entries_are_never_evicted():
