@@ -56,6 +56,12 @@ _X_L1_BYTES = 32768       # activations of the tokens x one D chunk kept in L1
 _L1_TOKENS = 16           # ... for up to this many tokens (more tokens: the chunk of 16)
 _PREFETCH = 1024          # bytes ahead along each row that the micro-kernel prefetches
 _GROUP_PREFETCH = 4096    # the same in a grouped table (its one stream; 1024 there: 1.10x the read)
+# Where the fp32 kernel's one-token variants prefetch to: L2 (prefetcht1), not L1. A
+# token's weights are converted once and used once, and prefetches into L1 cost the
+# loads' own fill buffers: Grok-1's grouped table, one token, 38.3-38.9 GB/s on two
+# threads against 31.9-33.4 into L1 (20.5-21.2 against 15.9-16.8 on one), copies of
+# the module alternated in one process; the int16 kernel is faster into L1.
+_ONE_TOKEN_LOCALITY = 2
 _ROW_STAGGER = 256        # activation rows start this many bytes apart modulo 4 KiB
 _BUILD_ROWS = 64          # vocabulary rows per work item when building the table
 
@@ -152,7 +158,8 @@ def _rows_codegen(rows, tb):
             d = builder.add(d0, builder.mul(loop.index, c[64]))
             rowp = [_row_at(builder, em, g, builder.add(v0, c[r]), d) for r in range(rows)]
             for r in range(rows):
-                _prefetch(builder, builder.gep(rowp[r], [ahead]))
+                _prefetch(builder, builder.gep(rowp[r], [ahead]),
+                          _ONE_TOKEN_LOCALITY if tb == 1 else 3)
             xrow = [xm.at(builder.add(t0, c[t]), d) for t in range(tb)]
             for q in range(4):
                 w = [builder.sitofp(builder.sext(builder.load(em.vec(rowp[r], 16 * q, i8),

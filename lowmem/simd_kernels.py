@@ -233,13 +233,14 @@ def _prefetch_ahead(builder, mat, ptr, along_row: int):
     _prefetch(builder, builder.gep(ptr, [ahead]))
 
 
-def _prefetch(builder, ptr):
-    """Read prefetch into all cache levels (never faults, even past a mapping)."""
+def _prefetch(builder, ptr, locality: int = 3):
+    """Read prefetch (never faults, even past a mapping): locality 3 into every cache
+    level (prefetcht0), 2 into L2 and beyond only (prefetcht1)."""
     i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
     fn = builder.module.declare_intrinsic(  # llvmlite mangles the pointer type its way
         "llvm.prefetch", [i8p], ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]))
-    builder.call(fn, [builder.bitcast(ptr, i8p), ir.Constant(i32, 0), ir.Constant(i32, 3),
-                      ir.Constant(i32, 1)])
+    builder.call(fn, [builder.bitcast(ptr, i8p), ir.Constant(i32, 0),
+                      ir.Constant(i32, locality), ir.Constant(i32, 1)])
 
 
 def _q4_codegen(tb, nv, lut, perm8):
