@@ -35,7 +35,7 @@ from lowmem.expert_cache import DeviceSlots, ExpertCache, choose_policy
 from lowmem.moe import DeviceMoE, HostMoE, chunked_linear
 from lowmem.staging import Stager
 from quant.packed import PackedModel
-from quant.qweight import QWeight
+from quant.qweight import QWeight, untile
 from quant.spec import ATTENTION_ROLES
 
 log = logging.getLogger(__name__)
@@ -311,6 +311,16 @@ def device_logits(cfg, hn: jax.Array, table: jax.Array, precision: str = "bf16")
     return jax.lax.fori_loop(0, v // rows, body, jnp.zeros((hn.shape[0], v), F32))
 
 
+def _place_qweight(w: QWeight, put: Callable) -> QWeight:
+    """A resident QWeight on the device, its values in row order: tiled values are put
+    back in order there once, so no step pays for the tiles' order (model.dequantize
+    would untile them on every call)."""
+    values = put(w.values)
+    if w.tiled:
+        values = jax.jit(untile, static_argnums=1)(values, w.bits)   # (K or K/2, N)
+    return QWeight(values, put(w.scales), w.bits, w.group_size, w.levels)
+
+
 @jax.jit
 def _take_rows(table, tokens):
     """Embedding rows of tokens in one dispatch (eager indexing costs six)."""
@@ -343,9 +353,7 @@ class DeviceBackend:
         put = partial(jax.device_put, device=self.device)
         layers = []
         for layer in range(self.model.cfg.num_layers):
-            layers.append({role: QWeight(put(w.values), put(w.scales), w.bits, w.group_size,
-                                         w.levels)
-                           if isinstance(w, QWeight) else put(w)
+            layers.append({role: _place_qweight(w, put) if isinstance(w, QWeight) else put(w)
                            for role, w in self.model.layer(layer).items()})
         return layers
 

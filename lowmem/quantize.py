@@ -67,8 +67,9 @@ def build_parser(prog: str = "python -m lowmem.quantize") -> argparse.ArgumentPa
     p.add_argument("--attention", choices=("int8", "bf16"), default="int8",
                    help="attention weights: int8 as released (default) or dequantized bf16")
     p.add_argument("--layout", choices=LAYOUTS, default="tiles",
-                   help="expert values in 32 x 64 tiles, one sequential read per matmul "
-                        "(default: 1.1-1.3x faster on the host backend), or in rows (format 4)")
+                   help="expert and int8 attention values in 32 x 64 tiles, one sequential "
+                        "read per matmul (default: 1.1-1.4x faster on the host backend), or in "
+                        "rows (format 4)")
     p.add_argument("--row-pad", type=int, metavar="BYTES",
                    help=f"--layout rows: zero bytes after each stored row of expert values, a "
                         f"multiple of 64 (default {ROW_PAD}: rows a multiple of 4 KiB long, as "

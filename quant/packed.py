@@ -37,8 +37,9 @@ from quant.spec import (ATTENTION_ROLES, EXPERT_ROLES, WeightSpec, expert_tensor
                         layer_specs, layers_in_file_order)
 
 FORMAT_MAGIC = "lowmem-grok1-packed"
-FORMAT_VERSION = 5         # 5: expert values may be tiled (QuantSettings.tiles)
-READABLE_VERSIONS = (2, 3, 4, 5)  # 2-4 read as 5 untiled; 2 and 3 with row_pad 0, 2 no levels
+FORMAT_VERSION = 6         # 6: attention values may be tiled (QuantSettings.attention_tiles)
+READABLE_VERSIONS = (2, 3, 4, 5, 6)  # 2-5 read as 6 with untiled attention, 2-4 untiled
+# experts; 2 and 3 with row_pad 0, 2 with no levels
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.model"
 SEAL = "manifest_sha256"   # SHA-256 of the manifest's canonical JSON without this key
@@ -118,6 +119,7 @@ class QuantSettings:
     int4_levels: tuple[int, ...] | None = None  # int4 groups: nibble -> level (QWeight.levels)
     row_pad: int = ROW_PAD         # zero bytes after each stored row of expert values
     tiles: bool = False            # expert values in tiles (QWeight.tiled); row_pad must be 0
+    attention_tiles: bool = False  # int8 attention values in tiles where a matrix allows
 
     def __post_init__(self):
         if self.bits not in (4, 8):
@@ -139,6 +141,12 @@ class QuantSettings:
         if self.tiles and self.row_pad:
             raise ValueError(f"tiled expert values carry no row padding: row_pad must be 0 "
                              f"with tiles, got {self.row_pad}")
+        if type(self.attention_tiles) is not bool:
+            raise ValueError(f"attention_tiles must be true or false, got "
+                             f"{self.attention_tiles!r}")
+        if self.attention_tiles and self.attention != "int8":
+            raise ValueError(f"attention_tiles applies to int8 attention, got attention "
+                             f"{self.attention!r}")
 
     def expert_group_size(self, spec: WeightSpec) -> int:
         """Rows per scale for one expert matrix (K = spec.shape[-2])."""
@@ -236,6 +244,22 @@ def expert_block_layout(cfg: GrokConfig, settings: QuantSettings) -> tuple[tuple
     return tuple(block.entries), _round_up(block.size, ALIGN)
 
 
+def attention_tiled(spec: WeightSpec, settings: QuantSettings) -> bool:
+    """Whether an int8 attention matrix's values are stored in tiles: with
+    ``attention_tiles``, each matrix whose shape and scale group allow it
+    (check_tiles; all four of Grok-1's do, the tiny configs' 32-column k and v
+    do not). Why: a one-token product over rows reads 32 rows at once, 32
+    streams; in tiles one (Grok-1's q, k, v, o of 2 layers, one token, 2
+    threads: 5.9 ms against 8.1, docs/PERFORMANCE.md section 3, session 21)."""
+    if not settings.attention_tiles:
+        return False
+    try:
+        check_tiles(spec.shape[-2:], spec.shape[-2] // spec.row_blocks, spec.name)
+    except ValueError:
+        return False
+    return True
+
+
 def _layer_entries(cfg: GrokConfig, settings: QuantSettings, layer: int,
                    specs: list[WeightSpec]) -> list[TensorEntry]:
     res = _FileBuilder(resident_file(layer), ALIGN)
@@ -246,7 +270,8 @@ def _layer_entries(cfg: GrokConfig, settings: QuantSettings, layer: int,
             group = spec.shape[-2] // spec.row_blocks
             for part, shape, dtype in _quantized_parts(spec, 8, group):
                 res.add(name=f"{spec.name}.{part}", shape=shape, dtype=dtype, role=spec.role,
-                        layer=layer, part=part, bits=8, group_size=group)
+                        layer=layer, part=part, bits=8, group_size=group,
+                        tiled=part == "values" and attention_tiled(spec, settings))
         else:
             dtype = "bfloat16" if spec.role in ATTENTION_ROLES else "float32"
             res.add(name=spec.name, shape=spec.shape, dtype=dtype, role=spec.role, layer=layer)
@@ -401,6 +426,8 @@ def _check_manifest(model_dir: Path, manifest: dict) -> tuple[GrokConfig, QuantS
             quant = {**quant, "row_pad": 0}
         if manifest["format_version"] < 5:          # and never in tiles before version 5
             quant = {**quant, "tiles": False}
+        if manifest["format_version"] < 6:          # attention never before version 6
+            quant = {**quant, "attention_tiles": False}
         settings = QuantSettings(**quant)
         expert_block_layout(cfg, settings)  # group sizes must divide this config's widths
     except (KeyError, TypeError, ValueError) as e:
@@ -557,7 +584,7 @@ class PackedModel:
         values, scales = self._by_name[name + ".values"], self._by_name[name + ".scales"]
         views = [self.view(values), self.view(scales)]
         self._check_once(name, [values, scales], views)
-        return QWeight(*views, values.bits, values.group_size, values.levels)
+        return QWeight(*views, values.bits, values.group_size, values.levels, values.tiled)
 
     def embed(self) -> np.ndarray:
         return self._weight(global_specs(self.cfg)["embed"].name)  # bf16 (V, D)

@@ -41,8 +41,8 @@ from quant.pack_writer import (RECORD_SUFFIX, Unit, UnitWriter, load_valid_recor
                                write_record)
 from quant.outlock import OutputLock, OutputLocked
 from quant.packed import (MANIFEST, ROW_PAD, TOKENIZER, PackedFormatError, QuantSettings,
-                          check_row_pad, file_sha256, make_manifest, pad_rows, verify_model,
-                          write_json_atomic)
+                          attention_tiled, check_row_pad, file_sha256, make_manifest,
+                          pad_rows, verify_model, write_json_atomic)
 from quant.qweight import tile_values
 from quant.spec import (ATTENTION_ROLES, WeightSpec, checkpoint_specs, expert_tensor_name,
                         layer_specs)
@@ -62,8 +62,9 @@ PER_CHANNEL = "channel"         # the option value asking for one scale per outp
 # weights at the same bytes (docs/FIDELITY.md). Per channel is uniform only.
 INT4_LEVELS = {"student-t": STUDENT_T_LEVELS, "uniform": None}
 DEFAULT_INT4_LEVELS = "student-t"
-# Expert value layouts (--layout): tiles, the default (QWeight.tiled: one sequential
-# stream per matmul, 1.1-1.3x faster on the host), or padded rows (format 4's).
+# Value layouts (--layout): tiles, the default (QWeight.tiled: one sequential stream
+# per matmul, 1.1-1.3x faster on the host; expert and int8 attention values), or
+# rows (format 4's: expert rows padded, attention rows dense).
 LAYOUTS = ("tiles", "rows")
 
 
@@ -82,9 +83,9 @@ def settings_for(bits: int, group_size: int | str | None = None, int4_levels: st
                  attention: str = "int8", row_pad: int | None = None,
                  layout: str = "tiles") -> QuantSettings:
     """QuantSettings from the quantize options, defaults applied: int4 groups of
-    DEFAULT_GROUP_SIZE with DEFAULT_INT4_LEVELS, expert values in tiles (``layout``
-    'rows': rows padded by ``row_pad``, default ROW_PAD); ValueError (one line) on
-    a bad mix."""
+    DEFAULT_GROUP_SIZE with DEFAULT_INT4_LEVELS, expert and int8 attention values
+    in tiles (``layout`` 'rows': expert rows padded by ``row_pad``, default ROW_PAD,
+    attention rows); ValueError (one line) on a bad mix."""
     if layout not in LAYOUTS:
         raise ValueError(f"--layout: expected one of {', '.join(LAYOUTS)}, found {layout!r}")
     if layout == "tiles" and row_pad:
@@ -108,7 +109,9 @@ def settings_for(bits: int, group_size: int | str | None = None, int4_levels: st
         raise ValueError(f"--row-pad: expected a multiple of 64 in [0, 4096), found {row_pad}") \
             from None
     name = int4_levels or (DEFAULT_INT4_LEVELS if bits == 4 and group is not None else "uniform")
-    return QuantSettings(bits, group, attention, INT4_LEVELS[name], row_pad, layout == "tiles")
+    tiles = layout == "tiles"
+    return QuantSettings(bits, group, attention, INT4_LEVELS[name], row_pad, tiles,
+                         tiles and attention == "int8")
 
 
 class QuantizeError(ValueError):
@@ -165,7 +168,8 @@ def convert_tensor(spec: WeightSpec, value, settings: QuantSettings,
         yield from _expert_outputs(spec, value, settings, errors)
     elif spec.role in ATTENTION_ROLES and settings.attention == "int8":
         errors[spec.name] = 0.0
-        yield spec.name + ".values", value.weight  # (K, N) int8
+        yield spec.name + ".values", (tile_values(value.weight, 8) if attention_tiled(
+            spec, settings) else value.weight)     # (K, N) int8, or tiled
         yield spec.name + ".scales", value.scales  # (blocks, N) bf16
     elif spec.role in ATTENTION_ROLES or spec.role == "embed":
         stored, errors[spec.name] = to_bf16(dequantize(value))  # nearest even

@@ -41,8 +41,8 @@ def packed(tiny_cfg, tiny_ckpt, tmp_path_factory):
     levels = QuantSettings(4, 32, int4_levels=STUDENT_T_LEVELS)
     for name, settings in (("int8", QuantSettings(8)), ("int4", QuantSettings(4, 32)),
                            ("int4lv", levels),
-                           ("int8-tl", QuantSettings(8, row_pad=0, tiles=True)),
-                           ("int4lv-tl", replace(levels, row_pad=0, tiles=True))):
+                           ("int8-tl", QuantSettings(8, row_pad=0, tiles=True, attention_tiles=True)),
+                           ("int4lv-tl", replace(levels, row_pad=0, tiles=True, attention_tiles=True))):
         quantize_checkpoint(tiny_ckpt, root / name, tiny_cfg, settings)
         out[name] = PackedModel.open(root / name)
     return out
@@ -136,12 +136,14 @@ def test_int4_levels_engine_equals_fp32_reference_of_its_weights(packed, tiny_cf
                                               ("host", True)])
 @pytest.mark.parametrize("name", ["int8", "int4lv"])
 def test_tiled_models_compute_what_rows_do_bit_for_bit(packed, name, backend, act_int8):
-    """Tiles reorder the stored expert values only: both backends give the row
-    layout's logits bit for bit (host: each column's sums in the same order, fp32 and
-    int8 activations; device: the same dequantized rows), prefill and decode."""
+    """Tiles reorder the stored expert and attention values only: both backends give
+    the row layout's logits bit for bit (host: each column's sums in the same order,
+    fp32 and int8 activations; device: the same dequantized rows, the attention's
+    put back in order when placed), prefill and decode."""
     tiled, rows = packed[name + "-tl"], packed[name]
     assert tiled.settings.tiles and tiled.expert(1, 3).down.tiled
-    assert not rows.expert(1, 3).down.tiled
+    assert tiled.layer(1)["q"].tiled and tiled.layer(0)["o"].tiled
+    assert not rows.expert(1, 3).down.tiled and not rows.layer(1)["q"].tiled
     kw = {} if act_int8 is None else {"act_int8": act_int8}
     for prompt in PROMPTS[:2]:
         np.testing.assert_array_equal(

@@ -122,7 +122,7 @@ def test_demo_model_is_rebuilt_when_the_default_settings_change(demo_model, tiny
     from lowmem import demo
     from quant.pipeline import DEFAULT_GROUP_SIZE, DEFAULT_INT4_LEVELS, INT4_LEVELS
     assert demo._demo_settings() == QuantSettings(4, DEFAULT_GROUP_SIZE, int4_levels=INT4_LEVELS[
-        DEFAULT_INT4_LEVELS], row_pad=0, tiles=True)
+        DEFAULT_INT4_LEVELS], row_pad=0, tiles=True, attention_tiles=True)
     assert not demo._current(demo_model)                       # int4 g64
     quantize_checkpoint(tiny_ckpt, tmp_path / "m", tiny_cfg, demo._demo_settings())
     assert demo._current(tmp_path / "m")

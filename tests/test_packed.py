@@ -134,8 +134,8 @@ def _edit_manifest(path, fn, seal=True):
 
 @pytest.mark.parametrize("damage, pattern", [
     (lambda m: m.update(magic="something-else"), "expected magic"),
-    (lambda m: m.update(format_version=99), "expected format_version 2, 3, 4 or 5, found 99"),
-    (lambda m: m.update(format_version=1), "expected format_version 2, 3, 4 or 5, found 1"),
+    (lambda m: m.update(format_version=99), "expected format_version 2, 3, 4, 5 or 6, found 99"),
+    (lambda m: m.update(format_version=1), "expected format_version 2, 3, 4, 5 or 6, found 1"),
     (lambda m: m["quant"].update(row_pad=32), "row_pad must be a multiple of 64"),
     (lambda m: m["quant"].update(row_pad=0), r"gate\[0\].values: fields \['nbytes', 'shape'\] differ"),
     (lambda m: m["quant"].update(int4_levels=[0] * 16), "int4 levels must be 16 distinct"),
@@ -151,6 +151,13 @@ def _edit_manifest(path, fn, seal=True):
     (lambda m: m["quant"].update(tiles=1), "tiles must be true or false, got 1"),
     (lambda m: m["quant"].update(row_pad=64, tiles=True), "row_pad must be 0 with tiles"),
     (lambda m: m["quant"].update(row_pad=0, tiles=True), r"fields \['nbytes', 'shape', 'tiled'\]"),
+    (lambda m: m["quant"].update(attention_tiles=1),
+     "attention_tiles must be true or false, got 1"),
+    (lambda m: m["quant"].update(attention="bf16", attention_tiles=True),
+     "attention_tiles applies to int8 attention, got attention 'bf16'"),
+    (lambda m: m["quant"].update(attention_tiles=True),
+     r"linear/w.values: fields \['tiled'\] differ from the layout \(expected \[True\], "
+     r"found \[None\]\)"),
 ])
 def test_open_rejects_bad_manifest(model_dir, tmp_path, damage, pattern):
     bad = damaged_copy(model_dir, tmp_path)
@@ -206,6 +213,37 @@ def test_version_4_means_rows_whatever_its_quant_says(tiny_cfg, tiny_ckpt, tmp_p
         del m["quant"]["tiles"]
     _edit_manifest(rows / MANIFEST, to_v4)
     assert PackedModel.open(rows).settings == QuantSettings(8)
+
+
+def test_version_5_means_attention_rows_whatever_its_quant_says(tiny_cfg, tiny_ckpt,
+                                                                 tmp_path):
+    """Attention tiles exist from version 6 on: a model with them relabelled version 5
+    reads with attention_tiles false, so its tiled rows no longer match and it is
+    refused, one line; a version 5 model opens with attention_tiles false, and its
+    weights equal the tiled model's."""
+    tiled = tmp_path / "tiled"
+    quantize_checkpoint(tiny_ckpt, tiled, tiny_cfg,
+                        QuantSettings(8, row_pad=0, tiles=True, attention_tiles=True))
+    layer = PackedModel.open(tiled).layer(1)
+    assert layer["q"].tiled and layer["o"].tiled                # tiny's 64 columns: tiles
+    assert not layer["k"].tiled and not layer["v"].tiled        # its 32 columns: rows
+    _edit_manifest(tiled / MANIFEST, lambda m: m.update(format_version=5))
+    with pytest.raises(PackedFormatError, match=r"linear/w.values: fields \['tiled'\] differ "
+                                                r"from the layout \(expected \[None\], found "
+                                                r"\[True\]\)"):
+        PackedModel.open(tiled)
+    rows = tmp_path / "rows"
+    quantize_checkpoint(tiny_ckpt, rows, tiny_cfg, QuantSettings(8, row_pad=0, tiles=True))
+
+    def to_v5(m):
+        m.update(format_version=5)
+        del m["quant"]["attention_tiles"]
+    _edit_manifest(rows / MANIFEST, to_v5)
+    old = PackedModel.open(rows)
+    assert old.settings == QuantSettings(8, row_pad=0, tiles=True)
+    for role in "qkvo":
+        assert not old.layer(1)[role].tiled
+        np.testing.assert_array_equal(dequantize(old.layer(1)[role]), dequantize(layer[role]))
 
 
 def test_open_refuses_any_unsealed_edit(model_dir, tmp_path):

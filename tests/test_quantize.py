@@ -55,7 +55,8 @@ def models(tiny_cfg, tiny_ckpt, tmp_path_factory):
     """Uninterrupted runs: the baselines every other test compares with."""
     root = tmp_path_factory.mktemp("models")
     runs = {"int8": (QuantSettings(8), TOKENIZER), "int4": (QuantSettings(4), None),
-            "int8-tiles": (QuantSettings(8, row_pad=0, tiles=True), TOKENIZER),  # CLI default
+            "int8-tiles": (QuantSettings(8, row_pad=0, tiles=True, attention_tiles=True),
+                           TOKENIZER),                                     # CLI default
             "int4-g32": (QuantSettings(4, 32), None),
             "bf16-attn": (QuantSettings(8, attention="bf16"), None)}
     out = {}
@@ -246,7 +247,8 @@ def test_resume_of_a_finished_directory_is_a_no_op(models, tiny_cfg, tiny_ckpt, 
     before = dir_bytes(out)
     manifest = quantize(tiny_ckpt, out, tiny_cfg, QuantSettings(4), resume=True)
     assert manifest["quant"] == {"bits": 4, "group_size": None, "attention": "int8",
-                                 "int4_levels": None, "row_pad": ROW_PAD, "tiles": False}
+                                 "int4_levels": None, "row_pad": ROW_PAD, "tiles": False,
+                                 "attention_tiles": False}
     assert dir_bytes(out) == before
     with pytest.raises(QuantizeError, match="already exists with other settings"):
         quantize(tiny_ckpt, out, tiny_cfg, QuantSettings(4, 32), resume=True)
@@ -473,7 +475,8 @@ def test_cli_int4_levels_default_and_uniform(tiny_ckpt, tmp_path):
     lv = json.loads((tmp_path / "lv" / "manifest.json").read_text())
     u = json.loads((tmp_path / "u" / "manifest.json").read_text())
     assert lv["quant"] == {"bits": 4, "group_size": 32, "attention": "int8",
-                           "int4_levels": list(STUDENT_T_LEVELS), "row_pad": 0, "tiles": True}
+                           "int4_levels": list(STUDENT_T_LEVELS), "row_pad": 0, "tiles": True,
+                           "attention_tiles": True}
     assert u["quant"]["int4_levels"] is None and "levels" not in u["int4_method"]
     assert lv["int4_method"]["levels"] == list(STUDENT_T_LEVELS)
     assert lv["quant_error_summary"]["gate"]["mean"] < u["quant_error_summary"]["gate"]["mean"]
