@@ -190,20 +190,6 @@ def _quantized_parts(spec: WeightSpec, bits: int, group: int, row_pad: int = 0):
     return [("values", vshape, vdtype), ("scales", (k // group, n), "bfloat16")]
 
 
-def pad_rows(values: np.ndarray, row_pad: int) -> np.ndarray:
-    """Values (R, N) as stored: (R, N + row_pad), the padding zero.
-
-    Why pad: 16 rows read together whose stride is a multiple of 4 KiB share
-    one L1 set; Grok-1's gate and up (32768-byte rows) run 1.1-1.3x faster
-    with 64 bytes after each row (docs/PERFORMANCE.md section 3, session 10).
-    """
-    if not row_pad:
-        return values
-    out = np.zeros((values.shape[0], values.shape[1] + row_pad), values.dtype)
-    out[:, :values.shape[1]] = values
-    return out
-
-
 class _FileBuilder:
     """Appends aligned entries to one file."""
 
@@ -245,12 +231,9 @@ def expert_block_layout(cfg: GrokConfig, settings: QuantSettings) -> tuple[tuple
 
 
 def attention_tiled(spec: WeightSpec, settings: QuantSettings) -> bool:
-    """Whether an int8 attention matrix's values are stored in tiles: with
-    ``attention_tiles``, each matrix whose shape and scale group allow it
-    (check_tiles; all four of Grok-1's do, the tiny configs' 32-column k and v
-    do not). Why: a one-token product over rows reads 32 rows at once, 32
-    streams; in tiles one (Grok-1's q, k, v, o of 2 layers, one token, 2
-    threads: 5.9 ms against 8.1, docs/PERFORMANCE.md section 3, session 21)."""
+    """Whether an int8 attention matrix's values are in tiles: with attention_tiles,
+    each one whose shape and group allow it (all of Grok-1's; not tiny's 32-column
+    k, v). Why: docs/FORMAT.md section 6 (one read stream instead of 32)."""
     if not settings.attention_tiles:
         return False
     try:

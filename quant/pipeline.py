@@ -42,8 +42,8 @@ from quant.pack_writer import (RECORD_SUFFIX, Unit, UnitWriter, load_valid_recor
 from quant.outlock import OutputLock, OutputLocked
 from quant.packed import (MANIFEST, ROW_PAD, TOKENIZER, PackedFormatError, QuantSettings,
                           attention_tiled, check_row_pad, file_sha256, make_manifest,
-                          pad_rows, verify_model, write_json_atomic)
-from quant.qweight import tile_values
+                          verify_model, write_json_atomic)
+from quant.qweight import pad_rows, tile_values
 from quant.spec import (ATTENTION_ROLES, WeightSpec, checkpoint_specs, expert_tensor_name,
                         layer_specs)
 
