@@ -98,24 +98,16 @@ PINNED_LAYOUT = {
         "int4-g32-levels-tiles":
             "8aa84c8aed09c535b4f20d0cc81cda8503bfb46b4912e08bd94dc92412fae24d",
     },
-    # Version 6 may store int8 attention values in tiles (quant.attention_tiles, the
-    # quantizer's default with tiles; tiny's 32-column k and v stay rows); a model
-    # without them has version 5's layout.
-    6: {
-        "int8": "d531750b351d02be3616f52ea759b8b5b6590e2a7b84860f80c7d6eee1df6528",
-        "int4": "b99525b1c4b6eac667bb175a4d081b6261ce5f5a28438ced0448a4d65198864b",
-        "int4-g32": "802dae8e471ad6fc35ffeb5fe59a0ac400fee819293bfc6eb3487c395168c3e2",
-        "int8-bf16attn": "1a38319ed026efebc194bdb575ba180845ed4405e551eefe2b167a9815fccf85",
-        "int4-g32-levels": "4820b5c11c1f7f088a29a0352166e0c90b09a7c8bea9b7a792a14ec8036f25dc",
-        "int8-dense": "c18b3bf47b7fba6a009d96efd38d08dcc94d167087020d483b62ffd3161f9a01",
-        "int8-tiles": "6d52e1e1fe9cf3ac823db9f43e4d9216a6f40560d48941e8f239c0e8c05fbb6c",
-        "int4-g32-levels-tiles":
-            "8aa84c8aed09c535b4f20d0cc81cda8503bfb46b4912e08bd94dc92412fae24d",
-        "int8-tiles-attention":
-            "6a19d5b4d49a9d15fa95c8939e1ea18379d77b3fb164f770d388c3d9e8a95974",
-        "int4-g32-levels-tiles-attention":
-            "a222cbd4238104a996cc9d110af89ae648e2b35d8d145924f4aea5a62bdb05c4",
-    },
+}
+
+# Version 6 may store int8 attention values in tiles (quant.attention_tiles, the
+# quantizer's default with tiles; tiny's 32-column k and v stay rows); a model without
+# them has version 5's layout.
+PINNED_LAYOUT[6] = {
+    **PINNED_LAYOUT[5],
+    "int8-tiles-attention": "6a19d5b4d49a9d15fa95c8939e1ea18379d77b3fb164f770d388c3d9e8a95974",
+    "int4-g32-levels-tiles-attention":
+        "a222cbd4238104a996cc9d110af89ae648e2b35d8d145924f4aea5a62bdb05c4",
 }
 
 BUMP = "bump quant.packed.FORMAT_VERSION and update docs/FORMAT.md"

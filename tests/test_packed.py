@@ -193,57 +193,39 @@ def test_older_manifests_read_with_dense_rows(model_dir, tiny_cfg, tiny_ckpt, tm
         PackedModel.open(padded)
 
 
-def test_version_4_means_rows_whatever_its_quant_says(tiny_cfg, tiny_ckpt, tmp_path):
-    """Tiles exist from version 5 on: a tiled model relabelled version 4 reads as rows,
-    so its table (the rows' `tiled`) no longer matches and it is refused, one line;
-    a version 4 model of rows opens with tiles false."""
-    tiled = tmp_path / "tiled"
-    quantize_checkpoint(tiny_ckpt, tiled, tiny_cfg, QuantSettings(8, row_pad=0, tiles=True))
-    assert PackedModel.open(tiled).expert(0, 1).up.tiled
-    _edit_manifest(tiled / MANIFEST, lambda m: m.update(format_version=4))
-    with pytest.raises(PackedFormatError, match=r"gate\[0\].values: fields \['tiled'\] differ "
+@pytest.mark.parametrize("version,key,tiled,rows,first", [
+    (4, "tiles", QuantSettings(8, row_pad=0, tiles=True), QuantSettings(8), r"gate\[0\]"),
+    (5, "attention_tiles", QuantSettings(8, row_pad=0, tiles=True, attention_tiles=True),
+     QuantSettings(8, row_pad=0, tiles=True), "linear/w"),
+])
+def test_an_older_version_means_rows_whatever_its_quant_says(tiny_cfg, tiny_ckpt, tmp_path,
+                                                             version, key, tiled, rows, first):
+    """Expert tiles exist from version 5 on, attention tiles from 6: a model with them
+    relabelled one version older reads without them, so its table (the rows'
+    `tiled`) no longer matches and it is refused, one line; a model of that version
+    opens with the setting false, and its weights equal the tiled model's."""
+    quantize_checkpoint(tiny_ckpt, tmp_path / "tiled", tiny_cfg, tiled)
+    new = PackedModel.open(tmp_path / "tiled")
+    assert new.expert(0, 1).up.tiled and new.layer(1)["q"].tiled == tiled.attention_tiles
+    assert not new.layer(1)["k"].tiled                    # tiny's 32-column k: rows always
+    _edit_manifest(tmp_path / "tiled" / MANIFEST, lambda m: m.update(format_version=version))
+    with pytest.raises(PackedFormatError, match=first + r".values: fields \['tiled'\] differ "
                                                 r"from the layout \(expected \[None\], found "
                                                 r"\[True\]\)"):
-        PackedModel.open(tiled)
-    rows = tmp_path / "rows"
-    quantize_checkpoint(tiny_ckpt, rows, tiny_cfg, QuantSettings(8))
+        PackedModel.open(tmp_path / "tiled")
+    quantize_checkpoint(tiny_ckpt, tmp_path / "rows", tiny_cfg, rows)
 
-    def to_v4(m):
-        m.update(format_version=4)
-        del m["quant"]["tiles"]
-    _edit_manifest(rows / MANIFEST, to_v4)
-    assert PackedModel.open(rows).settings == QuantSettings(8)
-
-
-def test_version_5_means_attention_rows_whatever_its_quant_says(tiny_cfg, tiny_ckpt,
-                                                                 tmp_path):
-    """Attention tiles exist from version 6 on: a model with them relabelled version 5
-    reads with attention_tiles false, so its tiled rows no longer match and it is
-    refused, one line; a version 5 model opens with attention_tiles false, and its
-    weights equal the tiled model's."""
-    tiled = tmp_path / "tiled"
-    quantize_checkpoint(tiny_ckpt, tiled, tiny_cfg,
-                        QuantSettings(8, row_pad=0, tiles=True, attention_tiles=True))
-    layer = PackedModel.open(tiled).layer(1)
-    assert layer["q"].tiled and layer["o"].tiled                # tiny's 64 columns: tiles
-    assert not layer["k"].tiled and not layer["v"].tiled        # its 32 columns: rows
-    _edit_manifest(tiled / MANIFEST, lambda m: m.update(format_version=5))
-    with pytest.raises(PackedFormatError, match=r"linear/w.values: fields \['tiled'\] differ "
-                                                r"from the layout \(expected \[None\], found "
-                                                r"\[True\]\)"):
-        PackedModel.open(tiled)
-    rows = tmp_path / "rows"
-    quantize_checkpoint(tiny_ckpt, rows, tiny_cfg, QuantSettings(8, row_pad=0, tiles=True))
-
-    def to_v5(m):
-        m.update(format_version=5)
-        del m["quant"]["attention_tiles"]
-    _edit_manifest(rows / MANIFEST, to_v5)
-    old = PackedModel.open(rows)
-    assert old.settings == QuantSettings(8, row_pad=0, tiles=True)
+    def relabel(m):
+        m.update(format_version=version)
+        del m["quant"][key]
+    _edit_manifest(tmp_path / "rows" / MANIFEST, relabel)
+    old = PackedModel.open(tmp_path / "rows")
+    assert old.settings == rows and not old.layer(1)["q"].tiled
     for role in "qkvo":
-        assert not old.layer(1)[role].tiled
-        np.testing.assert_array_equal(dequantize(old.layer(1)[role]), dequantize(layer[role]))
+        np.testing.assert_array_equal(dequantize(old.layer(1)[role]),
+                                      dequantize(new.layer(1)[role]))
+    np.testing.assert_array_equal(dequantize(old.expert(1, 2).down),
+                                  dequantize(new.expert(1, 2).down))
 
 
 def test_open_refuses_any_unsealed_edit(model_dir, tmp_path):
