@@ -1,4 +1,5 @@
-"""Tiled expert values (format 5, QWeight.tiled, docs/FORMAT.md section 7).
+"""Tiled values (QWeight.tiled): experts (format 5, docs/FORMAT.md section 7) and
+int8 attention (format 6, section 6).
 
 Tiles only reorder the stored bytes, and the host kernels walk a tiled matrix
 adding each column's partial sums in the same order as in rows, so every
@@ -15,9 +16,16 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from helpers import greedy_ids
 from lowmem import cpu_kernels as kernels
 from lowmem import model as M
+from lowmem.decoding import prompt_logits
+from lowmem.engine import Engine, EngineOptions
+from quant.config import preset
 from quant.int4_levels import STUDENT_T_LEVELS
+from quant.packed import PackedModel, QuantSettings
+from quant.pipeline import quantize_checkpoint
+from quant.synthetic import write_checkpoint
 from quant.qweight import (TILE_COLS, TILE_ROWS, QWeight, check_tiles, dequantize, int_values,
                            pack_int4, tile_values, untile)
 
@@ -102,3 +110,43 @@ def test_tiles_refuse_what_they_cannot_hold():
     with pytest.raises(ValueError, match="col_block of tiled values must be a multiple of 64"):
         kernels.matmul(x, tiled, col_block=32)
     np.testing.assert_array_equal(kernels.matmul(x, rows, k_chunk=16), kernels.matmul(x, rows))
+
+
+@pytest.fixture(scope="module")
+def wide_attention(tmp_path_factory):
+    """tiny with 8 query and 4 KV heads: q (64, 128), k and v (64, 64), o (128, 64),
+    int8 attention in tiles and in rows (experts in tiles both). With 64 columns a
+    tile order is the row order; with 128 it is not."""
+    cfg = preset("tiny", num_q_heads=8, num_kv_heads=4)
+    root = tmp_path_factory.mktemp("wide")
+    ckpt = write_checkpoint(cfg, root / "ckpt-0", seed=3)
+    out = {}
+    for name, attention_tiles in (("tiles", True), ("rows", False)):
+        settings = QuantSettings(8, row_pad=0, tiles=True, attention_tiles=attention_tiles)
+        quantize_checkpoint(ckpt, root / name, cfg, settings)
+        out[name] = PackedModel.open(root / name)
+    return out
+
+
+@pytest.mark.parametrize("backend,act_int8", [("device", None), ("host", False),
+                                              ("host", True)])
+def test_attention_in_tiles_computes_what_rows_do_bit_for_bit(wide_attention, backend,
+                                                              act_int8):
+    """Tiled attention values (stored in another byte order here) give the rows'
+    logits bit for bit: the host kernels read them in place (fp32 and int8
+    activations), the device backend puts them back in row order when it places
+    them; prefill and greedy decode."""
+    tiled, rows = wide_attention["tiles"], wide_attention["rows"]
+    for role in "qkvo":
+        t, r = tiled.layer(1)[role], rows.layer(1)[role]
+        assert t.tiled and not r.tiled and t.values.shape == r.values.shape
+        np.testing.assert_array_equal(t.values, tile_values(np.asarray(r.values), 8))
+    assert not np.array_equal(tiled.layer(1)["q"].values, rows.layer(1)["q"].values)
+
+    def engine(model):
+        kw = {} if act_int8 is None else {"act_int8": act_int8}
+        return Engine(model, EngineOptions(backend=backend, precision="bf16", **kw))
+    prompt = [5, 17, 99, 3, 250, 42, 7, 300]
+    np.testing.assert_array_equal(prompt_logits(engine(tiled), prompt),
+                                  prompt_logits(engine(rows), prompt))
+    assert greedy_ids(engine(tiled), prompt, 4) == greedy_ids(engine(rows), prompt, 4)
