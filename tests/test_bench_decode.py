@@ -1,4 +1,5 @@
-"""tools/bench_decode.py's issue-10 ratios: the issue's own figures, scaled by the read."""
+"""tools/bench_decode.py: the issue-10 ratios (the issue's own figures, scaled by the read), and
+which cached models it reuses."""
 import sys
 from pathlib import Path
 
@@ -113,3 +114,18 @@ def test_llama_table_is_the_one_llama_cpps_file_reads():
     assert bench_decode.comparison_note(4, "int4") == "llama.cpp's table bytes (int4)"
     assert "not the issue's comparison" in bench_decode.comparison_note(4, "int8")
     assert "not the issue's comparison" in bench_decode.comparison_note(8, "bf16")
+
+
+def test_a_cached_model_is_reused_only_with_the_current_settings(tiny_cfg, tiny_ckpt, tmp_path):
+    """The workdir's model is benchmarked only when its manifest holds exactly the
+    settings asked for: format 5's attention rows under today's name are rebuilt."""
+    from quant.packed import QuantSettings
+    from quant.pipeline import quantize_checkpoint
+    old = QuantSettings(8, row_pad=0, tiles=True)                # format 5's default
+    new = QuantSettings(8, row_pad=0, tiles=True, attention_tiles=True)
+    quantize_checkpoint(tiny_ckpt, tmp_path / "m", tiny_cfg, old)
+    assert bench_decode._current(tmp_path / "m", old)
+    assert not bench_decode._current(tmp_path / "m", new)
+    assert not bench_decode._current(tmp_path / "missing", new)
+    (tmp_path / "m" / "manifest.json").write_text("{}")
+    assert not bench_decode._current(tmp_path / "m", old)          # unreadable: rebuilt

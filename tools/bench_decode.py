@@ -68,7 +68,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from membw import parallel_sum, read_seconds, words  # noqa: E402
 from quant.config import preset  # noqa: E402
-from quant.packed import MANIFEST, PackedModel, QuantSettings, file_sizes, tensor_layout  # noqa: E402
+from quant.packed import (MANIFEST, PackedFormatError, PackedModel, QuantSettings,  # noqa: E402
+                          file_sizes, tensor_layout)
 from quant.spec import ATTENTION_ROLES, checkpoint_specs  # noqa: E402
 
 GB = 1e9
@@ -155,6 +156,17 @@ def model_name(layers: int, settings: QuantSettings) -> str:
     return f"grok1-L{layers}-int{settings.bits}{group}{levels}{pad}{tiles}"
 
 
+def _current(model_dir: Path, settings: QuantSettings) -> bool:
+    """Whether a cached model opens and holds exactly these settings (a model of an
+    older format, e.g. format 5's attention rows, is rebuilt, not benchmarked)."""
+    if not (model_dir / MANIFEST).is_file():
+        return False
+    try:
+        return PackedModel.open(model_dir, verify_experts=False).settings == settings
+    except PackedFormatError:
+        return False
+
+
 def build_models(args) -> list[Path]:
     """The packed models for --bits (reused when present); writes the checkpoint if needed."""
     from quant.pipeline import quantize_checkpoint
@@ -164,9 +176,13 @@ def build_models(args) -> list[Path]:
     workdir.mkdir(parents=True, exist_ok=True)
     settings = {b: default_settings(b) for b in args.bits}
     outs = {b: workdir / model_name(args.layers, settings[b]) for b in args.bits}
-    todo = [b for b, d in outs.items() if not (d / MANIFEST).is_file()]
+    todo = [b for b, d in outs.items() if not _current(d, settings[b])]
     if not todo:
         return list(outs.values())
+    for b in todo:
+        if outs[b].exists():      # an older format or other settings under this name
+            print(f"replacing {outs[b]} (not the current default int{b} settings)", flush=True)
+            shutil.rmtree(outs[b])
     ckpt = Path(args.ckpt) if args.ckpt else workdir / f"ckpt-grok1-L{args.layers}"
     wrote = False
     if not (ckpt / checkpoint_specs(cfg)[-1].filename).is_file():
