@@ -1,10 +1,12 @@
 """Where the engine's weights live and how its products run: one object per backend.
 
 - ``HostBackend`` (CPU): weights stay in the memory-mapped files; attention and
-  output-logit products run in numba kernels (``lowmem.cpu_kernels``) reached
-  from the jitted attention code through ``jax.pure_callback``; experts are
-  computed in place (``HostMoE``). XLA on CPU with the dequantization inside
-  ``jax.jit`` is tens of times slower than a numba kernel on int8 weights.
+  output-logit products run in numba kernels (``lowmem.cpu_kernels``): for one
+  sequence the engine calls them between jitted pieces (``products``,
+  ``logits``), in batched steps the jitted code reaches them through
+  ``jax.pure_callback``; experts are computed in place (``HostMoE``). XLA on CPU
+  with the dequantization inside ``jax.jit`` is tens of times slower than a
+  numba kernel on int8 weights.
 - ``DeviceBackend`` (accelerator): resident weights are placed on the device
   once; products dequantize a chunk of rows at a time inside jit
   (``moe.chunked_linear``); experts
@@ -13,8 +15,9 @@
 Each backend gives the engine: ``linear`` and ``logits_fn`` (module-level
 functions, so every engine of a config shares one trace of each jitted step),
 ``place_layers()``, ``embed_rows(tokens)``, ``logits_table``, ``make_moe()``,
-``close()`` and ``calls_back`` (its steps call back into Python: the engine waits
-for their logits before it returns them).
+``close()`` and ``calls_back`` (its steps call back into Python: the engine runs
+a sequence's attention and logits in pieces around the host's ``products`` and
+``logits``, and waits for a callback step's logits before it returns them).
 """
 from __future__ import annotations
 
@@ -144,9 +147,13 @@ host_linear.skips_rows = True  # model._rows_kw passes the real row count
 
 
 def _host_logits_callback(x, handle):
+    return _logits_of(_HOST_BACKENDS[int(handle)], x)
+
+
+def _logits_of(backend, x) -> np.ndarray:
+    """The host backend's output kernels on final hidden rows x (T, D) -> fp32 (T, V)."""
     from lowmem.cpu_kernels import matmul, matmul_nt
     from lowmem.logits_kernels import logits_int8
-    backend = _HOST_BACKENDS[int(handle)]
     x = np.asarray(x, np.float32)                          # (T, D)
     a8 = backend.a8(len(x))
     if isinstance(backend.output_q, QWeight):              # int4 table (D, V): x @ W
@@ -266,6 +273,17 @@ class HostBackend:
         return [{role: HostWeight(handle, np.int32(layer), role, w.shape[1])
                  if role in ATTENTION_ROLES else put(w) for role, w in weights.items()}
                 for layer, weights in enumerate(self.weights)]
+
+    def products(self, layer: int, roles: tuple[str, ...], x: np.ndarray, rows: int
+                 ) -> list[np.ndarray]:
+        """x @ W for each attention role of a layer, the real leading ``rows`` rows
+        computed (the rest 0): fp32 (T, N) each, as host_linear's callbacks give."""
+        return [_leading_rows(x, rows, self.weights[layer][r], self.a8) for r in roles]
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """fp32 logits (T, V) of final hidden rows x (T, D), before the multiplier
+        (model.round_logits), as host_logits's callback gives."""
+        return _logits_of(self, x)
 
     def a8(self, rows: int) -> bool:
         """Whether a quantized matmul of this many rows takes int8 activations."""

@@ -134,6 +134,11 @@ class SequenceState:
 _attention = jax.jit(M.attention_block, static_argnums=(0, 1, 2), static_argnames=("key_block",),
                      donate_argnames=("cache",))
 _residual = jax.jit(M.moe_residual, static_argnums=(0, 1))
+# the host backend's attention block and logits in jitted pieces around its kernels
+_norm = jax.jit(M.rms_norm, static_argnums=(0, 3))
+_attention_core = jax.jit(M.attention_core, static_argnums=(0, 1), static_argnames=("key_block",),
+                          donate_argnames=("cache",))
+_attention_residual = jax.jit(M.attention_residual, static_argnums=(0, 1))
 _mark_valid = jax.jit(M.mark_valid, donate_argnums=(0,))
 _embed = jax.jit(M.embed, static_argnums=(0, 1))
 
@@ -157,6 +162,19 @@ def _last_logits(cfg, logits_fn, precision, h, final_norm, table, index):
     row = jax.lax.dynamic_slice_in_dim(h, index, 1, 0)                     # (1, D)
     hn = M.final_hidden(cfg, row, final_norm, precision)
     return logits_fn(cfg, hn, table, precision)[0]
+
+
+@partial(jax.jit, static_argnums=(0, 1))
+def _last_hidden(cfg, precision, h, final_norm, index):
+    """Final norm of one row of h -> (1, D): the host backend's logits input."""
+    return M.final_hidden(cfg, jax.lax.dynamic_slice_in_dim(h, index, 1, 0), final_norm,
+                          precision)
+
+
+@partial(jax.jit, static_argnums=(0, 1))
+def _round_row(cfg, precision, logits):
+    """The host kernels' fp32 logits (1, V) with the output multiplier -> (V,)."""
+    return M.round_logits(cfg, logits, precision)[0]
 
 
 @partial(jax.jit, static_argnums=(0, 1, 2))
@@ -402,17 +420,45 @@ class Engine:
                         n: int):
         """One layer's attention block on a chunk of one sequence, n real rows then
         padding -> (h (T, D), the updated cache; the cache passed in is donated)."""
+        if self.backend.calls_back:
+            return self._host_attention(layer, h, cache, valid, pos, n)
         self.dispatches += 1
         out = _attention(self.cfg, self.backend.linear, self.precision, self.layers[layer], h,
                          cache, valid, pos, np.int32(n), key_block=self.backend.key_block)
         self.timer.mark("attention", out[0])
         return out
 
+    def _host_attention(self, layer: int, h: jax.Array, cache, valid: jax.Array, pos: int,
+                        n: int):
+        """attention_layer on the host backend: its four products called from here,
+        between three jitted pieces, instead of through callbacks inside one jitted
+        step. The same numbers; XLA on CPU spent 0.5-1.6 ms more a layer around
+        callbacks that run for milliseconds (docs/PERFORMANCE.md, section 3, session
+        21)."""
+        cfg, prec, lp, backend = self.cfg, self.precision, self.layers[layer], self.backend
+        x = self.to_host(_norm(cfg, h, lp["attn_norm"], prec))                # (T, D)
+        q, k, v = backend.products(layer, ("q", "k", "v"), x, n)             # (T, N) each
+        attn, cache = _attention_core(cfg, prec, q, k, v, cache, valid, pos,
+                                      key_block=backend.key_block)           # (T, Hq*K)
+        (o,) = backend.products(layer, ("o",), self.to_host(attn), n)       # (T, D)
+        out = _attention_residual(cfg, prec, lp["attn_post_norm"], h, o)
+        self.dispatches += 3
+        self.timer.mark("attention", out)
+        return out, cache
+
     def last_logits(self, h: jax.Array, index: int) -> jax.Array:
-        """Final norm and output logits of row ``index`` of h -> fp32 (V,)."""
-        self.dispatches += 1
-        logits = _last_logits(self.cfg, self.backend.logits_fn, self.precision, h,
-                              self.final_norm, self.backend.logits_table, index)
+        """Final norm and output logits of row ``index`` of h -> fp32 (V,); the host
+        backend's kernel called from here, between two jitted pieces (see
+        _host_attention)."""
+        if self.backend.calls_back:
+            hn = self.to_host(_last_hidden(self.cfg, self.precision, h, self.final_norm,
+                                           index))                           # (1, D)
+            logits = _round_row(self.cfg, self.precision, self.backend.logits(hn))
+            self.dispatches += 2
+        else:
+            logits = _last_logits(self.cfg, self.backend.logits_fn, self.precision, h,
+                                  self.final_norm, self.backend.logits_table, index)
+            self.dispatches += 1
         self.timer.mark("logits", logits)
         return logits
 

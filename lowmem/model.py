@@ -298,7 +298,6 @@ def attention_qkv(cfg: GrokConfig, linear: Callable, precision: str, lp: dict, h
     one call: one hand-over to the host kernels per layer instead of three.
     rows: see _rows_kw.
     """
-    t = h.shape[0]
     x = rms_norm(cfg, h, lp["attn_norm"], precision)                         # (T, D)
     fused = getattr(linear, "qkv", None)   # the host's three products in one callback
     kw = _rows_kw(linear, rows)
@@ -306,6 +305,14 @@ def attention_qkv(cfg: GrokConfig, linear: Callable, precision: str, lp: dict, h
         q, k, v = fused(x, lp["q"], lp["k"], lp["v"], precision, **kw)
     else:
         q, k, v = (linear(x, lp[role], precision, **kw) for role in ("q", "k", "v"))
+    return attention_heads(cfg, precision, q, k, v, positions)
+
+
+def attention_heads(cfg: GrokConfig, precision: str, q: jax.Array, k: jax.Array, v: jax.Array,
+                    positions: jax.Array):
+    """The q, k, v products (T, Hq*K), (T, Hkv*K), (T, Hkv*K) as rounded heads, q and k
+    after RoPE at positions (T,)."""
+    t = q.shape[0]
     q = round_act(q, precision).reshape(t, cfg.num_q_heads, cfg.key_size)    # (T, Hq, K)
     k = round_act(k, precision).reshape(t, cfg.num_kv_heads, cfg.key_size)   # (T, Hkv, K)
     v = round_act(v, precision).reshape(t, cfg.num_kv_heads, cfg.key_size)   # (T, Hkv, K)
@@ -321,12 +328,30 @@ def kv_write(cache: KVCache, k: jax.Array, v: jax.Array, pos: jax.Array) -> KVCa
                    jax.lax.dynamic_update_slice_in_dim(cache.v, vh, pos, 2))
 
 
+def attention_core(cfg: GrokConfig, precision: str, q: jax.Array, k: jax.Array, v: jax.Array,
+                   cache: KVCache, valid: jax.Array, pos: jax.Array,
+                   key_block: int | None = None) -> tuple[jax.Array, KVCache]:
+    """An attention block between its products (attention_block's middle, for a caller
+    that computes the products itself): the q, k, v products of rows from position
+    pos -> (attn (T, Hq*K), the cache with their keys and values)."""
+    positions = pos + jnp.arange(q.shape[0])                                 # (T,)
+    q, k, v = attention_heads(cfg, precision, q, k, v, positions)            # (T, H, K)
+    cache = kv_write(cache, k, v, pos)
+    return attend(cfg, q, cache, valid, positions, precision, key_block), cache
+
+
 def attention_output(cfg: GrokConfig, linear: Callable, precision: str, lp: dict, h: jax.Array,
                      attn: jax.Array, rows: jax.Array | None = None) -> jax.Array:
     """``h + rms_norm_1(attn @ o)``: the end of an attention block; attn (T, Hq*K);
     rows: see _rows_kw."""
     out = linear(attn, lp["o"], precision, **_rows_kw(linear, rows))         # (T, D)
-    return h + rms_norm(cfg, out, lp["attn_post_norm"], precision)
+    return attention_residual(cfg, precision, lp["attn_post_norm"], h, out)
+
+
+def attention_residual(cfg: GrokConfig, precision: str, norm: jax.Array, h: jax.Array,
+                       out: jax.Array) -> jax.Array:
+    """``h + rms_norm_1(out)``, out the o product (T, D)."""
+    return h + rms_norm(cfg, out, norm, precision)
 
 
 def moe_residual(cfg: GrokConfig, precision: str, h: jax.Array, moe_sum: jax.Array,

@@ -447,3 +447,23 @@ def test_host_attention_skips_padding_rows(packed, monkeypatch, act_int8):
         got = B._leading_rows(x, np.int32(11), w, lambda rows: act_int8)
         np.testing.assert_array_equal(got[:11], matmul(x, w, act_int8=act_int8)[:11])
         assert got.shape == (16, w.shape[1]) and not got[11:].any()
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+@pytest.mark.parametrize("act_int8", [False, None])
+def test_host_attention_and_logits_between_jitted_pieces_equal_the_callbacks(
+        packed, monkeypatch, precision, act_int8):
+    """The host backend's attention products and logits are called from the engine
+    between jitted pieces (Engine._host_attention, last_logits); through callbacks
+    inside one jitted step (calls_back False: attention_block with host_linear,
+    host_logits) the last logits and the greedy tokens are the same bit for bit."""
+    from lowmem.backends import HostBackend
+
+    def run():
+        engine = _engine(packed["int4lv-tl"], backend="host", precision=precision,
+                         act_int8=act_int8)
+        return np.asarray(engine.feed(PROMPTS[0])), greedy_ids(engine, PROMPTS[2], 5)
+    split_logits, split_ids = run()
+    monkeypatch.setattr(HostBackend, "calls_back", False)
+    np.testing.assert_array_equal(run()[0], split_logits)
+    assert run()[1] == split_ids
