@@ -335,8 +335,11 @@ def _place_qweight(w: QWeight, put: Callable) -> QWeight:
     would untile them on every call)."""
     values = put(w.values)
     if w.tiled:
-        values = jax.jit(untile, static_argnums=1)(values, w.bits)   # (K or K/2, N)
+        values = _untile(values, w.bits)                             # (K or K/2, N)
     return QWeight(values, put(w.scales), w.bits, w.group_size, w.levels)
+
+
+_untile = jax.jit(untile, static_argnums=1)
 
 
 @jax.jit
