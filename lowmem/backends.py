@@ -142,7 +142,7 @@ def host_qkv(x: jax.Array, wq: HostWeight, wk: HostWeight, wv: HostWeight,
     return out
 
 
-host_linear.qkv = host_qkv   # model.attention_qkv uses it when the backend's linear has one
+host_linear.qkv = host_qkv   # model.attention_products uses it when the backend's linear has one
 host_linear.skips_rows = True  # model._rows_kw passes the real row count
 
 
@@ -329,6 +329,9 @@ def device_logits(cfg, hn: jax.Array, table: jax.Array, precision: str = "bf16")
     return jax.lax.fori_loop(0, v // rows, body, jnp.zeros((hn.shape[0], v), F32))
 
 
+_untile = jax.jit(untile, static_argnums=1)
+
+
 def _place_qweight(w: QWeight, put: Callable) -> QWeight:
     """A resident QWeight on the device, its values in row order: tiled values are put
     back in order there once, so no step pays for the tiles' order (model.dequantize
@@ -337,9 +340,6 @@ def _place_qweight(w: QWeight, put: Callable) -> QWeight:
     if w.tiled:
         values = _untile(values, w.bits)                             # (K or K/2, N)
     return QWeight(values, put(w.scales), w.bits, w.group_size, w.levels)
-
-
-_untile = jax.jit(untile, static_argnums=1)
 
 
 @jax.jit

@@ -271,10 +271,8 @@ def attention_block(cfg: GrokConfig, linear: Callable, precision: str, lp: dict,
     """``h + rms_norm_1(attention(rms_norm(h)))`` with the KV cache -> (h, cache).
     rows: the number of real (not padding) leading rows of h, or None; see _rows_kw.
     key_block: see attend (static)."""
-    positions = pos + jnp.arange(h.shape[0])                                 # (T,)
-    q, k, v = attention_qkv(cfg, linear, precision, lp, h, positions, rows)  # (T, H, K)
-    cache = kv_write(cache, k, v, pos)
-    attn = attend(cfg, q, cache, valid, positions, precision, key_block)     # (T, Hq*K)
+    q, k, v = attention_products(cfg, linear, precision, lp, h, rows)        # (T, N) each
+    attn, cache = attention_core(cfg, precision, q, k, v, cache, valid, pos, key_block)
     return attention_output(cfg, linear, precision, lp, h, attn, rows), cache
 
 
@@ -298,14 +296,19 @@ def attention_qkv(cfg: GrokConfig, linear: Callable, precision: str, lp: dict, h
     one call: one hand-over to the host kernels per layer instead of three.
     rows: see _rows_kw.
     """
+    q, k, v = attention_products(cfg, linear, precision, lp, h, rows)
+    return attention_heads(cfg, precision, q, k, v, positions)
+
+
+def attention_products(cfg: GrokConfig, linear: Callable, precision: str, lp: dict,
+                       h: jax.Array, rows: jax.Array | None = None):
+    """The q, k, v products of rms_norm(h) (T, D): fp32 (T, Hq*K), (T, Hkv*K) x2."""
     x = rms_norm(cfg, h, lp["attn_norm"], precision)                         # (T, D)
     fused = getattr(linear, "qkv", None)   # the host's three products in one callback
     kw = _rows_kw(linear, rows)
     if fused is not None:
-        q, k, v = fused(x, lp["q"], lp["k"], lp["v"], precision, **kw)
-    else:
-        q, k, v = (linear(x, lp[role], precision, **kw) for role in ("q", "k", "v"))
-    return attention_heads(cfg, precision, q, k, v, positions)
+        return fused(x, lp["q"], lp["k"], lp["v"], precision, **kw)
+    return tuple(linear(x, lp[role], precision, **kw) for role in ("q", "k", "v"))
 
 
 def attention_heads(cfg: GrokConfig, precision: str, q: jax.Array, k: jax.Array, v: jax.Array,
@@ -331,8 +334,8 @@ def kv_write(cache: KVCache, k: jax.Array, v: jax.Array, pos: jax.Array) -> KVCa
 def attention_core(cfg: GrokConfig, precision: str, q: jax.Array, k: jax.Array, v: jax.Array,
                    cache: KVCache, valid: jax.Array, pos: jax.Array,
                    key_block: int | None = None) -> tuple[jax.Array, KVCache]:
-    """An attention block between its products (attention_block's middle, for a caller
-    that computes the products itself): the q, k, v products of rows from position
+    """An attention block between its products (attention_block's middle; the host
+    engine's between its own kernels): the q, k, v products of rows from position
     pos -> (attn (T, Hq*K), the cache with their keys and values)."""
     positions = pos + jnp.arange(q.shape[0])                                 # (T,)
     q, k, v = attention_heads(cfg, precision, q, k, v, positions)            # (T, H, K)
