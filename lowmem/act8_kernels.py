@@ -51,6 +51,13 @@ from lowmem.simd_kernels import _Mat, _prefetch_ahead, _splat, _tile_row
 BLOCK = 32                 # weight rows (= activations) per int8 activation scale
 _MAX_TB = 6                # tokens per call (24 int32 register accumulators; see tile_strips)
 _PREFETCH = 256            # bytes ahead along a row that a call prefetches
+# Tiled values: this far ahead in the tiles' stream, and into L2 only (prefetcht1, rows
+# too), not simd_kernels.TILE_PREFETCH's 4096 into L1. Measured on the Zen 5 VM, 2 threads,
+# Grok-1's int8 gate, up and down, the two prefetches alternated matrix by matrix:
+# 1.21-1.63x the GB/s at 2-6 tokens (2 runs); int4 with levels 0.97-1.18x at one
+# token, 1.04-1.25x at 2-6 (3 runs); no prefetch at all: int8 1.15-1.42x at 1-3
+# tokens but 0.92x at 6, int4 0.75-0.91x (docs/PERFORMANCE.md, section 3, session 22).
+_TILE_PREFETCH = 8192
 _I8 = ir.IntType(8)
 _I32 = ir.IntType(32)
 _V64B = ir.VectorType(_I8, 64)
@@ -204,7 +211,7 @@ def fast_on_host() -> bool:
 def _row(builder, pm, row, n0):
     """64 bytes of stored row `row` from column n0, prefetching ahead along it."""
     ptr = pm.at(row, n0)
-    _prefetch_ahead(builder, pm, ptr, _PREFETCH)
+    _prefetch_ahead(builder, pm, ptr, _PREFETCH, _TILE_PREFETCH, locality=2)
     return builder.load(builder.bitcast(ptr, _V64B.as_pointer()), align=1)
 
 
