@@ -58,6 +58,11 @@ _PREFETCH = 256            # bytes ahead along a row that a call prefetches
 # token, 1.04-1.25x at 2-6 (3 runs); no prefetch at all: int8 1.15-1.42x at 1-3
 # tokens but 0.92x at 6, int4 0.75-0.91x (docs/PERFORMANCE.md, section 3, session 22).
 _TILE_PREFETCH = 8192
+# ... except int8 weights for up to this many tokens: they are not prefetched at all
+# (the hardware's own stream prefetch keeps up when a byte costs this little work):
+# 1.19-1.22x the GB/s at 2 tokens, 1.11x at 3 (Grok-1's int8 gate, up and down,
+# alternated; prefetching at 4 tokens and more is 1.07-1.5x faster than not).
+_I8_UNPREFETCHED_TOKENS = 3
 _I8 = ir.IntType(8)
 _I32 = ir.IntType(32)
 _V64B = ir.VectorType(_I8, 64)
@@ -208,10 +213,11 @@ def fast_on_host() -> bool:
     return _has_vnni(cpu_target.target_context)
 
 
-def _row(builder, pm, row, n0):
-    """64 bytes of stored row `row` from column n0, prefetching ahead along it."""
+def _row(builder, pm, row, n0, prefetch: bool):
+    """64 bytes of stored row `row` from column n0, prefetching ahead along it if asked."""
     ptr = pm.at(row, n0)
-    _prefetch_ahead(builder, pm, ptr, _PREFETCH, _TILE_PREFETCH, locality=2)
+    if prefetch:
+        _prefetch_ahead(builder, pm, ptr, _PREFETCH, _TILE_PREFETCH, locality=2)
     return builder.load(builder.bitcast(ptr, _V64B.as_pointer()), align=1)
 
 
@@ -232,9 +238,10 @@ def _codegen(bits, tb, vnni, mode):
         offset = 8 if bits == 4 and isinstance(sig.args[13], types.NoneType) else 128
         acc = [[_correction(builder, bm, builder.add(t0, ir.Constant(i64, t)), blk, offset)] * 4
                for t in range(tb)]
+        prefetch = not (bits == 8 and tb <= _I8_UNPREFETCHED_TOKENS)
         for q in range(BLOCK // 4):
             builder.call(_BARRIER, [])  # quad q's loads stay below: see _BARRIER
-            u = _quad(builder, bits, pm, i0, n0, q, um, mode, table)
+            u = _quad(builder, bits, pm, i0, n0, q, um, mode, table, prefetch)
             for t in range(tb):
                 xp = xm.at(builder.add(t0, ir.Constant(i64, t)), builder.add(k, ir.Constant(i64, 4 * q)))
                 x4 = builder.load(builder.bitcast(xp, _I32.as_pointer()), align=1)
@@ -247,7 +254,7 @@ def _codegen(bits, tb, vnni, mode):
     return codegen
 
 
-def _quad(builder, bits, pm, i0, n0, q, um, mode, table):
+def _quad(builder, bits, pm, i0, n0, q, um, mode, table, prefetch: bool):
     """The 4 dword vectors of quad q (weight rows 4q..4q+3 of the block):
     decoded from the stored rows ("fused"; "write" also stores them in um's
     rows 4q..4q+3) or loaded from um ("read"); table: see _quad_q4."""
@@ -257,7 +264,7 @@ def _quad(builder, bits, pm, i0, n0, q, um, mode, table):
     if mode == "read":
         return [builder.load(ptr, align=1) for ptr in slots]
     step = 2 if bits == 4 else 4  # stored rows per group of 4 weight rows
-    rows = [_row(builder, pm, builder.add(i0, ir.Constant(i64, step * q + r)), n0)
+    rows = [_row(builder, pm, builder.add(i0, ir.Constant(i64, step * q + r)), n0, prefetch)
             for r in range(step)]
     u = _quad_q4(builder, *rows, table) if bits == 4 else _quad_i8(builder, *rows)
     if mode == "write":
