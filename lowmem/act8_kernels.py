@@ -60,8 +60,9 @@ _PREFETCH = 256            # bytes ahead along a row that a call prefetches
 _TILE_PREFETCH = 8192
 # ... except int8 weights for up to this many tokens: they are not prefetched at all
 # (the hardware's own stream prefetch keeps up when a byte costs this little work):
-# 1.19-1.22x the GB/s at 2 tokens, 1.11x at 3 (Grok-1's int8 gate, up and down,
-# alternated; prefetching at 4 tokens and more is 1.07-1.5x faster than not).
+# 1.11-1.22x the GB/s at 2 tokens in 3 runs of 4 (one equal), 1.0-1.11x at 3 (Grok-1's
+# int8 gate, up and down, alternated); at 4-6 tokens the L2 prefetch is 1.0-1.7x as
+# fast as none.
 _I8_UNPREFETCHED_TOKENS = 3
 _I8 = ir.IntType(8)
 _I32 = ir.IntType(32)
