@@ -53,10 +53,10 @@ _MAX_TB = 6                # tokens per call (24 int32 register accumulators; se
 _PREFETCH = 256            # bytes ahead along a row that a call prefetches
 # Tiled values: this far ahead in the tiles' stream, and into L2 only (prefetcht1, rows
 # too), not simd_kernels.TILE_PREFETCH's 4096 into L1. Measured on the Zen 5 VM, 2 threads,
-# Grok-1's int8 gate, up and down, the two prefetches alternated matrix by matrix:
-# 1.21-1.63x the GB/s at 2-6 tokens (2 runs); int4 with levels 0.97-1.18x at one
-# token, 1.04-1.25x at 2-6 (3 runs); no prefetch at all: int8 1.15-1.42x at 1-3
-# tokens but 0.92x at 6, int4 0.75-0.91x (docs/PERFORMANCE.md, section 3, session 22).
+# Grok-1's gate, up and down, the two prefetches alternated matrix by matrix: int8
+# 1.05-1.64x the GB/s at 2-6 tokens (0.98x at one); int4 with levels 1.00-1.18x at
+# one token, 1.0-1.25x at 2-6; no prefetch at all: int8 1.13-1.42x at 1-3 tokens but
+# 0.92x at 6, int4 0.82-0.91x (docs/PERFORMANCE.md, section 3, session 22).
 _TILE_PREFETCH = 8192
 # ... except int8 weights for up to this many tokens: they are not prefetched at all
 # (the hardware's own stream prefetch keeps up when a byte costs this little work):

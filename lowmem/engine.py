@@ -430,7 +430,7 @@ class Engine:
 
     def _host_attention(self, layer: int, h: jax.Array, cache, valid: jax.Array, pos: int,
                         n: int):
-        """attention_layer on the host backend: its four products called from here,
+        """model.attention_block on the host backend: its four products called from here,
         between three jitted pieces, instead of through callbacks inside one jitted
         step. The same numbers; XLA on CPU spent 0.5-1.6 ms more a layer around
         callbacks that run for milliseconds (docs/PERFORMANCE.md, section 3, session
