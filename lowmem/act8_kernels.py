@@ -14,7 +14,8 @@ A call takes one block of 32 weight rows x 64 columns (one 64-column strip)
 for up to _MAX_TB tokens. The weights stay in their stored layout: each group
 of 4 rows is turned into 16-column dword vectors of those 4 rows' bytes by
 two levels of in-lane byte/word unpacks (int4: the nibbles are split in
-between), as unsigned bytes (int4 nibble q + 8, int8 byte q + 128; int4 with
+between; int4 tiles hold those dwords already, quant.qweight.tile_values:
+a mask and a shift split them), as unsigned bytes (int4 nibble q + 8, int8 byte q + 128; int4 with
 a level table (QWeight.levels, the default of int4 models) levels[nibble] +
 128, one vpshufb per 64 nibbles); each token's int32 sums start at -offset
 times the block's activation sum, so they end exact whatever the table.
@@ -143,6 +144,24 @@ def _quad_q4(builder, p0, p1, table=None):
     return out
 
 
+def _quad_q4_tiles(builder, p0, p1, table=None):
+    """The two stored rows of a quad of an int4 tile (quant.qweight: in each, byte
+    4d + i holds row k + i of columns 16n + d of its 32, nibble n) -> the 4
+    dword vectors [u_k, u_k+1, u_k+2, u_k+3] of columns 0-15, 16-31, 32-47 and
+    48-63 (u as in _quad_q4): two masks, a shift and two lookups per 64 bytes,
+    no byte transpose, the columns in order."""
+    out = []
+    for p in (p0, p1):
+        w = builder.bitcast(p, _V16I)
+        lo = builder.and_(w, _splat(_I32, 0x0F0F0F0F))           # columns 16 * 0 + d
+        hi = builder.and_(builder.lshr(w, _splat(_I32, 4)), _splat(_I32, 0x0F0F0F0F))
+        if table is None:
+            out += [builder.xor(n, _splat(_I32, 0x08080808)) for n in (lo, hi)]
+        else:
+            out += [_lookup(builder, table, n) for n in (lo, hi)]
+    return out
+
+
 def _table(context, builder, ty, value, vnni):
     """The level table argument (float32 (16,) or None) as the bytes
     levels[n] + 128 (unsigned, in [1, 255]), loaded once per call: for
@@ -222,9 +241,9 @@ def _row(builder, pm, row, n0, prefetch: bool):
     return builder.load(builder.bitcast(ptr, _V64B.as_pointer()), align=1)
 
 
-def _codegen(bits, tb, vnni, mode):
-    """Codegen of _kernel(bits, tb, vnni, mode): see there (the level table,
-    argument 13, is typed None or an array, and so compiled in or not)."""
+def _codegen(bits, tb, vnni, mode, tiles):
+    """Codegen of _kernel(bits, tb, vnni, mode, tiles): see there (the level
+    table, argument 13, is typed None or an array, and so compiled in or not)."""
     def codegen(context, builder, sig, args):
         use_vnni = _has_vnni(context) if vnni is None else vnni
         i64 = ir.IntType(64)
@@ -242,7 +261,7 @@ def _codegen(bits, tb, vnni, mode):
         prefetch = not (bits == 8 and tb <= _I8_UNPREFETCHED_TOKENS)
         for q in range(BLOCK // 4):
             builder.call(_BARRIER, [])  # quad q's loads stay below: see _BARRIER
-            u = _quad(builder, bits, pm, i0, n0, q, um, mode, table, prefetch)
+            u = _quad(builder, bits, pm, i0, n0, q, um, mode, table, prefetch, tiles)
             for t in range(tb):
                 xp = xm.at(builder.add(t0, ir.Constant(i64, t)), builder.add(k, ir.Constant(i64, 4 * q)))
                 x4 = builder.load(builder.bitcast(xp, _I32.as_pointer()), align=1)
@@ -250,15 +269,16 @@ def _codegen(bits, tb, vnni, mode):
                     ir.Constant(_V16I, ir.Undefined), x4, ir.Constant(_I32, 0)),
                     ir.Constant(_V16I, ir.Undefined), _splat(_I32, 0))
                 acc[t] = [_dot(builder, use_vnni, a, w, xb) for a, w in zip(acc[t], u)]
-        _store(builder, acc, (dm, sm, am), (t0, blk, gi, n0, a0))
+        _store(builder, acc, (dm, sm, am), (t0, blk, gi, n0, a0), natural=tiles and bits == 4)
         return context.get_dummy_value()
     return codegen
 
 
-def _quad(builder, bits, pm, i0, n0, q, um, mode, table, prefetch: bool):
+def _quad(builder, bits, pm, i0, n0, q, um, mode, table, prefetch: bool, tiles: bool):
     """The 4 dword vectors of quad q (weight rows 4q..4q+3 of the block):
     decoded from the stored rows ("fused"; "write" also stores them in um's
-    rows 4q..4q+3) or loaded from um ("read"); table: see _quad_q4."""
+    rows 4q..4q+3) or loaded from um ("read"); table: see _quad_q4; tiles: int4
+    in tile order (_quad_q4_tiles)."""
     i64 = ir.IntType(64)
     slots = [builder.bitcast(um.at(ir.Constant(i64, 4 * q + v), ir.Constant(i64, 0)),
                              _V16I.as_pointer()) for v in range(4)]
@@ -267,7 +287,10 @@ def _quad(builder, bits, pm, i0, n0, q, um, mode, table, prefetch: bool):
     step = 2 if bits == 4 else 4  # stored rows per group of 4 weight rows
     rows = [_row(builder, pm, builder.add(i0, ir.Constant(i64, step * q + r)), n0, prefetch)
             for r in range(step)]
-    u = _quad_q4(builder, *rows, table) if bits == 4 else _quad_i8(builder, *rows)
+    if bits == 8:
+        u = _quad_i8(builder, *rows)
+    else:
+        u = (_quad_q4_tiles if tiles else _quad_q4)(builder, *rows, table)
     if mode == "write":
         for vec, ptr in zip(u, slots):
             builder.store(vec, ptr, align=1)
@@ -282,30 +305,33 @@ def _correction(builder, bm, row, blk, offset):
     return _bcast(builder, corr, _V16I)
 
 
-def _lane_scales(builder, sm, gi, n0):
+def _lane_scales(builder, sm, gi, n0, natural: bool):
     """The strip's 64 bf16 weight scales as 4 fp32 vectors in the lane order of
     the sums (_quad_q4: vector i, lane l = column 16(l // 4) + 4i + l % 4):
-    one permutation per call, shared by its tokens."""
+    one permutation per call, shared by its tokens; natural (_quad_q4_tiles):
+    vector i = columns 16i.. in order."""
     v64 = ir.VectorType(ir.IntType(16), 64)
     raw = builder.load(builder.bitcast(sm.at(gi, n0), v64.as_pointer()), align=2)
     out = []
     for i in range(4):
         sb = builder.shuffle_vector(raw, ir.Constant(v64, ir.Undefined), ir.Constant(
-            _V16I, [16 * (lane // 4) + 4 * i + lane % 4 for lane in range(16)]))
+            _V16I, [16 * i + lane if natural else 16 * (lane // 4) + 4 * i + lane % 4
+                    for lane in range(16)]))
         out.append(builder.bitcast(builder.shl(builder.zext(sb, _V16I), _splat(_I32, 16)), _V16F))
     return out
 
 
-def _store(builder, acc, mats, idx):
+def _store(builder, acc, mats, idx, natural: bool):
     """acc_out[t0 + t, a0 + lane] += scale * dx[t, blk] * sums, in lane order:
     acc_out's 64 floats from a0 are the strip's columns permuted as the sums
-    (see _lane_scales); natural_order restores them once, after the last block."""
+    (see _lane_scales); natural_order restores them once, after the last block.
+    natural: the sums are in column order (int4 tiles), and so is acc_out."""
     dm, sm, am = mats
     t0, blk, gi, n0, a0 = idx
     i64, f32 = ir.IntType(64), ir.FloatType()
     fma = cgutils.get_or_insert_function(
         builder.module, ir.FunctionType(_V16F, [_V16F, _V16F, _V16F]), "llvm.fma.v16f32")
-    scales = _lane_scales(builder, sm, gi, n0)
+    scales = _lane_scales(builder, sm, gi, n0, natural)
     for t, sums in enumerate(acc):
         row = builder.add(t0, ir.Constant(i64, t))
         dx = _bcast(builder, builder.load(dm.at(row, blk)), _V16F)
@@ -351,7 +377,7 @@ def _bcast(builder, value, vty):
     return builder.shuffle_vector(v, ir.Constant(vty, ir.Undefined), _splat(_I32, 0))
 
 
-def _kernel(bits, tb, vnni=None, mode="fused"):
+def _kernel(bits, tb, vnni=None, mode="fused", tiles=False):
     """An intrinsic k(p, i0, n0, xq, t0, k, dx, bs, sc, gi, acc, a0, u, lv) doing, for
     t < tb tokens, the 64 columns c of one strip and the 32 weight rows
     k..k+31 (k % 32 == 0; stored rows from i0: int4 k // 2, int8 k):
@@ -372,7 +398,10 @@ def _kernel(bits, tb, vnni=None, mode="fused"):
     (integers in [-127, 127]; w above is lv[nibble]): vpdpbusd then takes
     lv[n] + 128 (vpshufb, or a select chain without VNNI) and the correction
     128 * xsum, so the int32 sums are the same exact integers. A "read" call
-    needs the table of its "write" call (only its type: the offset)."""
+    needs the table of its "write" call (only its type: the offset).
+    tiles (int4 only): p holds int4 tiles (quant.qweight.tile_values), whose
+    quads are in the sums' order already: the sums, and acc, stay in column
+    order (no lane order, no natural_order)."""
     bits_of = {types.uint8: 4, types.int8: 8}
 
     def typer(typingctx, p, i0, n0, xq, t0, k, dx, bs, sc, gi, acc, a0, u, lv):
@@ -383,9 +412,9 @@ def _kernel(bits, tb, vnni=None, mode="fused"):
         if all(isinstance(a, types.Array) and a.ndim == 2 and a.layout == "C" for a in arrays) \
                 and bits_of.get(p.dtype) == bits and table_ok:
             return (types.none(p, i0, n0, xq, t0, k, dx, bs, sc, gi, acc, a0, u, lv),
-                    _codegen(bits, tb, vnni, mode))
+                    _codegen(bits, tb, vnni, mode, tiles and bits == 4))
         return None
-    typer.__name__ = typer.__qualname__ = f"_a8_i{bits}_t{tb}_{mode}"
+    typer.__name__ = typer.__qualname__ = f"_a8_i{bits}_t{tb}_{mode}{'_tiles' * tiles}"
     return intrinsic(typer)
 
 
@@ -416,6 +445,9 @@ _read_q4 = _dispatch([_kernel(4, t, mode="read") for t in _TBS])
 _read_i8 = _dispatch([_kernel(8, t, mode="read") for t in _TBS])
 _write_q4 = _dispatch([_kernel(4, _MAX_TB, mode="write")])
 _write_i8 = _dispatch([_kernel(8, _MAX_TB, mode="write")])
+_pass_q4t = _dispatch([_kernel(4, t, tiles=True) for t in _TBS])        # int4 tiles
+_read_q4t = _dispatch([_kernel(4, t, mode="read", tiles=True) for t in _TBS])
+_write_q4t = _dispatch([_kernel(4, _MAX_TB, mode="write", tiles=True)])
 
 
 def _rows_per_byte(p):
@@ -429,16 +461,15 @@ def _rows_per_byte_overload(p):
     return lambda p: d
 
 
-def _pass(mode, tb, p, i0, n0, xq, t0, k, dx, bs, sc, gi, acc, a0, u, lv):
-    """One call for tb <= _MAX_TB tokens (mode 0 fused, 1 write, 2 read), by stored dtype."""
+def _pass(mode, tb, p, i0, n0, xq, t0, k, dx, bs, sc, gi, acc, a0, u, lv, ts):
+    """One call for tb <= _MAX_TB tokens (mode 0 fused, 1 write, 2 read), by stored
+    dtype and, for int4, by layout (ts: tile rows or 0, see tile_strips)."""
     raise NotImplementedError("only callable from numba code")
 
 
-@overload(_pass, inline="always")
-def _pass_overload(mode, tb, p, i0, n0, xq, t0, k, dx, bs, sc, gi, acc, a0, u, lv):
-    q4 = p.dtype == types.uint8
-    fused, write, read = (_pass_q4, _write_q4, _read_q4) if q4 else (_pass_i8, _write_i8, _read_i8)
-
+def _by_mode(fused, write, read):
+    """An inline njit calling, by its (runtime) mode 0 / 1 / 2, fused / write / read."""
+    @njit(inline="always", cache=True)
     def run(mode, tb, p, i0, n0, xq, t0, k, dx, bs, sc, gi, acc, a0, u, lv):
         if mode == 0:
             fused(tb, p, i0, n0, xq, t0, k, dx, bs, sc, gi, acc, a0, u, lv)
@@ -449,21 +480,42 @@ def _pass_overload(mode, tb, p, i0, n0, xq, t0, k, dx, bs, sc, gi, acc, a0, u, l
     return run
 
 
+_modes_q4 = _by_mode(_pass_q4, _write_q4, _read_q4)
+_modes_q4t = _by_mode(_pass_q4t, _write_q4t, _read_q4t)
+_modes_i8 = _by_mode(_pass_i8, _write_i8, _read_i8)
+
+
+@overload(_pass, inline="always")
+def _pass_overload(mode, tb, p, i0, n0, xq, t0, k, dx, bs, sc, gi, acc, a0, u, lv, ts):
+    if p.dtype == types.uint8:
+        def run(mode, tb, p, i0, n0, xq, t0, k, dx, bs, sc, gi, acc, a0, u, lv, ts):
+            if ts:
+                _modes_q4t(mode, tb, p, i0, n0, xq, t0, k, dx, bs, sc, gi, acc, a0, u, lv)
+            else:
+                _modes_q4(mode, tb, p, i0, n0, xq, t0, k, dx, bs, sc, gi, acc, a0, u, lv)
+        return run
+
+    def run_i8(mode, tb, p, i0, n0, xq, t0, k, dx, bs, sc, gi, acc, a0, u, lv, ts):
+        _modes_i8(mode, tb, p, i0, n0, xq, t0, k, dx, bs, sc, gi, acc, a0, u, lv)
+    return run_i8
+
+
 @njit(cache=True)
 def tile_strips(xq, dx, bs, p, sc, g, k0, k1, n0, m, t0, t1, acc, a0, lv, ts):
     """acc[t0:t1, a0 + j] += the int8-activation product for rows k0..k1
     (multiples of 32, and g too) and the whole 64-column strips j < m - m % 64
     of columns n0 + j, each strip's 64 floats in the kernels' lane order (see
-    _store): the caller calls natural_order once after its last call on those
-    accumulators (so sums across calls need no shuffles), and does the
-    columns after the strips itself. Up to _MAX_TB tokens a call decodes
+    _store; int4 tiles: in column order): the caller calls natural_order once
+    after its last call on those accumulators (so sums across calls need no
+    shuffles), and does the columns after the strips itself. Up to _MAX_TB tokens a call decodes
     the weights itself; beyond, the first call also keeps them decoded (2 KB,
     in L1) for the others (measured at T = 5, 6: one call of 6 tokens 0.7-0.8x
     the time of 4 + 1 or 4 + 2; T = 8 as 6 + 2 about as fast as 4 + 4). The
     price is compile time, every size being compiled: a cold cache takes
     62 s instead of 37 s for the act_int8 matmuls of int4, int4 levels and
     int8 (for a Haswell target 436 s instead of 217 s, so the AVX2-target
-    tests no longer compile them); _MAX_TB = 4 restores it. lv: int4 level table (float32 (16,)) or None, see _kernel.
+    tests no longer compile them); _MAX_TB = 4 restores it. lv: int4 level
+    table (float32 (16,)) or None, see _kernel.
     ts: stored rows per tile of tiled values (p their 64-byte-row view,
     cpu_kernels._operand; a block of 32 weight rows is one tile), 0 for rows."""
     d = _rows_per_byte(p)
@@ -476,19 +528,23 @@ def tile_strips(xq, dx, bs, p, sc, g, k0, k1, n0, m, t0, t1, acc, a0, lv, ts):
         for j in range(0, m - m % 64, 64):
             r = _tile_row(k // d, n0 + j, ts, ns) if ts else k // d  # a block: one tile
             if t1 - t0 <= _MAX_TB:
-                _pass(0, t1 - t0, p, r, n0 + j, xq, t0, k, dx, bs, sc, gi, acc, a0 + j, u, lv)
+                _pass(0, t1 - t0, p, r, n0 + j, xq, t0, k, dx, bs, sc, gi, acc, a0 + j, u, lv,
+                      ts)
                 continue
-            _pass(1, _MAX_TB, p, r, n0 + j, xq, t0, k, dx, bs, sc, gi, acc, a0 + j, u, lv)
+            _pass(1, _MAX_TB, p, r, n0 + j, xq, t0, k, dx, bs, sc, gi, acc, a0 + j, u, lv, ts)
             for t in range(t0 + _MAX_TB, t1, _MAX_TB):
                 _pass(2, min(_MAX_TB, t1 - t), p, r, n0 + j, xq, t, k, dx, bs, sc, gi,
-                      acc, a0 + j, u, lv)
+                      acc, a0 + j, u, lv, ts)
 
 
 @njit(cache=True)
-def natural_order(acc, t0, t1, a0, m):
+def natural_order(acc, t0, t1, a0, m, p, ts):
     """acc[t0:t1, a0 + j] for the whole strips j < m - m % 64, as tile_strips
-    leaves them (lane order), back to column order, in place: once per
-    accumulator after all its tile_strips calls."""
+    leaves them for the weights p (ts: see there) in lane order, back to
+    column order, in place: once per accumulator after all its tile_strips
+    calls (nothing to do after int4 tiles, whose sums are in column order)."""
+    if ts and _rows_per_byte(p) == 2:
+        return
     for t in range(t0, t1):
         for j in range(0, m - m % 64, 64):
             _unpermute(acc, t, a0 + j)

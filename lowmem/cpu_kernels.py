@@ -408,7 +408,7 @@ def _accumulate_a8(x, xq, dx, bs, w, sc, g, k0, k1, n0, m, acc, a0, lv, ts):
             if m_main < m:
                 _strip_tail(x, w, sc, g, kk, kk1, n0 + m_main, m - m_main, t0, t1, acc,
                             a0 + m_main, lv)
-    act8_kernels.natural_order(acc, 0, T, a0, m)  # the strips' lanes, once per item
+    act8_kernels.natural_order(acc, 0, T, a0, m, w, ts)  # the strips' lanes, once per item
 
 
 @njit(parallel=True, fastmath=_FM, cache=True)

@@ -171,16 +171,24 @@ def _decode_q4(builder, ptr, kind, levels=None):
     looked up by two 8-entry vpermps and a blend on bit 3; for "gather"
     (any other target) a float* read by llvm.masked.gather. The xor trick
     fits only the uniform grid."""
+    i32 = ir.IntType(32)
+    w = builder.zext(builder.load(ptr, align=1), ir.VectorType(i32, 16))
+    return _nibble_floats(builder, w, builder.lshr(w, _splat(i32, 4)), kind, levels)
+
+
+def _nibble_floats(builder, lo, hi, kind, levels):
+    """Two <16 x i32> whose low 4 bits are nibbles -> their exact float32
+    values (see _decode_q4; the bits above are masked off, or ignored by "lut",
+    whose vpermps reads only those 4)."""
     i32, f32 = ir.IntType(32), ir.FloatType()
-    vf, vi = ir.VectorType(f32, 16), ir.VectorType(i32, 16)
-    w = builder.zext(builder.load(ptr, align=1), vi)
-    lo, hi = builder.and_(w, _splat(i32, 15)), builder.lshr(w, _splat(i32, 4))
+    vf = ir.VectorType(f32, 16)
     if kind == "lut":
-        perm = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(vf, [vf, vi]), "llvm.x86.avx512.permvar.sf.512")
+        perm = cgutils.get_or_insert_function(builder.module, ir.FunctionType(
+            vf, [vf, ir.VectorType(i32, 16)]), "llvm.x86.avx512.permvar.sf.512")
         table = levels if levels is not None else \
             ir.Constant(vf, [float(n - 16 if n > 7 else n) for n in range(16)])
-        return builder.call(perm, [table, w]), builder.call(perm, [table, hi])
+        return builder.call(perm, [table, lo]), builder.call(perm, [table, hi])
+    lo, hi = (builder.and_(n, _splat(i32, 15)) for n in (lo, hi))
     if kind == "perm8":
         return _perm8(builder, levels, lo), _perm8(builder, levels, hi)
     if kind == "gather":
@@ -246,8 +254,8 @@ def _prefetch(builder, ptr, locality: int = 3):
                       ir.Constant(i32, locality), ir.Constant(i32, 1)])
 
 
-def _q4_codegen(tb, nv, lut, perm8):
-    """Codegen of _q4_kernel(tb, nv, lut, perm8): see there."""
+def _q4_codegen(tb, nv, lut, perm8, tiles):
+    """Codegen of _q4_kernel(tb, nv, lut, perm8, tiles): see there."""
     chains = 2 if tb == 1 else 1  # one token: even and odd rows in two chains
 
     def codegen(context, builder, sig, args):
@@ -262,12 +270,9 @@ def _q4_codegen(tb, nv, lut, perm8):
         levels = _level_operand(context, builder, sig.args[11], args[11], kind)
         acc = [[[cgutils.alloca_once_value(builder, _splat(f32, 0.0)) for _ in range(chains)]
                 for _ in range(nv)] for _ in range(tb)]
-        with cgutils.for_range(builder, nb) as loop:
-            row = pm.at(builder.add(i0, loop.index), n0)  # packed row i0 + i
-            _prefetch_ahead(builder, pm, row, _Q4_PREFETCH)
-            w = [_decode_q4(builder, pm.vec(row, 16 * c, ir.IntType(8)), kind, levels)
-                 for c in range(nv)]
-            kk = builder.add(k, builder.mul(loop.index, ir.Constant(i64, 2)))
+
+        def pair(kk, w):
+            """acc += x[kk] * even rows + x[kk + 1] * odd rows, per token and vector."""
             for t in range(tb):
                 xp = xm.at(builder.add(t0, ir.Constant(i64, t)), kk)
                 xe = _broadcast(builder, builder.load(xp))
@@ -279,9 +284,53 @@ def _q4_codegen(tb, nv, lut, perm8):
                         builder.store(v, a_even)
                         v = builder.load(a_odd)
                     builder.store(builder.call(fma, [xo, w[c][1], v]), a_odd)
+
+        step = 2 if tiles else 1  # packed rows a loop step: a tile's quad, or one row
+        with cgutils.for_range(builder, builder.sdiv(nb, ir.Constant(i64, step))) as loop:
+            i = builder.mul(loop.index, ir.Constant(i64, step))
+            row = pm.at(builder.add(i0, i), n0)  # packed row i0 + i
+            _prefetch_ahead(builder, pm, row, _Q4_PREFETCH)
+            kk = builder.add(k, builder.mul(i, ir.Constant(i64, 2)))
+            if tiles:
+                words = _quad_words(builder, row, n0, nv)
+                for j in range(2):
+                    pair(builder.add(kk, ir.Constant(i64, 2 * j)),
+                         _tile_pair(builder, words, j, nv, kind, levels))
+            else:
+                pair(kk, [_decode_q4(builder, pm.vec(row, 16 * c, ir.IntType(8)), kind,
+                                     levels) for c in range(nv)])
         _q4_store(builder, fma, acc, sm.at(gi, n0), am, t0, a0, sm)
         return context.get_dummy_value()
     return codegen
+
+
+def _quad_words(builder, row, n0, nv):
+    """The stored rows of a quad of an int4 tile (quant.qweight.tile_values) that hold
+    the nv x 16 columns from n0, as <16 x i32>: row is where the quad's first packed
+    row would start in the tile view (_tile_row), n0 % 64 (0, or 32 for the second
+    half of a strip) into it; half h is stored row 2q + h of the tile."""
+    i64 = ir.IntType(64)
+    vi = ir.VectorType(ir.IntType(32), 16)
+    co = builder.and_(n0, ir.Constant(i64, 63))
+    base = builder.gep(row, [co])            # row - co + 64 * (co // 32): the half's row
+    return [builder.load(builder.bitcast(builder.gep(base, [ir.Constant(i64, 64 * h)]),
+                                         vi.as_pointer()), align=1)
+            for h in range((nv + 1) // 2)]
+
+
+def _tile_pair(builder, words, j, nv, kind, levels):
+    """Weight rows 2j, 2j + 1 of a quad (_quad_words) as (even, odd) float32
+    vectors of its nv x 16 columns, as _decode_q4 gives them from rows: bytes 2j
+    and 2j + 1 of each 32-bit word, columns 16n + d of a half in nibble n, so a
+    constant shift per row and nibble, no byte unpack."""
+    i32 = ir.IntType(32)
+    out = []
+    for c in range(nv):
+        shift = 16 * j + 4 * (c % 2)
+        w = words[c // 2]
+        out.append(_nibble_floats(builder, builder.lshr(w, _splat(i32, shift)),
+                                  builder.lshr(w, _splat(i32, shift + 8)), kind, levels))
+    return out
 
 
 def _decoder(context, uniform, lut, perm8):
@@ -329,7 +378,7 @@ def _q4_store(builder, fma, acc, srow, am, t0, a0, sm):
                           ptr, align=4)
 
 
-def _q4_kernel(tb, nv, lut=None, perm8=None):
+def _q4_kernel(tb, nv, lut=None, perm8=None, tiles=False):
     """An intrinsic k(p, i0, nb, n0, x, t0, k, sc, gi, acc, a0, lv) doing, for
     t < tb tokens and c < 16 * nv columns:
 
@@ -343,7 +392,12 @@ def _q4_kernel(tb, nv, lut=None, perm8=None):
     above are lv[nibble]). Nibble decoder (see _decode_q4): lut True the
     AVX-512 table, False the others, None the table where the target has
     AVX-512; perm8, for a level table without lut: True AVX2's two 8-entry
-    tables, False the gather, None AVX2's where the target has it."""
+    tables, False the gather, None AVX2's where the target has it. tiles: p
+    is the 64-byte-row view of int4 tiles (quant.qweight.tile_values) and
+    p[i0 + i, n0 + c] stands for where packed row i would be in rows
+    (_tile_row), from a quad's first row (k % 4 == 0) for whole quads (nb
+    even): int4 tiles have scale groups of 4 rows or more (check_tiles). The
+    same sums, in the same order, so the same bits."""
     def typer(typingctx, p, i0, nb, n0, x, t0, k, sc, gi, acc, a0, lv):
         arrays = (p, x, sc, acc)
         table_ok = isinstance(lv, types.NoneType) or (
@@ -352,9 +406,9 @@ def _q4_kernel(tb, nv, lut=None, perm8=None):
         if table_ok and all(isinstance(a, types.Array) and a.ndim == 2 and a.layout == "C"
                             for a in arrays):
             return (types.none(p, i0, nb, n0, x, t0, k, sc, gi, acc, a0, lv),
-                    _q4_codegen(tb, nv, lut, perm8))
+                    _q4_codegen(tb, nv, lut, perm8, tiles))
         return None
-    typer.__name__ = typer.__qualname__ = f"_q4_t{tb}"
+    typer.__name__ = typer.__qualname__ = f"_q4_t{tb}{'_tiles' * tiles}"
     return intrinsic(typer)
 
 
@@ -405,8 +459,8 @@ def _i8_kernel(tb, nv):
     return intrinsic(typer)
 
 
-_q4_t1, _q4_t2, _q4_t3, _q4_t4 = (_q4_kernel(t, 4) for t in (1, 2, 3, 4))
-_q4_t5, _q4_t6, _q4_t7, _q4_t8 = (_q4_kernel(t, 2) for t in (5, 6, 7, 8))
+_Q4_ROWS_KERNELS = [_q4_kernel(t, 4 if t <= 4 else 2) for t in range(1, 9)]
+_Q4_TILE_KERNELS = [_q4_kernel(t, 4 if t <= 4 else 2, tiles=True) for t in range(1, 9)]
 _i8_t1, _i8_t2, _i8_t3, _i8_t4, _i8_t5, _i8_t6 = (_i8_kernel(t, 4) for t in range(1, 7))
 I8_MAX_TOKENS = 6         # int8: 6 x 4 register accumulators + 4 weight vectors (7: spills)
 
@@ -426,28 +480,37 @@ def _pass_tokens(tokens, d):
     return -(-tokens // passes)
 
 
-@njit(inline="always", cache=True)
-def _q4_strip(tb, p, i0, nb, n0, x, t0, k, sc, gi, acc, a0, lv):
-    """One 64-column int4 strip for tb <= 8 tokens: up to 16 register
-    accumulators (4 vectors x 4 tokens or 2 x 8, in two halves); lv: see _q4_kernel."""
-    if tb == 1:
-        _q4_t1(p, i0, nb, n0, x, t0, k, sc, gi, acc, a0, lv)
-    elif tb == 2:
-        _q4_t2(p, i0, nb, n0, x, t0, k, sc, gi, acc, a0, lv)
-    elif tb == 3:
-        _q4_t3(p, i0, nb, n0, x, t0, k, sc, gi, acc, a0, lv)
-    elif tb == 4:
-        _q4_t4(p, i0, nb, n0, x, t0, k, sc, gi, acc, a0, lv)
-    else:
-        for h in range(0, 64, 32):
-            if tb == 5:
-                _q4_t5(p, i0, nb, n0 + h, x, t0, k, sc, gi, acc, a0 + h, lv)
-            elif tb == 6:
-                _q4_t6(p, i0, nb, n0 + h, x, t0, k, sc, gi, acc, a0 + h, lv)
-            elif tb == 7:
-                _q4_t7(p, i0, nb, n0 + h, x, t0, k, sc, gi, acc, a0 + h, lv)
-            else:
-                _q4_t8(p, i0, nb, n0 + h, x, t0, k, sc, gi, acc, a0 + h, lv)
+def _q4_strips(kernels):
+    """The strip function of 8 int4 micro-kernels (1-8 tokens; rows or tiles)."""
+    k1, k2, k3, k4, k5, k6, k7, k8 = kernels
+
+    @njit(inline="always", cache=True)
+    def strip(tb, p, i0, nb, n0, x, t0, k, sc, gi, acc, a0, lv):
+        """One 64-column int4 strip for tb <= 8 tokens: up to 16 register
+        accumulators (4 vectors x 4 tokens or 2 x 8, in two halves); lv: see _q4_kernel."""
+        if tb == 1:
+            k1(p, i0, nb, n0, x, t0, k, sc, gi, acc, a0, lv)
+        elif tb == 2:
+            k2(p, i0, nb, n0, x, t0, k, sc, gi, acc, a0, lv)
+        elif tb == 3:
+            k3(p, i0, nb, n0, x, t0, k, sc, gi, acc, a0, lv)
+        elif tb == 4:
+            k4(p, i0, nb, n0, x, t0, k, sc, gi, acc, a0, lv)
+        else:
+            for h in range(0, 64, 32):
+                if tb == 5:
+                    k5(p, i0, nb, n0 + h, x, t0, k, sc, gi, acc, a0 + h, lv)
+                elif tb == 6:
+                    k6(p, i0, nb, n0 + h, x, t0, k, sc, gi, acc, a0 + h, lv)
+                elif tb == 7:
+                    k7(p, i0, nb, n0 + h, x, t0, k, sc, gi, acc, a0 + h, lv)
+                else:
+                    k8(p, i0, nb, n0 + h, x, t0, k, sc, gi, acc, a0 + h, lv)
+    return strip
+
+
+_q4_strip = _q4_strips(_Q4_ROWS_KERNELS)
+_q4_tile_strip = _q4_strips(_Q4_TILE_KERNELS)
 
 
 @njit(inline="always", cache=True)
@@ -474,13 +537,25 @@ def _strip(tb, p, i0, nb, n0, x, t0, k, sc, gi, acc, a0, lv):
     raise NotImplementedError("only callable from numba code")
 
 
-@overload(_strip, inline="always")
-def _strip_overload(tb, p, i0, nb, n0, x, t0, k, sc, gi, acc, a0, lv):
-    if p.dtype == types.uint8:
-        return lambda tb, p, i0, nb, n0, x, t0, k, sc, gi, acc, a0, lv: _q4_strip(
-            tb, p, i0, nb, n0, x, t0, k, sc, gi, acc, a0, lv)
-    return lambda tb, p, i0, nb, n0, x, t0, k, sc, gi, acc, a0, lv: _i8_strip(
-        tb, p, i0, nb, n0, x, t0, k, sc, gi, acc, a0)
+def _tile_strip(tb, p, i0, nb, n0, x, t0, k, sc, gi, acc, a0, lv):
+    """_strip for tiled values (int4 tiles have their own kernels; int8 tiles are rows
+    of 64 bytes)."""
+    raise NotImplementedError("only callable from numba code")
+
+
+def _strip_overloads(q4):
+    """The overload of _strip (q4 = _q4_strip) or _tile_strip (_q4_tile_strip)."""
+    def impl(tb, p, i0, nb, n0, x, t0, k, sc, gi, acc, a0, lv):
+        if p.dtype == types.uint8:
+            return lambda tb, p, i0, nb, n0, x, t0, k, sc, gi, acc, a0, lv: q4(
+                tb, p, i0, nb, n0, x, t0, k, sc, gi, acc, a0, lv)
+        return lambda tb, p, i0, nb, n0, x, t0, k, sc, gi, acc, a0, lv: _i8_strip(
+            tb, p, i0, nb, n0, x, t0, k, sc, gi, acc, a0)
+    return impl
+
+
+overload(_strip, inline="always")(_strip_overloads(_q4_strip))
+overload(_tile_strip, inline="always")(_strip_overloads(_q4_tile_strip))
 
 
 @njit(inline="always", cache=True)
@@ -512,6 +587,6 @@ def _tiles_strips(x, p, sc, g, k0, k1, n0, m, t0, t1, acc, a0, d, rows, lv, ts):
                 gi = k // g
                 k2 = min(kbe, (gi + 1) * g, k + rows)
                 for t in range(t0, t1, tb):
-                    _strip(min(tb, t1 - t), p, base + (k - kb) // d, (k2 - k) // d, n0 + j, x,
-                           t, k, sc, gi, acc, a0 + j, lv)
+                    _tile_strip(min(tb, t1 - t), p, base + (k - kb) // d, (k2 - k) // d,
+                                n0 + j, x, t, k, sc, gi, acc, a0 + j, lv)
                 k = k2

@@ -37,9 +37,10 @@ from quant.spec import (ATTENTION_ROLES, EXPERT_ROLES, WeightSpec, expert_tensor
                         layer_specs, layers_in_file_order)
 
 FORMAT_MAGIC = "lowmem-grok1-packed"
-FORMAT_VERSION = 6         # 6: attention values may be tiled (QuantSettings.attention_tiles)
-READABLE_VERSIONS = (2, 3, 4, 5, 6)  # 2-5 read as 6 with untiled attention, 2-4 untiled
-# experts; 2 and 3 with row_pad 0, 2 with no levels
+FORMAT_VERSION = 7         # 7: int4 tiles hold each 4 rows of a column in one 32-bit word
+READABLE_VERSIONS = (2, 3, 4, 5, 6, 7)  # 2-6 read as 7 (5-6 but int4 tiles, a byte order 7
+# changed: refused), 2-5 with untiled attention, 2-4 untiled experts; 2 and 3 with
+# row_pad 0, 2 with no levels
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.model"
 SEAL = "manifest_sha256"   # SHA-256 of the manifest's canonical JSON without this key
@@ -220,7 +221,8 @@ def expert_block_layout(cfg: GrokConfig, settings: QuantSettings) -> tuple[tuple
         spec = specs[role]
         group = settings.expert_group_size(spec)
         if settings.tiles:
-            check_tiles(spec.shape[-2:], group, f"expert {role} {spec.shape[-2:]}")
+            check_tiles(spec.shape[-2:], group, f"expert {role} {spec.shape[-2:]}",
+                        settings.bits)
         for part, shape, dtype in _quantized_parts(spec, settings.bits, group, settings.row_pad):
             values = part == "values"
             block.add(name=f"{role}.{part}", shape=shape, dtype=dtype, role=role, part=part,
@@ -415,6 +417,11 @@ def _check_manifest(model_dir: Path, manifest: dict) -> tuple[GrokConfig, QuantS
         expert_block_layout(cfg, settings)  # group sizes must divide this config's widths
     except (KeyError, TypeError, ValueError) as e:
         raise PackedFormatError(f"{path}: bad config or quant settings ({e})") from None
+    if manifest["format_version"] < 7 and settings.bits == 4 and settings.tiles:
+        raise PackedFormatError(
+            f"{path}: format_version {manifest['format_version']} stores int4 tiles in the "
+            f"byte order that version 7 changed (docs/FORMAT.md, Versioning); expected "
+            f"format_version 7 for int4 tiles: quantize the checkpoint again")
     return cfg, settings
 
 

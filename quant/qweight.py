@@ -20,11 +20,18 @@ set; Grok-1's gate and up run 1.1-1.3x faster padded, docs/PERFORMANCE.md).
 Expert matrices may instead be stored in tiles (``tiled``, docs/FORMAT.md
 section 7): the values keep their (K or K/2, N) shape and bytes, in another
 order: tiles of TILE_ROWS weight rows x TILE_COLS columns (32 x 64: 2 KiB of
-int8, 1 KiB of packed int4), each tile's stored rows one after another, the
-tiles of a band of rows left to right, the bands top to bottom. A matmul then
-reads one sequential stream instead of 16 or 32 row streams: Grok-1's expert
-matmuls run 1.1-1.3x faster on the Zen 5 VM (docs/PERFORMANCE.md, session 16).
-``untile`` gives the row layout back.
+int8, 1 KiB of packed int4), the tiles of a band of rows left to right, the
+bands top to bottom. An int8 tile holds its 32 rows of 64 bytes one after
+another. An int4 tile holds, for each 4 weight rows k..k+3 (a quad) and each
+half of 32 columns, 64 bytes in which byte 4d + i carries row k + i of
+columns 16 n + d of the half (n = 0 in its low nibble, 1 in its high one):
+the 4 consecutive rows of a column that one int8 dot product (VNNI vpdpbusd)
+sums are one 32-bit word, so the int8-activation kernels turn 64 stored
+bytes into their operands with 2 masks, a shift and 2 table lookups
+instead of also transposing bytes (docs/PERFORMANCE.md section 3, session
+23). A matmul then reads one sequential stream instead of 16 or 32 row
+streams: Grok-1's expert matmuls run 1.1-1.3x faster on the Zen 5 VM
+(docs/PERFORMANCE.md, session 16). ``untile`` gives the row layout back.
 
 An int4 weight may instead carry ``levels``: 16 integers in [-127, 127], the
 value each nibble stands for (nibble n means ``levels[n] * scale``). A
@@ -78,7 +85,7 @@ class QWeight:
             raise ValueError(f"values shape {self.values.shape} is narrower than the scales' "
                              f"{n} columns")
         if self.tiled:
-            check_tiles((k, n), self.group_size, f"{self.values.shape} values")
+            check_tiles((k, n), self.group_size, f"{self.values.shape} values", self.bits)
             if self.row_pad:
                 raise ValueError(f"tiled values carry no row padding, got {self.row_pad} columns")
 
@@ -106,15 +113,20 @@ TILE_ROWS = 32   # weight rows per tile (int8: 32 stored rows; int4: 16 packed r
 TILE_COLS = 64   # columns (bytes of a stored row) per tile
 
 
-def check_tiles(shape: tuple[int, int], group_size: int, what: str) -> None:
+def check_tiles(shape: tuple[int, int], group_size: int, what: str, bits: int = 8) -> None:
     """ValueError unless a (K, N) weight with this scale group can be tiled: K a
     multiple of TILE_ROWS, N of TILE_COLS, and the group a multiple or a divisor
-    of TILE_ROWS (a kernel call then never spans two tiles or two scale groups)."""
+    of TILE_ROWS (a kernel call then never spans two tiles or two scale groups);
+    int4: a multiple of 4 too (a group never splits the 4 rows of a column that
+    a 32-bit word of an int4 tile holds)."""
     k, n = shape
-    if k % TILE_ROWS or n % TILE_COLS or (group_size % TILE_ROWS and TILE_ROWS % group_size):
+    quad = 4 if bits == 4 else 1
+    if k % TILE_ROWS or n % TILE_COLS or (group_size % TILE_ROWS and TILE_ROWS % group_size) \
+            or group_size % quad:
+        four = " and of 4 (int4)" if bits == 4 else ""
         raise ValueError(f"{what}: tiles need K a multiple of {TILE_ROWS}, N of {TILE_COLS} "
-                         f"and a scale group dividing or divided by {TILE_ROWS}; found K={k}, "
-                         f"N={n}, group {group_size}")
+                         f"and a scale group dividing or divided by {TILE_ROWS}{four}; found "
+                         f"K={k}, N={n}, group {group_size}")
 
 
 def tile_stored_rows(bits: int) -> int:
@@ -140,6 +152,11 @@ def tile_values(values: np.ndarray, bits: int) -> np.ndarray:
     """Stored values (R, N) in row order -> the same shape in tile order (a copy)."""
     ts = tile_stored_rows(bits)
     r, n = values.shape
+    if bits == 4:   # the nibbles (K, N) by (band, quad, row i, strip, half, nibble n, d)
+        nib = np.stack([values & 0x0F, values >> 4], axis=1).reshape(
+            r // ts, 8, 4, n // TILE_COLS, 2, 2, 16)
+        q = nib.transpose(0, 3, 1, 4, 6, 2, 5)       # (band, strip, quad, half, d, i, n)
+        return np.ascontiguousarray(q[..., 0] | (q[..., 1] << 4)).reshape(r, n)
     tiles = values.reshape(r // ts, ts, n // TILE_COLS, TILE_COLS).transpose(0, 2, 1, 3)
     return np.ascontiguousarray(tiles).reshape(r, n)
 
@@ -148,6 +165,12 @@ def untile(values, bits: int):
     """Inverse of tile_values (numpy or jax arrays; rows a multiple of a tile's)."""
     ts = tile_stored_rows(bits)
     r, n = values.shape
+    if bits == 4:
+        xp = np if isinstance(values, np.ndarray) else jax.numpy
+        b = values.reshape(r // ts, n // TILE_COLS, 8, 2, 16, 4)  # (band, strip, quad, half, d, i)
+        nib = xp.stack([b & 0x0F, b >> 4], axis=-1)             # (..., d, i, nibble n)
+        rows = nib.transpose(0, 2, 5, 1, 3, 6, 4).reshape(r, 2, n)  # (K/2, pair, N)
+        return rows[:, 0] | (rows[:, 1] << 4)
     return values.reshape(r // ts, n // TILE_COLS, ts, TILE_COLS).transpose(0, 2, 1, 3
                                                                           ).reshape(r, n)
 

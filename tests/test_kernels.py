@@ -377,8 +377,16 @@ def test_act8_natural_order():
     t0, t1, a0, m = 1, 4, 7, 64 * 2 + 21
     for j in (a0, a0 + 64):
         want[t0:t1, j:j + 64] = acc[t0:t1, j + ACT8_LANE]
-    act8_kernels.natural_order(acc, t0, t1, a0, m)
+    act8_kernels.natural_order(acc, t0, t1, a0, m, np.zeros((32, 64), np.int8), 0)
     np.testing.assert_array_equal(acc, want)
+    for w, ts in ((np.zeros((16, 64), np.uint8), 0), (np.zeros((32, 64), np.int8), 32)):
+        again = acc.copy()   # int4 rows and int8 tiles: lane order too
+        act8_kernels.natural_order(again, t0, t1, a0, m, w, ts)
+        np.testing.assert_array_equal(again[t0:t1, a0:a0 + 128],
+                                      acc[t0:t1, a0 + np.concatenate([ACT8_LANE, 64 + ACT8_LANE])])
+    same = acc.copy()        # int4 tiles: the kernels left the sums in column order
+    act8_kernels.natural_order(same, t0, t1, a0, m, np.zeros((16, 64), np.uint8), 16)
+    np.testing.assert_array_equal(same, acc)
 
 
 def test_expert_ffn_act_int8_is_matmuls_composed():

@@ -134,8 +134,9 @@ def _edit_manifest(path, fn, seal=True):
 
 @pytest.mark.parametrize("damage, pattern", [
     (lambda m: m.update(magic="something-else"), "expected magic"),
-    (lambda m: m.update(format_version=99), "expected format_version 2, 3, 4, 5 or 6, found 99"),
-    (lambda m: m.update(format_version=1), "expected format_version 2, 3, 4, 5 or 6, found 1"),
+    (lambda m: m.update(format_version=99), "expected format_version 2, 3, 4, 5, 6 or 7, "
+                                             "found 99"),
+    (lambda m: m.update(format_version=1), "expected format_version 2, 3, 4, 5, 6 or 7, found 1"),
     (lambda m: m["quant"].update(row_pad=32), "row_pad must be a multiple of 64"),
     (lambda m: m["quant"].update(row_pad=0), r"gate\[0\].values: fields \['nbytes', 'shape'\] differ"),
     (lambda m: m["quant"].update(int4_levels=[0] * 16), "int4 levels must be 16 distinct"),
@@ -226,6 +227,26 @@ def test_an_older_version_means_rows_whatever_its_quant_says(tiny_cfg, tiny_ckpt
                                       dequantize(new.layer(1)[role]))
     np.testing.assert_array_equal(dequantize(old.expert(1, 2).down),
                                   dequantize(new.expert(1, 2).down))
+
+
+@pytest.mark.parametrize("version", [5, 6])
+def test_int4_tiles_of_version_5_and_6_are_refused(tiny_cfg, tiny_ckpt, tmp_path, version):
+    """Version 7 changed the byte order inside int4 tiles: an int4 tiled model that says
+    version 5 or 6 is refused, one line naming the manifest and what to do; int8 tiles
+    of those versions (the same bytes in 7) still open."""
+    quantize_checkpoint(tiny_ckpt, tmp_path / "int4", tiny_cfg,
+                        QuantSettings(4, 32, row_pad=0, tiles=True))
+    _edit_manifest(tmp_path / "int4" / MANIFEST, lambda m: m.update(format_version=version))
+    with pytest.raises(PackedFormatError, match=rf"int4.*manifest.json: format_version "
+                                                rf"{version} stores int4 tiles in the byte "
+                                                rf"order that version 7 changed.*quantize the "
+                                                rf"checkpoint again") as exc:
+        PackedModel.open(tmp_path / "int4")
+    assert "\n" not in str(exc.value)
+    quantize_checkpoint(tiny_ckpt, tmp_path / "int8", tiny_cfg,
+                        QuantSettings(8, row_pad=0, tiles=True))
+    _edit_manifest(tmp_path / "int8" / MANIFEST, lambda m: m.update(format_version=version))
+    assert PackedModel.open(tmp_path / "int8").expert(1, 2).down.tiled
 
 
 def test_open_refuses_any_unsealed_edit(model_dir, tmp_path):

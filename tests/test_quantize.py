@@ -515,11 +515,13 @@ def test_cli_default_layout_is_tiles(tiny_ckpt, tmp_path, caplog):
         for role in ("gate", "up", "down"):
             wa, wb = getattr(a, role), getattr(b, role)
             r, n = wb.values.shape                              # (K/2, N) packed int4
-            rr, nn = np.meshgrid(np.arange(r), np.arange(n), indexing="ij")
-            flat = ((rr // 16) * (n // 64) + nn // 64) * (16 * 64) + (rr % 16) * 64 + nn % 64
+            kk, nn = np.meshgrid(np.arange(2 * r), np.arange(n), indexing="ij")  # weights
+            flat = (((kk // 32) * (n // 64) + nn // 64) * 1024 + (kk % 32 // 4) * 128
+                    + (nn % 64 // 32) * 64 + (nn % 16) * 4 + kk % 4)
             assert wa.tiled and wa.values.shape == (r, n)
-            assert bits_equal(np.asarray(wa.values).reshape(-1)[flat], wb.values)
-            assert bits_equal(wa.values, wb.values) == (n == 64)  # one tile a band: same order
+            got = (np.asarray(wa.values).reshape(-1)[flat] >> (4 * (nn % 32 // 16))) & 15
+            assert bits_equal(got, (np.asarray(wb.values)[kk // 2, nn] >> (4 * (kk % 2))) & 15)
+            assert not bits_equal(wa.values, wb.values)          # the bytes moved
             assert bits_equal(dequantize_q(wa), dequantize_q(wb))
     msg = _main_error(caplog, [*base, "--out", str(tmp_path / "x"), "--row-pad", "64"])
     assert msg.endswith("--row-pad 64 applies to --layout rows (tiles have no rows to pad)")

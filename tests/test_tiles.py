@@ -16,7 +16,11 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from helpers import greedy_ids
+from numba import njit
+from numba.core.registry import cpu_target
+
+from helpers import ACT8_LANE, greedy_ids
+from lowmem import act8_kernels, simd_kernels
 from lowmem import cpu_kernels as kernels
 from lowmem import model as M
 from lowmem.decoding import prompt_logits
@@ -42,27 +46,47 @@ def _pair(rng, k, n, bits, group, levels=None):
             QWeight(tile_values(values, bits), scales, bits, group, levels, True))
 
 
-@pytest.mark.parametrize("bits", [8, 4])
-def test_tile_order_is_the_documented_formula(bits):
-    """Byte [r, n] of the rows sits at ((r // t) * (N / 64) + n // 64) * t * 64
-    + (r % t) * 64 + n % 64 of the tiled bytes, t = 32 (int8) or 16 (int4) stored
-    rows; untile inverts it (numpy and JAX alike)."""
-    rng = np.random.default_rng(bits)
-    r, n, t = (96, 192, 32) if bits == 8 else (48, 192, 16)
-    values = rng.integers(0, 256, (r, n), dtype=np.uint8)
-    tiled = tile_values(values, bits)
+def test_int8_tile_order_is_the_documented_formula():
+    """Byte [r, n] of the rows sits at ((r // 32) * (N / 64) + n // 64) * 2048
+    + (r % 32) * 64 + n % 64 of the tiled bytes; untile inverts it (numpy and
+    JAX alike)."""
+    rng = np.random.default_rng(8)
+    r, n = 96, 192
+    values = rng.integers(-128, 128, (r, n), dtype=np.int8)
+    tiled = tile_values(values, 8)
     rr, nn = np.meshgrid(np.arange(r), np.arange(n), indexing="ij")
-    flat = ((rr // t) * (n // 64) + nn // 64) * (t * 64) + (rr % t) * 64 + nn % 64
+    flat = ((rr // 32) * (n // 64) + nn // 64) * 2048 + (rr % 32) * 64 + nn % 64
     np.testing.assert_array_equal(tiled.reshape(-1)[flat], values)
-    np.testing.assert_array_equal(untile(tiled, bits), values)
-    np.testing.assert_array_equal(np.asarray(untile(jnp.asarray(tiled), bits)), values)
+    np.testing.assert_array_equal(untile(tiled, 8), values)
+    np.testing.assert_array_equal(np.asarray(untile(jnp.asarray(tiled), 8)), values)
     assert TILE_ROWS == 32 and TILE_COLS == 64
+
+
+def test_int4_tile_order_is_the_documented_formula():
+    """Weight [k, n] (nibble k % 2 of packed byte [k // 2, n] in rows) sits in
+    nibble (n % 32) // 16 of byte ((k // 32) * (N / 64) + n // 64) * 1024
+    + (k % 32 // 4) * 128 + (n % 64 // 32) * 64 + (n % 16) * 4 + k % 4 of the
+    tiled bytes (docs/FORMAT.md section 7): each 4 rows of a column in one
+    32-bit word; untile inverts it (numpy and JAX alike)."""
+    rng = np.random.default_rng(4)
+    k, n = 96, 192
+    packed = rng.integers(0, 256, (k // 2, n), dtype=np.uint8)
+    tiled = tile_values(packed, 4)
+    assert tiled.shape == packed.shape and tiled.dtype == np.uint8
+    kk, nn = np.meshgrid(np.arange(k), np.arange(n), indexing="ij")
+    flat = (((kk // 32) * (n // 64) + nn // 64) * 1024 + (kk % 32 // 4) * 128
+            + (nn % 64 // 32) * 64 + (nn % 16) * 4 + kk % 4)
+    got = (tiled.reshape(-1)[flat] >> (4 * (nn % 32 // 16))) & 15
+    want = (packed[kk // 2, nn] >> (4 * (kk % 2))) & 15
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(untile(tiled, 4), packed)
+    np.testing.assert_array_equal(np.asarray(untile(jnp.asarray(tiled), 4)), packed)
 
 
 @pytest.mark.parametrize("a8", [False, True])
 @pytest.mark.parametrize("bits,group,levels", [(8, 256, None), (8, 64, None), (4, 32, None),
                                                (4, 32, STUDENT_T_LEVELS), (4, 8, None),
-                                               (4, 192, None)])
+                                               (4, 4, STUDENT_T_LEVELS), (4, 192, None)])
 def test_matmul_tiled_equals_rows_bit_for_bit(bits, group, levels, a8):
     k = 192 if group == 192 else 256
     rng = np.random.default_rng(100 + bits + group)
@@ -75,6 +99,78 @@ def test_matmul_tiled_equals_rows_bit_for_bit(bits, group, levels, a8):
     for split in ({"col_block": 128, "k_chunk": 64}, {"col_block": 64, "k_chunk": 32}):
         np.testing.assert_array_equal(kernels.matmul(x, tiled, act_int8=a8, **split),
                                       kernels.matmul(x, rows, act_int8=a8, **split))
+
+
+@pytest.mark.parametrize("levels", [None, STUDENT_T_LEVELS])
+@pytest.mark.parametrize("lut,perm8", [(True, None), (False, True), (False, False)])
+@pytest.mark.parametrize("tb,nv", [(1, 4), (3, 4), (6, 2)])
+def test_int4_tile_micro_kernels_every_decoder(tb, nv, lut, perm8, levels):
+    """The fp32 int4 micro-kernel on a tile (version 7's order: each quad's 32-bit
+    words) gives the row kernel's bits with each nibble decoder: AVX-512's table
+    (lut), AVX2's two 8-entry tables (perm8), the gather, the xor of the uniform
+    grid (what CPUs without AVX-512 run, tested on any CPU); both halves of a
+    strip as the 5-8 token passes call them (nv = 2), from a mid-tile quad."""
+    ctx = cpu_target.target_context
+    if lut and not simd_kernels._has_avx512(ctx):
+        pytest.skip("the table decoder needs AVX-512")
+    if perm8 and not simd_kernels._has_feature(ctx, "avx2"):
+        pytest.skip("the 8-entry tables need AVX2")
+    rng = np.random.default_rng(tb * 10 + nv)
+    rows, tiled = _pair(rng, 64, 128, 4, 32, levels)
+    kb, j, k = 32, 64, 40                       # band 1, strip 1, from weight row 40 (quad 2)
+    base = simd_kernels._tile_row(kb // 2, j, 16, 2)
+    kern_r, kern_t = (simd_kernels._q4_kernel(tb, nv, lut, perm8, tiles) for tiles in (0, 1))
+    x = rng.standard_normal((tb + 1, 64)).astype(np.float32)
+    lv = None if levels is None else np.asarray(levels, np.float32)
+
+    @njit
+    def run(p, pt, sc, acc_r, acc_t, lv):
+        for h in range(0, 64, 16 * nv):
+            kern_r(p, k // 2, 12, j + h, x, 1, k, sc, 1, acc_r, h, lv)
+            kern_t(pt, base + (k - kb) // 2, 12, j + h, x, 1, k, sc, 1, acc_t, h, lv)
+
+    acc_r, acc_t = (np.zeros((tb + 1, 64), np.float32) for _ in range(2))
+    run(rows.values, tiled.values.reshape(-1, 64), rows.scales.view(np.uint16), acc_r, acc_t,
+        lv)
+    assert acc_r[1:].all() and not acc_r[0].any()
+    np.testing.assert_array_equal(acc_t, acc_r)
+
+
+@pytest.mark.parametrize("levels", [None, STUDENT_T_LEVELS])
+@pytest.mark.parametrize("vnni,mode", [(None, "fused"), (False, "fused"), (None, "read"),
+                                       (False, "read")])
+@pytest.mark.parametrize("tb", [1, 4])
+def test_int4_tile_act8_kernels(tb, vnni, mode, levels):
+    """The int8-activation kernel on a tile gives the row kernel's bits, in column
+    order where the row kernel leaves its lane order (natural_order), with
+    vpdpbusd/vpshufb where the CPU has them (None) and the portable dot product
+    and select chain (False); "read" takes the block a "write" call decoded."""
+    rng = np.random.default_rng(20 + tb)
+    rows, tiled = _pair(rng, 64, 128, 4, 32, levels)
+    kb, j = 32, 64
+    base = simd_kernels._tile_row(kb // 2, j, 16, 2)
+    x = rng.standard_normal((tb + 1, 64)).astype(np.float32)
+    xq, dx, bs = act8_kernels.quantize_activations(x)
+    kern_r, kern_t = (act8_kernels._kernel(4, tb, vnni, mode, tiles) for tiles in (False, True))
+    writer_r, writer_t = (act8_kernels._kernel(4, 1, vnni, "write", tiles)
+                          for tiles in (False, True))
+    lv = None if levels is None else np.asarray(levels, np.float32)
+
+    @njit
+    def run(p, pt, sc, acc_r, acc_t, lv):
+        u_r, u_t = np.zeros((32, 64), np.uint8), np.zeros((32, 64), np.uint8)
+        scratch = np.zeros((1, 64), np.float32)
+        if mode == "read":
+            writer_r(p, kb // 2, j, xq, 0, kb, dx, bs, sc, 1, scratch, 0, u_r, lv)
+            writer_t(pt, base, j, xq, 0, kb, dx, bs, sc, 1, scratch, 0, u_t, lv)
+        kern_r(p, kb // 2, j, xq, 1, kb, dx, bs, sc, 1, acc_r, 0, u_r, lv)
+        kern_t(pt, base, j, xq, 1, kb, dx, bs, sc, 1, acc_t, 0, u_t, lv)
+
+    acc_r, acc_t = (np.zeros((tb + 1, 64), np.float32) for _ in range(2))
+    run(rows.values, tiled.values.reshape(-1, 64), rows.scales.view(np.uint16), acc_r, acc_t,
+        lv)
+    assert acc_r[1:].all() and not acc_r[0].any()
+    np.testing.assert_array_equal(acc_t, acc_r[:, ACT8_LANE])
 
 
 def test_expert_ffn_and_dequantizations_of_tiles():
@@ -99,6 +195,10 @@ def test_tiles_refuse_what_they_cannot_hold():
         check_tiles((64, 96), 64, "w")
     with pytest.raises(ValueError, match="found K=96, N=64, group 48"):
         check_tiles((96, 64), 48, "w")
+    check_tiles((64, 64), 2, "w")          # int8: any divisor of 32
+    with pytest.raises(ValueError, match=r"w: .* dividing or divided by 32 and of 4 \(int4\); "
+                                         r"found K=64, N=64, group 2"):
+        check_tiles((64, 64), 2, "w", bits=4)
     rng = np.random.default_rng(3)
     rows, tiled = _pair(rng, 64, 128, 8, 64)
     padded = np.concatenate([tiled.values, np.zeros((64, 64), np.int8)], axis=1)
