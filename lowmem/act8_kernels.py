@@ -14,8 +14,9 @@ A call takes one block of 32 weight rows x 64 columns (one 64-column strip)
 for up to _MAX_TB tokens. The weights stay in their stored layout: each group
 of 4 rows is turned into 16-column dword vectors of those 4 rows' bytes by
 two levels of in-lane byte/word unpacks (int4: the nibbles are split in
-between; int4 tiles hold those dwords already, quant.qweight.tile_values:
-a mask and a shift split them), as unsigned bytes (int4 nibble q + 8, int8 byte q + 128; int4 with
+between; int4 tiles, quant.qweight.tile_values, hold those dwords already, a
+mask and a shift split their nibbles, and their sums stay in column order),
+as unsigned bytes (int4 nibble q + 8, int8 byte q + 128; int4 with
 a level table (QWeight.levels, the default of int4 models) levels[nibble] +
 128, one vpshufb per 64 nibbles); each token's int32 sums start at -offset
 times the block's activation sum, so they end exact whatever the table.
