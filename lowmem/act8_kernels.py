@@ -127,20 +127,24 @@ def _unpack(builder, a, b, high, elem):
     return builder.bitcast(r, _V16I)
 
 
+def _nibbles(builder, w, table):
+    """64 bytes (as <16 x i32>) -> their low and their high nibbles, one per
+    byte, as the unsigned operands u (nibble q + 8, or with a level table, see
+    _table, levels[nibble] + 128)."""
+    lo = builder.and_(w, _splat(_I32, 0x0F0F0F0F))
+    hi = builder.and_(builder.lshr(w, _splat(_I32, 4)), _splat(_I32, 0x0F0F0F0F))
+    if table is None:
+        return [builder.xor(n, _splat(_I32, 0x08080808)) for n in (lo, hi)]
+    return [_lookup(builder, table, n) for n in (lo, hi)]
+
+
 def _quad_q4(builder, p0, p1, table=None):
     """Packed rows p0 (weight rows k, k+1) and p1 (k+2, k+3), 64 columns ->
-    4 dword vectors [u_k, u_k+1, u_k+2, u_k+3] (u = nibble q + 8, or with a
-    level table (see _table) levels[nibble] + 128); vector 2v + h, dword
-    4l + m = column 16l + 8v + 4h + m."""
+    4 dword vectors [u_k, u_k+1, u_k+2, u_k+3] (u: see _nibbles); vector
+    2v + h, dword 4l + m = column 16l + 8v + 4h + m."""
     out = []
     for v in (False, True):
-        w = _unpack(builder, p0, p1, v, _I8)                   # words [p0[c], p1[c]]
-        lo = builder.and_(w, _splat(_I32, 0x0F0F0F0F))         # nibbles, one per byte
-        hi = builder.and_(builder.lshr(w, _splat(_I32, 4)), _splat(_I32, 0x0F0F0F0F))
-        if table is None:
-            lo, hi = (builder.xor(n, _splat(_I32, 0x08080808)) for n in (lo, hi))
-        else:
-            lo, hi = (_lookup(builder, table, n) for n in (lo, hi))
+        lo, hi = _nibbles(builder, _unpack(builder, p0, p1, v, _I8), table)  # [p0[c], p1[c]]
         out += [_unpack(builder, lo, hi, h, _I8) for h in (False, True)]
     return out
 
@@ -149,18 +153,9 @@ def _quad_q4_tiles(builder, p0, p1, table=None):
     """The two stored rows of a quad of an int4 tile (quant.qweight: in each, byte
     4d + i holds row k + i of columns 16n + d of its 32, nibble n) -> the 4
     dword vectors [u_k, u_k+1, u_k+2, u_k+3] of columns 0-15, 16-31, 32-47 and
-    48-63 (u as in _quad_q4): two masks, a shift and two lookups per 64 bytes,
+    48-63 (u: see _nibbles): two masks, a shift and two lookups per 64 bytes,
     no byte transpose, the columns in order."""
-    out = []
-    for p in (p0, p1):
-        w = builder.bitcast(p, _V16I)
-        lo = builder.and_(w, _splat(_I32, 0x0F0F0F0F))           # columns 16 * 0 + d
-        hi = builder.and_(builder.lshr(w, _splat(_I32, 4)), _splat(_I32, 0x0F0F0F0F))
-        if table is None:
-            out += [builder.xor(n, _splat(_I32, 0x08080808)) for n in (lo, hi)]
-        else:
-            out += [_lookup(builder, table, n) for n in (lo, hi)]
-    return out
+    return [u for p in (p0, p1) for u in _nibbles(builder, builder.bitcast(p, _V16I), table)]
 
 
 def _table(context, builder, ty, value, vnni):
