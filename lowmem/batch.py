@@ -199,9 +199,10 @@ class _ChunkRows:
     slot: int
     pos: int
     n: int
-    h: jax.Array                # (T, D) activations, T the chunk's bucket
+    h: jax.Array                # (T, D) activations, T the chunk's bucket; (1, D) at the end
     valid: jax.Array            # (S,) bool
     caches: list                # layers
+    wants: bool                 # logits of its last row (else the last layer's MoE skips it)
 
 
 class BatchEngine:
@@ -353,7 +354,7 @@ class BatchEngine:
         pad = self._padding(list(slots), [s for s in spare if s not in every]) if n else []
         try:
             dec = self._decode_rows(list(slots) + pad, list(tokens) + [0] * len(pad)) if n else None
-            runs = [self._chunk_rows(c[0], *p) for c, p in zip(chunks, padded)]
+            runs = [self._chunk_rows(c[0], *p, c[2]) for c, p in zip(chunks, padded)]
             for layer in range(len(self.engine.layers)):
                 self._layer(layer, dec, n, runs)
             logits = self._logits(dec, n, [r for r, c in zip(runs, chunks) if c[2]])
@@ -380,12 +381,12 @@ class BatchEngine:
         eng.timer.mark("embedding", h, valids)
         return _DecodeRows(slots, pos, valids, h, [list(st.caches) for st in states])
 
-    def _chunk_rows(self, slot: int, padded: np.ndarray, n: int) -> _ChunkRows:
+    def _chunk_rows(self, slot: int, padded: np.ndarray, n: int, wants: bool) -> _ChunkRows:
         """A prompt chunk's start on its slot (padded, n real tokens): embedded (T, D),
         its keys marked valid."""
         st = self.states[slot]
         h, valid = self.engine.chunk_input(st, padded, n)
-        return _ChunkRows(slot, st.pos, n, h, valid, list(st.caches))
+        return _ChunkRows(slot, st.pos, n, h, valid, list(st.caches), wants)
 
     def _attention(self, layer: int, h, caches: list[list], valids, pos: np.ndarray, n: int):
         """One layer's attention for B rows, n real then padding: shared projections, one
@@ -402,8 +403,11 @@ class BatchEngine:
         return _attention_out(cfg, linear, prec, lp, h, tuple(outs), rows)       # (B, D)
 
     def _layer(self, layer: int, dec: _DecodeRows | None, n: int, runs: list[_ChunkRows]):
-        """One layer for every group of rows: its attention, then one shared MoE call."""
-        eng, groups = self.engine, []
+        """One layer for every group of rows: its attention, then one shared MoE call
+        (at the last layer on a chunk's last row if it wants logits, else on none of
+        its rows, as ``Engine._forward_chunk``)."""
+        eng, groups, moe_runs = self.engine, [], []
+        last = layer == len(eng.layers) - 1
         if dec is not None:
             dec.h = self._attention(layer, dec.h, dec.caches, dec.valids, dec.pos, n)
             eng.timer.mark("attention", dec.h)
@@ -411,11 +415,16 @@ class BatchEngine:
         for r in runs:
             r.h, r.caches[layer] = eng.attention_layer(layer, r.h, r.caches[layer], r.valid,
                                                        r.pos, r.n)
-            groups.append((r.h, r.n))
-        outs = eng.moe_layers(layer, groups)
+            if last and not r.wants:
+                continue
+            if last:
+                r.h = eng.last_row(r.h, r.n)                                     # (1, D)
+            groups.append((r.h, 1 if last else r.n))
+            moe_runs.append(r)
+        outs = eng.moe_layers(layer, groups) if groups else []
         if dec is not None:
             dec.h = outs.pop(0)
-        for r, h in zip(runs, outs):
+        for r, h in zip(moe_runs, outs):
             r.h = h
 
     def _logits(self, dec: _DecodeRows | None, n: int, runs: list[_ChunkRows]
@@ -428,7 +437,7 @@ class BatchEngine:
         eng, backend = self.engine, self.engine.backend
         rows = _row_buffer(dec.h if dec is not None else runs[0].h, self.max_batch)  # (R, D)
         for i, r in enumerate(runs):
-            rows = _put_row(rows, r.h, np.int32(r.n - 1), np.int32(n + i))
+            rows = _put_row(rows, r.h, np.int32(0), np.int32(n + i))       # r.h: (1, D)
         logits = _rows_logits(self.cfg, backend.logits_fn, eng.precision, count, rows,
                               eng.final_norm, backend.logits_table)              # (count, V)
         eng.timer.mark("logits", logits)

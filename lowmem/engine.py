@@ -171,6 +171,12 @@ def _last_hidden(cfg, precision, h, final_norm, index):
                           precision)
 
 
+@jax.jit
+def _row(h, index):
+    """Row ``index`` of h (T, D) -> (1, D), the index dynamic (one compile per T)."""
+    return jax.lax.dynamic_slice_in_dim(h, index, 1, 0)
+
+
 @partial(jax.jit, static_argnums=(0, 1))
 def _round_row(cfg, precision, logits):
     """The host kernels' fp32 logits (1, V) with the output multiplier -> (V,)."""
@@ -462,18 +468,41 @@ class Engine:
         self.timer.mark("logits", logits)
         return logits
 
+    def last_row(self, h: jax.Array, n: int) -> jax.Array:
+        """The last real row of a chunk's activations h (T, D), n real rows -> (1, D).
+
+        The last layer's MoE runs on it alone when only that row's logits are
+        wanted: the other rows' keys and values are in the cache already and
+        nothing reads their outputs (llama.cpp prunes its last layer so too).
+        A prefill then reads that layer's experts of one token, not of the
+        whole chunk: in a 2-layer model of Grok-1's width an 11-token prompt
+        reads 10 experts instead of 16 (docs/PERFORMANCE.md, section 3,
+        session 24); in the 64-layer model a 64th of a prefill's experts.
+        """
+        if h.shape[0] == 1:
+            return h
+        self.dispatches += 1
+        return _row(h, np.int32(n - 1))
+
     def _forward_chunk(self, state: SequenceState, tokens: np.ndarray, n: int, want: str | None):
         """One padded chunk through every layer; logits of its last real row ('last'),
-        of every row ('all', (T, V) padded rows included) or none."""
+        of every row ('all', (T, V) padded rows included) or none. Only 'all' runs
+        the last layer's MoE on every row: 'last' on the last real row (``last_row``),
+        none on no row."""
         h, valid = self.chunk_input(state, tokens, n)
         caches = list(state.caches)
+        rows, last = n, len(self.layers) - 1
         for layer in range(len(self.layers)):
             h, caches[layer] = self.attention_layer(layer, h, caches[layer], valid, state.pos,
                                                     n)
-            h = self.moe_layer(layer, h, n)
+            if layer == last and want != "all":
+                if want is None:   # a chunk before the last: only its keys and values count
+                    break
+                h, rows = self.last_row(h, n), 1                             # (1, D)
+            h = self.moe_layer(layer, h, rows)
         logits = None
         if want == "last":   # only the last chunk's: the output embedding is 1.6 GB to read
-            logits = self.last_logits(h, n - 1)
+            logits = self.last_logits(h, rows - 1)
         elif want == "all":
             logits = _all_logits(self.cfg, self.backend.logits_fn, self.precision, h,
                                  self.final_norm, self.backend.logits_table)

@@ -162,6 +162,30 @@ def test_fp32_prefill_equals_decode_steps(packed):
     assert _rel(np.asarray(engine.feed(PROMPTS[0])), stepwise) <= 2e-6
 
 
+@pytest.mark.parametrize("backend", ["host", "device"])
+def test_prefill_runs_the_last_layers_moe_on_its_last_row_only(packed, tiny_cfg, backend):
+    """Only the last real row's logits are read: the last layer's MoE routes that row
+    alone, and no row of a chunk before the last; its logits equal the last row of
+    feed_all, which runs that MoE on every row (fp32: the sums' order aside)."""
+    engine = _engine(packed["int8"], backend=backend, precision="fp32", act_int8=False,
+                     prefill_buckets=(4, 16), record_routing=True)
+    prompt = PROMPTS[0] + PROMPTS[2] + PROMPTS[1] + PROMPTS[0]    # 25: chunks of 16 and 9
+    last = tiny_cfg.num_layers - 1
+    got = np.asarray(engine.feed(prompt))
+    pruned = engine.routing_trace[:]
+    assert [(layer, len(e)) for layer, e in pruned] == (
+        [(layer, 16) for layer in range(last)] + [(layer, 9) for layer in range(last)]
+        + [(last, 1)])
+    engine.reset()
+    engine.routing_trace.clear()
+    every = engine.feed_all(prompt)                                     # (25, V)
+    full = engine.routing_trace
+    assert [(layer, len(e)) for layer, e in full] == (
+        [(layer, 16) for layer in range(last + 1)] + [(layer, 9) for layer in range(last + 1)])
+    np.testing.assert_array_equal(pruned[-1][1], full[-1][1][-1:])      # the same experts
+    assert _rel(got, every[-1]) <= 2e-6
+
+
 def test_unknown_precision_is_a_clear_error(packed):
     with pytest.raises(EngineError, match="precision must be one of"):
         _engine(packed["int8"], precision="fp16")
