@@ -421,11 +421,24 @@ class BatchEngine:
                 r.h = eng.last_row(r.h, r.n)                                     # (1, D)
             groups.append((r.h, 1 if last else r.n))
             moe_runs.append(r)
-        outs = eng.moe_layers(layer, groups) if groups else []
+        outs = eng.moe_layers(layer, groups, self._next_rows(layer, n, runs)) if groups else []
         if dec is not None:
             dec.h = outs.pop(0)
         for r, h in zip(moe_runs, outs):
             r.h = h
+
+    def _next_rows(self, layer: int, n: int, runs: list[_ChunkRows]) -> list[int] | None:
+        """Before the last layer, the real rows its MoE will run (the n decode rows, the
+        last row of each chunk that wants logits) among this layer's (the decode rows,
+        then each chunk's n real rows): only their guessed experts are prefetched."""
+        if layer + 2 != len(self.engine.layers):
+            return None
+        rows, start = list(range(n)), n
+        for r in runs:
+            if r.wants:
+                rows.append(start + r.n - 1)
+            start += r.n
+        return rows
 
     def _logits(self, dec: _DecodeRows | None, n: int, runs: list[_ChunkRows]
                 ) -> jax.Array | None:

@@ -348,20 +348,23 @@ class Engine:
                               f"context of {self.context}")
         return self._padded(tokens), len(tokens)
 
-    def moe_layer(self, layer: int, h: jax.Array, n: int) -> jax.Array:
+    def moe_layer(self, layer: int, h: jax.Array, n: int, next_rows=None) -> jax.Array:
         """Route rows h (T, D) of one layer and add their experts' outputs -> (T, D).
 
         The rows may belong to one sequence (a prompt chunk) or to several
         (batched decode): one routing read, one MoE call, each needed expert
-        fetched once for all rows. Rows >= n are padding.
+        fetched once for all rows. Rows >= n are padding. next_rows: the real
+        rows the next layer's MoE will run (None: all), whose guessed experts
+        are prefetched.
         """
-        return self.moe_layers(layer, [(h, n)])[0]
+        return self.moe_layers(layer, [(h, n)], next_rows)[0]
 
-    def moe_layers(self, layer: int, groups: list[tuple]) -> list[jax.Array]:
+    def moe_layers(self, layer: int, groups: list[tuple], next_rows=None) -> list[jax.Array]:
         """``moe_layer`` for several groups of rows (h (T_i, D), real rows n_i) at once:
         each group is routed in its own jitted call (shapes compiled already), and ONE
         MoE call applies each needed expert to the rows of every group routed to it
-        (a continuous-batching step: its prompt chunks and its decode rows)."""
+        (a continuous-batching step: its prompt chunks and its decode rows).
+        next_rows: indices into the groups' real rows, in order (see moe_layer)."""
         cfg, k, timer = self.cfg, self.cfg.num_selected_experts, self.timer
         lp, nxt = self.layers[layer], self.layers[min(layer + 1, len(self.layers) - 1)]
         moe_groups, real = [], []
@@ -376,7 +379,7 @@ class Engine:
         timer.mark("routing")
         if self.options.record_routing:
             self.routing_trace.append((layer, real[:, :k].copy()))
-        guess = self._guess(layer, real, len(real))
+        guess = self._guess(layer, real, len(real), next_rows)
         waited, calls, writes = (self.expert_stats.wait_s, self.experts.dispatches,
                                  self.experts.slot_writes)
         moes = self.experts.moe_groups(layer, moe_groups, guess)
@@ -389,14 +392,18 @@ class Engine:
         timer.add("transfer_wait", self.expert_stats.wait_s - waited)
         return out
 
-    def _guess(self, layer: int, routing: np.ndarray, n: int):
-        """Experts to prefetch while this layer computes: the next layer's guess, and at
-        the last layer the next token's layer 0 (this token's layer-0 experts, last row)."""
+    def _guess(self, layer: int, routing: np.ndarray, n: int, next_rows=None):
+        """Experts to prefetch while this layer computes: the next layer's guess for the
+        rows it will run (next_rows, None: all n; none: no guess), and at the last layer
+        the next token's layer 0 (this token's layer-0 experts, last row)."""
         k = self.cfg.num_selected_experts
         if layer == 0:
             self._first_experts = routing[n - 1:n, :k].copy()
         if layer + 1 < len(self.layers):
-            return layer + 1, routing[:n, k:]
+            if next_rows is None:
+                return layer + 1, routing[:n, k:]
+            return (layer + 1, routing[np.asarray(next_rows, np.intp), k:]) if len(next_rows) \
+                else None
         return None if self._first_experts is None else (0, self._first_experts)
 
     # --- forward ----------------------------------------------------------
@@ -499,7 +506,10 @@ class Engine:
                 if want is None:   # a chunk before the last: only its keys and values count
                     break
                 h, rows = self.last_row(h, n), 1                             # (1, D)
-            h = self.moe_layer(layer, h, rows)
+            nxt = None                      # rows whose next-layer experts to prefetch: all
+            if layer + 1 == last and want != "all":
+                nxt = [n - 1] if want == "last" else []
+            h = self.moe_layer(layer, h, rows, next_rows=nxt)
         logits = None
         if want == "last":   # only the last chunk's: the output embedding is 1.6 GB to read
             logits = self.last_logits(h, rows - 1)

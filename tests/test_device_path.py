@@ -206,6 +206,32 @@ def test_next_token_layer0_is_prefetched_when_a_step_ends(model, monkeypatch):
     assert stats.hits > off.expert_stats.hits
 
 
+def test_the_layer_before_the_last_prefetches_for_the_rows_the_last_one_runs(
+        model, tiny_cfg, monkeypatch):
+    """The last layer's MoE runs a prompt chunk's last row only (Engine.last_row), none
+    of a chunk before the last: the layer before it prefetches the guessed experts of
+    those rows only (a batched step: its decode rows and the last row of each chunk
+    that wants logits), not of every row of the chunk."""
+    from lowmem.batch import BatchEngine
+    engine = _engine(model, slots=16, prefill_buckets=(4, 8))
+    seen, moe_groups = [], engine.experts.moe_groups
+
+    def record(layer, groups, guess=None):
+        seen.append((layer, None if guess is None else (guess[0], guess[1].shape)))
+        return moe_groups(layer, groups, guess)
+    monkeypatch.setattr(engine.experts, "moe_groups", record)
+    k, last = tiny_cfg.num_selected_experts, tiny_cfg.num_layers - 1
+    engine.feed(list(range(3, 14)))          # 11 tokens: chunks of 8 (no logits) and 3
+    assert seen == [(layer, (layer + 1, (8, k))) for layer in range(last - 1)] + [
+        (last - 1, None)] + [(layer, (layer + 1, (3, k))) for layer in range(last - 1)] + [
+        (last - 1, (last, (1, k))), (last, (0, (1, k)))]
+    batch = BatchEngine(engine, 3)
+    batch.prefill(0, [5, 6, 7])
+    seen.clear()
+    batch.step([0], [8], [(1, [9, 10, 11, 12], True), (2, [13, 14], False)])
+    assert seen[last - 1] == (last - 1, (last, (1 + 1, k)))   # decode row, chunk 1's last
+
+
 def test_attention_call_temporaries_at_grok1_shapes():
     """Compiled from abstract Grok-1 shapes on XLA:CPU (decode, a short context so the
     projections dominate): the device attention step reads its weights a chunk of rows
