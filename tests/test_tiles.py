@@ -136,6 +136,40 @@ def test_int4_tile_micro_kernels_every_decoder(tb, nv, lut, perm8, levels):
     np.testing.assert_array_equal(acc_t, acc_r)
 
 
+_CTX = cpu_target.target_context
+
+
+@pytest.mark.skipif(not (act8_kernels._has_vnni(_CTX) and act8_kernels._has_vbmi(_CTX)),
+                    reason="vpermb needs AVX-512 VNNI and VBMI")
+@pytest.mark.parametrize("levels", [None, STUDENT_T_LEVELS])
+@pytest.mark.parametrize("tiles", [False, True])
+@pytest.mark.parametrize("tb", [1, 5])
+def test_int4_act8_vpermb_gives_the_bits_of_vpshufb(tb, tiles, levels):
+    """With AVX-512 VBMI the int4 operands come from vpermb on unmasked nibbles
+    (act8_kernels._Perm); CPUs without it mask them for vpshufb (a level table) or
+    an xor (the uniform grid): the same bits, in rows and in tiles."""
+    rng = np.random.default_rng(30 + tb)
+    w = _pair(rng, 64, 128, 4, 32, levels)[int(tiles)]
+    kb, j = 32, 64
+    i0 = simd_kernels._tile_row(kb // 2, j, 16, 2) if tiles else kb // 2
+    xq, dx, bs = act8_kernels.quantize_activations(
+        rng.standard_normal((tb, 64)).astype(np.float32))
+    perm, shuf = (act8_kernels._kernel(4, tb, None, "fused", tiles, vbmi) for vbmi in (None, False))
+    lv = None if levels is None else np.asarray(levels, np.float32)
+
+    @njit
+    def run(p, sc, acc_p, acc_s, lv):
+        u = np.zeros((32, 64), np.uint8)
+        perm(p, i0, j, xq, 0, kb, dx, bs, sc, 1, acc_p, 0, u, lv)
+        shuf(p, i0, j, xq, 0, kb, dx, bs, sc, 1, acc_s, 0, u, lv)
+
+    acc_p, acc_s = (np.zeros((tb, 64), np.float32) for _ in range(2))
+    run(w.values.reshape(-1, 64) if tiles else w.values, w.scales.view(np.uint16), acc_p,
+        acc_s, lv)
+    assert acc_s.all()
+    np.testing.assert_array_equal(acc_p, acc_s)
+
+
 @pytest.mark.parametrize("levels", [None, STUDENT_T_LEVELS])
 @pytest.mark.parametrize("vnni,mode", [(None, "fused"), (False, "fused"), (None, "read"),
                                        (False, "read")])
