@@ -18,8 +18,9 @@ prompt; per layer it
 3. routes every group and makes ONE MoE call for all of them
    (``Engine.moe_layers``): the union of the experts the decodes and the
    prompts need is fetched once and each expert is applied to exactly the
-   rows routed to it. Before, a prompt chunk ran in a step of its own and read
-   its experts again.
+   rows routed to it (at the last layer a chunk's last row if it wants
+   logits, else none of its rows: ``Engine.last_row``). Before, a prompt
+   chunk ran in a step of its own and read its experts again.
 
 The logits rows (the decode rows, then the last row of each chunk that ends
 a prompt) are gathered into one buffer and read the output table once. A

@@ -402,8 +402,9 @@ class Engine:
         if layer + 1 < len(self.layers):
             if next_rows is None:
                 return layer + 1, routing[:n, k:]
-            return (layer + 1, routing[np.asarray(next_rows, np.intp), k:]) if len(next_rows) \
-                else None
+            if not len(next_rows):
+                return None
+            return layer + 1, routing[np.asarray(next_rows, np.intp), k:]
         return None if self._first_experts is None else (0, self._first_experts)
 
     # --- forward ----------------------------------------------------------
