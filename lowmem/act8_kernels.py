@@ -49,7 +49,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
-from lowmem.simd_kernels import _Mat, _prefetch_ahead, _splat, _tile_row
+from lowmem.simd_kernels import _Mat, _has_feature, _prefetch_ahead, _splat, _tile_row
 
 BLOCK = 32                 # weight rows (= activations) per int8 activation scale
 _MAX_TB = 6                # tokens per call (24 int32 register accumulators; see tile_strips)
@@ -238,13 +238,12 @@ def _dot(builder, vnni, acc, u, xb):
 
 def _has_vnni(context):
     """Whether numba compiles for a CPU with AVX-512 VNNI (512-bit vpdpbusd)."""
-    feats = context.codegen().magic_tuple()[2].split(",")
-    return "+avx512vnni" in feats and "+avx512bw" in feats
+    return _has_feature(context, "avx512vnni") and _has_feature(context, "avx512bw")
 
 
 def _has_vbmi(context):
     """Whether numba compiles for a CPU with AVX-512 VBMI (vpermb)."""
-    return "+avx512vbmi" in context.codegen().magic_tuple()[2].split(",")
+    return _has_feature(context, "avx512vbmi")
 
 
 def fast_on_host() -> bool:
