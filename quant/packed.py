@@ -490,6 +490,7 @@ class PackedModel:
         self._crcs = {row["name"]: row["crc32"] for row in manifest["tensors"]}
         self.verify_experts = verify_experts
         self._checked: set = set()    # tensor names and (layer, expert) blocks verified
+        self._experts: dict[tuple[int, int], ExpertBlock] = {}   # expert()'s views
         self._check_lock = threading.Lock()
 
     @classmethod
@@ -588,6 +589,19 @@ class PackedModel:
                 if not s.per_expert}
 
     def expert(self, layer: int, expert: int) -> ExpertBlock:
+        """One expert block's views, verified on first use (see the class docstring).
+
+        Built once per block and kept: the host backend asks for 2 blocks a layer
+        every decode step, and building the views (a dozen memmap slices and three
+        QWeights) took 0.05 ms warm and 0.18 ms mid-step, with the caches cold
+        from streaming the weights: 1% of a Grok-1-width decode step (2 layers).
+        """
+        block = self._experts.get((layer, expert))
+        if block is None:
+            block = self._experts[(layer, expert)] = self._expert_views(layer, expert)
+        return block
+
+    def _expert_views(self, layer: int, expert: int) -> ExpertBlock:
         file = expert_file(layer)
         offset = expert * self.expert_block_nbytes
         raw = self._map(file)[offset:offset + self.expert_block_nbytes]

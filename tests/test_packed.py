@@ -287,6 +287,29 @@ def test_tensors_are_verified_when_first_read(model_dir, tmp_path, tiny_cfg):
     unchecked.layer(0)
 
 
+def test_expert_views_are_built_once_and_a_damaged_block_is_never_kept(model_dir, tmp_path,
+                                                                       tiny_cfg):
+    """expert() keeps each block's views (a decode step asks for them every layer); a
+    block that fails its check is not kept, so every later call refuses it too."""
+    model = PackedModel.open(model_dir)
+    block = model.expert(1, 4)
+    assert model.expert(1, 4) is block
+    assert model.expert(1, 3) is not block and model.expert(0, 4) is not block
+    assert np.shares_memory(block.up.values, model._map(block.path.name))
+    bad = damaged_copy(model_dir, tmp_path)
+    entry = {e.name: e for e in tensor_layout(tiny_cfg, QuantSettings(4, 32))}[
+        "transformer/decoder_layer_1/up[5].values"]
+    with open(bad / entry.file, "r+b") as f:
+        f.seek(entry.offset + 5)
+        byte = f.read(1)
+        f.seek(entry.offset + 5)
+        f.write(bytes([byte[0] ^ 0x04]))
+    damaged = PackedModel.open(bad)
+    for _ in range(2):
+        with pytest.raises(IntegrityError, match=r"tensor transformer/decoder_layer_1/up\[5\]"):
+            damaged.expert(1, 5)
+
+
 def test_open_rejects_truncated_and_missing_files(model_dir, tmp_path):
     bad = damaged_copy(model_dir, tmp_path)
     path = bad / "layer_01.experts.bin"
