@@ -546,14 +546,24 @@ def _plan(t: int, k: int, n: int, weight_bytes: int, a8: bool = False, tiled: bo
     column blocks of whole 64-column strips where N allows (a block's last
     N % 64 columns take the fp32 tiles, ~4x slower per column).
     tiled (QWeight.tiled): whole tiles, both ways.
+    One token: at most two row chunks per thread, not four (the columns as
+    before). numba hands each thread an equal run of items, so a thread reads
+    the same rows either way; each chunk only adds one more (T, N) partial sum
+    to zero, fill and add up, and at one token those are whole output rows
+    (the int4 output table's 8 x 512 KB). A Grok-1-width int4 decode step (2
+    layers, 2 threads) took 0.96-0.98x the time in three alternated runs, int8
+    0.996x (docs/PERFORMANCE.md, section 3, session 25).
     """
-    items = 4 * numba.get_num_threads()
+    threads = numba.get_num_threads()
+    items = 4 * threads
     t, n = max(t, 1), max(n, 1)
     acc = n * min(t, _A8_TOKEN_BLOCK if a8 else _TOKEN_BLOCK) * 4   # one token block's
     ncb = -(-acc // (_ACC_SPLIT if acc >= _ACC_BYTES else _ACC_BYTES))
     nk = max(1, min(-(-items // ncb), k // 256, weight_bytes // _PARTIAL_SHARE // (4 * t * n)))
     if ncb * nk < items:  # rows could not be split further: narrow the columns
         ncb = max(ncb, min(-(-items // nk), -(-n // 64)))
+    if t == 1:
+        nk = min(nk, 2 * threads)
     nb = -(-n // ncb)
     nb = min(n, nb + (-nb) % (_STRIP if a8 or tiled else 16))
     kchunk = -(-k // nk)

@@ -14,6 +14,7 @@ unrounded bf16 intermediate) produces.
 from __future__ import annotations
 
 import ml_dtypes
+import numba
 import numpy as np
 import pytest
 from numba import njit
@@ -267,6 +268,25 @@ def test_wide_outputs_split_their_columns(a8):
     nb, _, _ = kernels._plan(16, k, n, k * n, a8)
     assert nb * block * 4 <= kernels._ACC_SPLIT and nb % (64 if a8 else 16) == 0
     assert kernels._plan(6, k, n, k * n, a8)[0] == n
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("a8,tiled", [(False, False), (True, True)])
+def test_one_token_splits_rows_in_two_chunks_a_thread(threads, a8, tiled):
+    """At one token a thread gets at most two row chunks of whole rows (each chunk
+    is one more partial output row to zero and add up), at two tokens four as
+    before; Grok-1's gate, down and the output table (6144 x 131072)."""
+    old = numba.get_num_threads()
+    numba.set_num_threads(threads)
+    try:
+        for k, n in ((6144, 32768), (32768, 6144), (6144, 131072)):
+            nb, kchunk, nk = kernels._plan(1, k, n, k * n // 2, a8, tiled)
+            assert (nb, nk) == (n, 2 * threads) and kchunk * nk == k
+            if n < 131072:   # two tokens of the table's accumulators split its columns
+                assert kernels._plan(2, k, n, k * n // 2, a8, tiled)[1:] == (k // 4 // threads,
+                                                                           4 * threads)
+    finally:
+        numba.set_num_threads(old)
 
 
 @pytest.mark.parametrize("t", [1, 2, 4, 5, 9, 17])
