@@ -64,6 +64,31 @@ def test_api_generate_is_seeded_and_stops_at_max_tokens(demo_model):
     assert all(0 <= t < rt.engine.cfg.vocab_size for t in a)
 
 
+@pytest.mark.parametrize("sampling", [dict(temperature=50.0), dict(temperature=50.0, top_p=0.9),
+                                      dict(temperature=50.0, top_k=50)])
+def test_generate_draws_with_a_fresh_subkey_per_token(demo_model, sampling):
+    """generate_tokens splits the key and draws in one call (sample_next); the tokens
+    are those of splitting the seed's key outside and drawing with sampling.sample
+    on each step's logits: key, sub = split(key) before every draw. (The demo
+    model's logits are so peaked that only a high temperature spreads the draws.)"""
+    import jax
+    import numpy as np
+    from lowmem.decoding import GenerationRequest, generate_tokens
+    from lowmem.sampling import SamplingParams, sample
+    engine = lowmem.load(demo_model).engine
+    params = SamplingParams(**sampling)
+    prompt = [5, 17, 300, 41]
+    got = list(generate_tokens(engine, prompt, GenerationRequest(
+        max_new_tokens=6, sampling=params, seed=11, stop_at_eos=False)))
+    engine.reset()
+    logits, key, want = engine.feed(prompt), jax.random.key(11), []
+    for _ in range(6):
+        key, sub = jax.random.split(key)
+        want.append(int(sample(np.asarray(logits)[None], sub, *params.as_args())[0]))
+        logits = engine.feed([want[-1]])
+    assert got == want and len(set(got)) > 1
+
+
 def test_cli_generates_from_a_model_dir(demo_model):
     cmd = [sys.executable, "-m", "lowmem.generate", "--model", str(demo_model), "--prompt",
            "The answer to life", "--max-new-tokens", "5", "--ignore-eos"]
