@@ -546,13 +546,8 @@ def _plan(t: int, k: int, n: int, weight_bytes: int, a8: bool = False, tiled: bo
     column blocks of whole 64-column strips where N allows (a block's last
     N % 64 columns take the fp32 tiles, ~4x slower per column).
     tiled (QWeight.tiled): whole tiles, both ways.
-    One token: at most two row chunks per thread, not four (the columns as
-    before). numba hands each thread an equal run of items, so a thread reads
-    the same rows either way; each chunk only adds one more (T, N) partial sum
-    to zero, fill and add up, and at one token those are whole output rows
-    (the int4 output table's 8 x 512 KB). A Grok-1-width int4 decode step (2
-    layers, 2 threads) took 0.96-0.98x the time in three alternated runs, int8
-    0.996x (docs/PERFORMANCE.md, section 3, session 25).
+    One token: two row chunks a thread, not four (the same rows, half the partial
+    sums to zero and add): int4 decode 0.96-0.98x the time (PERFORMANCE.md 3, s. 25).
     """
     threads = numba.get_num_threads()
     items = 4 * threads

@@ -2,9 +2,13 @@
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import pytest
 
 import lowmem
+from lowmem.decoding import GenerationRequest, generate_tokens
+from lowmem.sampling import SamplingParams, sample
 from quant.config import preset
 from lowmem.tokenizer import BUNDLED, Tokenizer, stream_text
 from quant.packed import QuantSettings
@@ -71,10 +75,6 @@ def test_generate_draws_with_a_fresh_subkey_per_token(demo_model, sampling):
     are those of splitting the seed's key outside and drawing with sampling.sample
     on each step's logits: key, sub = split(key) before every draw. (The demo
     model's logits are so peaked that only a high temperature spreads the draws.)"""
-    import jax
-    import numpy as np
-    from lowmem.decoding import GenerationRequest, generate_tokens
-    from lowmem.sampling import SamplingParams, sample
     engine = lowmem.load(demo_model).engine
     params = SamplingParams(**sampling)
     prompt = [5, 17, 300, 41]

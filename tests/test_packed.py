@@ -41,6 +41,15 @@ def damaged_copy(model_dir, tmp_path):
     return out
 
 
+def flip_a_bit(model_dir, entry):
+    """Flip one bit of a stored tensor (bit 2 of its 6th byte) in its file."""
+    with open(model_dir / entry.file, "r+b") as f:
+        f.seek(entry.offset + 5)
+        byte = f.read(1)
+        f.seek(entry.offset + 5)
+        f.write(bytes([byte[0] ^ 0x04]))
+
+
 def _round(n, a):
     return -(-n // a) * a
 
@@ -268,12 +277,7 @@ def test_tensors_are_verified_when_first_read(model_dir, tmp_path, tiny_cfg):
     layout = {e.name: e for e in tensor_layout(tiny_cfg, QuantSettings(4, 32))}
     for name in ("transformer/decoder_layer_1/up[5].values",
                  "transformer/decoder_layer_0/router/w"):
-        entry = layout[name]
-        with open(bad / entry.file, "r+b") as f:
-            f.seek(entry.offset + 5)
-            byte = f.read(1)
-            f.seek(entry.offset + 5)
-            f.write(bytes([byte[0] ^ 0x04]))
+        flip_a_bit(bad, layout[name])
     model = PackedModel.open(bad)
     model.expert(1, 4)                                   # an intact block
     with pytest.raises(IntegrityError, match=r"tensor transformer/decoder_layer_1/up\[5\]"):
@@ -297,13 +301,8 @@ def test_expert_views_are_built_once_and_a_damaged_block_is_never_kept(model_dir
     assert model.expert(1, 3) is not block and model.expert(0, 4) is not block
     assert np.shares_memory(block.up.values, model._map(block.path.name))
     bad = damaged_copy(model_dir, tmp_path)
-    entry = {e.name: e for e in tensor_layout(tiny_cfg, QuantSettings(4, 32))}[
-        "transformer/decoder_layer_1/up[5].values"]
-    with open(bad / entry.file, "r+b") as f:
-        f.seek(entry.offset + 5)
-        byte = f.read(1)
-        f.seek(entry.offset + 5)
-        f.write(bytes([byte[0] ^ 0x04]))
+    flip_a_bit(bad, {e.name: e for e in tensor_layout(tiny_cfg, QuantSettings(4, 32))}[
+        "transformer/decoder_layer_1/up[5].values"])
     damaged = PackedModel.open(bad)
     for _ in range(2):
         with pytest.raises(IntegrityError, match=r"tensor transformer/decoder_layer_1/up\[5\]"):
