@@ -38,7 +38,8 @@ from lowmem.expert_cache import DeviceSlots, ExpertCache, choose_policy
 from lowmem.moe import DeviceMoE, HostMoE, chunked_linear
 from lowmem.staging import Stager
 from quant.packed import PackedModel
-from quant.qweight import QWeight, untile
+from quant.bf16 import round_bf16_inplace
+from quant.qweight import BF16, QWeight, untile
 from quant.spec import ATTENTION_ROLES
 
 log = logging.getLogger(__name__)
@@ -284,6 +285,22 @@ class HostBackend:
         """fp32 logits (T, V) of final hidden rows x (T, D), before the multiplier
         (model.round_logits), as host_logits's callback gives."""
         return _logits_of(self, x)
+
+    def scaled_logits(self, x: np.ndarray, precision: str) -> np.ndarray:
+        """``logits`` with the output multiplier, as ``model.round_logits`` gives them
+        bit for bit, in numpy: an fp32 product; in 'bf16' by the bf16 constant, then
+        rounded to bf16; subnormals flushed to signed zero in and out, as XLA:CPU
+        does. A jitted multiply took 0.46 ms mid-step, this ~0.1
+        (docs/PERFORMANCE.md, section 3, session 26)."""
+        fp32 = M.act_dtype(precision) == M.F32
+        scale = self.model.cfg.output_multiplier_scale
+        out, tiny = self.logits(x), np.finfo(np.float32).tiny              # (T, V)
+        out[np.abs(out) < tiny] *= 0
+        out *= np.float32(scale if fp32 else np.asarray(scale, BF16))
+        out[np.abs(out) < tiny] *= 0
+        if not fp32:
+            round_bf16_inplace(out.reshape(-1))
+        return out
 
     def a8(self, rows: int) -> bool:
         """Whether a quantized matmul of this many rows takes int8 activations."""

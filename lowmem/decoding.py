@@ -64,9 +64,16 @@ def generate_tokens(engine: Engine, prompt_ids: list[int], req: GenerationReques
     key = jax.random.key(req.seed)
     args = req.sampling.as_args()
     eos = engine.cfg.eos_token_id
+    # greedy on a CPU: numpy's argmax (first index of the max or of a NaN, as
+    # sampling.argmax) on the logits where they lie, 0.05 ms against 0.5 for a
+    # jitted call after a step's weights have streamed through the caches
+    argmax_here = req.sampling.temperature <= 0 and engine.device.platform == "cpu"
     for i in range(req.max_new_tokens):
-        token, key = sample_next(logits, key, *args)
-        token = int(engine.to_host(token))                                 # sync point
+        if argmax_here:
+            token = int(np.argmax(engine.to_host(logits)))                 # sync point
+        else:
+            token, key = sample_next(logits, key, *args)
+            token = int(engine.to_host(token))                             # sync point
         engine.timer.mark("sampling")
         yield token
         last = i + 1 == req.max_new_tokens or engine.position >= engine.context

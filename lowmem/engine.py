@@ -138,13 +138,19 @@ _residual = jax.jit(M.moe_residual, static_argnums=(0, 1))
 _norm = jax.jit(M.rms_norm, static_argnums=(0, 3))
 _attention_core = jax.jit(M.attention_core, static_argnums=(0, 1), static_argnames=("key_block",),
                           donate_argnames=("cache",))
-_attention_residual = jax.jit(M.attention_residual, static_argnums=(0, 1))
-_mark_valid = jax.jit(M.mark_valid, donate_argnums=(0,))
-_embed = jax.jit(M.embed, static_argnums=(0, 1))
 
 
-@partial(jax.jit, static_argnums=(0, 1))
-def _route(cfg, precision, norm, router, next_norm, next_router, h):
+@partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3,))
+def _chunk_input(cfg, precision, rows, valid, tokens, pos, n, norm):
+    """A chunk's activations from its embedding rows (T, D) and its real keys marked
+    valid (S,), plus, when ``norm`` is given, its rows' first attention norm (T, D)
+    (the host backend's, see _Ahead; None: none)."""
+    h = M.embed(cfg, precision, rows)                                       # (T, D)
+    x = None if norm is None else M.rms_norm(cfg, h, norm, precision)
+    return h, M.mark_valid(valid, tokens, pos, n), x
+
+
+def _route_rows(cfg, precision, norm, router, next_norm, next_router, h):
     """MoE input and routing of this layer, plus a guess at the next layer's experts.
 
     The experts and the guess come back as one (T, 2k) array: the step reads
@@ -154,6 +160,55 @@ def _route(cfg, precision, norm, router, next_norm, next_router, h):
     _, gates, experts = M.route(cfg, moe_in, router)                       # (T, k), (T, k)
     _, _, next_experts = M.route(cfg, M.rms_norm(cfg, h, next_norm, precision), next_router)
     return moe_in, gates, experts, jnp.concatenate([experts, next_experts], axis=1)
+
+
+_route = jax.jit(_route_rows, static_argnums=(0, 1))
+
+
+@partial(jax.jit, static_argnums=(0, 1))
+def _attention_route(cfg, precision, post_norm, h, out, norm, router, next_norm, next_router):
+    """The host backend's attention residual (T, D) and, ahead, its rows' routing
+    (``_route_rows``) in one call."""
+    h = M.attention_residual(cfg, precision, post_norm, h, out)             # (T, D)
+    return h, _route_rows(cfg, precision, norm, router, next_norm, next_router, h)
+
+
+@partial(jax.jit, static_argnums=(0, 1))
+def _residual_norm(cfg, precision, h, moe_sum, post_norm, next_norm):
+    """The host backend's MoE residual (T, D) and, ahead, its rows' next norm (T, D):
+    the next layer's attention norm, or after the last layer the final norm."""
+    h = M.moe_residual(cfg, precision, h, moe_sum, post_norm)               # (T, D)
+    return h, M.rms_norm(cfg, h, next_norm, precision)
+
+
+class _Ahead:
+    """Values a jitted piece of a host step computed ahead for the next piece, each
+    kept with the array it belongs to and handed out only for that very array.
+
+    An XLA call mid-step costs ~0.1 ms more than warm (the kernels between the
+    calls stream hundreds of MB through the caches), so the host engine makes
+    fewer: the MoE residual also computes the next layer's attention norm (or
+    the final norm), the attention residual the routing, the chunk input the
+    first norm (docs/PERFORMANCE.md, section 3, session 26). A piece given any
+    other array (a sliced last row, a batched step's rows) computes its own.
+    """
+
+    def __init__(self):
+        self._values: dict = {}
+
+    def put(self, kind: tuple, h: jax.Array, value) -> None:
+        self._values[kind, id(h)] = (h, value)
+
+    def take(self, kind: tuple, h: jax.Array):
+        """The value of this kind computed for h (removed), or None."""
+        kept, value = self._values.pop((kind, id(h)), (None, None))
+        return value if kept is h else None
+
+    def drop(self, name: str) -> None:
+        """Forget the values of kinds named ``name``: the engine drops each kind at
+        the point of a step where the pieces it was for have run, so at most a
+        group's worth of values is ever kept."""
+        self._values = {key: v for key, v in self._values.items() if key[0][0] != name}
 
 
 @partial(jax.jit, static_argnums=(0, 1, 2))
@@ -175,12 +230,6 @@ def _last_hidden(cfg, precision, h, final_norm, index):
 def _row(h, index):
     """Row ``index`` of h (T, D) -> (1, D), the index dynamic (one compile per T)."""
     return jax.lax.dynamic_slice_in_dim(h, index, 1, 0)
-
-
-@partial(jax.jit, static_argnums=(0, 1))
-def _round_row(cfg, precision, logits):
-    """The host kernels' fp32 logits (1, V) with the output multiplier -> (V,)."""
-    return M.round_logits(cfg, logits, precision)[0]
 
 
 @partial(jax.jit, static_argnums=(0, 1, 2))
@@ -221,6 +270,7 @@ class Engine:
         self.dispatches = 0                 # jitted calls of the steps (eager ops included)
         self.slot_writes = 0                # expert blocks written into device slots
         self._first_experts = None          # layer 0's experts of the last row: next-token guess
+        self._ahead = _Ahead()              # host: values the last jitted piece computed ahead
         self.layers = self.backend.place_layers()
         self.final_norm = jax.device_put(model.final_norm(), self.device)
         self._state = self.new_state()     # before sizing the cache: the KV cache counts
@@ -368,10 +418,14 @@ class Engine:
         cfg, k, timer = self.cfg, self.cfg.num_selected_experts, self.timer
         lp, nxt = self.layers[layer], self.layers[min(layer + 1, len(self.layers) - 1)]
         moe_groups, real = [], []
+        self._ahead.drop("norm")            # the attention they were for has run
         for h, n in groups:
-            moe_in, gates, experts, routing = _route(
-                cfg, self.precision, lp["moe_norm"], lp["router"], nxt["moe_norm"],
-                nxt["router"], h)
+            route = self._ahead.take(("route", layer), h)
+            if route is None:
+                route = _route(cfg, self.precision, lp["moe_norm"], lp["router"],
+                               nxt["moe_norm"], nxt["router"], h)
+                self.dispatches += 1
+            moe_in, gates, experts, routing = route
             routing = self.to_host(routing)                                 # (T, 2k) sync
             moe_groups.append((moe_in, gates, routing[:, :k], experts, n))
             real.append(routing[:n])
@@ -383,13 +437,24 @@ class Engine:
         waited, calls, writes = (self.expert_stats.wait_s, self.experts.dispatches,
                                  self.experts.slot_writes)
         moes = self.experts.moe_groups(layer, moe_groups, guess)
-        out = [_residual(cfg, self.precision, h, moe, lp["moe_post_norm"])
-               for (h, _), moe in zip(groups, moes)]
-        self.dispatches += 2 * len(groups) + self.experts.dispatches - calls  # route, residual
+        self._ahead.drop("route")
+        out = [self._residual(layer, h, moe) for (h, _), moe in zip(groups, moes)]
+        self.dispatches += len(groups) + self.experts.dispatches - calls   # residuals
         self.slot_writes += self.experts.slot_writes - writes
         timer.mark("experts", *out)
         timer.add("experts", -(self.expert_stats.wait_s - waited))
         timer.add("transfer_wait", self.expert_stats.wait_s - waited)
+        return out
+
+    def _residual(self, layer: int, h: jax.Array, moe: jax.Array) -> jax.Array:
+        """h + the normed MoE sum; on the host, with the next norm of its rows ahead."""
+        post = self.layers[layer]["moe_post_norm"]
+        if not self.backend.calls_back:
+            return _residual(self.cfg, self.precision, h, moe, post)
+        last = layer + 1 == len(self.layers)
+        following = self.final_norm if last else self.layers[layer + 1]["attn_norm"]
+        out, x = _residual_norm(self.cfg, self.precision, h, moe, post, following)
+        self._ahead.put(("norm", "final" if last else layer + 1), out, x)
         return out
 
     def _guess(self, layer: int, routing: np.ndarray, n: int, next_rows=None):
@@ -424,9 +489,11 @@ class Engine:
         batched steps of ``lowmem.batch``, which run chunks beside decode rows."""
         cfg, prec, backend = self.cfg, self.precision, self.backend
         rows = backend.embed_rows(tokens)                                  # (T, D) bf16
-        h = _embed(cfg, prec, rows)                                         # (T, D) activations
-        valid = _mark_valid(state.valid, tokens, state.pos, n)
-        self.dispatches += 2 + isinstance(rows, jax.Array)
+        norm = self.layers[0]["attn_norm"] if backend.calls_back else None
+        h, valid, x = _chunk_input(cfg, prec, rows, state.valid, tokens, state.pos, n, norm)
+        if x is not None:                                                   # (T, D)
+            self._ahead.put(("norm", 0), h, x)
+        self.dispatches += 1 + isinstance(rows, jax.Array)
         self.timer.mark("embedding", h, valid)
         return h, valid
 
@@ -445,30 +512,40 @@ class Engine:
     def _host_attention(self, layer: int, h: jax.Array, cache, valid: jax.Array, pos: int,
                         n: int):
         """model.attention_block on the host backend: its four products called from here,
-        between three jitted pieces, instead of through callbacks inside one jitted
-        step. The same numbers; XLA on CPU spent 0.5-1.6 ms more a layer around
-        callbacks that run for milliseconds (docs/PERFORMANCE.md, section 3, session
-        21)."""
+        around two jitted pieces (the attention core; the residual with the routing
+        ahead), its norm taken from the piece before (_Ahead), instead of through
+        callbacks inside one jitted step. The same numbers; XLA on CPU spent 0.5-1.6
+        ms more a layer around callbacks that run for milliseconds
+        (docs/PERFORMANCE.md, section 3, session 21)."""
         cfg, prec, lp, backend = self.cfg, self.precision, self.layers[layer], self.backend
-        x = self.to_host(_norm(cfg, h, lp["attn_norm"], prec))                # (T, D)
-        q, k, v = backend.products(layer, ("q", "k", "v"), x, n)             # (T, N) each
+        x = self._ahead.take(("norm", layer), h)
+        if x is None:
+            x = _norm(cfg, h, lp["attn_norm"], prec)
+            self.dispatches += 1
+        q, k, v = backend.products(layer, ("q", "k", "v"), self.to_host(x), n)  # (T, N) each
         attn, cache = _attention_core(cfg, prec, q, k, v, cache, valid, pos,
                                       key_block=backend.key_block)           # (T, Hq*K)
         (o,) = backend.products(layer, ("o",), self.to_host(attn), n)       # (T, D)
-        out = _attention_residual(cfg, prec, lp["attn_post_norm"], h, o)
-        self.dispatches += 3
+        nxt = self.layers[min(layer + 1, len(self.layers) - 1)]
+        out, route = _attention_route(cfg, prec, lp["attn_post_norm"], h, o, lp["moe_norm"],
+                                      lp["router"], nxt["moe_norm"], nxt["router"])
+        self._ahead.put(("route", layer), out, route)
+        self.dispatches += 2
         self.timer.mark("attention", out)
         return out, cache
 
     def last_logits(self, h: jax.Array, index: int) -> jax.Array:
-        """Final norm and output logits of row ``index`` of h -> fp32 (V,); the host
-        backend's kernel called from here, between two jitted pieces (see
-        _host_attention)."""
+        """Final norm and output logits of row ``index`` of h -> fp32 (V,); on the host
+        the numba kernel called from here (see _host_attention) on the final norm
+        the last MoE residual computed ahead (a decode row), the multiplier applied
+        in numpy: no XLA call."""
         if self.backend.calls_back:
-            hn = self.to_host(_last_hidden(self.cfg, self.precision, h, self.final_norm,
-                                           index))                           # (1, D)
-            logits = _round_row(self.cfg, self.precision, self.backend.logits(hn))
-            self.dispatches += 2
+            hn = self._ahead.take(("norm", "final"), h) if h.shape[0] == 1 else None
+            if hn is None:
+                hn = _last_hidden(self.cfg, self.precision, h, self.final_norm, index)
+                self.dispatches += 1
+            logits = self.backend.scaled_logits(self.to_host(hn), self.precision)  # (1, V)
+            logits = jax.device_put(logits[0], self.device)
         else:
             logits = _last_logits(self.cfg, self.backend.logits_fn, self.precision, h,
                                   self.final_norm, self.backend.logits_table, index)

@@ -22,7 +22,7 @@ def test_dry_run_reports_every_row(tmp_path, capsys):
         assert [s["workers"] for s in row["staging"]] == [2, 4, 8]
         assert all(s["bytes_exact"] and s["registration"] == "pageable" and s["gbps"] > 0
                    for s in row["staging"])
-        assert row["dispatches_per_token"] == 4 + 4 * 2  # tiny: 2 layers (test_device_path)
+        assert row["dispatches_per_token"] == 3 + 4 * 2  # tiny: 2 layers (test_device_path)
         assert row["xla_executions_per_token"] == row["dispatches_per_token"]
     assert "64-layer Grok-1 extrapolation" in text and "dry run on the CPU" in text
     assert "staging ring (engine effective vs raw pageable" in text and "WRONG" not in text

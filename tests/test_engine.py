@@ -227,12 +227,18 @@ def test_host_and_device_paths_agree(packed):
         assert _rel(host, dev) < 1e-2
 
 
-def test_no_recompilation_after_warmup(packed):
-    engine = _engine(packed["int8"], slots=3)
-    greedy_ids(engine, [3, 4, 5], 3)                     # warm-up: bucket 16 and decode
+@pytest.mark.parametrize("backend", ["device", "host"])
+def test_no_recompilation_after_warmup(packed, backend):
     from lowmem import engine as E, moe
-    fns = [E._attention, E._route, E._residual, E._mark_valid, E._embed, E._last_logits,
-           moe._experts_accumulate]
+    if backend == "device":
+        engine = _engine(packed["int8"], slots=3)
+        fns = [E._attention, E._route, E._residual, E._chunk_input, E._last_logits,
+               moe._experts_accumulate]
+    else:
+        engine = _engine(packed["int8"], backend="host")
+        fns = [E._chunk_input, E._attention_core, E._attention_route, E._residual_norm,
+               E._route, E._last_hidden, E._row]
+    greedy_ids(engine, [3, 4, 5], 3)                     # warm-up: bucket 16 and decode
     sizes = [f._cache_size() for f in fns]
     greedy_ids(engine, [9, 8, 7, 6, 5, 4, 3], 6)         # another prompt, same bucket
     greedy_ids(engine, [100, 200], 4)
@@ -491,3 +497,57 @@ def test_host_attention_and_logits_between_jitted_pieces_equal_the_callbacks(
     monkeypatch.setattr(HostBackend, "calls_back", False)
     np.testing.assert_array_equal(run()[0], split_logits)
     assert run()[1] == split_ids
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_values_computed_ahead_change_no_bit_and_save_calls(packed, monkeypatch, precision):
+    """The host engine's pieces that compute the next piece's norm or routing ahead
+    (engine._Ahead) give every logit of a prefill and of each decode step bit for bit
+    as the pieces computing their own, in fewer XLA calls (two a layer)."""
+    from lowmem import engine as E
+
+    def run():
+        engine = _engine(packed["int4lv-tl"], backend="host", precision=precision)
+        rows = [np.asarray(engine.feed(PROMPTS[0]))]
+        start = engine.dispatches
+        rows += [np.asarray(engine.feed([t])) for t in (9, 300, 42)]
+        return np.stack(rows), (engine.dispatches - start) // 3
+    ahead, calls = run()
+    monkeypatch.setattr(E._Ahead, "take", lambda self, kind, h: None)
+    own, own_calls = run()
+    np.testing.assert_array_equal(ahead, own)
+    layers = packed["int4lv-tl"].cfg.num_layers
+    assert (calls, own_calls) == (1 + 3 * layers, 2 + 5 * layers)   # + the final norm
+
+
+def test_ahead_values_go_only_to_the_array_they_were_computed_for():
+    from lowmem.engine import _Ahead
+    ahead, h, other = _Ahead(), jax.numpy.zeros(3), jax.numpy.zeros(3)
+    ahead.put(("norm", 1), h, "x")
+    assert ahead.take(("norm", 1), other) is None and ahead.take(("norm", 2), h) is None
+    assert ahead.take(("norm", 1), h) == "x" and ahead.take(("norm", 1), h) is None
+    ahead.put(("norm", 1), h, "x")
+    ahead.put(("route", 1), h, "r")
+    ahead.drop("norm")
+    assert ahead.take(("norm", 1), h) is None and ahead.take(("route", 1), h) == "r"
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_host_scaled_logits_equal_round_logits_bit_for_bit(packed, monkeypatch, precision):
+    """HostBackend.scaled_logits (numpy, no XLA call) gives model.round_logits' bits:
+    ties to even, values near bf16's largest, infinities and NaN included."""
+    from lowmem import model as M
+    from lowmem.backends import HostBackend
+    engine = _engine(packed["int8"], backend="host", precision=precision)
+    rng = np.random.default_rng(3)
+    f32 = lambda a: np.asarray(a, np.float32)                             # noqa: E731
+    raw = np.concatenate([f32(rng.standard_normal(4000) * 30),
+                          f32(3.3e38 * rng.uniform(0.95, 1.03, 64)),
+                          rng.integers(0, 1 << 32, 4000, dtype=np.uint32).view(np.float32),
+                          (np.arange(256, dtype=np.uint32) << 16 | 0x8000).view(np.float32),
+                          f32([np.inf, -np.inf, np.nan, 0.0, -0.0])])
+    monkeypatch.setattr(HostBackend, "logits", lambda self, x: raw[None].copy())
+    with np.errstate(invalid="ignore"):                      # signalling NaNs among the bits
+        got = engine.backend.scaled_logits(np.zeros((1, 4), np.float32), precision)
+    want = np.asarray(M.round_logits(engine.cfg, raw[None], precision))
+    np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))

@@ -89,6 +89,29 @@ def test_generate_draws_with_a_fresh_subkey_per_token(demo_model, sampling):
     assert got == want and len(set(got)) > 1
 
 
+def test_greedy_on_a_cpu_takes_numpy_argmax_with_the_jitted_samplers_tokens(
+        demo_model, monkeypatch):
+    """Greedy decoding on a CPU picks each token with numpy's argmax instead of the
+    jitted sampler: the tokens ``sampling.sample`` gives at temperature 0 on each
+    step's logits, and the two argmaxes agree on ties (first index) and NaN."""
+    import lowmem.decoding as D
+    engine = lowmem.load(demo_model).engine
+    prompt = [5, 17, 300, 41]
+    engine.reset()
+    logits, key, want = engine.feed(prompt), jax.random.key(0), []
+    for _ in range(5):
+        want.append(int(sample(np.asarray(logits)[None], key, 0.0, 1.0, 0)[0]))
+        logits = engine.feed([want[-1]])
+    monkeypatch.setattr(D, "sample_next", lambda *a: pytest.fail("the jitted sampler ran"))
+    got = list(generate_tokens(engine, prompt, GenerationRequest(
+        max_new_tokens=5, sampling=SamplingParams(temperature=0.0), stop_at_eos=False)))
+    assert got == want
+    rows = np.array([[1, 3, 3, 0], [np.nan, 5, np.nan, 9], [2, np.nan, 7, 7],
+                     [-np.inf, -np.inf, -np.inf, -np.inf]], np.float32)
+    jitted = np.asarray(sample(rows, key, 0.0, 1.0, 0))
+    assert [int(np.argmax(r)) for r in rows] == list(jitted) == [1, 0, 1, 0]
+
+
 def test_cli_generates_from_a_model_dir(demo_model):
     cmd = [sys.executable, "-m", "lowmem.generate", "--model", str(demo_model), "--prompt",
            "The answer to life", "--max-new-tokens", "5", "--ignore-eos"]
