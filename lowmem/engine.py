@@ -197,12 +197,12 @@ class _Ahead:
         self._values: dict = {}
 
     def put(self, kind: tuple, h: jax.Array, value) -> None:
+        # h is kept with its value: while it lives no other array can take its id
         self._values[kind, id(h)] = (h, value)
 
     def take(self, kind: tuple, h: jax.Array):
         """The value of this kind computed for h (removed), or None."""
-        kept, value = self._values.pop((kind, id(h)), (None, None))
-        return value if kept is h else None
+        return self._values.pop((kind, id(h)), (None, None))[1]
 
     def drop(self, name: str) -> None:
         """Forget the values of kinds named ``name``: the engine drops each kind at
