@@ -535,7 +535,8 @@ def test_ahead_values_go_only_to_the_array_they_were_computed_for():
 @pytest.mark.parametrize("precision", ["bf16", "fp32"])
 def test_host_scaled_logits_equal_round_logits_bit_for_bit(packed, monkeypatch, precision):
     """HostBackend.scaled_logits (numpy, no XLA call) gives model.round_logits' bits:
-    ties to even, values near bf16's largest, infinities and NaN included."""
+    ties to even, subnormals (XLA:CPU flushes them to zero), values near bf16's
+    largest, infinities and NaN included (random bit patterns besides)."""
     from lowmem import model as M
     from lowmem.backends import HostBackend
     engine = _engine(packed["int8"], backend="host", precision=precision)
