@@ -302,6 +302,17 @@ class HostBackend:
             round_bf16_inplace(out.reshape(-1))
         return out
 
+    def attend_row(self, q: jax.Array, cache: M.KVCache, valid: jax.Array, pos: int,
+                   precision: str) -> np.ndarray:
+        """model.attend of one decode row (q (1, Hq, K) after RoPE, at position pos)
+        in numba (lowmem.attention_kernels) -> (1, Hq*K) fp32. It reads the cache
+        through zero-copy views of its buffers, released before returning: a
+        buffer with a live view would be copied, not updated in place, when it is
+        donated to the next step."""
+        from lowmem.attention_kernels import attend_row
+        return attend_row(self.model.cfg, np.asarray(q), np.asarray(cache.k),
+                          np.asarray(cache.v), np.asarray(valid), pos, precision)
+
     def a8(self, rows: int) -> bool:
         """Whether a quantized matmul of this many rows takes int8 activations."""
         return self.a8_rows is not None and rows >= self.a8_rows

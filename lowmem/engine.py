@@ -138,6 +138,7 @@ _residual = jax.jit(M.moe_residual, static_argnums=(0, 1))
 _norm = jax.jit(M.rms_norm, static_argnums=(0, 3))
 _attention_core = jax.jit(M.attention_core, static_argnums=(0, 1), static_argnames=("key_block",),
                           donate_argnames=("cache",))
+_heads_into_cache = jax.jit(M.heads_into_cache, static_argnums=(0, 1), donate_argnames=("cache",))
 
 
 @partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3,))
@@ -516,15 +517,22 @@ class Engine:
         ahead), its norm taken from the piece before (_Ahead), instead of through
         callbacks inside one jitted step. The same numbers; XLA on CPU spent 0.5-1.6
         ms more a layer around callbacks that run for milliseconds
-        (docs/PERFORMANCE.md, section 3, session 21)."""
+        (docs/PERFORMANCE.md, section 3, session 21). A decode row that sees a key
+        attends in numba (HostBackend.attend_row) after XLA has written its key and
+        value: the same arithmetic to fp32 rounding, about 0.3 ms a layer less mid-step
+        (session 27)."""
         cfg, prec, lp, backend = self.cfg, self.precision, self.layers[layer], self.backend
         x = self._ahead.take(("norm", layer), h)
         if x is None:
             x = _norm(cfg, h, lp["attn_norm"], prec)
             self.dispatches += 1
         q, k, v = backend.products(layer, ("q", "k", "v"), self.to_host(x), n)  # (T, N) each
-        attn, cache = _attention_core(cfg, prec, q, k, v, cache, valid, pos,
-                                      key_block=backend.key_block)           # (T, Hq*K)
+        if n == h.shape[0] == 1 and np.asarray(valid)[:pos + 1].any():      # a decode row
+            q, cache = _heads_into_cache(cfg, prec, q, k, v, cache, pos)       # (1, Hq, K)
+            attn = backend.attend_row(q, cache, valid, pos, prec)             # (1, Hq*K)
+        else:
+            attn, cache = _attention_core(cfg, prec, q, k, v, cache, valid, pos,
+                                          key_block=backend.key_block)       # (T, Hq*K)
         (o,) = backend.products(layer, ("o",), self.to_host(attn), n)       # (T, D)
         nxt = self.layers[min(layer + 1, len(self.layers) - 1)]
         out, route = _attention_route(cfg, prec, lp["attn_post_norm"], h, o, lp["moe_norm"],

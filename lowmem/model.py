@@ -331,15 +331,24 @@ def kv_write(cache: KVCache, k: jax.Array, v: jax.Array, pos: jax.Array) -> KVCa
                    jax.lax.dynamic_update_slice_in_dim(cache.v, vh, pos, 2))
 
 
+def heads_into_cache(cfg: GrokConfig, precision: str, q: jax.Array, k: jax.Array,
+                     v: jax.Array, cache: KVCache, pos: jax.Array) -> tuple[jax.Array, KVCache]:
+    """The first half of attention_core: the q, k, v products of rows from position
+    pos -> (their queries after RoPE (T, Hq, K), the cache with their keys and
+    values). The host engine attends a decode row in numba after it."""
+    positions = pos + jnp.arange(q.shape[0])                                 # (T,)
+    q, k, v = attention_heads(cfg, precision, q, k, v, positions)            # (T, H, K)
+    return q, kv_write(cache, k, v, pos)
+
+
 def attention_core(cfg: GrokConfig, precision: str, q: jax.Array, k: jax.Array, v: jax.Array,
                    cache: KVCache, valid: jax.Array, pos: jax.Array,
                    key_block: int | None = None) -> tuple[jax.Array, KVCache]:
     """An attention block between its products (attention_block's middle; the host
     engine's between its own kernels): the q, k, v products of rows from position
     pos -> (attn (T, Hq*K), the cache with their keys and values)."""
+    q, cache = heads_into_cache(cfg, precision, q, k, v, cache, pos)        # (T, Hq, K)
     positions = pos + jnp.arange(q.shape[0])                                 # (T,)
-    q, k, v = attention_heads(cfg, precision, q, k, v, positions)            # (T, H, K)
-    cache = kv_write(cache, k, v, pos)
     return attend(cfg, q, cache, valid, positions, precision, key_block), cache
 
 

@@ -169,3 +169,49 @@ def test_bf16_cache_stores_bit_patterns_and_attends_as_their_values(tiny_cfg):
         packed, jnp.asarray(kv[0, :1]), jnp.asarray(kv[1, :1]), jnp.int32(40)).compile()
     whole = f"f32[{cfg.num_kv_heads},{s},{cfg.key_size}]"
     assert whole not in write.as_text()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("pos", [0, 5, 21])
+def test_numba_decode_row_attention_matches_numpy_and_xla(tiny_cfg, precision, pos):
+    """attention_kernels.attend_row (the host's decode row): against the fp64 numpy
+    reference on the cache's stored values, and against model.attend (both forms)
+    to fp32 rounding; in 'bf16' its output is rounded to bf16 as attend's, so an
+    element may differ by one bf16 step where the fp32 values straddle a rounding
+    boundary. Keys at invalid positions and after pos are never seen."""
+    from lowmem.attention_kernels import attend_row
+    cfg, s = tiny_cfg, 32
+    rng = np.random.default_rng(pos)
+    keys = (2 * rng.standard_normal((s, cfg.num_kv_heads, cfg.key_size))).astype(np.float32)
+    values = rng.standard_normal((s, cfg.num_kv_heads, cfg.key_size)).astype(np.float32)
+    q = (3 * rng.standard_normal((1, cfg.num_q_heads, cfg.key_size))).astype(np.float32)
+    cache = M.init_kv_cache(cfg, s, precision=precision)[0]
+    cache = M.kv_write(cache, jnp.asarray(keys), jnp.asarray(values), jnp.int32(0))
+    valid = rng.random(s) < 0.7
+    valid[pos] = True
+    got = attend_row(cfg, q, np.asarray(cache.k), np.asarray(cache.v), valid, pos, precision)
+    stored_k = np.asarray(M.cache_values(cache.k)).transpose(1, 0, 2)          # (S, Hkv, K)
+    stored_v = np.asarray(M.cache_values(cache.v)).transpose(2, 0, 1)          # (S, Hkv, K)
+    visible = (valid & (np.arange(s) <= pos))[None, :]                          # (1, S)
+    want = _numpy_attention(cfg, q, stored_k, stored_v, visible)                 # (1, Hq*K)
+    step = 2.0 ** -7 if precision == "bf16" else 2e-6   # bf16: 8 significant bits
+    assert got.shape == want.shape and got.dtype == np.float32
+    assert np.all(np.abs(got - want) <= step * np.abs(want) + 1e-6), np.abs(got - want).max()
+    for key_block in (None, 8):
+        xla = np.asarray(M.attend(cfg, jnp.asarray(q), cache, jnp.asarray(valid),
+                                  jnp.asarray([pos]), precision, key_block))
+        assert np.all(np.abs(got - xla) <= step * np.abs(xla) + 1e-6)
+        assert np.mean(got != xla) < (0.02 if precision == "bf16" else 1.0)
+    if precision == "bf16":
+        np.testing.assert_array_equal(got, got.astype(jnp.bfloat16).astype(np.float32))
+
+
+def test_numba_decode_row_attention_refuses_a_row_that_sees_no_key(tiny_cfg):
+    from lowmem.attention_kernels import attend_row
+    cfg = tiny_cfg
+    cache = M.init_kv_cache(cfg, 16, precision="fp32")[0]
+    q = np.ones((1, cfg.num_q_heads, cfg.key_size), np.float32)
+    valid = np.zeros(16, bool)
+    valid[6] = True                                                 # after the row
+    with pytest.raises(ValueError, match="no valid key at positions 0..3"):
+        attend_row(cfg, q, np.asarray(cache.k), np.asarray(cache.v), valid, 3, "fp32")
