@@ -201,9 +201,9 @@ def test_numba_decode_row_attention_matches_numpy_and_xla(tiny_cfg, precision, p
         xla = np.asarray(M.attend(cfg, jnp.asarray(q), cache, jnp.asarray(valid),
                                   jnp.asarray([pos]), precision, key_block))
         assert np.all(np.abs(got - xla) <= step * np.abs(xla) + 1e-6)
-        assert np.mean(got != xla) < (0.02 if precision == "bf16" else 1.0)
-    if precision == "bf16":
-        np.testing.assert_array_equal(got, got.astype(jnp.bfloat16).astype(np.float32))
+        if precision == "bf16":   # bf16 values, and mostly XLA's very ones
+            np.testing.assert_array_equal(got, got.astype(jnp.bfloat16).astype(np.float32))
+            assert np.mean(got != xla) < 0.02
 
 
 def test_numba_decode_row_attention_refuses_a_row_that_sees_no_key(tiny_cfg):
