@@ -486,7 +486,9 @@ def test_host_attention_and_logits_between_jitted_pieces_equal_the_callbacks(
     """The host backend's attention products and logits are called from the engine
     between jitted pieces (Engine._host_attention, last_logits); through callbacks
     inside one jitted step (calls_back False: attention_block with host_linear,
-    host_logits) the last logits and the greedy tokens are the same bit for bit."""
+    host_logits) a prompt's last logits are the same bit for bit, and the greedy
+    tokens the same (decode rows attend in numba, equal to XLA's attention to
+    rounding: test_host_decode_rows_attend_in_numba_on_the_cache_in_place)."""
     from lowmem.backends import HostBackend
 
     def run():
