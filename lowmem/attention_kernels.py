@@ -18,31 +18,20 @@ XLA's to fp32 rounding, not bit for bit (tests/test_attention.py).
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange, types
-from numba.extending import overload
+from numba import njit, prange
 
+from lowmem.cpu_kernels import _f32
 from quant.bf16 import round_bf16_scalar
 
 _FM = {"contract", "reassoc"}   # reassoc: the dot products vectorize (as XLA's do)
-
-
-def _value(v):
-    """A cache element as float32 (uint16: the bf16 bits, see model.cache_dtype)."""
-    raise NotImplementedError("only callable from numba code")
-
-
-@overload(_value, inline="always")
-def _value_overload(v):
-    if v == types.uint16:
-        return lambda v: np.uint32(np.uint32(v) << 16).view(np.float32)
-    return lambda v: np.float32(v)
 
 
 @njit(parallel=True, fastmath=_FM, cache=True)
 def _attend(q, keys, values, visible, mult, cap, rnd, out):
     """out (Hq, K) = attention of q (Hq, K) over the positions where visible (n,) is
     set, for each KV head in parallel; keys (Hkv, S, K), values (Hkv, K, S) as
-    stored; rnd: round the output to bf16."""
+    stored (uint16: bf16 bits, see model.cache_dtype; read as cpu_kernels reads
+    bf16 weights); rnd: round the output to bf16."""
     hq, kd = q.shape
     hkv, n = keys.shape[0], visible.shape[0]
     g = hq // hkv
@@ -56,7 +45,7 @@ def _attend(q, keys, values, visible, mult, cap, rnd, out):
                 qj = q[h * g + j]
                 acc = np.float32(0.0)
                 for d in range(kd):
-                    acc += qj[d] * _value(key[d])
+                    acc += qj[d] * _f32(key[d])
                 x = acc * mult
                 w[j, s] = cap * np.tanh(x / cap)
         for j in range(g):
@@ -73,7 +62,7 @@ def _attend(q, keys, values, visible, mult, cap, rnd, out):
                 row = values[h, d]
                 acc = np.float32(0.0)
                 for s in range(n):
-                    acc += w[j, s] * _value(row[s])
+                    acc += w[j, s] * _f32(row[s])
                 o = acc / total
                 out[h * g + j, d] = round_bf16_scalar(o) if rnd else o
 
