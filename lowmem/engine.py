@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lowmem import model as M
+from lowmem import row_kernels as R
 from lowmem.backends import BackendError, make_backend
 from lowmem.timing import StepTimer
 from quant.packed import MemoryLockError, PackedModel
@@ -423,9 +424,9 @@ class Engine:
         for h, n in groups:
             route = self._ahead.take(("route", layer), h)
             if route is None:
-                route = _route(cfg, self.precision, lp["moe_norm"], lp["router"],
-                               nxt["moe_norm"], nxt["router"], h)
-                self.dispatches += 1
+                route = self._piece(h, _route, R.route_rows)(
+                    cfg, self.precision, lp["moe_norm"], lp["router"], nxt["moe_norm"],
+                    nxt["router"], h)
             moe_in, gates, experts, routing = route
             routing = self.to_host(routing)                                 # (T, 2k) sync
             moe_groups.append((moe_in, gates, routing[:, :k], experts, n))
@@ -440,21 +441,32 @@ class Engine:
         moes = self.experts.moe_groups(layer, moe_groups, guess)
         self._ahead.drop("route")
         out = [self._residual(layer, h, moe) for (h, _), moe in zip(groups, moes)]
-        self.dispatches += len(groups) + self.experts.dispatches - calls   # residuals
+        self.dispatches += self.experts.dispatches - calls
         self.slot_writes += self.experts.slot_writes - writes
         timer.mark("experts", *out)
         timer.add("experts", -(self.expert_stats.wait_s - waited))
         timer.add("transfer_wait", self.expert_stats.wait_s - waited)
         return out
 
+    def _piece(self, h, jitted: Callable, row: Callable) -> Callable:
+        """The piece of a step to run on h (T, D): on the host, for one row, ``row`` (numba,
+        lowmem.row_kernels: the same arguments and values, to fp32 rounding, without
+        an XLA call), else ``jitted`` (an XLA call, counted)."""
+        if h.shape[0] == 1 and self.backend.calls_back:
+            return row
+        self.dispatches += 1
+        return jitted
+
     def _residual(self, layer: int, h: jax.Array, moe: jax.Array) -> jax.Array:
         """h + the normed MoE sum; on the host, with the next norm of its rows ahead."""
         post = self.layers[layer]["moe_post_norm"]
         if not self.backend.calls_back:
+            self.dispatches += 1
             return _residual(self.cfg, self.precision, h, moe, post)
         last = layer + 1 == len(self.layers)
         following = self.final_norm if last else self.layers[layer + 1]["attn_norm"]
-        out, x = _residual_norm(self.cfg, self.precision, h, moe, post, following)
+        out, x = self._piece(h, _residual_norm, R.residual_norm)(self.cfg, self.precision, h,
+                                                                moe, post, following)
         self._ahead.put(("norm", "final" if last else layer + 1), out, x)
         return out
 
@@ -520,12 +532,11 @@ class Engine:
         (docs/PERFORMANCE.md, section 3, session 21). A decode row that sees a key
         attends in numba (HostBackend.attend_row) after XLA has written its key and
         value: the same arithmetic to fp32 rounding, about 0.3 ms a layer less mid-step
-        (session 27)."""
+        (session 27); its norm, residual and routing too (``_piece``, session 28)."""
         cfg, prec, lp, backend = self.cfg, self.precision, self.layers[layer], self.backend
         x = self._ahead.take(("norm", layer), h)
         if x is None:
-            x = _norm(cfg, h, lp["attn_norm"], prec)
-            self.dispatches += 1
+            x = self._piece(h, _norm, R.rms_norm)(cfg, h, lp["attn_norm"], prec)
         q, k, v = backend.products(layer, ("q", "k", "v"), self.to_host(x), n)  # (T, N) each
         if n == h.shape[0] == 1 and np.asarray(valid)[:pos + 1].any():      # a decode row
             q, cache = _heads_into_cache(cfg, prec, q, k, v, cache, pos)       # (1, Hq, K)
@@ -535,10 +546,11 @@ class Engine:
                                           key_block=backend.key_block)       # (T, Hq*K)
         (o,) = backend.products(layer, ("o",), self.to_host(attn), n)       # (T, D)
         nxt = self.layers[min(layer + 1, len(self.layers) - 1)]
-        out, route = _attention_route(cfg, prec, lp["attn_post_norm"], h, o, lp["moe_norm"],
-                                      lp["router"], nxt["moe_norm"], nxt["router"])
+        out, route = self._piece(h, _attention_route, R.attention_route)(
+            cfg, prec, lp["attn_post_norm"], h, o, lp["moe_norm"], lp["router"], nxt["moe_norm"],
+            nxt["router"])
         self._ahead.put(("route", layer), out, route)
-        self.dispatches += 2
+        self.dispatches += 1                            # heads into the cache, or the core
         self.timer.mark("attention", out)
         return out, cache
 
@@ -550,8 +562,8 @@ class Engine:
         if self.backend.calls_back:
             hn = self._ahead.take(("norm", "final"), h) if h.shape[0] == 1 else None
             if hn is None:
-                hn = _last_hidden(self.cfg, self.precision, h, self.final_norm, index)
-                self.dispatches += 1
+                hn = self._piece(h, _last_hidden, R.last_hidden)(self.cfg, self.precision, h,
+                                                                self.final_norm, index)
             logits = self.backend.scaled_logits(self.to_host(hn), self.precision)  # (1, V)
             logits = jax.device_put(logits[0], self.device)
         else:

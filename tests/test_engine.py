@@ -479,6 +479,37 @@ def test_host_attention_skips_padding_rows(packed, monkeypatch, act_int8):
         assert got.shape == (16, w.shape[1]) and not got[11:].any()
 
 
+def _xla_piece(self, h, jitted, row):
+    """Engine._piece taking the jitted piece for one row too (counted as it counts)."""
+    self.dispatches += 1
+    return jitted
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_host_rows_residuals_norms_and_routing_in_numba(packed, monkeypatch, precision):
+    """A host row's residuals, norms and routing (Engine._piece: lowmem.row_kernels,
+    no XLA call) give a prompt's and each decode step's logits as the jitted pieces do,
+    to fp32 rounding, and the same greedy tokens, in fewer XLA calls."""
+    def run():
+        engine = _engine(packed["int8-tl"], backend="host", precision=precision)
+        rows = [np.asarray(engine.feed(PROMPTS[0]))]
+        start = engine.dispatches
+        rows += [np.asarray(engine.feed([t])) for t in (9, 300, 42)]
+        calls = (engine.dispatches - start) // 3
+        return np.stack(rows), greedy_ids(engine, PROMPTS[2], 5), calls
+    numba_logits, numba_ids, calls = run()
+    monkeypatch.setattr(Engine, "_piece", _xla_piece)
+    xla_logits, xla_ids, xla_calls = run()
+    if precision == "fp32":             # the numba pieces ran (bf16 rounds the logits)
+        assert not np.array_equal(numba_logits, xla_logits)
+    # fp32: 1.4e-7 measured; bf16: the same bits here, but a product rounded to bf16 a
+    # step apart (a rounding boundary) may move a logit by a few parts in 1000
+    assert _rel(numba_logits, xla_logits) < (1e-2 if precision == "bf16" else 2e-6)
+    assert numba_ids == xla_ids
+    layers = packed["int8-tl"].cfg.num_layers       # the norm, residuals and routing ahead
+    assert (calls, xla_calls) == (1 + layers, 1 + 3 * layers)
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp32"])
 @pytest.mark.parametrize("act_int8", [False, None])
 def test_host_attention_and_logits_between_jitted_pieces_equal_the_callbacks(
@@ -488,8 +519,11 @@ def test_host_attention_and_logits_between_jitted_pieces_equal_the_callbacks(
     inside one jitted step (calls_back False: attention_block with host_linear,
     host_logits) a prompt's last logits are the same bit for bit, and the greedy
     tokens the same (decode rows attend in numba, equal to XLA's attention to
-    rounding: test_host_decode_rows_attend_in_numba_on_the_cache_in_place)."""
+    rounding: test_host_decode_rows_attend_in_numba_on_the_cache_in_place), one
+    row's residuals, norms and routing taken from the same jitted pieces as chunks'
+    (their numba: test_host_rows_residuals_norms_and_routing_in_numba)."""
     from lowmem.backends import HostBackend
+    monkeypatch.setattr(Engine, "_piece", _xla_piece)
 
     def run():
         engine = _engine(packed["int4lv-tl"], backend="host", precision=precision,
@@ -505,21 +539,27 @@ def test_host_attention_and_logits_between_jitted_pieces_equal_the_callbacks(
 def test_values_computed_ahead_change_no_bit_and_save_calls(packed, monkeypatch, precision):
     """The host engine's pieces that compute the next piece's norm or routing ahead
     (engine._Ahead) give every logit of a prefill and of each decode step bit for bit
-    as the pieces computing their own, in fewer XLA calls (two a layer)."""
+    as the pieces computing their own, a prompt in fewer XLA calls."""
     from lowmem import engine as E
 
     def run():
         engine = _engine(packed["int4lv-tl"], backend="host", precision=precision)
         rows = [np.asarray(engine.feed(PROMPTS[0]))]
-        start = engine.dispatches
+        calls = [engine.dispatches]
         rows += [np.asarray(engine.feed([t])) for t in (9, 300, 42)]
-        return np.stack(rows), (engine.dispatches - start) // 3
+        return np.stack(rows), (calls[0], (engine.dispatches - calls[0]) // 3)
     ahead, calls = run()
     monkeypatch.setattr(E._Ahead, "take", lambda self, kind, h: None)
     own, own_calls = run()
     np.testing.assert_array_equal(ahead, own)
     layers = packed["int4lv-tl"].cfg.num_layers
-    assert (calls, own_calls) == (1 + 3 * layers, 2 + 5 * layers)   # + the final norm
+    # the prompt: the chunk input, 2 a layer (the attention core; its residual with the
+    # routing), the MoE residual with the next norm but at the last layer, which runs the
+    # last row alone (1: the row) in row_kernels; its own: + each layer's attention norm
+    # and each chunk's routing. Decode rows call XLA only for the chunk input and for
+    # their keys and values into the cache; all else runs in numba, ahead or not.
+    assert calls == (1 + 2 * layers + (layers - 1) + 1, 1 + layers)
+    assert own_calls == (calls[0] + layers + (layers - 1), 1 + layers)
 
 
 def test_ahead_values_go_only_to_the_array_they_were_computed_for():
