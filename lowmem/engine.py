@@ -338,8 +338,9 @@ class Engine:
         """Start a new sequence (the KV cache is reused, every key marked invalid)."""
         self._state = SequenceState(self._state.caches, jnp.zeros_like(self._state.valid), 0)
 
-    def feed(self, tokens) -> jax.Array:
-        """Append tokens (a prompt or one decode token); fp32 logits (V,) of the last one.
+    def feed(self, tokens) -> jax.Array | np.ndarray:
+        """Append tokens (a prompt or one decode token); fp32 logits (V,) of the last one
+        (a jax array; numpy on the host backend, which computes them in numpy).
 
         Lengths are padded to a few fixed buckets (1 for decode) so that each
         shape compiles once; padded positions are marked invalid keys. If a
@@ -554,18 +555,19 @@ class Engine:
         self.timer.mark("attention", out)
         return out, cache
 
-    def last_logits(self, h: jax.Array, index: int) -> jax.Array:
+    def last_logits(self, h: jax.Array, index: int) -> jax.Array | np.ndarray:
         """Final norm and output logits of row ``index`` of h -> fp32 (V,); on the host
         the numba kernel called from here (see _host_attention) on the final norm
         the last MoE residual computed ahead (a decode row), the multiplier applied
-        in numpy: no XLA call."""
+        in numpy: no XLA call, and numpy logits (making them a jax array took 0.4 ms
+        mid-step: an int4 decode step 0.98-0.99x the time without; PERFORMANCE.md,
+        section 3, session 28)."""
         if self.backend.calls_back:
             hn = self._ahead.take(("norm", "final"), h) if h.shape[0] == 1 else None
             if hn is None:
                 hn = self._piece(h, _last_hidden, R.last_hidden)(self.cfg, self.precision, h,
                                                                 self.final_norm, index)
-            logits = self.backend.scaled_logits(self.to_host(hn), self.precision)  # (1, V)
-            logits = jax.device_put(logits[0], self.device)
+            logits = self.backend.scaled_logits(self.to_host(hn), self.precision)[0]  # (V,)
         else:
             logits = _last_logits(self.cfg, self.backend.logits_fn, self.precision, h,
                                   self.final_norm, self.backend.logits_table, index)
@@ -619,7 +621,7 @@ class Engine:
         if logits is not None and self.backend.calls_back:
             # its callback looks the backend up by handle in a weak registry: an engine
             # dropped before an asynchronous step ends would take the backend with it
-            logits.block_until_ready()
+            jax.block_until_ready(logits)
         return logits, SequenceState(caches, valid, state.pos + n)
 
 

@@ -172,7 +172,7 @@ def test_dispatches_per_decode_token_are_constant_and_counted(model, tiny_cfg, b
     per_token, writes = [], 0
     for token in tokens:
         d, w = engine.dispatches, engine.slot_writes
-        seen = xla_executions(lambda: engine.feed([token]).block_until_ready())
+        seen = xla_executions(lambda: jax.block_until_ready(engine.feed([token])))
         assert seen == engine.dispatches - d + engine.slot_writes - w
         per_token.append(engine.dispatches - d)
         writes += engine.slot_writes - w

@@ -489,13 +489,15 @@ def _xla_piece(self, h, jitted, row):
 def test_host_rows_residuals_norms_and_routing_in_numba(packed, monkeypatch, precision):
     """A host row's residuals, norms and routing (Engine._piece: lowmem.row_kernels,
     no XLA call) give a prompt's and each decode step's logits as the jitted pieces do,
-    to fp32 rounding, and the same greedy tokens, in fewer XLA calls."""
+    to fp32 rounding, and the same greedy tokens, in fewer XLA calls; the logits come
+    back as numpy (no transfer into a jax array)."""
     def run():
         engine = _engine(packed["int8-tl"], backend="host", precision=precision)
-        rows = [np.asarray(engine.feed(PROMPTS[0]))]
+        rows = [engine.feed(PROMPTS[0])]
         start = engine.dispatches
-        rows += [np.asarray(engine.feed([t])) for t in (9, 300, 42)]
+        rows += [engine.feed([t]) for t in (9, 300, 42)]
         calls = (engine.dispatches - start) // 3
+        assert all(type(r) is np.ndarray for r in rows)     # computed in numpy, kept so
         return np.stack(rows), greedy_ids(engine, PROMPTS[2], 5), calls
     numba_logits, numba_ids, calls = run()
     monkeypatch.setattr(Engine, "_piece", _xla_piece)

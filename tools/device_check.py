@@ -162,7 +162,7 @@ def xla_executions_per_token(engine) -> int | None:
     engine.feed([5, 17, 99, 3])
     before = engine.slot_writes
     try:                          # a GPU profiler needs CUPTI: a failure costs this row only
-        seen = xla_executions(lambda: engine.feed([7]).block_until_ready())
+        seen = xla_executions(lambda: jax.block_until_ready(engine.feed([7])))
     except Exception as e:        # noqa: BLE001 (reported, the other rows stand)
         print(f"note: profiler unavailable ({type(e).__name__}: {e})", file=sys.stderr)
         return None
