@@ -127,6 +127,7 @@ def _row(a) -> np.ndarray:
 
 
 def _vector(a) -> np.ndarray:
+    """A weight (norm scale, router) as fp32, a view of a jax array where it can be."""
     return np.asarray(a, np.float32)
 
 
