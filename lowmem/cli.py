@@ -272,6 +272,10 @@ def add_engine_arguments(p) -> None:
                    help="lock the model's files in RAM at load, so the OS never pages out "
                         "experts a while unused (needs the RAM and a memlock limit, ulimit -l, "
                         "that allows it; default off)")
+    p.add_argument("--no-mmap", action="store_true",
+                   help="read the model's files into RAM (huge pages) at load instead of "
+                        "mapping them: the host kernels stream experts through 2 MiB pages "
+                        "(needs the model's size in free RAM; default off: mapped)")
     add_precision_argument(p)
 
 
@@ -289,7 +293,8 @@ def engine_kwargs(args) -> dict:
                 prefetch=not args.no_prefetch, cache_policy=args.cache_policy,
                 staging_workers=args.staging_workers,
                 precision=args.precision, output_table=OUTPUT_TABLES[args.output_table],
-                act_int8=ACTIVATIONS[args.activations], mlock=args.mlock)
+                act_int8=ACTIVATIONS[args.activations], mlock=args.mlock,
+                mmap=not args.no_mmap)
 
 
 # --- checks that need more than one option, or a file ---------------------------------

@@ -30,7 +30,8 @@ from lowmem import model as M
 from lowmem import row_kernels as R
 from lowmem.backends import BackendError, make_backend
 from lowmem.timing import StepTimer
-from quant.packed import MemoryLockError, PackedModel
+from quant.hostmem import HostMemoryError
+from quant.packed import PackedFormatError, PackedModel
 
 log = logging.getLogger(__name__)
 PREFILL_BUCKETS = (16, 64, 256)   # prompt chunk lengths compiled; the largest is the chunk
@@ -94,6 +95,11 @@ class EngineOptions:
     mlock: lock the model's files in RAM at load (``PackedModel.lock``, as llama.cpp's
         --mlock): the OS can no longer page out experts a while unused, at the price of
         RAM for the whole model and a memlock limit that allows it.
+    mmap: map the model's files (zero-copy: pages read from the page cache as they are
+        needed). False: read them into anonymous huge-page memory at load
+        (``PackedModel.read_into_memory``, as llama.cpp's --no-mmap): the host kernels
+        stream experts through 2 MiB pages instead of mostly 4 KiB ones, at the price
+        of the model's size in private RAM and its read before the first token.
     """
     backend: str = "auto"                 # 'auto', 'host' (numba on the mapped files), 'device'
     expert_cache_gb: float | None = None  # device backend, GiB; None = what fits
@@ -112,6 +118,7 @@ class EngineOptions:
     output_table: str | None = None       # host: 'bf16', 'int8', 'int4'; None = auto
     act_int8: bool | None = None          # host: int8 activations; None = auto (VNNI)
     mlock: bool = False                   # lock the model's files in RAM (PackedModel.lock)
+    mmap: bool = True                     # map the files; False: read into RAM (--no-mmap)
 
 
 def cache_length(context: int, buckets: tuple[int, ...] = PREFILL_BUCKETS) -> int:
@@ -255,11 +262,13 @@ class Engine:
                               f"{self.options.staging_workers} workers of "
                               f"{self.options.staging_chunk_mb} MiB")
         self.device = device or jax.devices()[0]
-        if self.options.mlock:
-            try:
+        try:
+            if not self.options.mmap:
+                model.read_into_memory()
+            if self.options.mlock:
                 model.lock()
-            except MemoryLockError as e:
-                raise EngineError(str(e)) from None
+        except (HostMemoryError, PackedFormatError) as e:
+            raise EngineError(str(e)) from None
         try:
             self.backend = make_backend(self.options.backend, model, self.device, self.options)
         except BackendError as e:

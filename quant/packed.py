@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from quant import hostmem
 from quant.config import GrokConfig
 from quant.qweight import BF16, QWeight, check_levels, check_tiles
 from quant.spec import (ATTENTION_ROLES, EXPERT_ROLES, WeightSpec, expert_tensor_name, global_specs,
@@ -60,43 +61,6 @@ class PackedFormatError(ValueError):
 
 class IntegrityError(PackedFormatError):
     """Stored bytes (a tensor, the manifest, the tokenizer) differ from their checksum."""
-
-
-class MemoryLockError(OSError):
-    """The OS refused to lock a model's files in RAM (``PackedModel.lock``)."""
-
-
-def _mlock_fn(name: str = "mlock"):
-    """libc's mlock (or munlock)(addr, len) -> 0, or -1 with errno set; None where
-    there is none."""
-    import ctypes
-    import ctypes.util
-    try:
-        fn = getattr(ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True), name)
-    except (OSError, AttributeError, TypeError):
-        return None
-    fn.argtypes, fn.restype = (ctypes.c_void_p, ctypes.c_size_t), ctypes.c_int
-    return fn
-
-
-def _mlock(buf: np.ndarray, path: Path) -> None:
-    """Lock a whole file mapping's pages in RAM: read in now, never paged out."""
-    import ctypes
-    fn = _mlock_fn()
-    if fn is None:
-        raise MemoryLockError(f"{path}: cannot lock in memory: this platform's C library "
-                              f"has no mlock")
-    if fn(buf.ctypes.data, buf.nbytes) != 0:
-        err = ctypes.get_errno()
-        try:
-            import resource
-            soft = resource.getrlimit(resource.RLIMIT_MEMLOCK)[0]
-            limit = "unlimited" if soft == resource.RLIM_INFINITY else f"{soft // 1024} KiB"
-        except (ImportError, OSError, ValueError):
-            limit = "unknown"
-        raise MemoryLockError(f"{path}: could not lock {buf.nbytes / 1e9:.2f} GB in memory "
-                              f"({os.strerror(err)}); the memlock limit (ulimit -l) is {limit}: "
-                              f"raise it, free RAM, or run without --mlock")
 
 
 def _round_up(n: int, align: int) -> int:
@@ -485,7 +449,7 @@ class PackedModel:
                 raise PackedFormatError(f"{model_dir / name}: expected a file of {size} bytes, "
                                         f"found {'no file' if found is None else found}")
         self._tokenizer = _check_tokenizer(model_dir, manifest)
-        self._maps: dict[str, np.memmap] = {}
+        self._maps: dict[str, np.ndarray] = {}  # file -> memmap or copy
         self._by_name = {e.name: e for e in self.entries}
         self._crcs = {row["name"]: row["crc32"] for row in manifest["tensors"]}
         self.verify_experts = verify_experts
@@ -527,7 +491,8 @@ class PackedModel:
         with self._check_lock:
             self._checked.add(key)
 
-    def _map(self, file: str) -> np.memmap:
+    def _map(self, file: str) -> np.ndarray:
+        """A file's bytes: its mapping, or its copy after ``read_into_memory``."""
         if file not in self._maps:
             self._maps[file] = np.memmap(self.model_dir / file, np.uint8, mode="r")
         return self._maps[file]
@@ -544,8 +509,8 @@ class PackedModel:
         for name in sorted(file_sizes(self.entries)):
             buf = self._map(name)
             try:
-                _mlock(buf, self.model_dir / name)
-            except MemoryLockError:
+                hostmem.lock(buf, self.model_dir / name)
+            except hostmem.MemoryLockError:
                 self.unlock()
                 raise
             total += buf.nbytes
@@ -554,11 +519,40 @@ class PackedModel:
 
     def unlock(self) -> None:
         """Undo ``lock`` (munlock(2)): the pages stay cached, but the OS may evict them."""
-        fn = _mlock_fn("munlock")
-        if fn is None:
-            return
-        for buf in self._maps.values():
-            fn(buf.ctypes.data, buf.nbytes)
+        hostmem.unlock(self._maps.values())
+
+    def read_into_memory(self) -> int:
+        """Read every file of the model into anonymous huge-page memory in place of its
+        mapping (``hostmem.read_into_memory``; llama.cpp's --no-mmap); returns the bytes
+        read, 0 when done before. Why: the kernels stream the experts at the read rate
+        of 2 MiB pages instead of the page cache's mostly 4 KiB ones. The price: the
+        model's size in private RAM (HostMemoryError if it is not available), and the
+        read before the first token. Call it before ``lock``, ``expert`` or any view
+        is taken: views taken before keep reading the mapping."""
+        hostmem.check_available(self.unread_bytes(), self.model_dir)
+        total = 0
+        for name, size in sorted(self._unread().items()):
+            path = self.model_dir / name
+            try:
+                self._maps[name] = hostmem.read_into_memory(path, size)
+            except EOFError as e:
+                raise PackedFormatError(str(e)) from None
+            except OSError as e:
+                raise PackedFormatError(f"{path}: could not read ({e.strerror or e})") from None
+            total += size
+        with self._check_lock:         # the copies are verified on first use, as the maps
+            self._experts.clear()
+            self._checked.clear()
+        log.info("read %.2f GB of %s into memory", total / 1e9, self.model_dir)
+        return total
+
+    def unread_bytes(self) -> int:
+        """The bytes ``read_into_memory`` would read (0 once it has run)."""
+        return sum(self._unread().values())
+
+    def _unread(self) -> dict[str, int]:
+        return {name: size for name, size in file_sizes(self.entries).items()
+                if isinstance(self._maps.get(name), (np.memmap, type(None)))}
 
     def view(self, entry: TensorEntry) -> np.ndarray:
         """Zero-copy view of one stored tensor (not verified: see ``_weight``)."""

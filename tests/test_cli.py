@@ -121,7 +121,7 @@ def test_generate_checks_against_the_model(capsys, tmp_path, tiny_model):
 
 def test_generate_mlock(capsys, tmp_path, tiny_model, monkeypatch):
     """--mlock locks the model's files before generating; a refused lock is one line, exit 2."""
-    from quant import packed
+    from quant import hostmem, packed
     calls = []
     real = packed.PackedModel.lock
     monkeypatch.setattr(packed.PackedModel, "lock", lambda self: calls.append(self) or real(self))
@@ -131,8 +131,30 @@ def test_generate_mlock(capsys, tmp_path, tiny_model, monkeypatch):
     assert G.main([*argv, "--mlock"]) == 0 and len(calls) == 1
     assert G.main(argv) == 0 and len(calls) == 1                  # off by default
     capsys.readouterr()
-    monkeypatch.setattr(packed, "_mlock_fn", lambda name="mlock": None)
+    monkeypatch.setattr(hostmem, "_mlock_fn", lambda name="mlock": None)
     assert_refused(capsys, tmp_path, G.main, [*argv, "--mlock"], "cannot lock in memory")
+
+
+def test_generate_no_mmap(capsys, tmp_path, tiny_model, monkeypatch):
+    """--no-mmap reads the files into RAM and generates the same tokens; too little RAM
+    is one line, exit 2."""
+    import psutil
+    from quant import packed
+    calls = []
+    real = packed.PackedModel.read_into_memory
+    monkeypatch.setattr(packed.PackedModel, "read_into_memory",
+                        lambda self: calls.append(real(self)) or calls[-1])
+    argv = ["-m", str(tiny_model), "--prompt-ids", "5,17", "-n", "3", "--backend", "host",
+            "--ignore-eos"]
+    assert G.main(argv) == 0 and calls == []                      # mapped by default
+    mapped = capsys.readouterr().out
+    assert G.main([*argv, "--no-mmap"]) == 0
+    assert calls == [sum(f.stat().st_size for f in tiny_model.glob("*.bin"))]
+    assert capsys.readouterr().out == mapped
+    vm = psutil.virtual_memory()
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: vm._replace(available=10 ** 6))
+    assert_refused(capsys, tmp_path, G.main, [*argv, "--no-mmap"], "needs", "GB of RAM",
+                   "--no-mmap", str(tiny_model))
 
 
 def test_generate_talks_on_stderr_and_q_silences(capsys, tiny_model):

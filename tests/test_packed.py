@@ -373,16 +373,16 @@ def test_lock_refused_names_the_file_and_the_limit(model_dir, monkeypatch):
     bytes, the OS's reason, the limit and what to do."""
     import ctypes
     import errno
-    from quant import packed
-    monkeypatch.setattr(packed, "_mlock_fn", lambda name="mlock": lambda addr, n: (
+    from quant import hostmem
+    monkeypatch.setattr(hostmem, "_mlock_fn", lambda name="mlock": lambda addr, n: (
         ctypes.set_errno(errno.ENOMEM), -1)[1])
-    with pytest.raises(packed.MemoryLockError) as e:
+    with pytest.raises(hostmem.MemoryLockError) as e:
         PackedModel.open(model_dir).lock()
     msg = str(e.value)
     assert "global.bin: could not lock" in msg and "Cannot allocate memory" in msg
     assert "ulimit -l" in msg and "--mlock" in msg and "\n" not in msg
-    monkeypatch.setattr(packed, "_mlock_fn", lambda name="mlock": None)
-    with pytest.raises(packed.MemoryLockError, match="has no mlock"):
+    monkeypatch.setattr(hostmem, "_mlock_fn", lambda name="mlock": None)
+    with pytest.raises(hostmem.MemoryLockError, match="has no mlock"):
         PackedModel.open(model_dir).lock()
     calls = []      # the first file locks, the second is refused: the first is unlocked
 
@@ -392,7 +392,7 @@ def test_lock_refused_names_the_file_and_the_limit(model_dir, monkeypatch):
             refused = name == "mlock" and len(calls) > 1
             return (ctypes.set_errno(errno.ENOMEM), -1)[1] if refused else 0
         return fn
-    monkeypatch.setattr(packed, "_mlock_fn", fake)
-    with pytest.raises(packed.MemoryLockError, match="layer_00"):
+    monkeypatch.setattr(hostmem, "_mlock_fn", fake)
+    with pytest.raises(hostmem.MemoryLockError, match="layer_00"):
         PackedModel.open(model_dir).lock()
     assert calls[0][0] == "mlock" and ("munlock", calls[0][1]) in calls[2:]

@@ -38,6 +38,7 @@ the int8 model re-read ~0.9 GB from disk while it was timed (2026-12-03).
     python tools/bench_decode.py --layers 1 --bits 8   # less disk (~7 GB) and time
     python tools/bench_decode.py --model DIR           # an existing packed model
     python tools/bench_decode.py --threads 1           # numba kernels on one thread
+    python tools/bench_decode.py --no-mmap             # the files read into RAM, not mapped
     python tools/bench_decode.py --model DIR --act-int8  # opt-in int8-activation kernels
     python tools/bench_decode.py --model DIR --output-table int8 int4  # two logits tables
 
@@ -236,7 +237,7 @@ def prefault_experts(model: PackedModel) -> float:
 
 def lock_model(model: PackedModel) -> str:
     """Lock the model's files in RAM; 'yes (N GB)' or why not (the run goes on)."""
-    from quant.packed import MemoryLockError
+    from quant.hostmem import MemoryLockError
     try:
         return f"yes ({model.lock() / GB:.1f} GB)"
     except MemoryLockError as e:
@@ -332,7 +333,7 @@ def bench_model(model_dir: Path, args) -> list[dict]:
     from lowmem.cli import ACTIVATIONS, OUTPUT_TABLES
     bits = PackedModel.open(model_dir, verify_experts=False).settings.bits
     rts = [load(model_dir, backend="host", context=args.context, output_table=OUTPUT_TABLES[t],
-                act_int8=ACTIVATIONS[a])
+                act_int8=ACTIVATIONS[a], mmap=not args.no_mmap)
            for t in tables_for(bits, args.output_table) for a in args.activations]
     model = rts[0].engine.model
     bufs = [touched_buffers(model, rt.engine.backend.output_q) for rt in rts]
@@ -444,6 +445,9 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=4, help="decode steps per repeat (default 4)")
     ap.add_argument("--no-mlock", dest="mlock", action="store_false",
                     help="leave the model's pages to the OS (default: locked in RAM)")
+    ap.add_argument("--no-mmap", action="store_true",
+                    help="the runtime's --no-mmap: each row's model read into huge-page RAM "
+                         "(a copy per --output-table x --activations row; default: mapped)")
     ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats (default 3)")
     args = ap.parse_args(argv)
     if min(args.layers, args.tokens, args.repeats, *args.prefill) < 1:
