@@ -22,7 +22,7 @@ _GELU_COLS = 4096         # columns of one row per geglu work item
 
 
 @njit(inline="always", cache=True)
-def _exp_f32(z):
+def exp_f32(z):
     """exp(z) in float32 from arithmetic only, so that loops calling it vectorize
     (libm's expf/tanhf are scalar calls LLVM does not vectorize).
     z is clamped to [-87, 88] (2^n stays a normal float); z = n ln2 + r with
@@ -50,12 +50,12 @@ def _exp_f32(z):
 def gelu_tanh(v):
     """jax.nn.gelu(approximate=True) in float32: v * (1 + tanh(z)) / 2 with
     z = sqrt(2/pi) (v + 0.044715 v^3), computed as v / (1 + exp(-2z)) (the same
-    function: (1 + tanh z) / 2 is the logistic of 2z) on _exp_f32, which has no
+    function: (1 + tanh z) / 2 is the logistic of 2z) on exp_f32, which has no
     cancellation where 1 + tanh z does (v around -4). Against float64 gelu:
     within 4e-7 relative to max(|v|, 1) (tests/test_activations.py); XLA's own
     fp32 gelu differs from float64 by about as much. NaN in, NaN out."""
     z = _GELU_C * (v + np.float32(0.044715) * (v * v * v))
-    return v / (np.float32(1.0) + _exp_f32(np.float32(-2.0) * z))
+    return v / (np.float32(1.0) + exp_f32(np.float32(-2.0) * z))
 
 
 @njit(parallel=True, fastmath={"contract"}, cache=True)

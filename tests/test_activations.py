@@ -34,11 +34,11 @@ def _each(fn, v):
     return out
 
 
-_exp_each = njit(lambda v: _each(A._exp_f32, v))
+_exp_each = njit(lambda v: _each(A.exp_f32, v))
 _gelu_each = njit(lambda v: _each(A.gelu_tanh, v))
 
 
-def test_exp_f32_within_2_ulp_and_saturates():
+def testexp_f32_within_2_ulp_and_saturates():
     """The arithmetic exp (vectorizable, no libm call) against float64 exp over
     its whole range; above 88 it is inf, below -87 the float just above 0."""
     z = np.concatenate([np.linspace(-87, 88, 400_001, dtype=np.float32),

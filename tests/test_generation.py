@@ -70,11 +70,14 @@ def test_api_generate_is_seeded_and_stops_at_max_tokens(demo_model):
 
 @pytest.mark.parametrize("sampling", [dict(temperature=50.0), dict(temperature=50.0, top_p=0.9),
                                       dict(temperature=50.0, top_k=50)])
-def test_generate_draws_with_a_fresh_subkey_per_token(demo_model, sampling):
-    """generate_tokens splits the key and draws in one call (sample_next); the tokens
-    are those of splitting the seed's key outside and drawing with sampling.sample
-    on each step's logits: key, sub = split(key) before every draw. (The demo
-    model's logits are so peaked that only a high temperature spreads the draws.)"""
+def test_generate_draws_with_a_fresh_subkey_per_token(demo_model, sampling, monkeypatch):
+    """generate_tokens splits the key and draws in one call (on a CPU draw_next, after
+    the filters on the host: host_sampling); the tokens are those of splitting the
+    seed's key outside and drawing with sampling.sample on each step's logits:
+    key, sub = split(key) before every draw. (The demo model's logits are so
+    peaked that only a high temperature spreads the draws.)"""
+    import lowmem.decoding as D
+    monkeypatch.setattr(D, "sample_next", lambda *a: pytest.fail("the jitted filters ran"))
     engine = lowmem.load(demo_model).engine
     params = SamplingParams(**sampling)
     prompt = [5, 17, 300, 41]
