@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator
+
+import jax
 
 from lowmem.decoding import (DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, GenerationRequest,
                              generate_tokens)
-from lowmem.engine import Engine, EngineError, EngineOptions, enable_compilation_cache
+from lowmem.engine import Engine, EngineError, EngineOptions
 from lowmem.sampling import SamplingParams
 from lowmem.tokenizer import Tokenizer, TokenizerError, stream_text
 from quant.packed import PackedModel
@@ -119,6 +122,15 @@ def _until_stop(tok: Tokenizer, tokens: Iterator[int], stops: tuple[str, ...],
             return
         ids.append(token)
         yield token
+
+
+def enable_compilation_cache(path: str | os.PathLike | None = None) -> Path:
+    """Turn on JAX's persistent compilation cache (kept between runs)."""
+    path = Path(path or os.environ.get("LOWMEM_JAX_CACHE",
+                                       Path.home() / ".cache" / "lowmem" / "jax"))
+    path.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    return path
 
 
 def load(model_dir: str | os.PathLike, compilation_cache: str | None = None,

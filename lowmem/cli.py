@@ -424,7 +424,7 @@ def open_runtime(args, prompt=None, **options):
         if prompt is not None:
             check_prompt(prompt, model.cfg, model_dir, model.tokenizer_path is not None)
     from lowmem.api import load
-    from lowmem.engine import enable_compilation_cache
+    from lowmem.api import enable_compilation_cache
     jax_cache = enable_compilation_cache()
     runtime = load(model_dir, compilation_cache=str(jax_cache), **engine_kwargs(args), **options)
     engine = runtime.engine

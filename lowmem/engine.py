@@ -16,10 +16,8 @@ state.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import Callable
 
 import jax
@@ -133,7 +131,7 @@ class SequenceState:
 
     The engine holds one; batched decode (``lowmem.batch``) holds one per slot."""
     caches: list
-    valid: jax.Array     # (S,) bool
+    valid: jax.Array     # (S,) bool (numpy after a host decode row: Engine._row_input)
     pos: int = 0
 
 
@@ -513,11 +511,24 @@ class Engine:
         cfg, prec, backend = self.cfg, self.precision, self.backend
         rows = backend.embed_rows(tokens)                                  # (T, D) bf16
         norm = self.layers[0]["attn_norm"] if backend.calls_back else None
-        h, valid, x = _chunk_input(cfg, prec, rows, state.valid, tokens, state.pos, n, norm)
+        valid = state.valid           # numpy after _row_input: placed, as every step's is
+        valid = jax.device_put(valid, self.device) if type(valid) is np.ndarray else valid
+        h, valid, x = _chunk_input(cfg, prec, rows, valid, tokens, state.pos, n, norm)
         if x is not None:                                                   # (T, D)
             self._ahead.put(("norm", 0), h, x)
         self.dispatches += 1 + isinstance(rows, jax.Array)
         self.timer.mark("embedding", h, valid)
+        return h, valid
+
+    def _row_input(self, state: SequenceState, tokens: np.ndarray, n: int):
+        """chunk_input of one host row with no XLA call (numpy and row_kernels): that
+        call, the first after the last step's logits kernel, took 0.6 ms. The key
+        validity comes back as numpy (a copy: the state's own stays as it was)."""
+        h = R.embed(self.cfg, self.precision, self.backend.embed_rows(tokens))  # (1, D)
+        self._ahead.put(("norm", 0), h, R.rms_norm(self.cfg, h, self.layers[0]["attn_norm"]))
+        valid = np.array(state.valid)                                       # (S,) bool
+        valid[state.pos] = n >= 1 and tokens[0] > 0          # as model.mark_valid
+        self.timer.mark("embedding", h)
         return h, valid
 
     def attention_layer(self, layer: int, h: jax.Array, cache, valid: jax.Array, pos: int,
@@ -605,7 +616,8 @@ class Engine:
         of every row ('all', (T, V) padded rows included) or none. Only 'all' runs
         the last layer's MoE on every row: 'last' on the last real row (``last_row``),
         none on no row."""
-        h, valid = self.chunk_input(state, tokens, n)
+        host_row = self.backend.calls_back and tokens.shape[0] == 1
+        h, valid = (self._row_input if host_row else self.chunk_input)(state, tokens, n)
         caches = list(state.caches)
         rows, last = n, len(self.layers) - 1
         for layer in range(len(self.layers)):
@@ -633,11 +645,3 @@ class Engine:
             jax.block_until_ready(logits)
         return logits, SequenceState(caches, valid, state.pos + n)
 
-
-def enable_compilation_cache(path: str | os.PathLike | None = None) -> Path:
-    """Turn on JAX's persistent compilation cache (kept between runs)."""
-    path = Path(path or os.environ.get("LOWMEM_JAX_CACHE",
-                                       Path.home() / ".cache" / "lowmem" / "jax"))
-    path.mkdir(parents=True, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", str(path))
-    return path

@@ -22,6 +22,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from quant.qweight import BF16
+
 _FM = {"contract", "reassoc"}   # reassoc: the sums vectorize (as XLA's do)
 
 
@@ -136,6 +138,15 @@ def _route_outputs(cfg, d: int):
     k = cfg.num_selected_experts
     return (np.empty((1, d), np.float32), np.empty((1, k), np.float32),
             np.empty((1, k), np.int32), np.empty((1, 2 * k), np.int32))
+
+
+def embed(cfg, precision: str, rows) -> np.ndarray:
+    """model.embed of host rows (T, D), any float dtype -> fp32 (T, D): the rows times
+    the multiplier (a bf16 value in 'bf16'), the one product XLA makes, so equal bit
+    for bit."""
+    c = cfg.embedding_multiplier_scale
+    c = np.float32(c) if precision == "fp32" else np.float32(np.asarray(c, BF16))
+    return np.asarray(rows).astype(np.float32) * c
 
 
 def rms_norm(cfg, x, scale, precision: str = "bf16") -> np.ndarray:

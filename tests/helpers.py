@@ -66,3 +66,22 @@ class InlinePool:
 
     def shutdown(self, wait: bool = True) -> None:
         pass
+
+
+class Compiles:
+    """Counts XLA compilations (jax's backend-compile event) while in the block."""
+
+    def __enter__(self):
+        import jax
+        self.count = 0
+
+        def listen(event, duration, **kw):
+            if event == "/jax/core/compile/backend_compile_duration":
+                self.count += 1
+        self._listen = listen
+        jax.monitoring.register_event_duration_secs_listener(listen)
+        return self
+
+    def __exit__(self, *exc):
+        import jax
+        jax.monitoring.unregister_event_duration_listener(self._listen)

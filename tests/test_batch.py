@@ -16,6 +16,7 @@ from lowmem.batch import BatchEngine, sample_rows, seed_key_data
 from lowmem.decoding import GenerationRequest, generate_tokens
 from lowmem.engine import Engine, EngineError, EngineOptions
 from lowmem.sampling import SamplingParams, sample
+from helpers import Compiles
 from lowmem.scheduler import QueueFull, Request, Scheduler
 from quant.packed import PackedModel, QuantSettings
 from quant.pipeline import quantize_checkpoint
@@ -228,25 +229,6 @@ def test_fused_qkv_callback_gives_the_three_products_exactly(model):
                                                               act_int8=engine.backend.a8(3)))
 
 
-class _Compiles:
-    """Counts XLA compilations (jax's backend-compile event) while in the block."""
-
-    def __enter__(self):
-        import jax
-        self.count = 0
-
-        def listen(event, duration, **kw):
-            if event == "/jax/core/compile/backend_compile_duration":
-                self.count += 1
-        self._listen = listen
-        jax.monitoring.register_event_duration_secs_listener(listen)
-        return self
-
-    def __exit__(self, *exc):
-        import jax
-        jax.monitoring.unregister_event_duration_listener(self._listen)
-
-
 @pytest.mark.parametrize("backend", ["host", "device"])
 def test_warm_up_compiles_every_shape_and_leaves_the_slots_clean(model, backend):
     """After ``warm_up``, requests at every concurrency 1..max_batch (mixed prompt lengths,
@@ -258,14 +240,14 @@ def test_warm_up_compiles_every_shape_and_leaves_the_slots_clean(model, backend)
     JAX's caches instead made every later test compile again: minutes of CI.)"""
     batch = BatchEngine(Engine(model, EngineOptions(backend=backend, expert_cache_gb=1.0,
                                                     context=48, prefill_buckets=(5, 12))), 5)
-    with _Compiles() as warm:
+    with Compiles() as warm:
         seconds = batch.warm_up()
     assert warm.count > 0 and seconds > 0
     assert all(batch.position(s) == 0 for s in range(5))
     sched = Scheduler(batch, max_queue=16)
     reqs = [Request(tuple(PROMPTS[i % 5]), 3 + i % 3, SamplingParams(0.9 * (i % 2), 0.8, i % 4),
                     seed=i, stop_at_eos=False, top_logprobs=i % 3) for i in range(5)]
-    with _Compiles() as serving:
+    with Compiles() as serving:
         got = [_run_all(sched, reqs[:c])[0] for c in range(1, 6)]
     assert serving.count == 0
     fresh = Engine(model, EngineOptions(backend=backend, expert_cache_gb=1.0, context=48,
@@ -278,7 +260,7 @@ def test_warm_up_compiles_every_shape_and_leaves_the_slots_clean(model, backend)
 def test_warm_up_stops_when_cancelled(model):
     """A shutdown during the warm-up: the next step is not run (nothing compiles)."""
     batch, asked = BatchEngine(_engine(model, "host"), 3), []
-    with _Compiles() as warm:
+    with Compiles() as warm:
         batch.warm_up(cancelled=lambda: asked.append(1) or True)
     assert warm.count == 0 and len(asked) == 2      # once before the chunks, once before decode
     # padded with free slots to a batch size (1, 2, 4, 5), and unpadded where that differs

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from lowmem import reference as R
-from helpers import greedy_ids
+from helpers import Compiles, greedy_ids
 from lowmem.decoding import prompt_logits
 from lowmem.engine import Engine, EngineError, EngineOptions
 from lowmem.requant import dense_params
@@ -487,8 +487,9 @@ def _xla_piece(self, h, jitted, row):
 
 @pytest.mark.parametrize("precision", ["bf16", "fp32"])
 def test_host_rows_residuals_norms_and_routing_in_numba(packed, monkeypatch, precision):
-    """A host row's residuals, norms and routing (Engine._piece: lowmem.row_kernels,
-    no XLA call) give a prompt's and each decode step's logits as the jitted pieces do,
+    """A host row's input, residuals, norms and routing (Engine._row_input and _piece:
+    numpy and lowmem.row_kernels, no XLA call) give a prompt's and each decode step's
+    logits as the jitted pieces do,
     to fp32 rounding, and the same greedy tokens, in fewer XLA calls; the logits come
     back as numpy (no transfer into a jax array)."""
     def run():
@@ -501,6 +502,7 @@ def test_host_rows_residuals_norms_and_routing_in_numba(packed, monkeypatch, pre
         return np.stack(rows), greedy_ids(engine, PROMPTS[2], 5), calls
     numba_logits, numba_ids, calls = run()
     monkeypatch.setattr(Engine, "_piece", _xla_piece)
+    monkeypatch.setattr(Engine, "_row_input", Engine.chunk_input)
     xla_logits, xla_ids, xla_calls = run()
     if precision == "fp32":             # the numba pieces ran (bf16 rounds the logits)
         assert not np.array_equal(numba_logits, xla_logits)
@@ -509,7 +511,7 @@ def test_host_rows_residuals_norms_and_routing_in_numba(packed, monkeypatch, pre
     assert _rel(numba_logits, xla_logits) < (1e-2 if precision == "bf16" else 2e-6)
     assert numba_ids == xla_ids
     layers = packed["int8-tl"].cfg.num_layers       # the norm, residuals and routing ahead
-    assert (calls, xla_calls) == (1 + layers, 1 + 3 * layers)
+    assert (calls, xla_calls) == (layers, 1 + 3 * layers)
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp32"])
@@ -537,6 +539,29 @@ def test_host_attention_and_logits_between_jitted_pieces_equal_the_callbacks(
     assert run()[1] == split_ids
 
 
+def test_a_chunk_after_host_decode_rows_goes_on_from_their_keys(packed, monkeypatch):
+    """Host decode rows embed and mark their keys in numpy (Engine._row_input, the
+    validity a numpy copy); a prompt chunk fed after them places that validity and
+    goes on from it: the logits of a prompt, rows (a pad row among them, not a valid
+    key), a chunk and a row after it as with the jitted input for rows too (to fp32
+    rounding), the same validity, and no compile beyond the first run's."""
+    def run():
+        engine = _engine(packed["int8-tl"], backend="host", precision="fp32")
+        rows = [engine.feed(PROMPTS[0])] + [engine.feed([t]) for t in (9, 0, 300)]
+        rows += [engine.feed([5, 6, 7]), engine.feed([8])]
+        return np.stack([np.asarray(r) for r in rows]), np.asarray(engine._state.valid)
+    got, valid = run()
+    with Compiles() as again:
+        run()
+    monkeypatch.setattr(Engine, "_row_input", Engine.chunk_input)
+    want, want_valid = run()
+    n = len(PROMPTS[0])
+    assert again.count == 0
+    assert _rel(got, want) < 2e-6
+    np.testing.assert_array_equal(valid, want_valid)
+    assert valid[:n + 8].tolist() == [True] * (n + 1) + [False] + [True] * 5 + [False]
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp32"])
 def test_values_computed_ahead_change_no_bit_and_save_calls(packed, monkeypatch, precision):
     """The host engine's pieces that compute the next piece's norm or routing ahead
@@ -558,10 +583,10 @@ def test_values_computed_ahead_change_no_bit_and_save_calls(packed, monkeypatch,
     # the prompt: the chunk input, 2 a layer (the attention core; its residual with the
     # routing), the MoE residual with the next norm but at the last layer, which runs the
     # last row alone (1: the row) in row_kernels; its own: + each layer's attention norm
-    # and each chunk's routing. Decode rows call XLA only for the chunk input and for
-    # their keys and values into the cache; all else runs in numba, ahead or not.
-    assert calls == (1 + 2 * layers + (layers - 1) + 1, 1 + layers)
-    assert own_calls == (calls[0] + layers + (layers - 1), 1 + layers)
+    # and each chunk's routing. Decode rows call XLA only for their keys and values into
+    # the cache; all else runs in numpy and numba, ahead or not.
+    assert calls == (1 + 2 * layers + (layers - 1) + 1, layers)
+    assert own_calls == (calls[0] + layers + (layers - 1), layers)
 
 
 def test_ahead_values_go_only_to_the_array_they_were_computed_for():

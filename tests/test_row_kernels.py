@@ -114,3 +114,18 @@ def test_row_routing_never_repeats_an_expert_whatever_the_values(tiny_cfg):
     assert np.isnan(gates).all()
     assert len(set(experts[0].tolist())) == cfg.num_selected_experts
     assert len(set(routing[0, cfg.num_selected_experts:].tolist())) == cfg.num_selected_experts
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_embed_is_the_jitted_embedding_bit_for_bit(tiny_cfg, precision):
+    """The host row input's embedding (Engine._row_input) is model.embed's one
+    product, bit for bit, for bf16 rows as the backend gathers them; in 'bf16' the
+    multiplier is rounded to bf16 first (here it is not a bf16 value)."""
+    from quant.qweight import BF16
+    from lowmem import model as M
+    cfg = replace(tiny_cfg, embedding_multiplier_scale=78.38367176906169)
+    rows = (np.random.default_rng(4).standard_normal((3, cfg.emb_size)) * 0.02).astype(BF16)
+    got = RK.embed(cfg, precision, rows)
+    assert got.dtype == np.float32 and got.shape == rows.shape
+    np.testing.assert_array_equal(got, np.asarray(M.embed(cfg, precision, jnp.asarray(rows))))
+    assert not np.array_equal(RK.embed(cfg, "bf16", rows), RK.embed(cfg, "fp32", rows))
