@@ -1,4 +1,5 @@
-"""A host decode row's residual adds, RMSNorms and routing in numba.
+"""A host decode row's residual adds, RMSNorms and routing in numba (and its
+embedding, in numpy).
 
 Why: between its kernels a host decode step called XLA for these small pieces
 (``engine._attention_route``, ``engine._residual_norm``: the residuals, the
@@ -7,8 +8,8 @@ streamed the weights through the caches each such call took about 0.3 ms, for
 a few microseconds of arithmetic; these functions take the same arguments and
 give the same values without an XLA call (0.03 ms warm): an int4 decode step
 0.983-0.986x the time, int8 0.989x (docs/PERFORMANCE.md, section 3, session
-28). The engine uses them for one row (``Engine._piece``); chunks keep the
-jitted pieces.
+28). The engine uses them for one row (``Engine._piece``, ``Engine._row_input``);
+chunks keep the jitted pieces.
 
 Numerics: ``model.rms_norm``, ``model.attention_residual``,
 ``model.moe_residual`` and ``model.route`` are fp32 in both precisions; these
