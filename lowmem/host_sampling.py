@@ -39,8 +39,9 @@ _LOCAL = threading.local()      # each thread's _Workspace, reused row after row
 
 
 class _Workspace:
-    """A row's temporaries, kept from row to row: allocated afresh, their first
-    touch page-faulted (1.25 against 0.45 ms a 131072 row)."""
+    """A row's temporaries, kept from row to row: allocated afresh, each one's first
+    touch page-faulted (with a float64 running total, the first version took 1.25 ms
+    a 131072 row; 0.49 ms with neither)."""
 
     def __init__(self, vocab: int):
         self.scaled = np.empty(vocab, np.float32)
