@@ -529,9 +529,10 @@ class PackedModel:
         model's size in private RAM (HostMemoryError if it is not available), and the
         read before the first token. Call it before ``lock``, ``expert`` or any view
         is taken: views taken before keep reading the mapping."""
-        hostmem.check_available(self.unread_bytes(), self.model_dir)
+        unread = self._unread()
+        hostmem.check_available(sum(unread.values()), self.model_dir)
         total = 0
-        for name, size in sorted(self._unread().items()):
+        for name, size in sorted(unread.items()):
             path = self.model_dir / name
             try:
                 self._maps[name] = hostmem.read_into_memory(path, size)
